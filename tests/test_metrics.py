@@ -1,6 +1,10 @@
-"""Metrics against scikit-learn, on random and on heavily tied scores."""
+"""Metrics against scikit-learn (the oracle, imported here only), on random, heavily tied
+and edge-case scores; the one-pass bundle against the single-metric functions."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,17 +13,39 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from oodbench.evaluators import metrics
 
 
+def labelled(id_scores, ood_scores):
+    score = np.r_[np.asarray(id_scores, float), np.asarray(ood_scores, float)]
+    return score, np.r_[np.zeros(len(id_scores), bool), np.ones(len(ood_scores), bool)]
+
+
 def cases():
-    rng = np.random.default_rng(0)
     for seed in range(6):
         rng = np.random.default_rng(seed)
         n_id, n_ood = rng.integers(20, 400, size=2)
-        score = np.r_[rng.normal(1, 1, n_id), rng.normal(0, 1, n_ood)]
+        score, is_ood = labelled(rng.normal(1, 1, n_id), rng.normal(0, 1, n_ood))
         if seed % 2:  # ties: scores on a coarse grid
             score = np.round(score * 2) / 2
-        is_ood = np.r_[np.zeros(n_id, bool), np.ones(n_ood, bool)]
         yield pytest.param(score, is_ood, id=f"seed{seed}{'-tied' if seed % 2 else ''}")
+    rng = np.random.default_rng(10)
+    yield pytest.param(*labelled(rng.integers(0, 6, 3000), rng.integers(-2, 4, 2000)), id="integers")
+    # one ID and one OOD per value: diagonal ROC segments, whose inner points roc_curve drops
+    yield pytest.param(*labelled(np.arange(100), np.arange(100)), id="paired-ties")
+    yield pytest.param(*labelled(np.r_[np.arange(50), np.arange(60, 100)], np.r_[np.arange(50), 55]),
+                       id="paired-ties-then-gap")
+    rng = np.random.default_rng(11)
+    yield pytest.param(*labelled(rng.normal(size=100_000), rng.normal(-0.5, 1, 80_000)), id="large")
+    yield pytest.param(*labelled([0.3], rng.normal(size=40)), id="one-id")
+    yield pytest.param(*labelled(rng.normal(size=40), [0.1]), id="one-ood")
+    yield pytest.param(*labelled([1.0], [0.0]), id="one-each")
     yield pytest.param(np.zeros(50), np.r_[np.zeros(30, bool), np.ones(20, bool)], id="all-tied")
+    yield pytest.param(*labelled(np.linspace(1, 2, 37), np.linspace(-1, 0, 23)), id="perfect")
+    yield pytest.param(*labelled(np.linspace(-1, 0, 37), np.linspace(1, 2, 23)), id="reversed")
+    shuffled = np.random.default_rng(12).permutation(500)
+    score, is_ood = labelled(np.round(rng.normal(1, 1, 300)), np.round(rng.normal(0, 1, 200)))
+    yield pytest.param(score[shuffled], is_ood[shuffled], id="interleaved-tied")
+
+
+CASES = list(cases())
 
 
 def sklearn_classic_fpr(score, is_ood, tpr=0.95):
@@ -27,38 +53,67 @@ def sklearn_classic_fpr(score, is_ood, tpr=0.95):
     return fpr[np.argmax(tpr_curve >= tpr)]
 
 
-@pytest.mark.parametrize("score,is_ood", list(cases()))
+def sklearn_openood_fpr(score, is_ood, tpr=0.95):
+    fpr, tpr_curve, _ = roc_curve(is_ood, -score)
+    return fpr[np.argmax(tpr_curve >= tpr)]
+
+
+@pytest.mark.parametrize("score,is_ood", CASES)
 def test_auroc_matches_sklearn(score, is_ood):
-    assert metrics.auroc(score, is_ood) == pytest.approx(roc_auc_score(~is_ood, score), abs=1e-9)
+    assert metrics.auroc(score, is_ood) == pytest.approx(roc_auc_score(~is_ood, score), rel=0, abs=1e-12)
     # symmetric in which class is positive
-    assert metrics.auroc(score, is_ood) == pytest.approx(roc_auc_score(is_ood, -score), abs=1e-9)
+    assert metrics.auroc(score, is_ood) == pytest.approx(roc_auc_score(is_ood, -score), rel=0, abs=1e-12)
 
 
-@pytest.mark.parametrize("score,is_ood", list(cases()))
+@pytest.mark.parametrize("score,is_ood", CASES)
 def test_classic_fpr95_matches_sklearn_roc(score, is_ood):
-    assert metrics.fpr_at_tpr(score, is_ood) == pytest.approx(sklearn_classic_fpr(score, is_ood), abs=1e-12)
+    assert metrics.fpr_at_tpr(score, is_ood) == pytest.approx(sklearn_classic_fpr(score, is_ood), rel=0, abs=1e-12)
 
 
-@pytest.mark.parametrize("score,is_ood", list(cases()))
+@pytest.mark.parametrize("score,is_ood", CASES)
 def test_classic_fpr95_definition(score, is_ood):
     """The threshold keeps at least 95% of ID; the FPR is the OOD share at or above it."""
     value = metrics.fpr_at_tpr(score, is_ood)
     id_scores, ood_scores = score[~is_ood], score[is_ood]
-    candidates = [t for t in np.unique(id_scores) if np.mean(id_scores >= t) >= 0.95]
-    threshold = max(candidates)
-    assert value == pytest.approx(np.mean(ood_scores >= threshold))
+    values, ranked = np.unique(id_scores), np.sort(id_scores)
+    share_at_or_above = (ranked.size - np.searchsorted(ranked, values, side="left")) / ranked.size
+    threshold = values[share_at_or_above >= 0.95].max()
+    assert threshold == metrics.threshold_keeping(id_scores)
+    assert value == pytest.approx(np.mean(ood_scores >= threshold), rel=0, abs=1e-12)
 
 
-@pytest.mark.parametrize("score,is_ood", list(cases()))
+@pytest.mark.parametrize("score,is_ood", CASES)
 def test_openood_fpr95_matches_sklearn(score, is_ood):
-    fpr, tpr, _ = roc_curve(is_ood, -score)
-    assert metrics.fpr_at_tpr_openood(score, is_ood) == pytest.approx(fpr[np.argmax(tpr >= 0.95)], abs=1e-12)
+    expected = sklearn_openood_fpr(score, is_ood)
+    assert metrics.fpr_at_tpr_openood(score, is_ood) == pytest.approx(expected, rel=0, abs=1e-12)
 
 
-@pytest.mark.parametrize("score,is_ood", list(cases()))
+@pytest.mark.parametrize("score,is_ood", CASES)
 def test_aupr_matches_sklearn(score, is_ood):
-    assert metrics.aupr_in(score, is_ood) == pytest.approx(average_precision_score(~is_ood, score), abs=1e-9)
-    assert metrics.aupr_out(score, is_ood) == pytest.approx(average_precision_score(is_ood, -score), abs=1e-9)
+    assert metrics.aupr_in(score, is_ood) == pytest.approx(average_precision_score(~is_ood, score), rel=0, abs=1e-12)
+    assert metrics.aupr_out(score, is_ood) == pytest.approx(average_precision_score(is_ood, -score), rel=0, abs=1e-12)
+
+
+@pytest.mark.parametrize("score,is_ood", CASES)
+def test_one_pass_bundle_matches_sklearn(score, is_ood):
+    bundle = metrics.ood_metrics(score[~is_ood], score[is_ood])
+    expected = {
+        "fpr95": sklearn_classic_fpr(score, is_ood),
+        "fpr95_openood": sklearn_openood_fpr(score, is_ood),
+        "auroc": roc_auc_score(~is_ood, score),
+        "aupr_in": average_precision_score(~is_ood, score),
+        "aupr_out": average_precision_score(is_ood, -score),
+    }
+    assert bundle == pytest.approx(expected, rel=0, abs=1e-12)
+    assert all(type(value) is float for value in bundle.values())
+
+
+def test_paired_ties_make_the_dropped_roc_points_matter():
+    """On diagonal ROC segments the OpenOOD FPR@95 depends on roc_curve dropping the inner
+    points: the case above tests something only if the kept and the full curve disagree."""
+    score, is_ood = labelled(np.arange(100), np.arange(100))
+    fpr, tpr, _ = roc_curve(is_ood, -score, drop_intermediate=False)
+    assert fpr[np.argmax(tpr >= 0.95)] != sklearn_openood_fpr(score, is_ood)
 
 
 def test_conventions_differ_where_they_should():
@@ -88,3 +143,12 @@ def test_ece_hand_computation():
 def test_metrics_need_both_classes():
     with pytest.raises(ValueError):
         metrics.auroc([1.0, 2.0], [False, False])
+    with pytest.raises(ValueError):
+        metrics.ood_metrics([1.0, 2.0], [])
+
+
+def test_importing_the_metrics_does_not_import_sklearn_or_scipy():
+    code = ("import sys, oodbench.evaluators.metrics; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
