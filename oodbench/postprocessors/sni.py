@@ -15,19 +15,39 @@ more OOD); the harness score is its negative. Defaults: eta = 0.001 (in the unit
 the layer's activations), T = 2.
 
 The reference code writes head/tail pairs by hand for each architecture; here the split
-is generic, for any model: a forward hook on layer l substitutes z for the layer's
-output, so tail_l(z) is the model's forward with that output replaced, everything else
-(skip connections included) computed from x as usual. Default layers: the outputs of
-every BatchNorm/GroupNorm layer; ``layers`` names others (names as in
-``net.named_modules()`` of the backbone). Each chosen layer must run once per forward.
-(The reference ResNet-34 splits are the 35 non-stem BatchNorm outputs plus the stem
-convolution's output, taken before its BatchNorm; name the layers to reproduce that.)
+is generic, for any model: tail_l(z) is the model's forward with layer l's output
+replaced by z, everything else (skip connections included) computed from x as usual.
+Default layers: the outputs of every BatchNorm/GroupNorm layer; ``layers`` names others
+(names as in ``net.named_modules()`` of the backbone). Each chosen layer must run once
+per forward. (The reference ResNet-34 splits are the 35 non-stem BatchNorm outputs plus
+the stem convolution's output, taken before its BatchNorm; name the layers to reproduce
+that.)
+
+What it costs per batch, for L layers and T steps:
+
+- step 1 of every layer at once: at z_1 every tail_l(z_1) is the clean network, so one
+  forward pass (a graph from the first chosen layer on) and two backward passes give
+  g_1 and the CE gradient at every layer's output;
+- steps 2..T: only the tail runs. That forward pass records every module call in order
+  (`CallTrace`); a tail pass (`TailReplay`) then hands back, instead of running it, every
+  call that ended before layer l started, and returns z for layer l itself, so the head
+  is not computed again. Functional operations between modules (an activation written as
+  ``F.relu``, the adapter's input normalisation) do run again; they are cheap.
+
+The scores are the same, bit for bit, as running the whole network for every layer and
+step (tests/sni_landed.py): the head's values are the ones the clean pass computed, and
+the backward pass visits the tail's nodes in the same order either way. A call is handed
+back only if it left its inputs unchanged and nothing changed its output in place later
+(tensor version counters), so in-place code (``ReLU(inplace=True)``, ``out += identity``)
+still runs; modules are assumed to be functions of their inputs (no state changed by a
+forward pass, as in eval mode).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,15 +60,7 @@ from oodbench.registry import register_postprocessor
 
 NORMALIZATION_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm)
 
-
-@contextmanager
-def forward_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
-    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+Dispatch = Callable[[nn.Module, Callable, tuple, dict], Any]
 
 
 def split_layers(model: nn.Module, names: list[str] | str | None = None) -> list[nn.Module]:
@@ -69,42 +81,175 @@ def split_layers(model: nn.Module, names: list[str] | str | None = None) -> list
     return [modules[name] for name in names]
 
 
-def layer_outputs(model: nn.Module, layers: list[nn.Module],
-                  x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each layer's output (a copy, safe from later in-place ops) and the logits, on `x`."""
-    captured: dict[nn.Module, list[torch.Tensor]] = {layer: [] for layer in layers}
+@contextmanager
+def routed_calls(model: nn.Module, dispatch: Dispatch) -> Iterator[None]:
+    """Route every call of every module of `model` through ``dispatch(module, forward, args, kwargs)``,
+    which may run ``forward`` or return something else instead."""
+    modules = list(model.modules())
+    own_forwards = [module.__dict__.get("forward") for module in modules]
 
-    def capture(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise OodbenchError(f"sni: layer {type(module).__name__} does not output a tensor")
-        captured[module].append(output.detach().clone())
+    def routed(module: nn.Module, forward: Callable) -> Callable:
+        return lambda *args, **kwargs: dispatch(module, forward, args, kwargs)
 
-    with torch.no_grad(), forward_hooks({layer: capture for layer in layers}):
-        logits = model(x)
-    for layer, outputs in captured.items():
-        if len(outputs) != 1:
-            raise OodbenchError(f"sni: layer {type(layer).__name__} runs {len(outputs)} times per forward; "
-                                "split layers must run once")
-    return [captured[layer][0] for layer in layers], logits
+    for module in modules:
+        module.forward = routed(module, module.forward)
+    try:
+        yield
+    finally:
+        for module, own in zip(modules, own_forwards):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
 
 
-def split_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor, z: torch.Tensor,
-                   target: torch.Tensor, eta: float, steps: int) -> torch.Tensor:
-    """The product over the T steps of grad_z max logit of tail(z), z moving up the CE."""
-    accumulated = None
-    for step in range(steps):
-        z = z.detach().requires_grad_(True)
-        # a copy goes into the network, so that an in-place op after the layer
-        # (ReLU(inplace=True)) does not write into z
-        with torch.enable_grad(), forward_hooks({layer: lambda module, inputs, output: z.clone()}):
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in `value`, looking into lists, tuples and dicts (DenseNet passes a list)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+@dataclass
+class ModuleCall:
+    """One module call of a forward pass, numbered in the order calls start."""
+
+    module: nn.Module
+    end: int  # how many calls had started when it returned: its number + 1 + its descendants
+    keeps_inputs: bool  # it changed none of its tensor arguments in place
+    output: torch.Tensor | None = None  # its output, while it can be handed back
+    output_version: int = 0
+
+
+class CallTrace:
+    """Dispatch of the clean forward pass: numbers every module call, keeps the outputs that
+    a tail pass may hand back, and passes each split layer's output on as a copy, keeping
+    the original (attached to the autograd graph) in `split_outputs`."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = set(layers)
+        self.calls: list[ModuleCall] = []
+        self.split_index: dict[nn.Module, list[int]] = {layer: [] for layer in layers}
+        self.split_outputs: dict[nn.Module, torch.Tensor] = {}
+
+    def __call__(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        index = len(self.calls)
+        self.calls.append(None)
+        inputs = list(_tensors((args, kwargs)))
+        versions = [tensor._version for tensor in inputs]
+        output = forward(*args, **kwargs)
+        keeps_inputs = all(tensor._version == version for tensor, version in zip(inputs, versions))
+        call = self.calls[index] = ModuleCall(module, len(self.calls), keeps_inputs)
+        if module in self.layers:
+            if not isinstance(output, torch.Tensor):
+                raise OodbenchError(f"sni: layer {type(module).__name__} does not output a tensor")
+            self.split_index[module].append(index)
+            if not output.requires_grad:  # the first chosen layer: the graph starts here
+                output = output.detach().requires_grad_(True)
+            self.split_outputs[module] = output
+            # a copy goes on, so that an in-place op after the layer (ReLU(inplace=True))
+            # does not write into the output the gradients are taken at
+            output = output.clone()
+        if keeps_inputs and isinstance(output, torch.Tensor):
+            call.output, call.output_version = output.detach(), output._version
+        return output
+
+    def finish(self) -> None:
+        """Check each split layer ran once; drop the outputs no tail pass hands back."""
+        for layer, indices in self.split_index.items():
+            if len(indices) != 1:
+                raise OodbenchError(f"sni: layer {type(layer).__name__} runs {len(indices)} times per forward; "
+                                    "split layers must run once")
+        for call in self.calls:
+            if call.output is not None and call.output._version != call.output_version:
+                call.output = None  # changed in place after the call: later code may rely on that
+        handed_back = {i for layer in self.layers for i in self.handed_back_before(self.split_index[layer][0])}
+        for index, call in enumerate(self.calls):
+            if index not in handed_back:
+                call.output = None
+
+    def handed_back_before(self, split: int) -> Iterator[int]:
+        """The calls a tail pass from call `split` hands back: the outermost calls that
+        ended before it started and can be handed back."""
+        index = 0
+        while index < split:
+            call = self.calls[index]
+            if call.end <= split and call.output is not None:
+                yield index
+                index = call.end
+            else:
+                index += 1
+
+
+class TailReplay:
+    """Dispatch of a tail pass from split layer call `split`, whose output becomes `z`."""
+
+    def __init__(self, trace: CallTrace, split: int, z: torch.Tensor):
+        self.calls, self.split, self.z = trace.calls, split, z
+        self.next = 0
+
+    def __call__(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        index = self.next
+        self.next += 1
+        if index > self.split:
+            return forward(*args, **kwargs)
+        call = self.calls[index]
+        if call.module is not module:
+            raise OodbenchError("sni: the model called its modules in a different order than in the clean "
+                                "pass; S&I needs the same module calls up to each split layer")
+        if index == self.split:
+            if call.keeps_inputs:
+                self.next = call.end
+            else:  # its in-place change of an input is part of the forward pass
+                forward(*args, **kwargs)
+            return self.z.clone()
+        if call.end <= self.split and call.output is not None:
+            self.next = call.end
+            return call.output.clone()
+        return forward(*args, **kwargs)
+
+
+def first_step(model: nn.Module, layers: list[nn.Module], x: torch.Tensor,
+               steps: int) -> tuple[CallTrace, torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """One clean pass: (its trace, argmax targets, grad of the max logit and of the CE at each
+    layer's output); the CE gradients are None when `steps` is 1."""
+    trace = CallTrace(layers)
+    with torch.enable_grad():
+        with routed_calls(model, trace):
             logits = model(x)
+        trace.finish()
+        target = logits.argmax(dim=1)
+        outputs = [trace.split_outputs[layer] for layer in layers]
+        grad_max = torch.autograd.grad(logits.max(dim=1).values.sum(), outputs, retain_graph=steps > 1)
+        grad_ce = (torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), outputs)
+                   if steps > 1 else [None] * len(layers))
+    return trace, target, list(grad_max), list(grad_ce)
+
+
+def split_gradient(model: nn.Module, trace: CallTrace, layer: nn.Module, x: torch.Tensor,
+                   target: torch.Tensor, grad_max: torch.Tensor, grad_ce: torch.Tensor | None,
+                   eta: float, steps: int) -> torch.Tensor:
+    """G for one layer: the product over the T steps of grad_z max logit of tail(z), z moving
+    up the CE; step 1's gradients come from `first_step`, the later steps run the tail."""
+    split = trace.split_index[layer][0]
+    accumulated = grad_max
+    z = trace.split_outputs[layer].detach()
+    for step in range(1, steps):
+        z = (z + eta * grad_ce.sign()).requires_grad_(True)
+        with torch.enable_grad():
+            with routed_calls(model, TailReplay(trace, split, z)):
+                logits = model(x)
             last = step == steps - 1
             (grad_max,) = torch.autograd.grad(logits.max(dim=1).values.sum(), z, retain_graph=not last)
             if not last:
                 (grad_ce,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), z)
-        accumulated = grad_max if accumulated is None else accumulated * grad_max
-        if not last:
-            z = z.detach() + eta * grad_ce.sign()
+        accumulated = accumulated * grad_max
+        z = z.detach()
     return accumulated
 
 
@@ -126,9 +271,8 @@ class SplittingIntegrating(InputGradientPostprocessor):
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         layers = split_layers(model, self.params["layers"])
-        clean, logits = layer_outputs(model, layers, x)
-        target = logits.argmax(dim=1)
         eta, steps = float(self.params["eta"]), self.params["steps"]
-        fractions = [nonzero_fractions(split_gradient(model, layer, x, z, target, eta, steps))
-                     for layer, z in zip(layers, clean)]
+        trace, target, grad_max, grad_ce = first_step(model, layers, x, steps)
+        fractions = [nonzero_fractions(split_gradient(model, trace, layer, x, target, g_max, g_ce, eta, steps))
+                     for layer, g_max, g_ce in zip(layers, grad_max, grad_ce)]
         return -torch.cat(fractions, dim=1).pow(2).mean(dim=1)
