@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from oodbench.benchmark.cache import extract
-from oodbench.benchmark.runner import (ExtractJob, RunContext, benchmark_splits, fit_cached, get_model,
-                                       load_cached_outputs, search_hyperparameters, search_space_for,
-                                       validation_auroc)
+from oodbench.benchmark.jobs import RunContext, fit_cached, get_model, load_cached_outputs, split_outputs
+from oodbench.benchmark.plan import benchmark_splits, search_space_for
+from oodbench.benchmark.search import search_hyperparameters, validation_auroc
 from oodbench.benchmark.spec import load_benchmark
 from oodbench.datasets.base import load_dataset
 from oodbench.models.adapter import ModelContext, ModelSpec
@@ -80,7 +80,7 @@ def main() -> None:
     needed = ["id:fit", "id:val", *ood_names]
 
     start = time.perf_counter()
-    keys = {name: ExtractJob(context, splits[name]).run()["key"] for name in needed}
+    keys = {name: split_outputs(context, splits[name])[1] for name in needed}
     print(f"filling the output cache (once, {len(needed)} splits): {time.perf_counter() - start:.2f} s")
     datasets = {name: load_dataset(splits[name].ref, context.data_root, context.image, ood=splits[name].ood)
                 for name in needed}

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -28,12 +30,15 @@ def _add_common_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--trust-checkpoint", action="store_true", default=None,
                         help="allow checkpoints that need full unpickling (can run code: trusted files only)")
+    parser.add_argument("--verify-data", action="store_true", default=None,
+                        help="fingerprint image files by their full contents, not path, size and modification "
+                             "time (slower; single-file formats are always hashed)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {"plugins": args.plugin, "results": args.results, "data_root": args.data_root,
             "cache_dir": args.cache_dir, "device": args.device, "batch_size": args.batch_size,
-            "trust_checkpoint": args.trust_checkpoint}
+            "trust_checkpoint": args.trust_checkpoint, "verify_data": args.verify_data}
 
 
 # ------------------------------------------------------------------------ run
@@ -86,6 +91,12 @@ def add_leaderboard(sub) -> None:
     parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
     parser.add_argument("--output", help="also write the table to this file")
     parser.add_argument("--show-params", action="store_true", help="show the chosen hyperparameters")
+    versions = parser.add_mutually_exclusive_group()
+    versions.add_argument("--fingerprint", metavar="PREFIX",
+                          help="only cells of this data fingerprint (or cell fingerprint), by prefix; default: the "
+                               "latest cell of each model, postprocessor and setting")
+    versions.add_argument("--all", dest="every", action="store_true",
+                          help="every stored version of each cell (older data, weights or code), labelled by fingerprint")
     parser.set_defaults(func=cmd_leaderboard)
 
 
@@ -99,9 +110,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise OodbenchError(f"results store {args.results} holds no results yet")
     tables = []
     for benchmark in benchmarks:
-        frame = leaderboard_frame(store, benchmark, args.model, args.postprocessor, fpr=args.fpr)
+        frame = leaderboard_frame(store, benchmark, args.model, args.postprocessor, fpr=args.fpr,
+                                  fingerprint=args.fingerprint, every=args.every)
         if frame.empty:
-            raise OodbenchError(f"no results for benchmark '{benchmark}' in {args.results}")
+            which = f" with fingerprint {args.fingerprint}" if args.fingerprint else ""
+            raise OodbenchError(f"no results for benchmark '{benchmark}'{which} in {args.results}")
         tables.append(render(frame, args.format, show_params=args.show_params))
     text = "\n\n".join(tables)
     print(text)
@@ -172,18 +185,12 @@ def add_validate(sub) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from oodbench.benchmark.config import load_config
-    from oodbench.benchmark.runner import resolve_postprocessors
+    from oodbench.benchmark.runner import check_config
     from oodbench.benchmark.spec import load_benchmark
-    from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
 
     config = load_config(args.config, plugins=args.plugin)
-    load_plugins(config.plugins, strict=True)
+    names = check_config(config)
     benchmark = load_benchmark(config.benchmark)
-    names = resolve_postprocessors(config.postprocessors)
-    for name in names:
-        POSTPROCESSORS.get(name)(**config.params.get(name, {}))
-    for model in config.models:
-        MODELS.get(model.source)
     print(f"ok: {benchmark.name} v{benchmark.version}, {len(config.models)} model(s), "
           f"{len(names)} postprocessor(s), {len(benchmark.near)} near + {len(benchmark.far)} far OOD sets")
     return 0
@@ -337,11 +344,11 @@ def add_plot(sub) -> None:
     _add_output_arg(parser)
     parser.add_argument("--postprocessor", default="msp", help="score for hist and landscape (default msp)")
     parser.add_argument("--eps", type=float, default=1e-3, help="pro-shift step size in [0,1] pixels (default 1e-3)")
-    parser.add_argument("--samples", type=int, default=500, help="images per set for pro-shift and features")
+    parser.add_argument("--samples", type=at_least(1), default=500, help="images per set for pro-shift and features")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--index", type=int, default=0, help="landscape: index of the ID and OOD images")
     parser.add_argument("--radius", type=float, default=1.0, help="landscape: a, b in [-radius, radius]")
-    parser.add_argument("--steps", type=int, default=41, help="landscape: grid points per direction")
+    parser.add_argument("--steps", type=at_least(2), default=41, help="landscape: grid points per direction")
     parser.add_argument("--projection", choices=["pca", "lda"], default="pca", help="features: PCA or LDA")
     parser.set_defaults(func=cmd_plot)
 
@@ -362,6 +369,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable] = [add_run, add_leaderboard, add_list, add_validate, add_data,
                             add_compare, add_calibration, add_report, add_plot]
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (argparse reports a bad one as a usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -388,6 +410,20 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     tqdm.write(f"warning: {message}", file=sys.stderr if file is None else file)  # on its own line, above bars
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so the same
+    clean-up runs on the way out: an open store transaction rolls back, a local Ray
+    instance shuts down."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up ends it at once
+    raise Terminated
+
+
+STOPPED = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}  # 128 + signal number
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _warning_line
     # oodbench's own warnings are for the user; libraries' deprecation notices are not
@@ -395,19 +431,25 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("default", module=r"oodbench(\.|$)")
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
     except OodbenchError as exc:
         return _error(str(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         _close_progress_bars()
-        print("oodbench: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        word, code = STOPPED[type(exc)]
+        print(f"oodbench: {word}; rerun the same command to resume", file=sys.stderr)
+        return code
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:  # the machine's, not the user's input: disk full, permission denied...
         return _error(str(exc))
+    finally:
+        if previous is not None:  # main() called from Python leaves the caller's handler as it was
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _close_progress_bars() -> None:

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from oodbench.benchmark.runner import (ExtractJob, RunContext, benchmark_splits, get_model,
-                                       load_cached_outputs, search_space_for)
+from oodbench.benchmark.jobs import RunContext, get_model, split_outputs
+from oodbench.benchmark.plan import benchmark_splits, search_space_for
 from oodbench.benchmark.spec import load_benchmark
+from oodbench.datasets.base import load_dataset
 from oodbench.evaluators.metrics import auroc
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import grid
@@ -36,8 +37,10 @@ def digits_outputs(session_cache):
     model = get_model(context.model, context.model_context)
     outputs = {}
     for name in SPLITS:
-        report = ExtractJob(context, splits[name]).run()
-        outputs[name] = load_cached_outputs(context, splits[name], report["key"], model)
+        outputs[name], _ = split_outputs(context, splits[name])
+        outputs[name].model, outputs[name].inputs = model, load_dataset(splits[name].ref, session_cache,
+                                                                        benchmark.image, ood=splits[name].ood)
+        outputs[name].meta["batch_size"] = context.batch_size
     return outputs
 
 

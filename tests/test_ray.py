@@ -257,7 +257,7 @@ def fault_plugin(tmp_path):
 @requires_ray
 def test_ray_faults_retry_lost_workers_and_fail_only_bad_cells(tmp_path, trained_digits, ray_instance,
                                                                fault_plugin):
-    from oodbench.benchmark import runner
+    from oodbench.benchmark import jobs
     from oodbench.benchmark.ray_executor import RayExecutor
 
     plugin, marks = fault_plugin
@@ -291,6 +291,6 @@ def test_ray_faults_retry_lost_workers_and_fail_only_bad_cells(tmp_path, trained
     assert set(bad.status) == {"failed"} and len(bad) == 4
     assert all("not a readable PyTorch checkpoint" in reason for reason in bad.reason)
 
-    loaded_here = [key for key in runner._MODELS if key[3] == str(cache)]
+    loaded_here = [key for key in jobs._MODELS if key[3] == str(cache)]
     assert loaded_here == [], "the driver loaded a model: jobs ran in this process, not on Ray"
     assert ray_instance.is_initialized(), "an executor that joined an instance leaves it running"

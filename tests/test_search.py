@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodbench.benchmark import runner
+from oodbench.benchmark import jobs, plan, runner, search
 from oodbench.benchmark.cache import FitStateCache
 from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelContext, ModelSpec
@@ -64,8 +64,8 @@ def constructed_case(seed: int = 0):
 
 def search(space, fit_cache=None):
     train, val, ood_val = constructed_case()
-    fit = lambda method: runner.fit_cached(method, train, val, fit_cache, ["train", "val"])  # noqa: E731
-    return runner.search_hyperparameters(ColumnScore, {}, space, val, ood_val, fit)
+    fit = lambda method: jobs.fit_cached(method, train, val, fit_cache, ["train", "val"])  # noqa: E731
+    return search.search_hyperparameters(ColumnScore, {}, space, val, ood_val, fit)
 
 
 def test_search_picks_the_known_best_combination():
@@ -74,10 +74,10 @@ def test_search_picks_the_known_best_combination():
     train, val, ood_val = constructed_case()
     best = ColumnScore(column=2, sign=1)
     best.fit(train, val)
-    assert runner.validation_auroc(best, val, ood_val) == 1.0
+    assert search.validation_auroc(best, val, ood_val) == 1.0
     wrong_sign = ColumnScore(column=2, sign=-1)
     wrong_sign.fit(train, val)
-    assert runner.validation_auroc(wrong_sign, val, ood_val) == 0.0
+    assert search.validation_auroc(wrong_sign, val, ood_val) == 0.0
 
 
 def test_ties_go_to_the_first_listed_value():
@@ -97,7 +97,7 @@ def test_fit_state_cache_round_trip_and_corruption(tmp_path):
     cache = FitStateCache(tmp_path)
     train, val, _ = constructed_case()
     method = ColumnScore(column=2)
-    runner.fit_cached(method, train, val, cache, ["a", "b"])
+    jobs.fit_cached(method, train, val, cache, ["a", "b"])
     key = FitStateCache.key(method, ["a", "b"])
     assert cache.load(key) == {"offset": method.offset}
     assert FitStateCache.key(ColumnScore(column=3), ["a", "b"]) != key  # fit_params None: every param counts
@@ -134,7 +134,7 @@ def test_single_element_space_equals_the_plain_run(tmp_path, session_cache, monk
     _, plain_results = _run(tmp_path, "plain", search=False, params=plain, results=str(tmp_path / "plain.sqlite"),
                             **common)
     spaces = {name: {key: [value] for key, value in params.items()} for name, params in plain.items()}
-    monkeypatch.setattr(runner, "search_space_for", lambda name, cls: spaces[name])
+    monkeypatch.setattr(plan, "search_space_for", lambda name, cls: spaces[name])
     searched_cells, searched_results = _run(tmp_path, "searched", search=True,
                                             results=str(tmp_path / "searched.sqlite"), **common)
     for row in searched_cells.itertuples():
@@ -153,7 +153,7 @@ def test_second_run_loads_the_fit_instead_of_refitting(tmp_path, session_cache, 
     original = ViM.fit
     monkeypatch.setattr(ViM, "fit", lambda self, train, val: (fits.append(self.params["dim"]),
                                                              original(self, train, val))[1])
-    runner.get_model(ModelSpec("digits-cnn"), ModelContext(session_cache, session_cache))  # trained once
+    jobs.get_model(ModelSpec("digits-cnn"), ModelContext(session_cache, session_cache))  # trained once
     cache_dir = tmp_path / "cache"
     models = session_cache / "models"
     (cache_dir / "models").mkdir(parents=True)

@@ -39,6 +39,7 @@ class ExperimentConfig:
     batch_size: int = 256
     num_workers: int = 0
     trust_checkpoint: bool = False
+    verify_data: bool = False
     name: str = ""
     source: str = ""
 
@@ -60,7 +61,7 @@ KEYS = {
     "benchmark": str, "models": list, "postprocessors": (list, str), "data_root": str,
     "search": bool, "fit_split": str, "fpr": str, "plugins": list, "params": dict,
     "results": str, "cache_dir": str, "device": str, "batch_size": int, "num_workers": int,
-    "trust_checkpoint": bool, "name": str,
+    "trust_checkpoint": bool, "verify_data": bool, "name": str,
 }
 
 

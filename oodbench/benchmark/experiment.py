@@ -15,8 +15,9 @@ import numpy as np
 
 from oodbench.benchmark.cache import FitStateCache, OutputCache
 from oodbench.benchmark.config import ExperimentConfig, load_config
-from oodbench.benchmark.runner import (RunContext, SplitRef, benchmark_splits, fit_cached, get_model,
-                                       load_cached_outputs, resolve_device, setting_of)
+from oodbench.benchmark.jobs import RunContext, fit_cached, get_model, load_cached_outputs
+from oodbench.benchmark.plan import Plan, resolve_postprocessors
+from oodbench.benchmark.runner import resolve_device
 from oodbench.benchmark.spec import Benchmark, load_benchmark
 from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelSpec
@@ -31,14 +32,19 @@ class CachedExperiment:
 
     config: ExperimentConfig
     benchmark: Benchmark
-    splits: dict[str, SplitRef]
+    plan: Plan
 
     @classmethod
     def open(cls, path: str | Path, **overrides: Any) -> "CachedExperiment":
         config = load_config(path, **overrides)
         load_plugins(config.plugins, strict=True)
         benchmark = load_benchmark(config.benchmark)
-        return cls(config, benchmark, benchmark_splits(benchmark, config.fit_split))
+        plan = Plan.resolve(config, benchmark, resolve_postprocessors(config.postprocessors), every_split=True)
+        return cls(config, benchmark, plan)
+
+    @property
+    def splits(self):
+        return self.plan.splits
 
     @cached_property
     def store(self) -> ResultStore:
@@ -49,23 +55,25 @@ class CachedExperiment:
         return f"run `oodbench run {self.config.source}` first"
 
     def context(self, spec: ModelSpec) -> RunContext:
-        return RunContext.of(self.config, spec, self.benchmark.image, resolve_device(self.config.device))
+        return RunContext.of(self.config, spec, self.benchmark.image, resolve_device(self.config.device),
+                             self.plan.token)
 
     def model(self, spec: ModelSpec):
         return get_model(spec, self.context(spec).model_context)
 
+    def key(self, spec: ModelSpec, split: str) -> str:
+        model = self.model(spec)
+        return self.plan.output_key(split, model.identity, model.weights_hash)
+
     def has(self, spec: ModelSpec, split: str) -> bool:
-        key = self.splits[split].key(self.model(spec), self.benchmark.image)
-        return OutputCache(self.config.cache_dir).path(key).exists()
+        return self.plan.present(split) and OutputCache(self.config.cache_dir).has(self.key(spec, split))
 
     def outputs(self, spec: ModelSpec, split: str, with_model: bool = False) -> Outputs:
         """Cached outputs of one split; `with_model` also attaches the model and the images."""
         if split not in self.splits or not self.has(spec, split):
             raise OodbenchError(f"no cached outputs of {spec.display} on {split}; {self.run_first}")
-        model = self.model(spec)
-        return load_cached_outputs(self.context(spec), self.splits[split],
-                                   self.splits[split].key(model, self.benchmark.image),
-                                   model if with_model else None)
+        return load_cached_outputs(self.context(spec), self.splits[split], self.key(spec, split),
+                                   self.model(spec) if with_model else None)
 
     def ood_tests(self, spec: ModelSpec) -> dict[str, str]:
         """OOD test split name -> near | far, for the sets cached for `spec` (a warning names the rest)."""
@@ -82,17 +90,20 @@ class CachedExperiment:
 
     def fitted(self, spec: ModelSpec, name: str) -> Postprocessor:
         """The postprocessor with the hyperparameters of its stored cell, fitted as in the run."""
+        if name not in self.plan.methods:
+            raise OodbenchError(f"'{name}' is not a postprocessor of {self.config.source}")
         cls = POSTPROCESSORS.get(name)
-        setting = setting_of(self.config.search, self.config.params.get(name, {}))
+        model = self.model(spec)
+        fingerprint = self.plan.cell_fingerprint(name, model.identity, model.weights_hash)
         cells = self.store.frame("cells", benchmark=self.benchmark.name, model=spec.display, postprocessor=name,
-                            setting=setting, status="done")
+                                 fingerprint=fingerprint, status="done")
         if cells.empty:
-            raise OodbenchError(f"no '{name}' result for {spec.display} ({setting}) in {self.store.path}; {self.run_first}")
+            raise OodbenchError(f"no '{name}' result for {spec.display} ({self.plan.methods[name].setting}) on this "
+                                f"data in {self.store.path}; {self.run_first}")
         method = cls(**json.loads(cells.params.iloc[0] or "{}"))
         if cls.needs_fit:
             fit_split = "id:fit" if "id:fit" in self.splits else "id:val"
-            model = self.model(spec)
-            keys = [self.splits[s].key(model, self.benchmark.image) for s in (fit_split, "id:val")]
+            keys = [self.key(spec, s) for s in (fit_split, "id:val")]
             fit_cached(method, self.outputs(spec, fit_split), self.outputs(spec, "id:val"),
                        FitStateCache(self.config.cache_dir), keys)
         return method

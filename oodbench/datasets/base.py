@@ -6,24 +6,29 @@ sizes as counts or fractions, one of which may be ``rest``). Sources return any
 map-style dataset whose items are ``(image, label)`` with the image a PIL image, a NumPy
 array or a tensor; `load_dataset` converts it to float [0,1] tensors of the benchmark's
 `ImageSpec` (resize bilinear, center crop, grey replicated to 3 channels).
+
+Every dataset class says what it read through ``fingerprint(files)`` (files: an
+`oodbench.identity.FileState`): image files by path, size and mtime, decoded single-file
+formats by content, in-memory images by their pixels or generating recipe, selections by
+their indices. `split_fingerprint_of` turns that into the split's key (DESIGN.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from oodbench.errors import OodbenchError
+from oodbench.identity import FileState, array_digest, dataset_fingerprint, digest, split_fingerprint
 from oodbench.registry import DATASETS
 
-SOURCE_VERSION = 2  # bump when a source's decoding changes; part of the cache key
+SOURCE_VERSION = 2  # bump when a source's decoding changes; part of every split's fingerprint
 
 
 def register_dataset(*names: str) -> Callable:
@@ -71,15 +76,9 @@ class DatasetRef:
             raise OodbenchError(f"{where}: part '{ref.part}' is not one of {sorted(ref.parts)}")
         return ref
 
-    def identity(self, image: ImageSpec) -> str:
-        """A stable string naming the exact samples and preprocessing."""
-        payload = {**asdict(self), "image": image.key(), "source_version": SOURCE_VERSION}
-        return json.dumps(payload, sort_keys=True, default=str)
-
-    def short(self) -> str:
-        text = self.dataset + (f"[{self.part}]" if self.part else "")
-        digest = hashlib.sha1(json.dumps(self.options, sort_keys=True, default=str).encode()).hexdigest()
-        return f"{text}-{digest[:8]}"
+    def payload(self) -> dict[str, Any]:
+        """The reference as written (source, options, part): one input of the split's fingerprint."""
+        return asdict(self)
 
 
 def stratified_parts(labels: np.ndarray, parts: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -123,11 +122,16 @@ def stratified_parts(labels: np.ndarray, parts: dict[str, Any], seed: int) -> di
 
 
 class TensorImages(Dataset):
-    """Images already decoded into one float tensor (N x C x H x W, values in [0,1])."""
+    """Images already decoded into one float tensor (N x C x H x W, values in [0,1]).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | np.ndarray):
+    ``recipe``: for images generated deterministically (seeded noise), the parameters that
+    generate them; the fingerprint is then the recipe rather than a hash of the pixels.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | np.ndarray, recipe: dict | None = None):
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.recipe = recipe
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -135,16 +139,43 @@ class TensorImages(Dataset):
     def __getitem__(self, index: int):
         return self.images[index], int(self.labels[index])
 
+    def fingerprint(self, files) -> str:
+        if self.recipe is not None:
+            return "recipe:" + digest({**self.recipe, "count": len(self), "shape": list(self.images.shape[1:])}, 32)
+        return "tensor:" + array_digest(self.images, self.labels)
 
-class Subset(Dataset):
-    def __init__(self, base: Dataset, indices: np.ndarray):
-        self.base, self.indices = base, indices
+
+class LabeledSamples(Dataset):
+    """Samples with their labels known up front, so splits never decode an image."""
+
+    origin = ""
+
+    def __init__(self, targets: Sequence[int] | np.ndarray):
+        self.targets = np.asarray(targets, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return int(self.targets.size)
+
+    def load(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        return self.load(index), int(self.targets[index])
+
+
+class Selection(LabeledSamples):
+    """Some samples of another dataset (a part of a split, or its first N), in `indices` order."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, origin: str = ""):
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        super().__init__(dataset_labels(base)[self.indices] if self.indices.size else [])
+        self.origin = origin or getattr(base, "origin", "")
 
     def __getitem__(self, index: int):
         return self.base[int(self.indices[index])]
+
+    def fingerprint(self, files) -> str:
+        return "selection:" + digest([dataset_fingerprint(self.base, files), array_digest(self.indices)], 32)
 
 
 class Transformed(Dataset):
@@ -160,6 +191,9 @@ class Transformed(Dataset):
         item, label = self.base[index]
         label = self.label_override if self.label_override is not None else int(label)
         return to_image_tensor(item, self.image), label
+
+    def fingerprint(self, files) -> str:
+        return dataset_fingerprint(self.base, files)
 
 
 def to_image_tensor(item: Any, image: ImageSpec) -> torch.Tensor:
@@ -209,13 +243,41 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray([dataset[i][1] for i in range(len(dataset))])
 
 
-def load_dataset(ref: DatasetRef, data_root: str | Path, image: ImageSpec, ood: bool = False) -> Dataset:
-    """The samples `ref` names, as [0,1] tensors of shape `image`; OOD samples get label -1."""
-    factory = DATASETS.get(ref.dataset)
-    source = factory(Path(data_root).expanduser(), image, **ref.options)
+_SOURCES: dict[tuple, Dataset] = {}
+_SOURCES_KEPT = 32
+
+
+def load_source(ref: DatasetRef, data_root: str | Path, image: ImageSpec, memo: str | None = None) -> Dataset:
+    """The samples `ref` names (after its part), as the source returns them.
+
+    With `memo` (a token naming one run), the listing is made once per run and process and
+    reused by every split and job that reads the same source.
+    """
+    root = Path(data_root).expanduser()
+    key = (memo, ref.dataset, json.dumps(ref.options, sort_keys=True, default=str), str(root.resolve()),
+           image.key(), json.dumps(ref.parts, sort_keys=True, default=str), ref.part, ref.seed)
+    if memo is not None and key in _SOURCES:
+        return _SOURCES[key]
+    source = DATASETS.get(ref.dataset)(root, image, **ref.options)
     if ref.parts is not None:
         indices = stratified_parts(dataset_labels(source), ref.parts, ref.seed)[ref.part]
-        source = Subset(source, indices)
+        source = Selection(source, indices, f"{getattr(source, 'origin', ref.dataset)}, part '{ref.part}'")
     if len(source) == 0:
         raise OodbenchError(f"dataset {ref.dataset} {ref.options or ''} has no samples")
-    return Transformed(source, image, label_override=-1 if ood else None)
+    if memo is not None:
+        if len(_SOURCES) >= _SOURCES_KEPT:
+            _SOURCES.pop(next(iter(_SOURCES)))
+        _SOURCES[key] = source
+    return source
+
+
+def load_dataset(ref: DatasetRef, data_root: str | Path, image: ImageSpec, ood: bool = False,
+                 memo: str | None = None) -> Transformed:
+    """The samples `ref` names, as [0,1] tensors of shape `image`; OOD samples get label -1."""
+    return Transformed(load_source(ref, data_root, image, memo), image, label_override=-1 if ood else None)
+
+
+def split_fingerprint_of(dataset: Transformed, ref: DatasetRef, ood: bool, files: FileState) -> str:
+    """The fingerprint of one loaded split (`load_dataset`): data read, selection, preprocessing."""
+    return split_fingerprint(dataset_fingerprint(dataset, files), ref.payload(), dataset.image.key(), ood,
+                             SOURCE_VERSION)

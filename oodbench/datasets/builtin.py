@@ -75,11 +75,13 @@ def gaussian_noise(data_root: Path, image: ImageSpec, count: int = 1000, mean: f
     generator = torch.Generator().manual_seed(seed)
     shape = (count, image.channels, image.size, image.size)
     images = (torch.randn(shape, generator=generator) * std + mean).clamp(0, 1)
-    return TensorImages(images, np.zeros(count, dtype=np.int64))
+    recipe = {"source": "gaussian_noise", "mean": mean, "std": std, "seed": seed, "generator": "torch.randn"}
+    return TensorImages(images, np.zeros(count, dtype=np.int64), recipe=recipe)
 
 
 @register_dataset("uniform_noise")
 def uniform_noise(data_root: Path, image: ImageSpec, count: int = 1000, seed: int = 0) -> TensorImages:
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand((count, image.channels, image.size, image.size), generator=generator)
-    return TensorImages(images, np.zeros(count, dtype=np.int64))
+    recipe = {"source": "uniform_noise", "seed": seed, "generator": "torch.rand"}
+    return TensorImages(images, np.zeros(count, dtype=np.int64), recipe=recipe)

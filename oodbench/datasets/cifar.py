@@ -89,7 +89,8 @@ def read_pickle_split(root: Path, layout: CifarLayout, split: str) -> ArrayImage
     labels = np.concatenate([p[1] for p in parts])
     if labels.size and (labels.min() < 0 or labels.max() >= len(layout.classes)):
         raise OodbenchError(f"{folder}: labels outside 0..{len(layout.classes) - 1}; is this {layout.name}?")
-    return ArrayImages(images, labels, f"{layout.pickle_dir}/ {split} ({labels.size} images, original pixels)")
+    return ArrayImages(images, labels, f"{layout.pickle_dir}/ {split} ({labels.size} images, original pixels)",
+                       files=[folder / name for name in layout.batches[split]])
 
 
 def read_folder_split(root: Path, layout: CifarLayout, split: str) -> ImageFiles:

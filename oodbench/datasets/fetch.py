@@ -39,7 +39,7 @@ class SplitStatus:
 
 def benchmark_status(benchmark, data_root: Path) -> list[SplitStatus]:
     """Each split of `benchmark`, resolved against `data_root` (images are not decoded)."""
-    from oodbench.benchmark.runner import benchmark_splits
+    from oodbench.benchmark.plan import benchmark_splits
     from oodbench.datasets.base import load_dataset
 
     rows = []

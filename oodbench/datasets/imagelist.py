@@ -28,8 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import DatasetRef, ImageSpec, dataset_labels, register_dataset, stratified_parts
+from oodbench.datasets.base import (DatasetRef, ImageSpec, LabeledSamples, Selection, dataset_labels,
+                                   register_dataset, stratified_parts)
 from oodbench.errors import DatasetMissing, OodbenchError
+from oodbench.identity import FileState, array_digest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 OPENOOD_HINT = "`oodbench data fetch openood` says how to get OpenOOD v1.5's lists and images"
@@ -51,38 +53,27 @@ def open_image(path: Path):
                             "PNG/JPEG image") from None
 
 
-class LabeledSamples(Dataset):
-    """Samples with their labels known up front, so splits never decode an image."""
-
-    origin = ""
-
-    def __init__(self, targets: Sequence[int] | np.ndarray):
-        self.targets = np.asarray(targets, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return int(self.targets.size)
-
-    def load(self, index: int) -> Any:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int):
-        return self.load(index), int(self.targets[index])
-
-
 class ArrayImages(LabeledSamples):
-    """Images already decoded into one uint8 array (N x H x W or N x H x W x C)."""
+    """Images already decoded into one uint8 array (N x H x W or N x H x W x C) from
+    `files` (a pickle, idx or .mat file): fingerprinted by those files' contents."""
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int] | np.ndarray, origin: str):
+    def __init__(self, images: np.ndarray, targets: Sequence[int] | np.ndarray, origin: str,
+                 files: Sequence[Path] = ()):
         super().__init__(targets)
         self.images = images
         self.origin = origin
+        self.files = list(files)
 
     def load(self, index: int) -> np.ndarray:
         return self.images[index]
 
+    def fingerprint(self, files: FileState) -> str:
+        return files.content(self.files) if self.files else "array:" + array_digest(self.images, self.targets)
+
 
 class ImageFiles(LabeledSamples):
-    """Image files decoded on access."""
+    """Image files decoded on access; fingerprinted by path, size and mtime (content with
+    ``verify_data``) and their labels."""
 
     def __init__(self, paths: Sequence[Path], targets: Sequence[int] | np.ndarray, origin: str):
         super().__init__(targets)
@@ -92,17 +83,8 @@ class ImageFiles(LabeledSamples):
     def load(self, index: int):
         return open_image(self.paths[index])
 
-
-class Selection(LabeledSamples):
-    """Some samples of another dataset (a part of a split, or its first N)."""
-
-    def __init__(self, base: Dataset, indices: np.ndarray, origin: str):
-        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
-        super().__init__(dataset_labels(base)[self.indices] if self.indices.size else [])
-        self.origin = origin
-
-    def __getitem__(self, index: int):
-        return self.base[int(self.indices[index])]
+    def fingerprint(self, files: FileState) -> str:
+        return f"files:{files.describe(self.paths)}:{array_digest(self.targets)}"
 
 
 def first(dataset: Dataset, limit: int | None) -> Dataset:

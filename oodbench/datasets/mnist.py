@@ -68,7 +68,8 @@ def read_idx(path: Path, dims: int, dtype_code: int = 0x08) -> np.ndarray:
 
 
 def read_pair(raw: Path, images_stem: str, labels_stem: str, dataset: str, label_dims: int = 1,
-              label_code: int = 0x08) -> tuple[np.ndarray, np.ndarray]:
+              label_code: int = 0x08) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """(images, labels, the two files read) of an idx image/label pair."""
     images_path = idx_file(raw, images_stem, dataset)
     labels_path = idx_file(raw, labels_stem, dataset)
     images = read_idx(images_path, 3)
@@ -77,7 +78,7 @@ def read_pair(raw: Path, images_stem: str, labels_stem: str, dataset: str, label
     if images.shape[0] != labels.shape[0]:
         raise OodbenchError(f"{images_path} holds {images.shape[0]} images but {labels_path} "
                             f"{labels.shape[0]} labels; expected one label per image")
-    return images, labels
+    return images, labels, [images_path, labels_path]
 
 
 def classic(data_root: Path, folder: str, dataset: str, split: str, limit: int | None) -> Dataset:
@@ -88,7 +89,8 @@ def classic(data_root: Path, folder: str, dataset: str, split: str, limit: int |
     parts = [read_pair(raw, f"{p}-images-idx3-ubyte", f"{p}-labels-idx1-ubyte", dataset) for p in prefixes[split]]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    return first(ArrayImages(images, labels, f"{folder}/raw {split} ({labels.size} images)"), limit)
+    return first(ArrayImages(images, labels, f"{folder}/raw {split} ({labels.size} images)",
+                             files=[f for p in parts for f in p[2]]), limit)
 
 
 @register_dataset("mnist")
@@ -116,10 +118,10 @@ def emnist(data_root: Path, image: ImageSpec, subset: str = "letters", split: st
     if split not in ("train", "test"):
         raise OodbenchError(f"EMNIST: split must be train or test, got '{split}'")
     prefix = f"emnist-{subset}-{split}"
-    images, labels = read_pair(data_root / "EMNIST" / "raw", f"{prefix}-images-idx3-ubyte",
-                               f"{prefix}-labels-idx1-ubyte", f"EMNIST {subset}")
+    images, labels, files = read_pair(data_root / "EMNIST" / "raw", f"{prefix}-images-idx3-ubyte",
+                                      f"{prefix}-labels-idx1-ubyte", f"EMNIST {subset}")
     images = np.ascontiguousarray(images.transpose(0, 2, 1))
-    return first(ArrayImages(images, labels, f"EMNIST/raw {prefix} ({labels.size} images)"), limit)
+    return first(ArrayImages(images, labels, f"EMNIST/raw {prefix} ({labels.size} images)", files), limit)
 
 
 @register_dataset("qmnist")
@@ -130,7 +132,7 @@ def qmnist(data_root: Path, image: ImageSpec, what: str = "test50k", limit: int 
     if what not in ranges:
         raise OodbenchError(f"QMNIST: 'what' must be one of {', '.join(ranges)}, got '{what}'")
     split, rows = ranges[what]
-    images, labels = read_pair(data_root / "QMNIST" / "raw", f"qmnist-{split}-images-idx3-ubyte",
-                               f"qmnist-{split}-labels-idx2-int", "QMNIST", label_dims=2, label_code=0x0C)
+    images, labels, files = read_pair(data_root / "QMNIST" / "raw", f"qmnist-{split}-images-idx3-ubyte",
+                                      f"qmnist-{split}-labels-idx2-int", "QMNIST", label_dims=2, label_code=0x0C)
     images, labels = images[rows], labels[rows]
-    return first(ArrayImages(images, labels, f"QMNIST/raw {what} ({labels.size} images)"), limit)
+    return first(ArrayImages(images, labels, f"QMNIST/raw {what} ({labels.size} images)", files), limit)

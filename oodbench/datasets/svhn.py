@@ -38,7 +38,7 @@ def read_mat(path: Path) -> ArrayImages:
         raise OodbenchError(f"{path}: 'X' is {images.shape} with {labels.size} labels; expected {expected}")
     labels[labels == 10] = 0
     images = np.ascontiguousarray(images.transpose(3, 0, 1, 2)).astype(np.uint8, copy=False)
-    return ArrayImages(images, labels, f"SVHN/{path.name} ({labels.size} images)")
+    return ArrayImages(images, labels, f"SVHN/{path.name} ({labels.size} images)", files=[path])
 
 
 @register_dataset("svhn")

@@ -4,22 +4,22 @@
 0-5). ``digits-cnn-robust``: the same network trained adversarially (Madry et al., 2018):
 each batch replaced by PGD L-inf examples (eps = 0.1 in [0,1] pixels, 7 steps of 0.025,
 random start). Training is deterministic given the seed and takes seconds on a CPU; the
-weights are cached under ``<cache>/models/`` keyed by the recipe.
+weights are cached under ``<cache>/models/`` keyed by the recipe and the training data,
+and verified (key and checksum) each time they are read: damaged or misplaced weights are
+trained again, with one warning line.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from oodbench.benchmark.cache import atomic_save
+from oodbench.benchmark.cache import VerifiedFiles
 from oodbench.models.adapter import ModelAdapter, ModelContext, register_model_source
 from oodbench.errors import OodbenchError
+from oodbench.identity import key_of, model_weights_key_text
 
 RECIPES = {
     "digits-cnn": {"epochs": 40, "lr": 1e-3, "batch_size": 64, "seed": 0, "pgd": None},
@@ -96,15 +96,33 @@ def _train(name: str, images: torch.Tensor, labels: torch.Tensor, seed: int | No
     return model.eval()
 
 
-def _training_data(context: ModelContext) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_data(context: ModelContext) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The digits ID train split as tensors, and its fingerprint (part of the weights' key)."""
     from oodbench.benchmark.spec import load_benchmark
-    from oodbench.datasets.base import load_dataset
+    from oodbench.datasets.base import load_dataset, split_fingerprint_of
+    from oodbench.identity import FileState
 
     benchmark = load_benchmark("digits")
-    dataset = load_dataset(benchmark.id_splits["train"], context.data_root, benchmark.image)
+    ref = benchmark.id_splits["train"]
+    dataset = load_dataset(ref, context.data_root, benchmark.image)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    return images, labels
+    return images, labels, split_fingerprint_of(dataset, ref, False, FileState(context.data_root))
+
+
+class WeightsCache(VerifiedFiles):
+    """Trained built-in weights under ``<cache>/models/<name>-<key hash>.pt``, each file
+    holding its full key (model, recipe, training data) and a checksum of its tensors."""
+
+    kind = "models"
+    what = "cached model weights"
+
+    def __init__(self, root: str | Path, name: str):
+        super().__init__(root)
+        self.name = name
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{self.name}-{key_of(key)[:10]}.pt"
 
 
 @register_model_source("builtin")
@@ -114,20 +132,18 @@ def builtin_model(name: str, context: ModelContext, seed: int | None = None) -> 
 
         raise OodbenchError(f"unknown built-in model '{name}'{did_you_mean(name, RECIPES)}; "
                             f"built-ins: {', '.join(RECIPES)}")
-    recipe_key = hashlib.sha1(json.dumps([recipe_of(name, seed), RECIPE_VERSION], sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(context.cache_dir) / "models" / f"{name}-{recipe_key}.pt"
+    images, labels, data = _training_data(context)
+    key = model_weights_key_text(name, recipe_of(name, seed), RECIPE_VERSION, data)
+    cache = WeightsCache(context.cache_dir, name)
     model = DigitsCNN()
-    if path.exists():
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as exc:
-            warnings.warn(f"cached weights {path} are corrupt ({type(exc).__name__}); training again", stacklevel=2)
-            path.unlink(missing_ok=True)
-    if not path.exists():
-        images, labels = _training_data(context)
+    entry = cache.read(key)
+    if entry is not None:
+        model.load_state_dict(entry[0])
+        model.eval()
+    else:
         model = train(name, images, labels, seed)
-        atomic_save(model.state_dict(), path)
-    return ModelAdapter(model, num_classes=6, identity=f"builtin:{name}:{recipe_key}")
+        cache.write(key, model.state_dict(), {})
+    return ModelAdapter(model, num_classes=6, identity=f"builtin:{name}:{key_of(key)[:10]}")
 
 
 BUILTIN_MODELS = tuple(RECIPES)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from oodbench.benchmark.config import ExperimentConfig
-from oodbench.benchmark.runner import resolve_postprocessors, setting_of
+from oodbench.benchmark.plan import resolve_postprocessors, setting_of
 from oodbench.benchmark.spec import load_benchmark
 from oodbench.errors import OodbenchError
 from oodbench.results.store import ResultStore

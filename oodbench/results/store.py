@@ -1,15 +1,21 @@
 """The results store: one SQLite database, one row per (benchmark, model, postprocessor,
-setting, dataset, metric), with the provenance of its cell.
+setting, fingerprint, dataset, metric), with the provenance of its cell.
 
-A *cell* is one (benchmark, model, postprocessor, setting) — setting is ``search``,
-``default`` or the JSON of explicit hyperparameters — scored against every OOD set. A cell
-and all its metric rows are written in one short transaction, so a cell is either fully
-there or absent; rewriting it replaces it (idempotent). WAL mode and a busy timeout let
-several processes write one store at once.
+A *cell* is one (benchmark, model, postprocessor, setting) scored against every OOD set,
+identified by its *fingerprint* (`oodbench.identity.cell_fingerprint`: the model's
+weights, the method's code and settings, the fingerprints of the data splits it read).
+Setting is ``search``, ``default`` or the JSON of explicit hyperparameters. A run skips
+the cells whose fingerprint is stored as done; a cell computed from other data or weights
+is a new row, and the old one stays (nothing is lost). Each row also carries the run's
+*data fingerprint* (the benchmark's definition and all its splits as found), which
+`leaderboard --fingerprint` selects by. A cell and all its metric rows are written in one
+short transaction, so a cell is either fully there or absent. WAL mode and a busy
+timeout let several processes write one store at once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -19,27 +25,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from oodbench.errors import OodbenchError
+from oodbench.errors import NoSpaceLeft, OodbenchError, disk_full
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     benchmark TEXT NOT NULL, model TEXT NOT NULL, postprocessor TEXT NOT NULL, setting TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, data_fingerprint TEXT,
     status TEXT NOT NULL, reason TEXT, params TEXT, tags TEXT,
     benchmark_version TEXT, oodbench_version TEXT, git_hash TEXT, config_hash TEXT,
     weights_hash TEXT, fpr_convention TEXT, seconds REAL, created REAL,
-    PRIMARY KEY (benchmark, model, postprocessor, setting)
+    PRIMARY KEY (benchmark, model, postprocessor, setting, fingerprint)
 );
 CREATE TABLE IF NOT EXISTS results (
     benchmark TEXT NOT NULL, model TEXT NOT NULL, postprocessor TEXT NOT NULL, setting TEXT NOT NULL,
-    dataset TEXT NOT NULL, ood_group TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
-    PRIMARY KEY (benchmark, model, postprocessor, setting, dataset, metric)
+    fingerprint TEXT NOT NULL, dataset TEXT NOT NULL, ood_group TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
+    PRIMARY KEY (benchmark, model, postprocessor, setting, fingerprint, dataset, metric)
 );
 CREATE TABLE IF NOT EXISTS datasets (
-    benchmark TEXT NOT NULL, model TEXT NOT NULL, dataset TEXT NOT NULL, ood_group TEXT NOT NULL,
-    status TEXT NOT NULL, reason TEXT, samples INTEGER, accuracy REAL,
-    PRIMARY KEY (benchmark, model, dataset)
+    benchmark TEXT NOT NULL, model TEXT NOT NULL, data_fingerprint TEXT NOT NULL, dataset TEXT NOT NULL,
+    ood_group TEXT NOT NULL, fingerprint TEXT, status TEXT NOT NULL, reason TEXT, samples INTEGER,
+    accuracy REAL, created REAL,
+    PRIMARY KEY (benchmark, model, data_fingerprint, dataset)
 );
 """
+# Stores written before fingerprints existed: their rows are kept under fingerprint 'legacy',
+# which no new cell has, so every cell is computed again beside them.
+MIGRATE_V1 = """
+ALTER TABLE cells RENAME TO cells_v1;
+ALTER TABLE results RENAME TO results_v1;
+ALTER TABLE datasets RENAME TO datasets_v1;
+{schema}
+INSERT INTO cells SELECT benchmark, model, postprocessor, setting, 'legacy', 'legacy', status, reason, params, tags,
+    benchmark_version, oodbench_version, git_hash, config_hash, weights_hash, fpr_convention, seconds, created
+    FROM cells_v1;
+INSERT INTO results SELECT benchmark, model, postprocessor, setting, 'legacy', dataset, ood_group, metric, value
+    FROM results_v1;
+INSERT INTO datasets SELECT benchmark, model, 'legacy', dataset, ood_group, NULL, status, reason, samples, accuracy,
+    NULL FROM datasets_v1;
+DROP TABLE cells_v1;
+DROP TABLE results_v1;
+DROP TABLE datasets_v1;
+"""
+TABLES = ("cells", "results", "datasets")
 
 
 @dataclass
@@ -48,6 +76,8 @@ class Cell:
     model: str
     postprocessor: str
     setting: str
+    fingerprint: str = ""
+    data_fingerprint: str = ""
     status: str = "done"
     reason: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -58,8 +88,8 @@ class Cell:
     groups: dict[str, str] = field(default_factory=dict)  # dataset -> near | far | id
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.benchmark, self.model, self.postprocessor, self.setting)
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.benchmark, self.model, self.postprocessor, self.setting, self.fingerprint)
 
 
 def busy_timeout() -> float:
@@ -84,77 +114,123 @@ class ResultStore:
         try:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+            uri = f"file:{self.path}?{self._read_only_options()}" if readonly else f"file:{self.path}"
             self.connection = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
             self.connection.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             if not readonly:
                 self.connection.execute("PRAGMA journal_mode = WAL")
-                self.connection.executescript(SCHEMA)
+                self._create_or_migrate()
                 # Take (and drop) the write lock now, so a store another process keeps
                 # locked fails here rather than after hours of extraction.
                 self.connection.execute("BEGIN IMMEDIATE")
                 self.connection.execute("ROLLBACK")
             self.connection.execute("SELECT count(*) FROM cells").fetchone()
         except (sqlite3.Error, OSError) as exc:
+            if self._out_of_space(exc):
+                raise NoSpaceLeft.writing(self.path, self.NO_SPACE_REMEDY) from None
             hint = (f" (another process holds its lock; waited {timeout:g} s, set OODBENCH_DB_TIMEOUT to wait longer)"
                     if "locked" in str(exc) else "")
+            if readonly and "unable to open" in str(exc) and not os.access(self.path.parent, os.W_OK):
+                hint = (f" (its folder is read-only and {self.path}-wal holds writes not yet merged into it: "
+                        "copy the store with its -wal file to a folder that can be written)")
             raise OodbenchError(f"cannot open results store {self.path}: {exc}{hint}") from None
+        if readonly and "fingerprint" not in {row[1] for row in self.connection.execute("PRAGMA table_info(cells)")}:
+            raise OodbenchError(f"results store {self.path} was written by an older oodbench (no fingerprints); "
+                                "any `oodbench run` into it upgrades it in place, keeping its rows")
+
+    NO_SPACE_REMEDY = "free space on that disk or write to another store (--results), then rerun to resume"
+
+    def _read_only_options(self) -> str:
+        """URI options to read the store. A WAL database needs its -shm file even to be read, and
+        a read-only folder cannot hold one, so there the file is opened immutable; unless a -wal
+        file holds writes not yet merged into it, which an immutable reader would not see."""
+        wal = Path(f"{self.path}-wal")
+        pending = wal.exists() and wal.stat().st_size > 0
+        return "mode=ro" if pending or os.access(self.path.parent, os.W_OK) else "mode=ro&immutable=1"
+
+    def _out_of_space(self, exc: BaseException) -> bool:
+        """SQLITE_FULL, ENOSPC, or an I/O error on a disk with nothing left (SQLite's messages
+        are matched: the sqlite3 module has their codes only from Python 3.11)."""
+        if "database or disk is full" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+            return True
+        return "disk I/O error" in str(exc) and disk_full(self.path.parent)
 
     def close(self) -> None:
         self.connection.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed whole, or rolled back (an error, Ctrl-C, SIGTERM) and
+        the store left as it was before it."""
         try:
             self.connection.execute("BEGIN IMMEDIATE")
             try:
                 yield self.connection
             except BaseException:
-                self.connection.execute("ROLLBACK")
+                if self.connection.in_transaction:  # SQLite may have rolled back on its own (a full disk)
+                    self.connection.execute("ROLLBACK")
                 raise
             self.connection.execute("COMMIT")
         except sqlite3.Error as exc:
+            if self.connection.in_transaction:  # a failed COMMIT can leave the transaction open
+                self.connection.execute("ROLLBACK")
+            if self._out_of_space(exc):
+                raise NoSpaceLeft.writing(self.path, self.NO_SPACE_REMEDY) from None
             raise OodbenchError(f"cannot write results store {self.path}: {exc}") from None
 
-    def done_cells(self, benchmark: str) -> set[tuple[str, str, str, str]]:
+    def _create_or_migrate(self) -> None:
+        columns = {row[1] for row in self.connection.execute("PRAGMA table_info(cells)")}
+        script = MIGRATE_V1.format(schema=SCHEMA) if columns and "fingerprint" not in columns else SCHEMA
+        self.connection.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+
+    def done_fingerprints(self, benchmark: str) -> set[str]:
+        """Fingerprints of the cells of `benchmark` computed successfully."""
+        rows = self.connection.execute("SELECT fingerprint FROM cells WHERE benchmark = ? AND status = 'done'",
+                                       (benchmark,))
+        return {row[0] for row in rows}
+
+    def last_split_fingerprints(self, benchmark: str) -> dict[str, tuple[str, int | None]]:
+        """Split name -> (fingerprint, samples) as the last run of `benchmark` found it."""
         rows = self.connection.execute(
-            "SELECT benchmark, model, postprocessor, setting FROM cells WHERE benchmark = ? AND status = 'done'",
-            (benchmark,),
-        )
-        return {tuple(r) for r in rows}
+            "SELECT ood_group, dataset, fingerprint, samples FROM datasets WHERE benchmark = ? AND fingerprint IS NOT "
+            "NULL ORDER BY created", (benchmark,))
+        return {(dataset if group in ("id", "ood_val") else f"{group}:{dataset}"): (fingerprint, samples)
+                for group, dataset, fingerprint, samples in rows}
 
     def write_cell(self, cell: Cell) -> None:
-        """The cell and all its metric rows, atomically, replacing any earlier version."""
+        """The cell and all its metric rows, atomically, replacing an earlier try of the same fingerprint."""
         p = cell.provenance
         with self._transaction() as db:
-            db.execute("DELETE FROM results WHERE benchmark=? AND model=? AND postprocessor=? AND setting=?", cell.key)
+            db.execute("DELETE FROM results WHERE benchmark=? AND model=? AND postprocessor=? AND setting=? "
+                       "AND fingerprint=?", cell.key)
             db.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (*cell.key, cell.status, cell.reason, json.dumps(cell.params, sort_keys=True),
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*cell.key, cell.data_fingerprint, cell.status, cell.reason, json.dumps(cell.params, sort_keys=True),
                  json.dumps(cell.tags), str(p.get("benchmark_version")), p.get("oodbench_version"),
                  p.get("git_hash"), p.get("config_hash"), p.get("weights_hash"), p.get("fpr_convention"),
                  cell.seconds, time.time()),
             )
             db.executemany(
-                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?)",
                 [(*cell.key, dataset, cell.groups.get(dataset, "far"), metric, value)
                  for dataset, metrics in cell.metrics.items() for metric, value in metrics.items()],
             )
 
-    def write_datasets(self, benchmark: str, model: str, rows: list[dict[str, Any]]) -> None:
-        """Presence (and size, accuracy for ID) of every dataset a benchmark names, per model."""
+    def write_datasets(self, benchmark: str, model: str, rows: list[dict[str, Any]], data_fingerprint: str = "") -> None:
+        """Presence, fingerprint, size (and accuracy for ID) of every split a run read, per model."""
+        now = time.time()
         with self._transaction() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO datasets VALUES (?,?,?,?,?,?,?,?)",
-                [(benchmark, model, r["dataset"], r["group"], r["status"], r.get("reason"),
-                  r.get("samples"), r.get("accuracy")) for r in rows],
+                "INSERT OR REPLACE INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(benchmark, model, data_fingerprint, r["dataset"], r["group"], r.get("fingerprint"), r["status"],
+                  r.get("reason"), r.get("samples"), r.get("accuracy"), now) for r in rows],
             )
 
     def frame(self, table: str, **where: Any):
         """A pandas DataFrame of one table, filtered by equality on columns."""
         import pandas as pd
 
-        if table not in ("cells", "results", "datasets"):
+        if table not in TABLES:
             raise ValueError(table)
         clauses, values = [], []
         for column, value in where.items():

@@ -24,12 +24,49 @@ FPR_CAPTION = {
 }
 
 
+def setting_label(setting: str) -> str:
+    """``search`` -> ``[searched]``, ``default`` -> ``[default]``, explicit params -> ``T=2``."""
+    base, _, params = setting.partition("{")
+    fixed = ", ".join(f"{k}={v}" for k, v in json.loads("{" + params).items()) if params else ""
+    mode = {"search": "[searched]", "default": "[default]"}.get(base, f"[{base}]")
+    return f"{fixed} {mode}".strip() if fixed and base == "search" else (fixed or mode)
+
+
+def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fingerprint: str | None = None,
+                 every: bool = False) -> tuple[pd.DataFrame, int]:
+    """The cells a table shows, and how many other stored versions it leaves out.
+
+    `fingerprints`: exactly these cells (a run's own). `fingerprint`: cells whose data or cell
+    fingerprint starts with it. Otherwise, and unless `every`, the latest cell of each
+    (model, postprocessor, setting): rows computed from other data or weights stay stored.
+    """
+    if fingerprints is not None:
+        return cells[cells.fingerprint.isin(list(fingerprints))], 0
+    if fingerprint:
+        chosen = cells.data_fingerprint.fillna("").str.startswith(fingerprint) | cells.fingerprint.str.startswith(fingerprint)
+        cells = cells[chosen]
+    if every or cells.empty:
+        return cells, 0
+    latest = cells.sort_values("created", kind="stable").groupby(["model", "postprocessor", "setting"]).tail(1)
+    return cells.loc[sorted(latest.index)], len(cells) - len(latest)
+
+
 def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | None = None,
-                      postprocessors: list[str] | None = None, fpr: str = "classic") -> pd.DataFrame:
-    """One row per (model, postprocessor, setting); columns ``<set>|fpr``, ``<set>|auroc``."""
-    cells = store.frame("cells", benchmark=benchmark, model=models, postprocessor=postprocessors)
+                      postprocessors: list[str] | None = None, fpr: str = "classic",
+                      fingerprints: list[str] | None = None, fingerprint: str | None = None,
+                      every: bool = False) -> pd.DataFrame:
+    """One row per shown cell (see `select_cells`); columns ``<set>|fpr``, ``<set>|auroc``.
+
+    ``label`` names the postprocessor, with its setting when the table holds more than one
+    setting of it for a model (``msp [searched]``, ``ebo temperature=2``), and with the cell's
+    fingerprint when `every` shows several versions of one setting.
+    """
+    cells, hidden = select_cells(store.frame("cells", benchmark=benchmark, model=models, postprocessor=postprocessors),
+                                 fingerprints, fingerprint, every)
     results = store.frame("results", benchmark=benchmark, model=models, postprocessor=postprocessors)
+    results = results[results.fingerprint.isin(set(cells.fingerprint))]
     datasets = store.frame("datasets", benchmark=benchmark, model=models)
+    datasets = datasets[datasets.data_fingerprint.isin(set(cells.data_fingerprint))]
     fpr_metric = FPR_METRIC[fpr]
     ood = datasets[datasets.ood_group.isin(["near", "far"])]
     order = list(dict.fromkeys(ood.sort_values("ood_group", key=lambda g: g.map({"near": 0, "far": 1}), kind="stable").dataset))
@@ -38,15 +75,23 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
         if group in ("near", "far") and dataset not in group_of:
             group_of[dataset] = group
             order.append(dataset)
-    missing = sorted(set(ood[ood.status == "missing"].dataset))
+    missing = sorted(set(ood[ood.status == "missing"].dataset) - set(ood[ood.status == "present"].dataset))
+    values_of = {key: dict(zip(zip(group.dataset, group.metric), group.value))
+                 for key, group in results.groupby(["model", "postprocessor", "setting", "fingerprint"])}
+    settings = cells.groupby(["model", "postprocessor"]).setting.nunique()
+    versions = cells.groupby(["model", "postprocessor", "setting"]).fingerprint.nunique()
 
     rows = []
     for cell in cells.itertuples():
-        row = {"model": cell.model, "postprocessor": cell.postprocessor, "setting": cell.setting,
-               "status": cell.status, "reason": cell.reason, "params": cell.params, "tags": cell.tags}
-        mine = results[(results.model == cell.model) & (results.postprocessor == cell.postprocessor)
-                       & (results.setting == cell.setting)]
-        values = {(d, m): v for d, m, v in zip(mine.dataset, mine.metric, mine.value)}
+        label = cell.postprocessor
+        if settings[(cell.model, cell.postprocessor)] > 1:
+            label += f" {setting_label(cell.setting)}"
+        if versions[(cell.model, cell.postprocessor, cell.setting)] > 1:
+            label += f" @{cell.fingerprint[:8]}"
+        row = {"model": cell.model, "postprocessor": cell.postprocessor, "label": label, "setting": cell.setting,
+               "fingerprint": cell.fingerprint, "data_fingerprint": cell.data_fingerprint, "status": cell.status,
+               "reason": cell.reason, "params": cell.params, "tags": cell.tags}
+        values = values_of.get((cell.model, cell.postprocessor, cell.setting, cell.fingerprint), {})
         row["acc"] = values.get(("id_test", "acc"), np.nan)
         for dataset in order:
             row[f"{dataset}|fpr"] = values.get((dataset, fpr_metric), np.nan)
@@ -59,14 +104,13 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
                                                     if present and cell.status == "done" else np.nan)
         rows.append(row)
     frame = pd.DataFrame(rows)
-    frame.attrs.update(benchmark=benchmark, fpr=fpr, datasets=order, groups=group_of, missing=missing,
-                       models=models, postprocessors=postprocessors)
     if not frame.empty:
         model_rank = {m: i for i, m in enumerate(models or list(dict.fromkeys(frame.model)))}
         pp_rank = {p: i for i, p in enumerate(postprocessors or list(dict.fromkeys(frame.postprocessor)))}
         frame = frame.sort_values(["model", "postprocessor"], key=lambda s: s.map(model_rank if s.name == "model" else pp_rank).fillna(1e9), kind="stable")
         frame = frame.reset_index(drop=True)
-        frame.attrs.update(benchmark=benchmark, fpr=fpr, datasets=order, groups=group_of, missing=missing)
+    frame.attrs.update(benchmark=benchmark, fpr=fpr, datasets=order, groups=group_of, missing=missing,
+                       hidden=hidden, data_fingerprints=sorted(set(cells.data_fingerprint.dropna())))
     return frame
 
 
@@ -98,6 +142,14 @@ def caption(frame: pd.DataFrame) -> str:
         text += f" MISSING datasets: {', '.join(missing)} — {detail}."
     if any(name.startswith("pro_") for name in frame.get("postprocessor", [])):
         text += " PRO eps is in [0,1]-pixel units (normalisation happens inside the model)."
+    fingerprints = frame.attrs.get("data_fingerprints", [])
+    if len(fingerprints) == 1:
+        text += f" Data fingerprint {fingerprints[0]}."
+    elif fingerprints:
+        text += f" Rows from {len(fingerprints)} data fingerprints (runs of different data or definitions)."
+    if frame.attrs.get("hidden"):
+        text += (f" {frame.attrs['hidden']} older result(s) of the same settings under other fingerprints are not "
+                 "shown (leaderboard --all shows every stored version).")
     return text
 
 
@@ -110,10 +162,10 @@ def render(frame: pd.DataFrame, fmt: str = "markdown", show_params: bool = False
     columns = _columns(frame)
     missing = set(frame.attrs["missing"])
     if fmt == "csv":
-        keep = ["model", "postprocessor", "setting", "status", "params", "acc"] + [
+        keep = ["model", "postprocessor", "label", "setting", "fingerprint", "status", "params", "acc"] + [
             f"{c}|{m}" for c in columns for m in ("fpr", "auroc")]
         out = frame[keep].copy()
-        for column in keep[5:]:
+        for column in keep[7:]:
             out[column] = out[column] * 100
         return out.to_csv(index=False, float_format="%.2f")
     bold, under = ("**", "**"), ("<u>", "</u>")
@@ -136,7 +188,7 @@ def render(frame: pd.DataFrame, fmt: str = "markdown", show_params: bool = False
 
     body = []
     for index, row in frame.iterrows():
-        line = [row["model"], row["postprocessor"]]
+        line = [row["model"], row["label"]]
         if show_params:
             params = json.loads(row["params"] or "{}")
             line.append(", ".join(f"{k}={v}" for k, v in params.items()) or "-")

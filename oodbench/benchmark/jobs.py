@@ -1,0 +1,270 @@
+"""The runner's jobs, each small and picklable so that any executor (local, Ray) can run it.
+
+1. `ProbeJob` per model: load it once, report its identity, weights hash and class count,
+   and run one image of the benchmark's shape through it (the runner refuses a model that
+   does not fit the benchmark before any extraction);
+2. `ExtractJob` per (model, dataset split): one forward pass whose logits, features and
+   labels go to the output cache (reused when the entry exists and verifies);
+3. `ScoreJob` per (model, postprocessor) cell not already in the store: fit on cached ID
+   outputs, search hyperparameters on the validation split, score the test splits and
+   return a `Cell`; only methods that need input gradients load the model again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
+from oodbench.benchmark.config import ExperimentConfig
+from oodbench.benchmark.plan import SplitRef, split_state
+from oodbench.benchmark.search import NonFiniteScores, ScoreShapeError, finite_scores, search_hyperparameters
+from oodbench.datasets.base import ImageSpec, load_dataset
+from oodbench.errors import DatasetMissing, OodbenchError
+from oodbench.evaluators.metrics import accuracy, ood_metrics
+from oodbench.identity import FileState, output_key_text
+from oodbench.models.adapter import ModelContext, ModelSpec, load_model
+from oodbench.postprocessors.base import Outputs, Postprocessor
+from oodbench.registry import POSTPROCESSORS, load_plugins
+from oodbench.results.store import Cell
+
+ID_TEST = "id_test"
+
+_MODELS: dict[tuple, Any] = {}
+
+
+def get_model(spec: ModelSpec, context: ModelContext):
+    """The adapter for `spec`, built once per process."""
+    key = (spec.name, spec.checkpoint, json.dumps(spec.options, sort_keys=True, default=str),
+           str(context.cache_dir), context.device)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(spec, context)
+    return _MODELS[key]
+
+
+@dataclass
+class RunContext:
+    """Everything a job needs besides its own fields; small and picklable. `token` names the
+    run, so that jobs in one process reuse its listing of each dataset."""
+
+    model: ModelSpec
+    model_context: ModelContext
+    image: ImageSpec
+    data_root: str
+    batch_size: int
+    num_workers: int
+    token: str | None = None
+
+    @classmethod
+    def of(cls, config: ExperimentConfig, spec: ModelSpec, image: ImageSpec, device: str,
+           token: str | None = None) -> "RunContext":
+        model_context = ModelContext(Path(config.cache_dir), Path(config.data_root), device,
+                                     trust_checkpoint=config.trust_checkpoint)
+        return cls(spec, model_context, image, config.data_root, config.batch_size, config.num_workers, token)
+
+
+def task_resources(device: str, runs_model: bool = True) -> dict[str, int]:
+    """What one job asks of an executor: a GPU when it runs the model on CUDA, else one CPU."""
+    return {"num_cpus": 1, "num_gpus": 1} if runs_model and device.startswith("cuda") else {"num_cpus": 1}
+
+
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    return int((~torch.isfinite(tensor)).sum())
+
+
+@dataclass
+class ProbeJob:
+    context: RunContext
+
+    @property
+    def label(self) -> str:
+        return f"{self.context.model.display} load"
+
+    @property
+    def resources(self) -> dict[str, int]:
+        return task_resources(self.context.model_context.device)
+
+    def run(self) -> dict[str, Any]:
+        """Identity, weights hash, class count, and the error of a one-image forward (or None)."""
+        ctx = self.context
+        model = get_model(ctx.model, ctx.model_context)
+        image = torch.rand(1, ctx.image.channels, ctx.image.size, ctx.image.size, device=ctx.model_context.device)
+        try:
+            with torch.no_grad():
+                logits = model(image)
+            forward = None if logits.ndim == 2 else f"its output has shape {list(logits.shape)}, not [1, classes]"
+            classes = int(logits.shape[-1])
+        except Exception as exc:  # any error of the user's network on this shape is the answer
+            forward, classes = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None
+        return {"identity": model.identity, "weights_hash": model.weights_hash, "num_classes": model.num_classes,
+                "output_classes": classes, "forward_error": forward}
+
+
+@dataclass
+class ExtractJob:
+    context: RunContext
+    split: SplitRef
+    key: str  # the output-cache key of (model, split)
+
+    @property
+    def label(self) -> str:
+        return f"{self.context.model.display} {self.split.name}"
+
+    @property
+    def resources(self) -> dict[str, int]:
+        return task_resources(self.context.model_context.device)
+
+    def run(self) -> dict[str, Any]:
+        """Ensure the cache entry exists; report its size, ID accuracy and seconds."""
+        start = time.time()
+        ctx = self.context
+        cache = OutputCache(ctx.model_context.cache_dir)
+        outputs = cache.load(self.key)
+        if outputs is None:
+            model = get_model(ctx.model, ctx.model_context)
+            dataset = load_dataset(self.split.ref, ctx.data_root, ctx.image, ood=self.split.ood, memo=ctx.token)
+            outputs = extract(model, dataset, ctx.batch_size, ctx.num_workers, ctx.model_context.device,
+                              desc=self.label, cache=cache, key=self.key)
+        result = {"split": self.split.name, "samples": len(outputs), "accuracy": None, "reason": None}
+        bad = nonfinite_count(outputs.logits)
+        if bad:
+            result["reason"] = f"{bad} of {outputs.logits.numel()} logits are NaN or infinite"
+        elif not self.split.ood:
+            result["accuracy"] = accuracy(outputs.logits.numpy(), outputs.labels.numpy())
+        result["seconds"] = time.time() - start
+        return result
+
+
+def fit_cached(method: Postprocessor, fit: Outputs | None, val: Outputs | None,
+               fit_cache: FitStateCache | None, output_keys: list[str]) -> None:
+    """`method.fit(fit, val)`, or its state from the fit-state cache when it was fitted before."""
+    if not method.needs_fit:
+        return
+    key = FitStateCache.key(method, output_keys) if fit_cache is not None else None
+    state = fit_cache.load(key) if key is not None else None
+    if state is not None:
+        method.load_fit_state(state)
+        return
+    method.fit(fit, val)
+    if key is not None:
+        fit_cache.save(key, method.fit_state())
+
+
+def load_cached_outputs(context: RunContext, split: SplitRef, key: str, model=None) -> Outputs:
+    """Cached outputs of one split; with `model`, also the model and the split's images
+    (for methods that run the model again)."""
+    outputs = OutputCache(context.model_context.cache_dir).load(key)
+    if outputs is None:
+        raise OodbenchError(f"cached outputs for {split.name} are missing; rerun `oodbench run` to compute them")
+    if model is not None:
+        outputs.model = model
+        outputs.inputs = load_dataset(split.ref, context.data_root, context.image, ood=split.ood,
+                                      memo=context.token)
+        outputs.meta["batch_size"] = context.batch_size
+    return outputs
+
+
+def split_outputs(context: RunContext, split: SplitRef) -> tuple[Outputs, str]:
+    """The outputs of the context's model on one split and their cache key: fingerprinted,
+    read from the output cache, or extracted when absent (for scripts and tests)."""
+    files = FileState(context.data_root, Path(context.model_context.cache_dir) / "state")
+    state = split_state(split, context.data_root, context.image, files, context.token)
+    files.close()
+    if not state.present:
+        raise DatasetMissing(state.reason)
+    model = get_model(context.model, context.model_context)
+    key = output_key_text(model.identity, model.weights_hash, state.fingerprint)
+    ExtractJob(context, split, key).run()
+    return load_cached_outputs(context, split, key), key
+
+
+@dataclass
+class ScoreJob:
+    context: RunContext
+    postprocessor: str
+    params: dict[str, Any]
+    space: dict[str, list[Any]]
+    splits: dict[str, SplitRef]  # id:test, id:val, id:fit, ood_val:*, and every OOD test set
+    keys: dict[str, str]  # split name -> output-cache key (present splits only)
+    groups: dict[str, str]  # OOD test name -> near | far
+    cell_base: dict[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.context.model.display} {self.postprocessor}"
+
+    @property
+    def resources(self) -> dict[str, int]:
+        """Output-based methods read the cache on a CPU; input-gradient ones run the model."""
+        needs_model = POSTPROCESSORS.get(self.postprocessor).needs_model
+        return task_resources(self.context.model_context.device, runs_model=needs_model)
+
+    def _outputs(self, split: str, model=None) -> Outputs:
+        return load_cached_outputs(self.context, self.splits[split], self.keys[split], model)
+
+    def run(self) -> Cell:
+        start = time.time()
+        cell = Cell(**self.cell_base)
+        try:
+            self._score(cell)
+        except NonFiniteScores as exc:
+            cell.status, cell.reason, cell.metrics = "failed", str(exc), {}
+        except ScoreShapeError as exc:
+            raise ScoreShapeError(f"postprocessor '{self.postprocessor}': {exc}") from None
+        except DatasetMissing as exc:
+            cell.status, cell.reason, cell.metrics = "missing", str(exc), {}
+        except Exception as exc:  # a method's own failure marks its cell, the grid goes on
+            cell.status, cell.reason, cell.metrics = "failed", f"{type(exc).__name__}: {exc}", {}
+        cell.seconds = time.time() - start
+        return cell
+
+    def _score(self, cell: Cell) -> None:
+        load_plugins(self.plugins, strict=False)
+        cls = POSTPROCESSORS.get(self.postprocessor)
+        model = get_model(self.context.model, self.context.model_context) if cls.needs_model else None
+        load = lambda split: self._outputs(split, model)  # noqa: E731
+        if cls.needs_fit and "id:fit" not in self.keys:
+            raise DatasetMissing("the fit split is missing; set fit_split: val to fit on ID validation")
+        fit_outputs = load("id:fit") if cls.needs_fit else None
+        val_outputs = load("id:val") if "id:val" in self.keys else None
+        if cls.needs_fit and val_outputs is None:
+            raise DatasetMissing("the ID validation split is missing")
+
+        ood_val_names = [s for s in self.keys if s.startswith("ood_val:")]
+        fit_cache = FitStateCache(self.context.model_context.cache_dir)
+        fit_keys = [self.keys["id:fit"], self.keys["id:val"]] if cls.needs_fit else []
+        fit = lambda method: fit_cached(method, fit_outputs, val_outputs, fit_cache, fit_keys)  # noqa: E731
+        chosen = dict(self.params)
+        if self.space and val_outputs is not None and ood_val_names:
+            ood_val = [load(s) for s in ood_val_names]
+            chosen, note = search_hyperparameters(cls, self.params, self.space, val_outputs, ood_val, fit)
+            if note:
+                cell.reason = note
+                warnings.warn(f"{self.label}: {note}", stacklevel=2)
+        method = cls(**chosen)
+        cell.params = dict(method.params)
+        fit(method)
+        test = load("id:test")
+        bad = nonfinite_count(test.logits)
+        if bad:
+            raise NonFiniteScores(f"{bad} of {test.logits.numel()} ID test logits are NaN or infinite; "
+                                  "accuracy and scores are not computed")
+        id_scores = finite_scores(method.score(test), "ID test", len(test))
+        cell.metrics[ID_TEST] = {"acc": accuracy(test.logits.numpy(), test.labels.numpy())}
+        cell.groups[ID_TEST] = "id"
+        for name, group in self.groups.items():
+            split = f"{group}:{name}"
+            if split not in self.keys:
+                continue
+            ood_outputs = load(split)
+            ood_scores = finite_scores(method.score(ood_outputs), name, len(ood_outputs))
+            cell.metrics[name] = ood_metrics(id_scores, ood_scores)
+            cell.groups[name] = group

@@ -1,0 +1,235 @@
+"""What a run is made of, and the keys of everything it may reuse.
+
+`Plan` resolves an experiment against its data root once: every split the run reads is
+listed (once per dataset) and fingerprinted (`oodbench.identity`); each postprocessor gets
+its setting, search space and the splits it reads; `cell_fingerprint` then names a cell
+by its model's weights, its method's code and settings, and the fingerprints of exactly
+the splits it reads — so a changed split recomputes exactly the cells that read it. The
+runner and the readers of a finished run (`CachedExperiment`) build keys through it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oodbench.benchmark.config import ExperimentConfig
+from oodbench.benchmark.spec import CONFIG_DIR, Benchmark, read_yaml
+from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, split_fingerprint_of
+from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean
+from oodbench.identity import FileState, benchmark_fingerprint, cell_fingerprint, digest, output_key_text
+from oodbench.postprocessors.base import Postprocessor
+from oodbench.registry import POSTPROCESSORS
+
+MISSING = "missing"
+
+
+@dataclass
+class SplitRef:
+    """One dataset split of a benchmark: ``id:test``, ``ood_val:tin``, ``near:cifar100``..."""
+
+    name: str
+    ref: DatasetRef
+    ood: bool
+
+
+@dataclass
+class SplitState:
+    """A split as found under the data root: its fingerprint, or why it is missing."""
+
+    fingerprint: str
+    samples: int | None = None
+    reason: str | None = None
+    origin: str = ""
+
+    @property
+    def present(self) -> bool:
+        return self.fingerprint != MISSING
+
+
+def benchmark_splits(benchmark: Benchmark, fit_split: str) -> dict[str, SplitRef]:
+    """Every split of `benchmark` by name; ``id:fit`` is the ID split feature methods fit on
+    (the same `SplitRef` as ``id:<fit_split>``)."""
+    splits: dict[str, SplitRef] = {}
+    for name, ref in benchmark.id_splits.items():
+        splits[f"id:{name}"] = SplitRef(f"id:{name}", ref, ood=False)
+    if fit_split in benchmark.id_splits:
+        splits["id:fit"] = splits[f"id:{fit_split}"]
+    for name, ref in benchmark.ood_val.items():
+        splits[f"ood_val:{name}"] = SplitRef(f"ood_val:{name}", ref, ood=True)
+    for group, sets in (("near", benchmark.near), ("far", benchmark.far)):
+        for name, ref in sets.items():
+            splits[f"{group}:{name}"] = SplitRef(f"{group}:{name}", ref, ood=True)
+    return splits
+
+
+def resolve_postprocessors(names: list[str]) -> list[str]:
+    """The listed postprocessors (``all``: every registered one), each method once: an alias
+    of a method already listed (``energy`` after ``ebo``) is dropped."""
+    if "all" in names:
+        names = [entry.name for entry in POSTPROCESSORS.entries()]
+    seen, out = set(), []
+    for name in names:
+        cls = POSTPROCESSORS.get(name)  # unknown names fail here, with suggestions
+        if cls not in seen:
+            seen.add(cls)
+            out.append(name)
+    return out
+
+
+def resolve_params(names: list[str], params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Fixed hyperparameters per listed postprocessor (given under its name or an alias);
+    parameters for a method that is not in the list are an error."""
+    listed = {POSTPROCESSORS.get(name): name for name in names}
+    resolved: dict[str, dict[str, Any]] = {}
+    for key, values in params.items():
+        if key not in POSTPROCESSORS or POSTPROCESSORS.get(key) not in listed:
+            raise OodbenchError(f"params.{key}: '{key}' is not one of the postprocessors of this run"
+                                f"{did_you_mean(key, names)}; listed: {', '.join(names)}")
+        resolved[listed[POSTPROCESSORS.get(key)]] = dict(values)
+    return resolved
+
+
+def setting_of(search: bool, params: dict[str, Any]) -> str:
+    base = "search" if search else "default"
+    return base + (json.dumps(params, sort_keys=True) if params else "")
+
+
+def search_space_for(name: str, cls: type[Postprocessor]) -> dict[str, list[Any]]:
+    """The search lists of a postprocessor: configs/postprocessors/<name>.yaml, else the class's."""
+    path = CONFIG_DIR / "postprocessors" / f"{cls.name or name}.yaml"
+    if path.is_file():
+        raw = read_yaml(path, "postprocessor config") or {}
+        space = raw.get("search", {}) if isinstance(raw, dict) else {}
+        if not isinstance(space, dict) or not all(isinstance(v, list) and v for v in space.values()):
+            raise OodbenchError(f"{path}: 'search' must map each hyperparameter to a non-empty list")
+        return space
+    return dict(cls.search_space)
+
+
+@dataclass
+class MethodPlan:
+    """One postprocessor of a run: its fixed params, setting, search space and splits read."""
+
+    name: str
+    cls: type[Postprocessor]
+    params: dict[str, Any]
+    setting: str
+    space: dict[str, list[Any]]
+    splits: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    config: ExperimentConfig
+    benchmark: Benchmark
+    methods: dict[str, MethodPlan]
+    splits: dict[str, SplitRef]
+    states: dict[str, SplitState]
+    token: str
+
+    @classmethod
+    def resolve(cls, config: ExperimentConfig, benchmark: Benchmark, names: list[str],
+                every_split: bool = False) -> "Plan":
+        """List and fingerprint every split the run's methods read (`every_split`: every split
+        of the benchmark, for readers of a finished run); each source is listed once."""
+        splits = benchmark_splits(benchmark, config.fit_split)
+        params = resolve_params(names, config.params)
+        tests = ["id:test"] + [s for s in splits if s.split(":")[0] in ("near", "far")]
+        ood_val = [s for s in splits if s.startswith("ood_val:")]
+        fit_split = f"id:{config.fit_split}"
+        methods = {}
+        for name in names:
+            method_cls = POSTPROCESSORS.get(name)
+            fixed = params.get(name, {})
+            space = search_space_for(name, method_cls) if config.search else {}
+            space = {k: v for k, v in space.items() if k not in fixed}
+            read = list(tests)
+            if method_cls.needs_fit:
+                read += [fit_split, "id:val"]
+            if space and ood_val:
+                read += ["id:val", *ood_val]
+            read = [s for s in dict.fromkeys(read) if s in splits or s == fit_split]
+            methods[name] = MethodPlan(name, method_cls, fixed, setting_of(config.search, fixed), space, read)
+        token = uuid.uuid4().hex
+        files = FileState(config.data_root, Path(config.cache_dir) / "state", verify=config.verify_data)
+        states: dict[str, SplitState] = {}
+        try:
+            wanted = [s for m in methods.values() for s in m.splits] + (list(splits) if every_split else [])
+            for split in dict.fromkeys(wanted):
+                if split not in splits:
+                    states[split] = SplitState(MISSING, reason=f"the fit split '{config.fit_split}' is not in "
+                                               f"{benchmark.name}; set fit_split: val to fit on ID validation")
+                    continue
+                states[split] = split_state(splits[split], config.data_root, benchmark.image, files, token)
+        finally:
+            files.close()
+        return cls(config, benchmark, methods, splits, states, token)
+
+    @property
+    def fingerprint(self) -> str:
+        """The benchmark as run here: its resolved definition and every split's fingerprint."""
+        definition = {"image": self.benchmark.image.key(), "num_classes": self.benchmark.num_classes,
+                      "splits": {name: [split.ref.payload(), split.ood] for name, split in self.splits.items()}}
+        return benchmark_fingerprint(definition, {s: st.fingerprint for s, st in self.states.items()})
+
+    def present(self, split: str) -> bool:
+        return split in self.states and self.states[split].present
+
+    def cell_fingerprint(self, name: str, model_identity: str, weights_hash: str) -> str:
+        method = self.methods[name]
+        return cell_fingerprint(model_identity=model_identity, weights_hash=weights_hash, postprocessor=method.cls,
+                                setting=method.setting, params=method.params, search_space=method.space,
+                                splits={s: self.states[s].fingerprint for s in method.splits})
+
+    def output_key(self, split: str, model_identity: str, weights_hash: str) -> str:
+        return output_key_text(model_identity, weights_hash, self.states[split].fingerprint)
+
+    def changed_splits(self, previous: dict[str, tuple[str, int | None]]) -> list[str]:
+        """One line per split whose data differs from the last run of this benchmark in the store."""
+        lines = []
+        for split, state in self.states.items():
+            if split not in previous or previous[split][0] == state.fingerprint:
+                continue
+            before, _ = previous[split]
+            counts = f"{_count(previous[split][1])} -> {_count(state.samples)} images"
+            lines.append(f"{split} changed since the last run of {self.benchmark.name} in this store ({counts}, "
+                         f"fingerprint {before[:8]} -> {state.fingerprint[:8]}): the cells that read it are recomputed")
+        return lines
+
+
+def _count(samples: int | None) -> str:
+    return "missing" if samples is None else f"{samples:,}"
+
+
+def split_state(split: SplitRef, data_root: str, image: ImageSpec, files: FileState, token: str | None) -> SplitState:
+    """List one split (reusing the run's listing of its source) and fingerprint it."""
+    try:
+        dataset = load_dataset(split.ref, data_root, image, ood=split.ood, memo=token)
+    except DatasetMissing as exc:
+        return SplitState(MISSING, reason=str(exc))
+    fingerprint = split_fingerprint_of(dataset, split.ref, split.ood, files)
+    return SplitState(fingerprint, samples=len(dataset), origin=getattr(dataset.base, "origin", ""))
+
+
+def model_placeholder(spec) -> str:
+    """An identity for a model that could not be loaded (its cells are stored as failed)."""
+    return "unloadable:" + digest([spec.name, spec.checkpoint, spec.options])
+
+
+def check_compatible(display: str, probe: dict[str, Any], benchmark: Benchmark) -> None:
+    """Refuse, in one line, a model whose classes or input shape do not fit the benchmark."""
+    shape = f"{benchmark.image.channels}x{benchmark.image.size}x{benchmark.image.size}"
+    where = f"model '{display}' does not fit benchmark '{benchmark.name}'"
+    if probe["num_classes"] != benchmark.num_classes:
+        raise OodbenchError(f"{where}: the model has {probe['num_classes']} classes, the benchmark "
+                            f"{benchmark.num_classes}")
+    if probe["forward_error"]:
+        raise OodbenchError(f"{where}: one image of the benchmark's shape ({shape}) fails in the model's forward "
+                            f"pass ({probe['forward_error']})")
+    if probe["output_classes"] != benchmark.num_classes:
+        raise OodbenchError(f"{where}: on a {shape} image it outputs {probe['output_classes']} values, the "
+                            f"benchmark has {benchmark.num_classes} classes")

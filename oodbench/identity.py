@@ -1,0 +1,233 @@
+"""Identity in one place: every key of a reused value is built here, from what produced it.
+
+A cached or stored value may only be reused when its key names everything that went
+into it (DESIGN.md, "Identity and reuse"):
+
+- **data split**: the files actually read (relative path, size and modification time, or a
+  content hash for single-file formats such as a CIFAR pickle, an idx or a .mat file, and
+  for every file with ``verify_data``), which layout was picked, the selected indices after
+  ``parts``/``limit``, and the preprocessing (`split_fingerprint`);
+- **benchmark**: its resolved definition and the fingerprints of the splits used, never
+  only its name and version (`benchmark_fingerprint`);
+- **model**: its identity string and the bytes of its weights (`ModelAdapter.weights_hash`;
+  built-in models also the training recipe, `model_weights_key`);
+- **cell**: model + the fingerprints of the splits it read + postprocessor, its code and
+  settings (`cell_fingerprint`).
+
+Content hashes are remembered in ``<cache_dir>/state/hashes.sqlite`` keyed by (path, size,
+mtime, inode), as DVC's state cache does, so re-hashing an unchanged file is a lookup.
+Every cache file stores its full key text (`key_text`) and the reader compares it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+EXTRACTOR_VERSION = 3  # 3: keys name the data content; entries store their key
+SCORE_VERSION = 1  # bump when the way a cell turns scores into metrics changes
+
+
+def digest(payload: Any, length: int = 16) -> str:
+    """A stable hex digest of a JSON-able payload (keys sorted)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def key_text(payload: Any) -> str:
+    """The full, human-readable key a cache file stores and its reader compares."""
+    return json.dumps(payload, sort_keys=True, default=str)
+
+
+def key_of(text: str) -> str:
+    """The file name of the entry whose full key is `text`."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and bytes of a dict of tensors."""
+    hasher = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        hasher.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
+    """sha256 of arrays' shapes, dtypes and bytes (decoded images held in memory)."""
+    hasher = hashlib.sha256()
+    for array in arrays:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().contiguous().numpy()
+        array = np.ascontiguousarray(array)
+        hasher.update(f"{array.shape}:{array.dtype}".encode())
+        hasher.update(array.view(np.uint8).reshape(-1).data)
+    return hasher.hexdigest()[:32]
+
+
+def code_digest(cls: type) -> str:
+    """Hash of the module defining `cls`: editing a method's code changes its keys."""
+    try:
+        text = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        text = f"{cls.__module__}.{cls.__qualname__}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- files
+
+
+class FileState:
+    """What the files under a data root are, for fingerprints.
+
+    ``describe(paths)`` gives each file's path relative to the data root with its size and
+    modification time (ns); with ``verify`` (``--verify-data``) its content hash instead.
+    ``content(paths)`` always hashes contents (single-file formats), remembering each
+    file's hash under (path, size, mtime, inode) in ``state_dir``.
+    """
+
+    def __init__(self, data_root: str | Path, state_dir: str | Path | None = None, verify: bool = False):
+        self.data_root = Path(data_root).expanduser().resolve()
+        self.verify = verify
+        self.state_path = Path(state_dir) / "hashes.sqlite" if state_dir is not None else None
+        self._db: sqlite3.Connection | None = None
+
+    def _relative(self, path: Path) -> str:
+        resolved = Path(os.path.abspath(path))
+        try:
+            return resolved.relative_to(self.data_root).as_posix()
+        except ValueError:
+            return resolved.as_posix()
+
+    def describe(self, paths: Sequence[Path]) -> str:
+        """A digest of the files' relative paths with their sizes and mtimes (or contents)."""
+        if self.verify:
+            return self.content(paths)
+        hasher = hashlib.sha256()
+        for path in paths:
+            stat = os.stat(path)
+            hasher.update(f"{self._relative(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return "stat:" + hasher.hexdigest()[:32]
+
+    def content(self, paths: Sequence[Path]) -> str:
+        """A digest of the files' relative paths and contents."""
+        hasher = hashlib.sha256()
+        for path in paths:
+            hasher.update(f"{self._relative(path)}\0{self.file_hash(Path(path))}\n".encode())
+        return "content:" + hasher.hexdigest()[:32]
+
+    def file_hash(self, path: Path) -> str:
+        stat = os.stat(path)
+        state = (str(Path(os.path.abspath(path))), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        known = self._lookup(state)
+        if known is not None:
+            return known
+        hasher = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+        value = hasher.hexdigest()
+        self._remember(state, value)
+        return value
+
+    def _connection(self) -> sqlite3.Connection | None:
+        if self._db is None and self.state_path is not None:
+            try:
+                self.state_path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.state_path, timeout=30, isolation_level=None)
+                self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
+                                 "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+            except (sqlite3.Error, OSError):
+                self.state_path = None  # a read-only cache: hash every time instead
+                self._db = None
+        return self._db
+
+    def _lookup(self, state: tuple) -> str | None:
+        db = self._connection()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT size, mtime_ns, inode, sha256 FROM hashes WHERE path = ?", (state[0],)).fetchone()
+        except sqlite3.Error:
+            return None
+        return row[3] if row is not None and tuple(row[:3]) == state[1:] else None
+
+    def _remember(self, state: tuple, value: str) -> None:
+        db = self._connection()
+        if db is not None:
+            try:
+                db.execute("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)", (*state, value))
+            except sqlite3.Error:
+                pass  # the state cache only saves time; a write that fails costs a re-hash later
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def dataset_fingerprint(dataset: Any, files: FileState) -> str:
+    """The fingerprint of what `dataset` reads: its ``fingerprint(files)`` when it has one,
+    else (a source of a plugin that does not say) a hash of every decoded item."""
+    method = getattr(dataset, "fingerprint", None)
+    if callable(method):
+        return method(files)
+    hasher = hashlib.sha256(type(dataset).__qualname__.encode())
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        hasher.update(array_digest(torch.as_tensor(np.asarray(image))).encode() + f":{label}".encode())
+    return "items:" + hasher.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def split_fingerprint(source_fingerprint: str, ref_payload: dict, image_key: str, ood: bool,
+                      source_version: int) -> str:
+    """One dataset split: the data read, how it is selected and preprocessed."""
+    return digest({"data": source_fingerprint, "ref": ref_payload, "image": image_key, "ood": ood,
+                   "source_version": source_version}, 24)
+
+
+def benchmark_fingerprint(definition: dict, splits: dict[str, str]) -> str:
+    """A benchmark as run: its resolved definition and the fingerprint of every split used."""
+    return digest({"definition": definition, "splits": dict(sorted(splits.items()))}, 12)
+
+
+def output_key_text(model_identity: str, weights_hash: str, split: str) -> str:
+    return key_text({"kind": "outputs", "model": model_identity, "weights": weights_hash, "split": split,
+                     "extractor": EXTRACTOR_VERSION})
+
+
+def fit_key_text(method: Any, output_keys: Iterable[str]) -> str:
+    """The method's class and code, the params its `fit` depends on, the outputs it saw."""
+    cls = type(method)
+    names = method.params if cls.fit_params is None else cls.fit_params
+    return key_text({"kind": "fit", "class": f"{cls.__module__}.{cls.__qualname__}", "code": code_digest(cls),
+                     "params": {name: method.params[name] for name in names}, "outputs": list(output_keys)})
+
+
+def model_weights_key_text(name: str, recipe: dict, recipe_version: int, data: str) -> str:
+    """A built-in model's weights: its name, training recipe and training data."""
+    return key_text({"kind": "builtin-weights", "model": name, "recipe": recipe, "recipe_version": recipe_version,
+                     "data": data})
+
+
+def cell_fingerprint(*, model_identity: str, weights_hash: str, postprocessor: type, setting: str,
+                     params: dict, search_space: dict, splits: dict[str, str]) -> str:
+    """One cell of the store: model, method (class, code, settings) and the splits it read."""
+    return digest({"model": model_identity, "weights": weights_hash,
+                   "postprocessor": f"{postprocessor.__module__}.{postprocessor.__qualname__}",
+                   "code": code_digest(postprocessor), "setting": setting, "params": params,
+                   "search_space": search_space, "splits": dict(sorted(splits.items())),
+                   "score_version": SCORE_VERSION}, 16)
