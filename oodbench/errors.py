@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import shutil
+from pathlib import Path
 from typing import Iterable
 
 
@@ -18,3 +20,23 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 class DatasetMissing(OodbenchError):
     """A dataset's files are not under the data root; the message says where to get them."""
+
+
+class NoSpaceLeft(OodbenchError):
+    """A write failed because the disk is full. The message names the file; what was written
+    before (earlier cache entries, committed cells) is intact, so a rerun resumes."""
+
+    @classmethod
+    def writing(cls, path: str | Path, remedy: str) -> "NoSpaceLeft":
+        return cls(f"no space left on device: cannot write {path}; {remedy}")
+
+
+FULL_DISK_BYTES = 1 << 20
+
+
+def disk_full(folder: str | Path) -> bool:
+    """Whether the disk under `folder` (or its nearest existing parent) has less than 1 MiB free:
+    what decides for writers that report a full disk without ENOSPC (torch.save, SQLite I/O errors)."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free < FULL_DISK_BYTES
