@@ -217,10 +217,12 @@ def test_distance_methods_score_the_unshifted_half_higher(name, params, data):
 
 
 def test_vim_refuses_a_dimension_at_or_above_the_feature_dimension(data):
-    for dim in (DIM, DIM + 1, 0):
+    for dim in (DIM, DIM + 1):
         with pytest.raises(InvalidHyperparameter, match=f"below the feature dimension {DIM}"):
             POSTPROCESSORS.get("vim")(dim=dim).fit(data["train_out"], data["train_out"])
     assert issubclass(InvalidHyperparameter, OodbenchError)
+    with pytest.raises(OodbenchError, match="dim=0 is not allowed; dim must be 'auto' or an integer >= 1"):
+        POSTPROCESSORS.get("vim")(dim=0)
 
 
 def test_vim_auto_dimension_is_256_or_half_the_features(data):
@@ -239,12 +241,14 @@ def test_knn_refuses_k_beyond_the_bank(data):
 
 
 def test_bad_percentile_and_variant_are_readable_errors(data):
-    with pytest.raises(OodbenchError, match="variant must be one of b, p, s"):
+    with pytest.raises(OodbenchError, match="variant='x' is not allowed; variant must be one of 'b', 'p', 's'"):
         POSTPROCESSORS.get("ash")(variant="x")
-    with pytest.raises(InvalidHyperparameter, match="keeps 0 of 24"):
-        POSTPROCESSORS.get("scale")(percentile=100).score(data["test_out"])
-    with pytest.raises(InvalidHyperparameter, match="within \\[0, 100\\]"):
-        POSTPROCESSORS.get("react")(percentile=101).fit(data["train_out"], data["train_out"])
+    with pytest.raises(InvalidHyperparameter, match="keeps 0 of 24"):  # 24 - round(24 * 0.99)
+        POSTPROCESSORS.get("scale")(percentile=99).score(data["test_out"])
+    with pytest.raises(OodbenchError, match="percentile=100 is not allowed; percentile must be a number in \\[0, 100\\)"):
+        POSTPROCESSORS.get("scale")(percentile=100)
+    with pytest.raises(OodbenchError, match="percentile=101 is not allowed; percentile must be a number in \\[0, 100\\]"):
+        POSTPROCESSORS.get("react")(percentile=101)
 
 
 def test_all_zero_feature_keeps_a_finite_score(data):

@@ -17,6 +17,7 @@ from oodbench.benchmark.jobs import RunContext, get_model, split_outputs
 from oodbench.benchmark.plan import benchmark_splits, search_space_for
 from oodbench.benchmark.spec import load_benchmark
 from oodbench.datasets.base import load_dataset
+from oodbench.errors import OodbenchError
 from oodbench.evaluators.metrics import auroc
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import grid
@@ -86,5 +87,29 @@ def test_defaults_and_search_space_are_valid(name):
         assert isinstance(values, list) and values
     for combo in grid(space):
         assert cls(**combo).params == {**cls.defaults, **combo}
+    cls.check_search_space(space, source=f"the search lists of {name}")
     with pytest.raises(Exception, match="no hyperparameter"):
         cls(not_a_parameter=1)
+
+
+BUILTIN = [entry.name for entry in POSTPROCESSORS.entries() if entry.origin == "builtin"]
+OUT_OF_ANY_RANGE = [-1e9, float("nan"), "text", None, True, [1]]
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_builtin_hyperparameter_has_a_range(name):
+    """A built-in method says what each hyperparameter accepts, its default and every shipped
+    search value (configs/postprocessors/<name>.yaml) are in it, and a value outside is one line
+    naming the method, the parameter and the range."""
+    cls = POSTPROCESSORS.get(name)
+    assert set(cls.ranges) == set(cls.defaults), f"{name}: hyperparameters without a range"
+    for key, allowed in cls.ranges.items():
+        assert allowed.accepts(cls.defaults[key]), f"{name}: the default {key}={cls.defaults[key]!r} is out of range"
+        for value in search_space_for(name, cls).get(key, []):
+            assert allowed.accepts(value), f"{name}: the shipped search value {key}={value!r} is out of range"
+        refused = [value for value in OUT_OF_ANY_RANGE if not allowed.accepts(value)]
+        assert refused, f"{name}: {key} accepts anything"
+        with pytest.raises(OodbenchError) as error:
+            cls(**{key: refused[0]})
+        assert str(error.value) == (f"postprocessor '{cls.name}': {key}={refused[0]!r} is not allowed; "
+                                    f"{key} must be {allowed}")

@@ -11,6 +11,10 @@ for it. Methods declare what they need as class attributes, which the runner rea
 - ``fit_params``: the hyperparameters that change what ``fit`` computes (None: all),
   so the fit-state cache fits once for the others' whole search range;
 - ``defaults``: hyperparameters and their default values;
+- ``ranges``: what each hyperparameter accepts (``Number(gt=0)``, ``Integer(ge=1)``,
+  ``OneOf("b", "p", "s")``...), checked when a method is built and on every searched
+  value, so a bad setting fails in one line before any work; limits that depend on the
+  data (ViM's D below the feature dimension) are checked later, as `InvalidHyperparameter`;
 - ``search_space``: lists of values per hyperparameter for the validation search
   (built-ins read it from ``configs/postprocessors/<name>.yaml``).
 """
@@ -18,8 +22,10 @@ for it. Methods declare what they need as class attributes, which the runner rea
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 
@@ -58,12 +64,99 @@ class InvalidHyperparameter(OodbenchError):
     dimension); the search skips such values, a plain run reports the error."""
 
 
+@dataclass(frozen=True)
+class Number:
+    """A finite real number within the given bounds (gt/ge: above / at least, lt/le: below / at most)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    kind: ClassVar[tuple[type, ...]] = (numbers.Real,)
+    noun: ClassVar[str] = "a number"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, self.kind) or not math.isfinite(value):
+            return False
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+    def __str__(self) -> str:
+        low = (f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else None)
+        high = (f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else None)
+        if low and high:
+            return f"{self.noun} in {low}, {high}"
+        bounds = [f"{sign} {bound:g}" for sign, bound in ((">", self.gt), (">=", self.ge), ("<", self.lt),
+                                                          ("<=", self.le)) if bound is not None]
+        return " ".join([self.noun, *bounds])
+
+
+@dataclass(frozen=True)
+class Integer(Number):
+    """A whole number (an int, not 2.0) within the given bounds."""
+
+    kind: ClassVar[tuple[type, ...]] = (numbers.Integral,)
+    noun: ClassVar[str] = "an integer"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str)
+
+    def __str__(self) -> str:
+        return "a string"
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A non-empty list whose every item `item` accepts."""
+
+    item: Any
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(self.item.accepts(v) for v in value)
+
+    def __str__(self) -> str:
+        return f"a non-empty list, each {self.item}"
+
+
+class OneOf:
+    """One of the listed values."""
+
+    def __init__(self, *values: Any):
+        self.values = values
+
+    def accepts(self, value: Any) -> bool:
+        return any(value == v and type(value) is type(v) for v in self.values)
+
+    def __str__(self) -> str:
+        shown = ["null" if v is None else repr(v) for v in self.values]
+        return shown[0] if len(shown) == 1 else "one of " + ", ".join(shown)
+
+
+class Either:
+    """A value that at least one of `constraints` accepts."""
+
+    def __init__(self, *constraints: Any):
+        self.constraints = constraints
+
+    def accepts(self, value: Any) -> bool:
+        return any(c.accepts(value) for c in self.constraints)
+
+    def __str__(self) -> str:
+        shown = [str(c) for c in self.constraints]
+        return ", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0]
+
+
 class Postprocessor:
     """Base class of every OOD scoring method (built-in or plugin).
 
-    Subclass it, set ``defaults`` for your hyperparameters, implement ``score`` (and
-    ``fit`` when ``needs_fit``), and register with ``@oodbench.register_postprocessor``.
-    Hyperparameters are available as ``self.params[name]``.
+    Subclass it, set ``defaults`` for your hyperparameters (and ``ranges`` for what each
+    accepts), implement ``score`` (and ``fit`` when ``needs_fit``), and register with
+    ``@oodbench.register_postprocessor``. Hyperparameters are available as ``self.params[name]``.
     """
 
     name: ClassVar[str] = ""
@@ -73,18 +166,40 @@ class Postprocessor:
     fit_params: ClassVar[tuple[str, ...] | None] = None
     higher_is_better: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
+    ranges: ClassVar[dict[str, Any]] = {}
     search_space: ClassVar[dict[str, list[Any]]] = {}
 
     def __init__(self, **params: Any):
-        unknown = [key for key in params if key not in self.defaults]
-        if unknown:
-            key = unknown[0]
-            raise OodbenchError(
-                f"postprocessor '{self.name}' has no hyperparameter '{key}'"
-                f"{did_you_mean(key, self.defaults)}; it takes: "
-                f"{', '.join(self.defaults) or 'none'}"
-            )
+        self.check_names(params)
         self.params: dict[str, Any] = {**self.defaults, **params}
+        for key, value in self.params.items():
+            self.check_value(key, value)
+
+    @classmethod
+    def check_names(cls, params: Mapping[str, Any], where: str = "") -> None:
+        """Every key of `params` must be a hyperparameter of the method."""
+        for key in params:
+            if key not in cls.defaults:
+                takes = ", ".join(f"{k} ({cls.ranges[k]})" if k in cls.ranges else k for k in cls.defaults)
+                raise OodbenchError(f"postprocessor '{cls.name}' has no hyperparameter '{key}'{where}"
+                                    f"{did_you_mean(str(key), cls.defaults)}; it takes: {takes or 'none'}")
+
+    @classmethod
+    def check_value(cls, key: str, value: Any, where: str = "") -> None:
+        """One line naming the method, the hyperparameter and its range when `ranges` refuses `value`."""
+        allowed = cls.ranges.get(key)
+        if allowed is not None and not allowed.accepts(value):
+            raise OodbenchError(f"postprocessor '{cls.name}': {key}={value!r}{where} is not allowed; "
+                                f"{key} must be {allowed}")
+
+    @classmethod
+    def check_search_space(cls, space: Mapping[str, list[Any]], source: str) -> None:
+        """Every searched hyperparameter is one the method takes, and every listed value is in its range."""
+        where = f" (searched in {source})"
+        cls.check_names(space, where)
+        for key, values in space.items():
+            for value in values:
+                cls.check_value(key, value, where)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         """Fit state on ID outputs (train split, and the ID validation split)."""

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from oodbench.postprocessors.base import BLOCK_ROWS, InvalidHyperparameter, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.base import (BLOCK_ROWS, Integer, InvalidHyperparameter, Outputs, Postprocessor,
+                                          in_blocks)
 from oodbench.registry import register_postprocessor
 
 BANK_BLOCK_ELEMENTS = 1 << 24  # test rows x bank rows of similarities held at once (64 MiB in float32)
@@ -109,6 +110,7 @@ class KNN(Postprocessor):
     needs_features = True
     needs_fit = True
     defaults = {"k": 50}
+    ranges = {"k": Integer(ge=1)}  # and at most the fit samples, checked on the data
     fit_params = ()
 
     def fit(self, train: Outputs, val: Outputs) -> None:
@@ -116,6 +118,6 @@ class KNN(Postprocessor):
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         k = int(self.params["k"])
-        if not 1 <= k <= len(self.bank):
+        if k > len(self.bank):
             raise InvalidHyperparameter(f"knn: k={k} must be between 1 and the {len(self.bank)} fit samples")
         return -kth_nearest_distance(l2_normalise(outputs.features), self.bank, k)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from oodbench.postprocessors.base import Number
 from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_gradient
 from oodbench.postprocessors.pro import max_softmax
 from oodbench.registry import register_postprocessor
@@ -41,6 +42,7 @@ def odin_perturbation(model: nn.Module, x: torch.Tensor, temperature: float, eps
 @register_postprocessor("odin")
 class ODIN(InputGradientPostprocessor):
     defaults = {"temperature": 1000.0, "eps": 0.0014}
+    ranges = {"temperature": Number(gt=0), "eps": Number(ge=0)}
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         temperature = float(self.params["temperature"])

@@ -32,10 +32,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from oodbench.errors import OodbenchError
-from oodbench.postprocessors.base import Outputs
+from oodbench.postprocessors.base import Integer, Number, Outputs
 from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_batches, input_gradient
-from oodbench.postprocessors.softmax import generalized_entropy, negative_entropy
+from oodbench.postprocessors.softmax import GEN, generalized_entropy, negative_entropy
 from oodbench.registry import register_postprocessor
 
 TRAJECTORY_CACHE = "pro_trajectories"
@@ -62,14 +61,7 @@ class PRO(InputGradientPostprocessor):
     """PRO over the base score `base_score(logits)`; subclasses add its hyperparameters."""
 
     defaults = {"eps": 1e-3, "K": 1}
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        eps, steps = self.params["eps"], self.params["K"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise OodbenchError(f"{self.name}: eps must be a number >= 0, got {eps!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise OodbenchError(f"{self.name}: K must be an integer >= 0, got {steps!r}")
+    ranges = {"eps": Number(ge=0), "K": Integer(ge=0)}
 
     def base_score(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -114,6 +106,7 @@ class ProEntropy(PRO):
 @register_postprocessor("pro_msp_t")
 class ProTemperatureMSP(PRO):
     defaults = {**PRO.defaults, "temperature": 1000.0}
+    ranges = {**PRO.ranges, "temperature": Number(gt=0)}
 
     def base_score(self, logits: torch.Tensor) -> torch.Tensor:
         return max_softmax(logits, float(self.params["temperature"]))
@@ -122,6 +115,7 @@ class ProTemperatureMSP(PRO):
 @register_postprocessor("pro_gen")
 class ProGEN(PRO):
     defaults = {**PRO.defaults, "gamma": 0.1, "top_m": 100}
+    ranges = {**PRO.ranges, **GEN.ranges}
 
     def base_score(self, logits: torch.Tensor) -> torch.Tensor:
         return generalized_entropy(logits, self.params["gamma"], self.params["top_m"])

@@ -22,16 +22,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from oodbench.errors import OodbenchError
-from oodbench.postprocessors.base import InvalidHyperparameter, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.base import InvalidHyperparameter, Number, OneOf, Outputs, Postprocessor, in_blocks
 from oodbench.registry import register_postprocessor
 
-ASH_VARIANTS = ("b", "p", "s")
+# p = 100 would prune every activation (ASH, SCALE) or mask every weight (DICE)
+PRUNING_PERCENTILE = Number(ge=0, lt=100)
 
 
-def percentile(values: torch.Tensor, p: float, method: str) -> float:
-    if not 0 <= p <= 100:
-        raise InvalidHyperparameter(f"{method}: percentile={p} must be within [0, 100]")
+def percentile(values: torch.Tensor, p: float) -> float:
     return float(np.percentile(values.detach().cpu().numpy().ravel(), p))
 
 
@@ -79,10 +77,11 @@ class ReAct(Postprocessor):
     needs_features = True
     needs_fit = True
     defaults = {"percentile": 90}
+    ranges = {"percentile": Number(ge=0, le=100)}
     fit_params = ("percentile",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
-        self.threshold = percentile(train.features, self.params["percentile"], self.name)
+        self.threshold = percentile(train.features, self.params["percentile"])
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return shaped_energy(outputs, lambda z: z.clamp(max=self.threshold))
@@ -92,12 +91,7 @@ class ReAct(Postprocessor):
 class ASH(Postprocessor):
     needs_features = True
     defaults = {"percentile": 90, "variant": "b"}
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.params["variant"] not in ASH_VARIANTS:
-            raise OodbenchError(f"ash: variant must be one of {', '.join(ASH_VARIANTS)} "
-                                f"(ASH-B, ASH-P, ASH-S), got {self.params['variant']!r}")
+    ranges = {"percentile": PRUNING_PERCENTILE, "variant": OneOf("b", "p", "s")}  # ASH-B, ASH-P, ASH-S
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         k = kept_count(outputs.features.shape[1], self.params["percentile"], self.name)
@@ -108,6 +102,7 @@ class ASH(Postprocessor):
 class SCALE(Postprocessor):
     needs_features = True
     defaults = {"percentile": 85}
+    ranges = {"percentile": PRUNING_PERCENTILE}
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         k = kept_count(outputs.features.shape[1], self.params["percentile"], self.name)
@@ -119,12 +114,13 @@ class DICE(Postprocessor):
     needs_features = True
     needs_fit = True
     defaults = {"percentile": 90}
+    ranges = {"percentile": PRUNING_PERCENTILE}
     fit_params = ("percentile",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         weight = train.fc[0].double()
         contribution = weight * train.features.double().mean(dim=0)
-        threshold = percentile(contribution, self.params["percentile"], self.name)
+        threshold = percentile(contribution, self.params["percentile"])
         self.masked_weight = weight * (contribution > threshold)
 
     def score(self, outputs: Outputs) -> torch.Tensor:

@@ -55,6 +55,7 @@ from torch.nn import functional as F
 
 from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.models.adapter import ModelAdapter
+from oodbench.postprocessors.base import Either, Integer, ListOf, Number, OneOf, Text
 from oodbench.postprocessors.gradient import InputGradientPostprocessor
 from oodbench.registry import register_postprocessor
 
@@ -73,8 +74,6 @@ def split_layers(model: nn.Module, names: list[str] | str | None = None) -> list
             raise OodbenchError("sni: the model has no BatchNorm/GroupNorm layer; name layers with 'layers'")
         return layers
     names = [names] if isinstance(names, str) else list(names)
-    if not names:
-        raise OodbenchError("sni: 'layers' is empty; name at least one layer, or leave it unset")
     for name in names:
         if name not in modules:
             raise OodbenchError(f"sni: the model has no layer named '{name}'{did_you_mean(name, modules)}")
@@ -262,12 +261,7 @@ def nonzero_fractions(gradient: torch.Tensor) -> torch.Tensor:
 @register_postprocessor("sni", "splitting_integrating")
 class SplittingIntegrating(InputGradientPostprocessor):
     defaults = {"eta": 0.001, "steps": 2, "layers": None}
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        steps = self.params["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise OodbenchError(f"sni: steps must be an integer >= 1, got {steps!r}")
+    ranges = {"eta": Number(ge=0), "steps": Integer(ge=1), "layers": Either(OneOf(None), Text(), ListOf(Text()))}
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         layers = split_layers(model, self.params["layers"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from oodbench.postprocessors.base import Outputs, Postprocessor
+from oodbench.postprocessors.base import Integer, Number, Outputs, Postprocessor
 from oodbench.registry import register_postprocessor
 
 
@@ -49,6 +49,7 @@ class Entropy(Postprocessor):
 @register_postprocessor("ebo", "energy")
 class Energy(Postprocessor):
     defaults = {"temperature": 1.0}
+    ranges = {"temperature": Number(gt=0)}
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         t = float(self.params["temperature"])
@@ -58,6 +59,7 @@ class Energy(Postprocessor):
 @register_postprocessor("gen")
 class GEN(Postprocessor):
     defaults = {"gamma": 0.1, "top_m": 100}
+    ranges = {"gamma": Number(gt=0), "top_m": Integer(ge=1)}
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return generalized_entropy(outputs.logits, self.params["gamma"], self.params["top_m"])

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from oodbench.postprocessors.base import BLOCK_ROWS, InvalidHyperparameter, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.base import (BLOCK_ROWS, Either, Integer, InvalidHyperparameter, OneOf, Outputs,
+                                          Postprocessor, in_blocks)
 from oodbench.registry import register_postprocessor
 
 DEFAULT_DIM = 256
@@ -28,11 +29,10 @@ def subspace_dim(requested: int | str, feature_dim: int) -> int:
     """The principal-subspace dimension D: `requested`, or for "auto" min(256, feature_dim // 2)."""
     if requested == "auto":
         return min(DEFAULT_DIM, feature_dim // 2)
-    if isinstance(requested, bool) or not isinstance(requested, int) or not 0 < requested < feature_dim:
-        raise InvalidHyperparameter(
-            f"vim: dim={requested!r} must be 'auto' or an integer from 1 to {feature_dim - 1} "
-            f"(below the feature dimension {feature_dim})")
-    return requested
+    if requested >= feature_dim:
+        raise InvalidHyperparameter(f"vim: dim={requested} must be below the feature dimension {feature_dim} "
+                                    f"(at most {feature_dim - 1})")
+    return int(requested)
 
 
 def classifier_origin(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,7 @@ class ViM(Postprocessor):
     needs_features = True
     needs_fit = True
     defaults = {"dim": "auto"}
+    ranges = {"dim": Either(OneOf("auto"), Integer(ge=1))}  # and below the feature dimension, checked on the data
     fit_params = ("dim",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
