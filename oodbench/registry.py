@@ -173,6 +173,9 @@ def load_plugin_file(path: str | Path) -> None:
     if not path.is_file():
         message = f"plugin file not found: {path}"
         raise PluginError(message)
+    if path.suffix != ".py":
+        raise PluginError(f"plugin {path} is not a Python file: --plugin takes a .py file that registers "
+                          "postprocessors (an installed package registers through its entry points instead)")
     POSTPROCESSORS._ensure_loaded()
     module_name = f"oodbench_plugin_{path.stem}_{abs(hash(key)) % 10**8}"
     spec = importlib.util.spec_from_file_location(module_name, path)

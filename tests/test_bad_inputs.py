@@ -11,8 +11,10 @@ session cache.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
+import pickle
 import re
 import shutil
 import sqlite3
@@ -20,6 +22,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ import pytest
 import yaml
 
 PARALLEL = 4
+TRUST_HINT_END = "only if you trust its source"  # the end of the --trust-checkpoint hint: the line is whole
 BASE_CONFIG = {"benchmark": "digits", "models": ["digits-cnn"], "postprocessors": ["msp"], "search": False}
 PROGRESS = re.compile(r"^[^|]*:\s*\d+%\|")  # a tqdm bar
 
@@ -128,6 +132,51 @@ def other_state_dict():
     from torch import nn
 
     return nn.Linear(2, 2).state_dict()
+
+
+class TrainingState:
+    """A class of the training code, saved beside the weights (as trainers often do)."""
+
+    def __init__(self):
+        self.epoch = 90
+
+
+def weights_with(**extra) -> Callable[[], dict]:
+    """A checkpoint dict: a state dict under 'state_dict' plus `extra` entries made on demand."""
+    def make() -> dict:
+        return {"state_dict": other_state_dict(), **{key: value() for key, value in extra.items()}}
+    return make
+
+
+def legacy_torch_file(relative: str) -> Callable[[Path], None]:
+    """A whole module in torch.save's format from before PyTorch 1.6 (not a zip archive)."""
+    def make(folder: Path) -> None:
+        import torch
+
+        torch.save(whole_module(), folder / relative, _use_new_zipfile_serialization=False)
+    return make
+
+
+def torchscript_file(relative: str) -> Callable[[Path], None]:
+    def make(folder: Path) -> None:
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated, its files are still around
+            torch.jit.save(torch.jit.script(whole_module()), folder / relative)
+    return make
+
+
+def plain_pickle(relative: str) -> Callable[[Path], None]:
+    def make(folder: Path) -> None:
+        with open(folder / relative, "wb") as handle:
+            pickle.dump(other_state_dict(), handle, protocol=4)
+    return make
+
+
+def no_extraction(folder: Path) -> None:
+    """The run stopped before any model output was computed."""
+    assert not (folder / "fresh-cache" / "outputs").exists(), "outputs were extracted before the error"
 
 
 PLUGIN_RAISES = "raise RuntimeError('plugin bug at import')\n"
@@ -258,6 +307,58 @@ CASES = [
          checkpoint_config("{dir}/module.th"), files=torch_file("module.th", whole_module)),
     Case("checkpoint-wrong-architecture", ("linear.th", "does not fit cifar_resnet:resnet20"),
          checkpoint_config("{dir}/linear.th"), files=torch_file("linear.th", other_state_dict)),
+    # checkpoints that need full unpickling, through each model source: named as such, never "corrupt",
+    # and the line ends with the whole hint
+    Case("checkpoint-custom-class-in-dict", ("custom.th", "needs full unpickling", "TrainingState",
+                                             "--trust-checkpoint", TRUST_HINT_END),
+         checkpoint_config("{dir}/custom.th"), files=torch_file("custom.th", weights_with(trainer=TrainingState))),
+    Case("checkpoint-namespace-openood", ("best.ckpt", "needs full unpickling", "argparse.Namespace",
+                                          "--trust-checkpoint", TRUST_HINT_END),
+         merged(models=[{"name": "openood:lenet", "checkpoint": "{dir}/best.ckpt"}]),
+         files=torch_file("best.ckpt", weights_with(args=lambda: argparse.Namespace(lr=0.1)))),
+    Case("checkpoint-numpy-timm", ("timm.pth", "needs full unpickling", "numpy", "--trust-checkpoint",
+                                   TRUST_HINT_END),
+         merged(models=[{"name": "timm:resnet18", "checkpoint": "{dir}/timm.pth"}]),
+         files=torch_file("timm.pth", weights_with(best_acc=lambda: np.float64(93.1)))),
+    Case("checkpoint-whole-module-torch-source", ("net.pt", "needs full unpickling", "torch.nn.modules.linear.Linear",
+                                                  "--trust-checkpoint", TRUST_HINT_END),
+         merged(models=["torch:{dir}/net.pt"]), files=torch_file("net.pt", whole_module)),
+    Case("checkpoint-legacy-format", ("legacy.th", "needs full unpickling", "--trust-checkpoint", TRUST_HINT_END),
+         checkpoint_config("{dir}/legacy.th"), files=legacy_torch_file("legacy.th")),
+    Case("checkpoint-torchscript", ("scripted.pt", "torchscript archive", "--trust-checkpoint", TRUST_HINT_END),
+         merged(models=["torch:{dir}/scripted.pt"]), files=torchscript_file("scripted.pt")),
+    Case("checkpoint-plain-pickle", ("weights.pkl", "plain python pickle", "torch.save"),
+         checkpoint_config("{dir}/weights.pkl"), files=plain_pickle("weights.pkl")),
+    # hyperparameters: checked by `validate` and by `run` before any extraction, one line naming the
+    # method, the parameter and what it accepts
+    Case("hyperparameter-negative", ("postprocessor 'ebo'", "temperature=-1 is not allowed", "a number > 0"),
+         merged(postprocessors=["ebo"], params={"ebo": {"temperature": -1}}), env={"OODBENCH_CACHE": "{dir}/fresh-cache"},
+         after=no_extraction),
+    Case("hyperparameter-zero", ("postprocessor 'ebo'", "temperature=0 is not allowed", "a number > 0"),
+         merged(postprocessors=["ebo"], params={"ebo": {"temperature": 0}}), env={"OODBENCH_CACHE": "{dir}/fresh-cache"},
+         after=no_extraction),
+    Case("hyperparameter-not-a-number", ("postprocessor 'ebo'", "temperature='hot' is not allowed", "a number > 0"),
+         merged(postprocessors=["ebo"], params={"ebo": {"temperature": "hot"}}),
+         env={"OODBENCH_CACHE": "{dir}/fresh-cache"}, after=no_extraction),
+    Case("hyperparameter-not-an-integer", ("postprocessor 'pro_msp'", "K=1.5 is not allowed", "an integer >= 0"),
+         merged(postprocessors=["pro_msp"], params={"pro_msp": {"K": 1.5}}),
+         env={"OODBENCH_CACHE": "{dir}/fresh-cache"}, after=no_extraction),
+    Case("hyperparameter-out-of-range", ("postprocessor 'react'", "percentile=101 is not allowed", "[0, 100]"),
+         merged(postprocessors=["react"], params={"react": {"percentile": 101}}),
+         env={"OODBENCH_CACHE": "{dir}/fresh-cache"}, after=no_extraction),
+    Case("hyperparameter-not-a-choice", ("postprocessor 'ash'", "variant='x' is not allowed", "one of 'b', 'p', 's'"),
+         merged(postprocessors=["ash"], params={"ash": {"variant": "x"}}),
+         env={"OODBENCH_CACHE": "{dir}/fresh-cache"}, after=no_extraction),
+    Case("validate-hyperparameter", ("postprocessor 'gen'", "gamma=0 is not allowed", "a number > 0"),
+         merged(postprocessors=["gen"], params={"gen": {"gamma": 0}}), args=("validate", "{config}")),
+    Case("validate-unknown-hyperparameter", ("postprocessor 'ebo'", "no hyperparameter 'temp'",
+                                             "temperature (a number > 0)"),
+         merged(postprocessors=["ebo"], params={"ebo": {"temp": 2}}), args=("validate", "{config}")),
+    # files that are not what the option takes
+    Case("plugin-not-python", ("notes.txt", "not a python file", ".py"), args=RUN + ("--plugin", "{dir}/notes.txt"),
+         files=write("notes.txt", "my plugin ideas\n")),
+    Case("plot-no-samples", ("--samples", "must be at least 1, got 0"),
+         args=("plot", "features", "{config}", "--samples", "0")),
     # the results store and the machine
     Case("corrupt-store", ("cannot open results store", "not a database"),
          files=write("results.sqlite", b"this is not an SQLite file" * 100)),

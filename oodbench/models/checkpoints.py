@@ -1,17 +1,22 @@
 """Reading checkpoint files safely, in one place, for every model source.
 
 ``read_checkpoint`` loads with ``weights_only=True``: tensors and plain containers only,
-no code runs. A file that needs full unpickling (a whole ``nn.Module``, custom classes)
-is refused with a line naming ``--trust-checkpoint``; with trust it is unpickled. An HTML
-page saved under a checkpoint's name (a failed or blocked download, a known RobustBench
-failure), a truncated or otherwise corrupt file each give one line naming the file.
+no code runs. A file that needs full unpickling (a whole ``nn.Module``, custom classes,
+NumPy values or an ``argparse.Namespace`` beside the weights) is refused with a line
+naming ``--trust-checkpoint``, and so is a TorchScript archive; with trust it is loaded.
+Whether a refused file is such a file or a corrupt one is decided by parsing its pickle
+with ``pickletools``, which runs nothing. An HTML page saved under a checkpoint's name (a
+failed or blocked download, a known RobustBench failure), a plain Python pickle, a
+truncated or otherwise corrupt file each give one line naming the file.
 ``load_weights`` fits a state dict into an architecture and reports a mismatch (wrong
 architecture or class count) in one line instead of PyTorch's multi-line dump.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import re
 import zipfile
 from contextlib import contextmanager
@@ -25,7 +30,10 @@ from oodbench.errors import OodbenchError
 
 TRUST_HINT = "pass --trust-checkpoint (or trust_checkpoint: true in the config) only if you trust its source"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")  # "Unsupported global: GLOBAL x.Y was not allowed", "... is blocked"
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+_TORCHSCRIPT_REFUSAL = "with TorchScript archives"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a file torch.save wrote in its pre-1.6 format
 _HTML_PREFIXES = (b"<!doctype", b"<html", b"<head", b"<?xml", b"<body")
 
 
@@ -58,15 +66,28 @@ def load_errors_as_one_line(path: str | Path, trust: bool, what: str) -> Iterato
     try:
         yield
     except pickle.UnpicklingError as exc:
-        needs = _UNSUPPORTED_GLOBAL.search(str(exc))
-        if needs and not trust:
-            raise CheckpointError(f"{path} needs full unpickling (it stores {needs.group(1)}), which can run "
-                                  f"arbitrary code; {TRUST_HINT}") from None
+        if not trust and _WEIGHTS_ONLY_REFUSAL in str(exc):
+            pattern = Path(path)  # or RobustBench's name for an ensemble's member files
+            files = [pattern] if pattern.is_file() else sorted(pattern.parent.glob(pattern.name))
+            kinds = {pickle_kind(file) for file in files}
+            kind = kinds.pop() if len(kinds) == 1 else None
+            if kind == "plain":
+                raise CheckpointError(_plain_pickle(path)) from None
+            if kind == "torch":
+                named = _REFUSED_GLOBAL.search(str(exc))
+                stores = f" (it stores {named.group(1)})" if named else ""
+                raise CheckpointError(f"{path} needs full unpickling{stores}, which can run arbitrary code; "
+                                      f"{TRUST_HINT}") from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt: {_first_line(exc)})") from None
     except RuntimeError as exc:
+        if not trust and _TORCHSCRIPT_REFUSAL in str(exc):
+            raise CheckpointError(f"{path} is a TorchScript archive, whose loading runs the code it holds; "
+                                  f"{TRUST_HINT}") from None
         if "Error(s) in loading state_dict" in str(exc):
             raise CheckpointError(f"{path} does not fit {what} (wrong architecture or class count?): "
                                   f"{_first_line(exc)}") from None
+        if "Invalid magic number" in str(exc) and pickle_kind(Path(path)) == "plain":
+            raise CheckpointError(_plain_pickle(path)) from None
         reason = "truncated" if "central directory" in str(exc) else "corrupt"
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}: {_first_line(exc)})") from None
     except (EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -75,6 +96,32 @@ def load_errors_as_one_line(path: str | Path, trust: bool, what: str) -> Iterato
                               f"{_first_line(exc) or type(exc).__name__})") from None
     except (AttributeError, ImportError) as exc:  # trusted unpickling of a class that is not importable here
         raise CheckpointError(f"{path} refers to code that is not importable here: {_first_line(exc)}") from None
+
+
+def _plain_pickle(path: str | Path) -> str:
+    return (f"{path} is a plain Python pickle, not a file written by torch.save; load it in Python and save its "
+            "state dict with torch.save")
+
+
+def pickle_kind(path: Path) -> str | None:
+    """What a file the weights-only loader refused holds, read with pickletools (nothing runs):
+    "torch" (a well-formed torch.save file), "plain" (a pickle torch.save did not write), or
+    None (corrupt)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = next(name for name in archive.namelist() if name.rsplit("/", 1)[-1] == "data.pkl")
+                pickletools.dis(archive.read(data), out=io.StringIO())
+            return "torch"
+        with open(path, "rb") as handle:
+            first = list(pickletools.genops(handle))
+            if not any(arg == _LEGACY_MAGIC for _, arg, _ in first):
+                return "plain"
+            for _ in range(3):  # protocol version, system info, then the object itself
+                pickletools.dis(handle, out=io.StringIO())
+        return "torch"
+    except Exception:  # StopIteration, ValueError, zipfile/OS errors: no well-formed pickle to read
+        return None
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> Any:
@@ -88,8 +135,12 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The reason in an exception's message: its first line, or first sentence when that line is long."""
     text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else ""
+    if "WeightsUnpickler error:" in text:  # torch's advice comes first, the actual reason after it
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    line = text.splitlines()[0] if text else ""
+    return line.split(". ")[0][:160] if len(line) > 160 else line
 
 
 def extract_state_dict(payload: Any, path: str | Path) -> dict[str, torch.Tensor]:
