@@ -147,6 +147,14 @@ def test_metrics_need_both_classes():
         metrics.ood_metrics([1.0, 2.0], [])
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_refused_as_sklearn_refuses_them(bad):
+    with pytest.raises(ValueError):
+        roc_auc_score([0, 1, 1], [0.5, bad, 0.1])
+    with pytest.raises(ValueError, match="1 of 3 scores are NaN or infinite"):
+        metrics.ood_metrics([0.5, bad], [0.1])
+
+
 def test_importing_the_metrics_does_not_import_sklearn_or_scipy():
     code = ("import sys, oodbench.evaluators.metrics; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")

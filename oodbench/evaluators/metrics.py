@@ -33,6 +33,9 @@ def _arrays(score, is_ood) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{score.shape[0]} scores for {is_ood.shape[0]} labels")
     if is_ood.all() or not is_ood.any():
         raise ValueError("metrics need both ID and OOD samples")
+    finite = np.isfinite(score)
+    if not finite.all():
+        raise ValueError(f"{score.size - int(finite.sum())} of {score.size} scores are NaN or infinite")
     return score, is_ood
 
 
