@@ -78,8 +78,11 @@ def assert_identical(model: nn.Module, x: torch.Tensor, **params) -> None:
     assert torch.equal(score, expected), f"max abs difference {(score - expected).abs().max().item():.3g}"
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("eta, steps", [(0.001, 2), (0.5, 3), (0.2, 1)])
+SETTINGS = [(0.001, 2), (0.5, 3), (0.2, 1)]
+
+
+@pytest.mark.parametrize("name, eta, steps", [(name, eta, steps) for name in sorted(MODELS) for eta, steps in SETTINGS
+                                              if not (name == "torchvision-bottleneck" and steps == 3)])  # slow
 def test_scores_are_identical_to_the_landed_implementation(name, eta, steps):
     size = {"tiny-residual": 6, "cifar-resnet20": 32, "densenet": 32}.get(name, 16)
     assert_identical(MODELS[name](), images(count=6, size=size, seed=2), eta=eta, steps=steps)
