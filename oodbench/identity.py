@@ -3,10 +3,10 @@
 A cached or stored value may only be reused when its key names everything that went
 into it (DESIGN.md, "Identity and reuse"):
 
-- **data split**: the files actually read (relative path, size and modification time, or a
-  content hash for single-file formats such as a CIFAR pickle, an idx or a .mat file, and
-  for every file with ``verify_data``), which layout was picked, the selected indices after
-  ``parts``/``limit``, and the preprocessing (`split_fingerprint`);
+- **data split**: the files actually read (relative path and content hash, or size and
+  modification time for image files this cache has not hashed; see `FileState`), which
+  layout was picked, the selected indices after ``parts``/``limit``, and the
+  preprocessing (`split_fingerprint`);
 - **benchmark**: its resolved definition and the fingerprints of the splits used, never
   only its name and version (`benchmark_fingerprint`);
 - **model**: its identity string and the bytes of its weights (`ModelAdapter.weights_hash`;
@@ -90,10 +90,13 @@ def code_digest(cls: type) -> str:
 class FileState:
     """What the files under a data root are, for fingerprints.
 
-    ``describe(paths)`` gives each file's path relative to the data root with its size and
-    modification time (ns); with ``verify`` (``--verify-data``) its content hash instead.
-    ``content(paths)`` always hashes contents (single-file formats), remembering each
-    file's hash under (path, size, mtime, inode) in ``state_dir``.
+    A file is named by its path relative to the data root and by its content hash when this
+    cache has hashed it at its current (size, mtime, inode), else by its size and mtime.
+    Single-file formats (`content`) and every file with ``verify`` (``--verify-data``) are
+    hashed; hashes are remembered in ``<state_dir>/hashes.sqlite``, as DVC's state cache
+    does, so an unchanged file is never read twice, and a plain run after a verified one
+    names the files exactly as the verified run did. ``verify`` re-reads every file, so a
+    change that kept size and mtime is found.
     """
 
     def __init__(self, data_root: str | Path, state_dir: str | Path | None = None, verify: bool = False):
@@ -101,6 +104,7 @@ class FileState:
         self.verify = verify
         self.state_path = Path(state_dir) / "hashes.sqlite" if state_dir is not None else None
         self._db: sqlite3.Connection | None = None
+        self._known: dict[str, tuple] | None = None
 
     def _relative(self, path: Path) -> str:
         resolved = Path(os.path.abspath(path))
@@ -110,26 +114,29 @@ class FileState:
             return resolved.as_posix()
 
     def describe(self, paths: Sequence[Path]) -> str:
-        """A digest of the files' relative paths with their sizes and mtimes (or contents)."""
-        if self.verify:
-            return self.content(paths)
+        """A digest naming each file by relative path and content hash (or size and mtime)."""
         hasher = hashlib.sha256()
         for path in paths:
             stat = os.stat(path)
-            hasher.update(f"{self._relative(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return "stat:" + hasher.hexdigest()[:32]
+            state = (str(Path(os.path.abspath(path))), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            content = self.file_hash(Path(path), state) if self.verify else self._lookup(state)
+            what = content or f"{stat.st_size}\0{stat.st_mtime_ns}"
+            hasher.update(f"{self._relative(path)}\0{what}\n".encode())
+        return "files:" + hasher.hexdigest()[:32]
 
     def content(self, paths: Sequence[Path]) -> str:
-        """A digest of the files' relative paths and contents."""
+        """A digest of the files' relative paths and contents (always hashed)."""
         hasher = hashlib.sha256()
         for path in paths:
             hasher.update(f"{self._relative(path)}\0{self.file_hash(Path(path))}\n".encode())
         return "content:" + hasher.hexdigest()[:32]
 
-    def file_hash(self, path: Path) -> str:
-        stat = os.stat(path)
-        state = (str(Path(os.path.abspath(path))), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        known = self._lookup(state)
+    def file_hash(self, path: Path, state: tuple | None = None) -> str:
+        """sha256 of a file; remembered, and read again only when its stat changed or with ``verify``."""
+        if state is None:
+            stat = os.stat(path)
+            state = (str(Path(os.path.abspath(path))), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        known = None if self.verify else self._lookup(state)
         if known is not None:
             return known
         hasher = hashlib.sha256()
@@ -153,16 +160,19 @@ class FileState:
         return self._db
 
     def _lookup(self, state: tuple) -> str | None:
-        db = self._connection()
-        if db is None:
-            return None
-        try:
-            row = db.execute("SELECT size, mtime_ns, inode, sha256 FROM hashes WHERE path = ?", (state[0],)).fetchone()
-        except sqlite3.Error:
-            return None
+        if self._known is None:
+            db = self._connection()
+            try:
+                rows = db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM hashes") if db else []
+                self._known = {row[0]: tuple(row[1:]) for row in rows}
+            except sqlite3.Error:
+                self._known = {}
+        row = self._known.get(state[0])
         return row[3] if row is not None and tuple(row[:3]) == state[1:] else None
 
     def _remember(self, state: tuple, value: str) -> None:
+        if self._known is not None:
+            self._known[state[0]] = (*state[1:], value)
         db = self._connection()
         if db is not None:
             try:

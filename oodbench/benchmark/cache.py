@@ -39,6 +39,7 @@ class VerifiedFiles:
 
     kind = ""
     what = "cache entry"
+    redo = "recomputing it"
 
     def __init__(self, root: str | Path):
         self.root = Path(root) / self.kind
@@ -67,7 +68,7 @@ class VerifiedFiles:
                 raise ValueError("checksum mismatch")
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(f"{self.what} {path} is invalid ({reason}); recomputing it", stacklevel=3)
+            warnings.warn(f"{self.what} {path} is invalid ({reason}); {self.redo}", stacklevel=3)
             path.unlink(missing_ok=True)
             return None
         return payload["tensors"], payload["scalars"]

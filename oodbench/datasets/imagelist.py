@@ -72,8 +72,8 @@ class ArrayImages(LabeledSamples):
 
 
 class ImageFiles(LabeledSamples):
-    """Image files decoded on access; fingerprinted by path, size and mtime (content with
-    ``verify_data``) and their labels."""
+    """Image files decoded on access; fingerprinted by their paths, contents (or size and
+    mtime, see `oodbench.identity.FileState`) and labels."""
 
     def __init__(self, paths: Sequence[Path], targets: Sequence[int] | np.ndarray, origin: str):
         super().__init__(targets)
@@ -84,7 +84,7 @@ class ImageFiles(LabeledSamples):
         return open_image(self.paths[index])
 
     def fingerprint(self, files: FileState) -> str:
-        return f"files:{files.describe(self.paths)}:{array_digest(self.targets)}"
+        return f"{files.describe(self.paths)}:{array_digest(self.targets)}"
 
 
 def first(dataset: Dataset, limit: int | None) -> Dataset:

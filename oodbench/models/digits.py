@@ -116,6 +116,7 @@ class WeightsCache(VerifiedFiles):
 
     kind = "models"
     what = "cached model weights"
+    redo = "training the model again"
 
     def __init__(self, root: str | Path, name: str):
         super().__init__(root)
