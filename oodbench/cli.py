@@ -57,9 +57,22 @@ def add_run(sub) -> None:
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --executor ray: join this Ray cluster (host:port, or auto for the one this node "
                              "belongs to) instead of starting a local Ray instance")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="at most N images per dataset split (a seeded stratified subset, the same on every "
+                             "machine; named in the table caption)")
+    parser.add_argument("--postprocessors", type=_names, metavar="A,B",
+                        help="run these postprocessors instead of the config's list")
+    parser.add_argument("--models", type=_names, metavar="X,Y", help="run only these models of the config")
     parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
     parser.add_argument("--show-params", action="store_true", help="show the chosen hyperparameters")
     parser.set_defaults(func=cmd_run)
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -72,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise OodbenchError("--ray-address needs --executor ray")
         options["address"] = args.ray_address
     frame = run_experiment(args.config, executor=args.executor, executor_options=options, search=args.search,
+                           limit=args.limit, postprocessors=args.postprocessors, models=args.models,
                            **_overrides(args))
     print(render(frame, args.format, show_params=args.show_params))
     return 0

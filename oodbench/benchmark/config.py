@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from oodbench.benchmark.spec import read_yaml
+from oodbench.datasets.base import check_limit
 from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.models.adapter import ModelSpec
 
@@ -40,6 +41,8 @@ class ExperimentConfig:
     num_workers: int = 0
     trust_checkpoint: bool = False
     verify_data: bool = False
+    limit: int | None = None
+    search_limit: int = 1000
     name: str = ""
     source: str = ""
 
@@ -53,6 +56,8 @@ class ExperimentConfig:
             "search": self.search,
             "fit_split": self.fit_split,
             "params": self.params,
+            "limit": self.limit,
+            "search_limit": self.search_limit,
         }
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -61,7 +66,7 @@ KEYS = {
     "benchmark": str, "models": list, "postprocessors": (list, str), "data_root": str,
     "search": bool, "fit_split": str, "fpr": str, "plugins": list, "params": dict,
     "results": str, "cache_dir": str, "device": str, "batch_size": int, "num_workers": int,
-    "trust_checkpoint": bool, "verify_data": bool, "name": str,
+    "trust_checkpoint": bool, "verify_data": bool, "limit": int, "search_limit": int, "name": str,
 }
 
 
@@ -107,6 +112,8 @@ def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
         raise OodbenchError(f"{source}: 'fit_split' must be one of {', '.join(FIT_SPLITS)}")
     if config.batch_size < 1:
         raise OodbenchError(f"{source}: 'batch_size' must be positive")
+    check_limit(config.limit, f"{source}: 'limit'")
+    check_limit(config.search_limit, f"{source}: 'search_limit'")
     for name, params in config.params.items():
         if not isinstance(params, dict):
             raise OodbenchError(f"{source}: params.{name} must map hyperparameters to values")
@@ -164,10 +171,26 @@ def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> Experiment
     for key, value in overrides.items():
         if value is None:
             continue
-        if key == "plugins":
+        if key == "models":
+            config.models = select_models(config, value)
+        elif key == "postprocessors":
+            config.postprocessors = list(value)
+        elif key == "limit":
+            config.limit = check_limit(value, "--limit")
+        elif key == "plugins":
             config.plugins = list(config.plugins) + list(value)
         elif not hasattr(config, key):
             raise TypeError(f"unknown override {key}")
         else:
             setattr(config, key, value)
     return config
+
+
+def select_models(config: ExperimentConfig, names: list[str]) -> list[ModelSpec]:
+    """The config's models named (by label or name) in `names`, in the config's order."""
+    known = {m.display for m in config.models} | {m.name for m in config.models}
+    for name in names:
+        if name not in known:
+            raise OodbenchError(f"--models: '{name}' is not a model of {config.source}{did_you_mean(name, known)}; "
+                                f"its models: {', '.join(m.display for m in config.models)}")
+    return [m for m in config.models if m.display in names or m.name in names]

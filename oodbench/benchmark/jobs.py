@@ -25,7 +25,8 @@ import torch
 from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
 from oodbench.benchmark.config import ExperimentConfig
 from oodbench.benchmark.plan import SplitRef, split_state
-from oodbench.benchmark.search import NonFiniteScores, ScoreShapeError, finite_scores, search_hyperparameters
+from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_scores, limit_validation,
+                                      search_hyperparameters)
 from oodbench.datasets.base import ImageSpec, load_dataset
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.evaluators.metrics import accuracy, ood_metrics
@@ -196,6 +197,7 @@ class ScoreJob:
     groups: dict[str, str]  # OOD test name -> near | far
     cell_base: dict[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
+    search_limit: int | None = None  # input-gradient searches: validation images per side
 
     @property
     def label(self) -> str:
@@ -245,7 +247,11 @@ class ScoreJob:
         chosen = dict(self.params)
         if self.space and val_outputs is not None and ood_val_names:
             ood_val = [load(s) for s in ood_val_names]
-            chosen, note = search_hyperparameters(cls, self.params, self.space, val_outputs, ood_val, fit)
+            search_val = val_outputs
+            if self.search_limit is not None:
+                search_val, ood_val = limit_validation(val_outputs, ood_val, self.search_limit)
+                cell.search_limit = self.search_limit
+            chosen, note = search_hyperparameters(cls, self.params, self.space, search_val, ood_val, fit)
             if note:
                 cell.reason = note
                 warnings.warn(f"{self.label}: {note}", stacklevel=2)

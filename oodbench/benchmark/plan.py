@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class SplitState:
 
     fingerprint: str
     samples: int | None = None
+    available: int | None = None  # before the limit
     reason: str | None = None
     origin: str = ""
 
@@ -50,19 +51,24 @@ class SplitState:
         return self.fingerprint != MISSING
 
 
-def benchmark_splits(benchmark: Benchmark, fit_split: str) -> dict[str, SplitRef]:
+def benchmark_splits(benchmark: Benchmark, fit_split: str, limit: int | None = None) -> dict[str, SplitRef]:
     """Every split of `benchmark` by name; ``id:fit`` is the ID split feature methods fit on
-    (the same `SplitRef` as ``id:<fit_split>``)."""
+    (the same `SplitRef` as ``id:<fit_split>``). `limit`: at most that many images per split
+    (a seeded stratified subset; a split's own smaller limit stays)."""
+
+    def limited(ref: DatasetRef) -> DatasetRef:
+        return ref if limit is None or (ref.limit or limit + 1) <= limit else replace(ref, limit=limit)
+
     splits: dict[str, SplitRef] = {}
     for name, ref in benchmark.id_splits.items():
-        splits[f"id:{name}"] = SplitRef(f"id:{name}", ref, ood=False)
+        splits[f"id:{name}"] = SplitRef(f"id:{name}", limited(ref), ood=False)
     if fit_split in benchmark.id_splits:
         splits["id:fit"] = splits[f"id:{fit_split}"]
     for name, ref in benchmark.ood_val.items():
-        splits[f"ood_val:{name}"] = SplitRef(f"ood_val:{name}", ref, ood=True)
+        splits[f"ood_val:{name}"] = SplitRef(f"ood_val:{name}", limited(ref), ood=True)
     for group, sets in (("near", benchmark.near), ("far", benchmark.far)):
         for name, ref in sets.items():
-            splits[f"{group}:{name}"] = SplitRef(f"{group}:{name}", ref, ood=True)
+            splits[f"{group}:{name}"] = SplitRef(f"{group}:{name}", limited(ref), ood=True)
     return splits
 
 
@@ -120,6 +126,7 @@ class MethodPlan:
     setting: str
     space: dict[str, list[Any]]
     splits: list[str] = field(default_factory=list)
+    search_limit: int | None = None  # validation images per side an input-gradient search uses
 
 
 @dataclass
@@ -136,7 +143,7 @@ class Plan:
                 every_split: bool = False) -> "Plan":
         """List and fingerprint every split the run's methods read (`every_split`: every split
         of the benchmark, for readers of a finished run); each source is listed once."""
-        splits = benchmark_splits(benchmark, config.fit_split)
+        splits = benchmark_splits(benchmark, config.fit_split, config.limit)
         params = resolve_params(names, config.params)
         tests = ["id:test"] + [s for s in splits if s.split(":")[0] in ("near", "far")]
         ood_val = [s for s in splits if s.startswith("ood_val:")]
@@ -153,7 +160,9 @@ class Plan:
             if space and ood_val:
                 read += ["id:val", *ood_val]
             read = [s for s in dict.fromkeys(read) if s in splits or s == fit_split]
-            methods[name] = MethodPlan(name, method_cls, fixed, setting_of(config.search, fixed), space, read)
+            search_limit = config.search_limit if space and method_cls.needs_model else None
+            methods[name] = MethodPlan(name, method_cls, fixed, setting_of(config.search, fixed), space, read,
+                                       search_limit)
         token = uuid.uuid4().hex
         files = FileState(config.data_root, Path(config.cache_dir) / "state", verify=config.verify_data)
         states: dict[str, SplitState] = {}
@@ -182,7 +191,8 @@ class Plan:
     def cell_fingerprint(self, name: str, model_identity: str, weights_hash: str) -> str:
         method = self.methods[name]
         return cell_fingerprint(model_identity=model_identity, weights_hash=weights_hash, postprocessor=method.cls,
-                                setting=method.setting, params=method.params, search_space=method.space,
+                                setting=method.setting, params=method.params,
+                                search_space={**method.space, "search_limit": method.search_limit},
                                 splits={s: self.states[s].fingerprint for s in method.splits})
 
     def output_key(self, split: str, model_identity: str, weights_hash: str) -> str:
@@ -212,7 +222,8 @@ def split_state(split: SplitRef, data_root: str, image: ImageSpec, files: FileSt
     except DatasetMissing as exc:
         return SplitState(MISSING, reason=str(exc))
     fingerprint = split_fingerprint_of(dataset, split.ref, split.ood, files)
-    return SplitState(fingerprint, samples=len(dataset), origin=getattr(dataset.base, "origin", ""))
+    return SplitState(fingerprint, samples=len(dataset), available=getattr(dataset.base, "available", len(dataset)),
+                      origin=getattr(dataset.base, "origin", ""))
 
 
 def model_placeholder(spec) -> str:

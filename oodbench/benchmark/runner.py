@@ -199,7 +199,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
         report = reports.get(display, {})
         store.write_datasets(benchmark.name, display, [
             {"dataset": split if split.split(":")[0] in ("id", "ood_val") else split.split(":", 1)[1],
-             "group": split.split(":")[0], "fingerprint": state.fingerprint,
+             "group": split.split(":")[0], "fingerprint": state.fingerprint, "available": state.available,
              "status": "present" if state.present else "missing", "reason": report.get(split, {}).get("reason")
              or state.reason, "samples": state.samples, "accuracy": report.get(split, {}).get("accuracy")}
             for split, state in plan.states.items()], plan.fingerprint)
@@ -212,7 +212,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
                 context=contexts[display], postprocessor=name, params=method.params, space=method.space,
                 splits=plan.splits, keys={s: keys[s] for s in [*method.splits, "id:fit"] if s in keys},
                 groups={**{n: "near" for n in benchmark.near}, **{n: "far" for n in benchmark.far}},
-                plugins=tuple(config.plugins), cell_base=cell_base(display, name)))
+                plugins=tuple(config.plugins), cell_base=cell_base(display, name), search_limit=method.search_limit))
     if missing_sets and not quiet:
         warnings.warn(f"missing datasets (marked missing in the table): {', '.join(missing_sets)}", stacklevel=2)
 

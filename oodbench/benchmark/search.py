@@ -47,6 +47,31 @@ def validation_auroc(method: Postprocessor, val: Outputs, ood_val: list[Outputs]
     return auroc(np.concatenate([id_scores, ood_scores]), np.r_[np.zeros(id_scores.size), np.ones(ood_scores.size)])
 
 
+def subsample(outputs: Outputs, count: int, seed: int = 0) -> Outputs:
+    """At most `count` samples of `outputs` (a seeded subset, stratified by label, in index
+    order), with the matching images when the model runs again."""
+    if len(outputs) <= count:
+        return outputs
+    from torch.utils.data import Subset
+
+    from oodbench.datasets.base import stratified_parts
+
+    keep = stratified_parts(outputs.labels.numpy(), {"keep": count}, seed)["keep"]
+    index = torch.from_numpy(keep)
+    return Outputs(logits=outputs.logits[index], features=None if outputs.features is None else outputs.features[index],
+                   labels=outputs.labels[index], fc=outputs.fc, model=outputs.model,
+                   inputs=None if outputs.inputs is None else Subset(outputs.inputs, keep.tolist()),
+                   meta=dict(outputs.meta))
+
+
+def limit_validation(val: Outputs, ood_val: list[Outputs], limit: int) -> tuple[Outputs, list[Outputs]]:
+    """ID validation capped at `limit` images, and the OOD validation sets at `limit` images
+    in all (each set in proportion to its size): what an input-gradient search runs on."""
+    total = sum(len(o) for o in ood_val)
+    shares = [max(1, int(np.floor(limit * len(o) / total))) if total > limit else len(o) for o in ood_val]
+    return subsample(val, limit), [subsample(o, n) for o, n in zip(ood_val, shares)]
+
+
 def search_hyperparameters(cls: type[Postprocessor], params: dict[str, Any], space: dict[str, list[Any]],
                            val: Outputs, ood_val: list[Outputs], fit) -> tuple[dict[str, Any], str | None]:
     """The combination of `space` with the best validation AUROC (the first listed wins ties),

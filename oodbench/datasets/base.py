@@ -52,6 +52,7 @@ class DatasetRef:
     parts: dict[str, Any] | None = None
     part: str | None = None
     seed: int = 0
+    limit: int | None = None  # at most this many samples: a seeded stratified subset (after the part)
 
     @classmethod
     def parse(cls, raw: Any, where: str, seed: int = 0) -> "DatasetRef":
@@ -59,7 +60,7 @@ class DatasetRef:
             return cls(dataset=raw, seed=seed)
         if not isinstance(raw, dict) or "dataset" not in raw:
             raise OodbenchError(f"{where}: expected a mapping with a 'dataset' key, got {raw!r}")
-        allowed = {"dataset", "options", "parts", "part", "seed"}
+        allowed = {"dataset", "options", "parts", "part", "seed", "limit"}
         extra = set(raw) - allowed
         if extra:
             raise OodbenchError(f"{where}: unknown key '{sorted(extra)[0]}' (allowed: {', '.join(sorted(allowed))})")
@@ -69,6 +70,7 @@ class DatasetRef:
             parts=dict(raw["parts"]) if raw.get("parts") else None,
             part=raw.get("part"),
             seed=int(raw.get("seed", seed)),
+            limit=check_limit(raw.get("limit"), f"{where}: limit"),
         )
         if (ref.parts is None) != (ref.part is None):
             raise OodbenchError(f"{where}: 'parts' and 'part' go together")
@@ -77,8 +79,17 @@ class DatasetRef:
         return ref
 
     def payload(self) -> dict[str, Any]:
-        """The reference as written (source, options, part): one input of the split's fingerprint."""
+        """The reference as written (source, options, part, limit): one input of the split's fingerprint."""
         return asdict(self)
+
+
+def check_limit(value: Any, what: str) -> int | None:
+    """A sample limit: None or a positive integer (one error line otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OodbenchError(f"{what} must be a positive number of images, got {value!r}")
+    return value
 
 
 def stratified_parts(labels: np.ndarray, parts: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -243,31 +254,43 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray([dataset[i][1] for i in range(len(dataset))])
 
 
-_SOURCES: dict[tuple, Dataset] = {}
-_SOURCES_KEPT = 32
+_MEMO: dict[tuple, Any] = {}
+_MEMO_KEPT = 64
+
+
+def _memoized(key: tuple, make: Callable[[], Any]) -> Any:
+    """`make()`, kept per run token (the first item of `key`; None: not kept)."""
+    if key[0] is None:
+        return make()
+    if key not in _MEMO:
+        if len(_MEMO) >= _MEMO_KEPT:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = make()
+    return _MEMO[key]
 
 
 def load_source(ref: DatasetRef, data_root: str | Path, image: ImageSpec, memo: str | None = None) -> Dataset:
-    """The samples `ref` names (after its part), as the source returns them.
+    """The samples `ref` names (its part, then at most `limit` of them), as the source returns them.
 
-    With `memo` (a token naming one run), the listing is made once per run and process and
-    reused by every split and job that reads the same source.
+    With `memo` (a token naming one run), each source is listed once per run and process,
+    and its parts computed once, for every split and job that reads it. The result's
+    ``available`` is the number of samples before the limit.
     """
     root = Path(data_root).expanduser()
-    key = (memo, ref.dataset, json.dumps(ref.options, sort_keys=True, default=str), str(root.resolve()),
-           image.key(), json.dumps(ref.parts, sort_keys=True, default=str), ref.part, ref.seed)
-    if memo is not None and key in _SOURCES:
-        return _SOURCES[key]
-    source = DATASETS.get(ref.dataset)(root, image, **ref.options)
+    source_key = (memo, ref.dataset, json.dumps(ref.options, sort_keys=True, default=str), str(root.resolve()),
+                  image.key())
+    source = _memoized(source_key, lambda: DATASETS.get(ref.dataset)(root, image, **ref.options))
     if ref.parts is not None:
-        indices = stratified_parts(dataset_labels(source), ref.parts, ref.seed)[ref.part]
-        source = Selection(source, indices, f"{getattr(source, 'origin', ref.dataset)}, part '{ref.part}'")
+        parts_key = (*source_key, json.dumps(ref.parts, sort_keys=True, default=str), ref.seed)
+        indices = _memoized(parts_key, lambda: stratified_parts(dataset_labels(source), ref.parts, ref.seed))
+        source = Selection(source, indices[ref.part], f"{getattr(source, 'origin', ref.dataset)}, part '{ref.part}'")
     if len(source) == 0:
         raise OodbenchError(f"dataset {ref.dataset} {ref.options or ''} has no samples")
-    if memo is not None:
-        if len(_SOURCES) >= _SOURCES_KEPT:
-            _SOURCES.pop(next(iter(_SOURCES)))
-        _SOURCES[key] = source
+    available = len(source)
+    if ref.limit is not None and ref.limit < available:
+        keep = stratified_parts(dataset_labels(source), {"limit": ref.limit}, ref.seed)["limit"]
+        source = Selection(source, keep, f"{getattr(source, 'origin', ref.dataset)}, {ref.limit} of {available}")
+    source.available = available
     return source
 
 

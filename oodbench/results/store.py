@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS cells (
     fingerprint TEXT NOT NULL, data_fingerprint TEXT,
     status TEXT NOT NULL, reason TEXT, params TEXT, tags TEXT,
     benchmark_version TEXT, oodbench_version TEXT, git_hash TEXT, config_hash TEXT,
-    weights_hash TEXT, fpr_convention TEXT, seconds REAL, created REAL,
+    weights_hash TEXT, fpr_convention TEXT, search_limit INTEGER, seconds REAL, created REAL,
     PRIMARY KEY (benchmark, model, postprocessor, setting, fingerprint)
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS datasets (
     benchmark TEXT NOT NULL, model TEXT NOT NULL, data_fingerprint TEXT NOT NULL, dataset TEXT NOT NULL,
     ood_group TEXT NOT NULL, fingerprint TEXT, status TEXT NOT NULL, reason TEXT, samples INTEGER,
-    accuracy REAL, created REAL,
+    available INTEGER, accuracy REAL, created REAL,
     PRIMARY KEY (benchmark, model, data_fingerprint, dataset)
 );
 """
@@ -57,12 +57,12 @@ ALTER TABLE results RENAME TO results_v1;
 ALTER TABLE datasets RENAME TO datasets_v1;
 {schema}
 INSERT INTO cells SELECT benchmark, model, postprocessor, setting, 'legacy', 'legacy', status, reason, params, tags,
-    benchmark_version, oodbench_version, git_hash, config_hash, weights_hash, fpr_convention, seconds, created
+    benchmark_version, oodbench_version, git_hash, config_hash, weights_hash, fpr_convention, NULL, seconds, created
     FROM cells_v1;
 INSERT INTO results SELECT benchmark, model, postprocessor, setting, 'legacy', dataset, ood_group, metric, value
     FROM results_v1;
-INSERT INTO datasets SELECT benchmark, model, 'legacy', dataset, ood_group, NULL, status, reason, samples, accuracy,
-    NULL FROM datasets_v1;
+INSERT INTO datasets SELECT benchmark, model, 'legacy', dataset, ood_group, NULL, status, reason, samples, samples,
+    accuracy, NULL FROM datasets_v1;
 DROP TABLE cells_v1;
 DROP TABLE results_v1;
 DROP TABLE datasets_v1;
@@ -83,6 +83,7 @@ class Cell:
     params: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    search_limit: int | None = None  # validation images per side of an input-gradient search
     seconds: float = 0.0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> metric -> value
     groups: dict[str, str] = field(default_factory=dict)  # dataset -> near | far | id
@@ -204,11 +205,11 @@ class ResultStore:
             db.execute("DELETE FROM results WHERE benchmark=? AND model=? AND postprocessor=? AND setting=? "
                        "AND fingerprint=?", cell.key)
             db.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (*cell.key, cell.data_fingerprint, cell.status, cell.reason, json.dumps(cell.params, sort_keys=True),
                  json.dumps(cell.tags), str(p.get("benchmark_version")), p.get("oodbench_version"),
                  p.get("git_hash"), p.get("config_hash"), p.get("weights_hash"), p.get("fpr_convention"),
-                 cell.seconds, time.time()),
+                 cell.search_limit, cell.seconds, time.time()),
             )
             db.executemany(
                 "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?)",
@@ -221,9 +222,10 @@ class ResultStore:
         now = time.time()
         with self._transaction() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(benchmark, model, data_fingerprint, r["dataset"], r["group"], r.get("fingerprint"), r["status"],
-                  r.get("reason"), r.get("samples"), r.get("accuracy"), now) for r in rows],
+                  r.get("reason"), r.get("samples"), r.get("available", r.get("samples")), r.get("accuracy"), now)
+                 for r in rows],
             )
 
     def frame(self, table: str, **where: Any):

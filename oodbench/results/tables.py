@@ -110,8 +110,22 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
         frame = frame.sort_values(["model", "postprocessor"], key=lambda s: s.map(model_rank if s.name == "model" else pp_rank).fillna(1e9), kind="stable")
         frame = frame.reset_index(drop=True)
     frame.attrs.update(benchmark=benchmark, fpr=fpr, datasets=order, groups=group_of, missing=missing,
-                       hidden=hidden, data_fingerprints=sorted(set(cells.data_fingerprint.dropna())))
+                       hidden=hidden, data_fingerprints=sorted(set(cells.data_fingerprint.dropna())),
+                       sampling=sampling_note(datasets, cells))
     return frame
+
+
+def sampling_note(datasets: pd.DataFrame, cells: pd.DataFrame) -> str:
+    """What was sampled: splits limited below their size (``ID test 1,000 of 9,000``) and
+    the validation cap of input-gradient searches; empty when everything was used."""
+    limited = datasets[(datasets.available > datasets.samples) & datasets.samples.notna()]
+    names = {"id:test": "ID test", "id:val": "ID val", "id:train": "ID train"}
+    parts = list(dict.fromkeys(f"{names.get(r.dataset, r.dataset)} {int(r.samples):,} of {int(r.available):,}"
+                               for r in limited.itertuples()))
+    limits = sorted(set(cells.search_limit.dropna().astype(int))) if "search_limit" in cells else []
+    if limits:
+        parts.append(f"input-gradient searches on at most {limits[-1]:,} ID + {limits[-1]:,} OOD validation images")
+    return "; ".join(parts)
 
 
 def _columns(frame: pd.DataFrame) -> list[str]:
@@ -142,6 +156,8 @@ def caption(frame: pd.DataFrame) -> str:
         text += f" MISSING datasets: {', '.join(missing)} — {detail}."
     if any(name.startswith("pro_") for name in frame.get("postprocessor", [])):
         text += " PRO eps is in [0,1]-pixel units (normalisation happens inside the model)."
+    if frame.attrs.get("sampling"):
+        text += f" Sampled: {frame.attrs['sampling']}."
     fingerprints = frame.attrs.get("data_fingerprints", [])
     if len(fingerprints) == 1:
         text += f" Data fingerprint {fingerprints[0]}."
