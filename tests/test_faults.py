@@ -8,18 +8,23 @@ row by row in the store, not only as printed tables.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 SEED = 4
@@ -76,6 +81,13 @@ def store_rows(path: Path) -> dict[str, list[tuple]]:
     return rows
 
 
+def cell_statuses(path: Path) -> list[str]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    statuses = [status for (status,) in db.execute("SELECT status FROM cells")]
+    db.close()
+    return statuses
+
+
 def cell_keys(path: Path) -> list[tuple]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     keys = list(db.execute("SELECT benchmark, model, postprocessor, setting FROM cells"))
@@ -90,8 +102,8 @@ def leftover_temporaries(cache: Path) -> list[str]:
 class Watched:
     """A CLI subprocess whose stderr is collected while it runs (to kill it at a phase)."""
 
-    def __init__(self, args: list[str], cache: Path, cwd: Path):
-        self.process = subprocess.Popen(args, cwd=cwd, env=environment(cache), stdout=subprocess.DEVNULL,
+    def __init__(self, args: list[str], cache: Path, cwd: Path, env: dict[str, str] | None = None):
+        self.process = subprocess.Popen(args, cwd=cwd, env=env or environment(cache), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
         self.stderr = b""
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -143,8 +155,8 @@ def baseline(tmp_path_factory, trained):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = store_rows(store)
     assert len(rows["cells"]) == len(POSTPROCESSORS)
-    assert all(row[4] == "done" for row in rows["cells"]), rows["cells"]
-    return {"rows": rows, "seconds": time.time() - start, "cache": cache, "stdout": done.stdout}
+    assert set(cell_statuses(store)) == {"done"}, rows["cells"]
+    return {"rows": rows, "seconds": time.time() - start, "cache": cache, "stdout": done.stdout, "store": store}
 
 
 def test_killed_runs_resume_to_the_same_store(tmp_path, trained, baseline):
@@ -218,7 +230,7 @@ def test_concurrent_writers(tmp_path, baseline):
     assert len(keys) == len(set(keys)) == 3 + 3 + len(POSTPROCESSORS)
     rows = store_rows(store)
     assert {row[2] for row in rows["cells"]} == {"msp", "ebo", "mls", "entropy", "gen", "temp_scaling", "mds"}
-    assert all(row[4] == "done" for row in rows["cells"]), rows["cells"]
+    assert set(cell_statuses(store)) == {"done"}, rows["cells"]
     searched = {t: [r for r in rows[t] if "search" in r] for t in ("cells", "results")}
     assert searched == {t: baseline["rows"][t] for t in ("cells", "results")}, "two writers of one experiment differ from one"
 
@@ -262,3 +274,253 @@ def test_nan_scores_fail_their_cell_only(tmp_path, baseline):
     row = next(line for line in board.stdout.splitlines() if "| sometimes_nan" in line)
     assert "FAILED" in row and not any(ch.isdigit() for ch in row.split("sometimes_nan", 1)[1])
     assert "sometimes_nan: failed: 4 of" in board.stdout
+
+
+# --------------------------------------------------------------------------- the machine failing
+
+PROGRESS = re.compile(r"^[^|]*:\s*\d+%\|")  # a tqdm bar
+MARKER = "IN-TRANSACTION"
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of stderr that are not progress bars, warnings or the test's own marker."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip()]
+    return [line for line in lines if not PROGRESS.match(line) and not line.startswith("warning: ") and line != MARKER]
+
+
+def assert_one_error_line(done, code: int, *needles: str) -> str:
+    shown = f"exit {done.returncode}\nstderr: {done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr + done.stdout, shown
+    assert done.returncode == code, shown
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1, shown
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str):
+    """A real tmpfs of `size` mounted at `folder` for the block (the tests run as root here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs is not permitted here ({mounted.stderr.strip() or 'mount failed'}); "
+                    "these faults need a real filesystem that fills up or is read-only")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def remount(folder: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True, capture_output=True)
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """A file taking all but about `leave` bytes of the free space of `folder`'s filesystem."""
+    filler = folder / "filler"
+    with open(filler, "wb") as handle:
+        handle.write(b"\0" * max(0, shutil.disk_usage(folder).free - leave))
+    return filler
+
+
+def test_full_disk_under_the_cache_is_one_line_and_loses_nothing(tmp_path, trained, baseline):
+    """The output cache on a 1 MiB filesystem: torch.save fills it (a RuntimeError, not ENOSPC)."""
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        cache = disk / "cache"
+        (cache / "models").mkdir(parents=True)
+        for weights in (trained / "models").glob("digits-cnn-*.pt"):
+            if "robust" not in weights.name:
+                shutil.copy(weights, cache / "models")
+        store = tmp_path / "results.sqlite"
+        config = write_config(tmp_path, store)
+        done = run(cli_command("run", str(config)), cache, tmp_path)
+        line = assert_one_error_line(done, 2, "no space left on device", str(cache), "--cache-dir")
+        assert line.startswith("oodbench: error: no space left on device: cannot write ")
+
+        assert leftover_temporaries(cache) == [], "a partial file stayed in the cache"
+        entries = [p for p in (cache / "outputs").rglob("*.pt")]
+        assert entries, "no entry was written before the disk filled"
+        for entry in entries:  # every entry written before the disk filled is whole
+            payload = torch.load(entry, map_location="cpu", weights_only=True)
+            assert {"key", "tensors", "checksum"} <= set(payload)
+        assert cell_keys(store) == [], "a cell was stored from a run that could not cache its outputs"
+
+        remount(disk, "size=16m")  # room made: the same command resumes and gives the uninterrupted results
+        done = run(cli_command("run", str(config)), cache, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert store_rows(store) == baseline["rows"]
+
+
+def test_full_disk_under_the_store_is_one_line_and_keeps_its_rows(tmp_path, baseline):
+    """A finished store on a nearly full filesystem: SQLite says 'database or disk is full' mid-run."""
+    more = ["mls", "entropy", "temp_scaling", "klm", "gradnorm", "react", "knn", "scale", "ash", "dice", "vim"]
+    with small_filesystem(tmp_path / "disk", "2m") as disk:
+        store = disk / "results.sqlite"
+        shutil.copy(baseline["store"], store)
+        filler = fill(disk, leave=96 << 10)
+        config = write_config(tmp_path, store, postprocessors=POSTPROCESSORS + more, search=False)
+        done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+        assert_one_error_line(done, 2, "no space left on device", str(store), "--results")
+
+        rows = store_rows(store)  # the store is readable, and the finished cells are as they were
+        for table in ("cells", "results"):
+            kept = [row for row in rows[table] if "search" in row]
+            assert kept == baseline["rows"][table], f"{table}: rows written before the disk filled changed"
+        written = [key for key in cell_keys(store) if key[3] == "default"]
+        assert len(written) < len(POSTPROCESSORS + more), "the disk never filled: the test proves nothing"
+        counts = dict(sqlite3.connect(store).execute(
+            "SELECT c.postprocessor, count(r.metric) FROM cells c LEFT JOIN results r USING "
+            "(benchmark, model, postprocessor, setting, fingerprint) WHERE c.setting = 'default' GROUP BY 1"))
+        assert len(set(counts.values())) <= 1, f"a cell was half written: {counts}"
+
+        filler.unlink()
+        done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len([key for key in cell_keys(store) if key[3] == "default"]) == len(POSTPROCESSORS + more)
+
+
+def test_a_finished_store_on_a_read_only_filesystem_is_readable(tmp_path, baseline):
+    """leaderboard and compare on a WAL store whose folder cannot be written (no -shm can be made)."""
+    two = [{"name": "digits-cnn", "tags": ["standard"]}, {"name": "digits-cnn", "label": "digits-cnn-copy",
+                                                          "tags": ["robust"]}]
+    store = tmp_path / "results.sqlite"
+    config = write_config(tmp_path, store, models=two, postprocessors=["msp", "ebo", "pro_msp"], search=False)
+    assert run(cli_command("run", str(config)), baseline["cache"], tmp_path).returncode == 0
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    writable = {"leaderboard": run(cli_command("leaderboard", "--results", str(store)), baseline["cache"], tmp_path),
+                "compare": run(cli_command("compare", str(config), "--output", str(tmp_path / "plots")),
+                               baseline["cache"], tmp_path)}
+    assert all(done.returncode == 0 for done in writable.values()), [d.stderr for d in writable.values()]
+    with small_filesystem(tmp_path / "ro", "1m") as folder:
+        shutil.copy(store, folder / "results.sqlite")
+        remount(folder, "ro")
+        assert not os.access(folder, os.W_OK)
+        copy = folder / "results.sqlite"
+        board = run(cli_command("leaderboard", "--results", str(copy)), baseline["cache"], tmp_path)
+        assert board.returncode == 0, board.stderr
+        assert board.stdout == writable["leaderboard"].stdout
+        compared = run(cli_command("compare", str(config), "--results", str(copy), "--output",
+                                   str(tmp_path / "plots-ro")), baseline["cache"], tmp_path)
+        assert compared.returncode == 0, compared.stderr
+        assert compared.stdout == writable["compare"].stdout
+        assert sorted(p.name for p in folder.iterdir()) == ["results.sqlite"]
+
+
+# Pauses inside the store's transaction for the second cell (write_cell reads the clock there,
+# after deleting the cell's old rows), so a signal arrives with a cell half written.
+PAUSE_IN_SECOND_CELL = f"""
+import sys, time as _time
+import oodbench.results.store as _store
+class _Clock:
+    cells = 0
+    def __getattr__(self, name):
+        return getattr(_time, name)
+    def time(self):
+        if sys._getframe(1).f_code.co_name == "write_cell":
+            _Clock.cells += 1
+            if _Clock.cells == 2:
+                sys.stderr.write("{MARKER}\\n"); sys.stderr.flush(); _time.sleep(600)
+        return _time.time()
+_store.time = _Clock()
+"""
+
+
+def assert_terminated_like_an_interrupt(watched: Watched, store: Path, baseline) -> None:
+    """SIGTERM mid-transaction: one line, exit 143, the first cell kept whole, the second rolled back."""
+    assert watched.wait_for(MARKER, timeout=300), watched.stderr.decode()[-3000:]
+    watched.process.send_signal(signal.SIGTERM)
+    watched.process.wait(timeout=60)
+    watched.reader.join(timeout=10)
+    done = subprocess.CompletedProcess(watched.process.args, watched.process.returncode, "", watched.stderr.decode())
+    assert_one_error_line(done, 143, "oodbench: terminated; rerun the same command to resume")
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    rows = store_rows(store)
+    assert len(rows["cells"]) == 1, "the committed cell was lost or the half-written one kept"
+    kept = rows["cells"][0][2]
+    for table in ("cells", "results"):
+        assert rows[table] == [row for row in baseline["rows"][table] if row[2] == kept]
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, baseline):
+    store = tmp_path / "results.sqlite"
+    config = write_config(tmp_path, store)
+    watched = Watched(cli_command("run", str(config), prelude=PAUSE_IN_SECOND_CELL), baseline["cache"], tmp_path)
+    assert_terminated_like_an_interrupt(watched, store, baseline)
+    done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert store_rows(store) == baseline["rows"]
+
+
+# --------------------------------------------------------------------------- Ray
+
+requires_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                  reason="Ray is the optional extra oodbench[ray] (pip install -e '.[ray]')")
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # it ended while we looked
+            continue
+    return found
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A temp root for the run's own Ray instance (short: Ray's socket paths must fit 107 bytes);
+    afterwards no process of that instance may be left (after a few seconds to exit), and any
+    found is reported and ended."""
+    root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    yield root
+    deadline = time.time() + 15
+    while (left := processes_naming(str(root))) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+    assert left == [], f"processes of the run's Ray instance outlived it: {left}"
+
+
+@requires_ray
+def test_sigterm_with_the_ray_executor(tmp_path, baseline, ray_tmpdir):
+    store = tmp_path / "results.sqlite"
+    config = write_config(tmp_path, store)
+    env = {**environment(baseline["cache"]), "RAY_TMPDIR": str(ray_tmpdir)}
+    watched = Watched(cli_command("run", str(config), "--executor", "ray", prelude=PAUSE_IN_SECOND_CELL),
+                      baseline["cache"], tmp_path, env=env)
+    assert_terminated_like_an_interrupt(watched, store, baseline)
+
+
+@requires_ray
+def test_unreachable_ray_address_fails_fast(tmp_path, baseline):
+    store = tmp_path / "results.sqlite"
+    config = write_config(tmp_path, store)
+    started = time.time()
+    done = run(cli_command("run", str(config), "--executor", "ray", "--ray-address", "127.0.0.1:1"),
+               baseline["cache"], tmp_path, timeout=60)
+    assert time.time() - started < 30
+    assert_one_error_line(done, 2, "cannot reach the Ray cluster at 127.0.0.1:1", "connection refused")
+    assert not store.exists(), "the store was touched before the executor was ready"
+
+
+@requires_ray
+def test_a_local_ray_start_that_times_out_fails_in_one_line(tmp_path, baseline, ray_tmpdir):
+    store = tmp_path / "results.sqlite"
+    config = write_config(tmp_path, store)
+    env = {**environment(baseline["cache"]), "RAY_TMPDIR": str(ray_tmpdir), "OODBENCH_RAY_TIMEOUT": "1"}
+    started = time.time()
+    done = subprocess.run(cli_command("run", str(config), "--executor", "ray"), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert time.time() - started < 30
+    assert_one_error_line(done, 2, "the local Ray instance did not start within 1 s", "OODBENCH_RAY_TIMEOUT")
+    assert not store.exists()

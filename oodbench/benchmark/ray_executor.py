@@ -11,12 +11,23 @@ and write it with an atomic rename, so no task reads a half-written entry.
 A task whose worker process dies (killed, out of memory, node lost) is retried by Ray up
 to ``max_retries`` times; an exception raised by the job itself is a real failure, not
 retried, and comes back to the runner like the local executor's.
+
+Starting or joining Ray is bounded: Ray itself retries an unreachable cluster for many
+minutes and waits long for a local instance that does not come up. An address nothing
+listens at fails at once, and a start or join that takes longer than
+``OODBENCH_RAY_TIMEOUT`` seconds (default 25) is given up; each is one line. Ray's own
+SIGTERM handler is replaced by the caller's again after the start, so the CLI's
+(roll back, shut the local instance down, exit 143) still applies.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import threading
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from oodbench.errors import OodbenchError
@@ -24,10 +35,77 @@ from oodbench.errors import OodbenchError
 INSTALL_HINT = "the ray executor needs Ray, an optional extra: pip install 'oodbench[ray]'"
 # Read by Ray at import: a local instance then keeps every service on 127.0.0.1.
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+DEFAULT_START_TIMEOUT = 25.0
+PROBE_TIMEOUT = 5.0  # seconds to wait for a TCP connection to a cluster's address
 
 
 class WorkerLost(Exception):
     """A task's worker died on every attempt Ray was allowed."""
+
+
+class StartTimedOut(BaseException):
+    """Raised inside ``ray.init`` by the alarm that bounds it; a BaseException because Ray's
+    connection loops retry on any Exception."""
+
+
+def start_timeout() -> float:
+    """Seconds to wait for Ray to start or a cluster to answer: OODBENCH_RAY_TIMEOUT, default 25."""
+    value = os.environ.get("OODBENCH_RAY_TIMEOUT", str(DEFAULT_START_TIMEOUT))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise OodbenchError(f"OODBENCH_RAY_TIMEOUT must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def check_reachable(address: str) -> None:
+    """One line when nothing accepts connections at a cluster's host:port (Ray would retry it
+    for many minutes). ``auto`` is resolved by Ray itself and not checked here."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise OodbenchError(f"--ray-address {address!r} must be host:port (or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise OodbenchError(f"cannot reach the Ray cluster at {address}: {reason} (is its head node "
+                            "running, and is this its address?)") from None
+
+
+@contextmanager
+def bounded(seconds: float) -> Iterator[None]:
+    """Raise `StartTimedOut` in the block after `seconds`, and every second after that until it
+    ends (SIGALRM: in the main thread only; elsewhere the block is not bounded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise StartTimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextmanager
+def keeping_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` installs its own SIGTERM handlers (exit at once); put the caller's back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def import_ray(local: bool):
@@ -62,14 +140,35 @@ class RayExecutor:
         self.max_retries = max_retries
         self.owns_instance = not self.ray.is_initialized()
         if self.owns_instance:
-            try:
-                if address is None:
-                    self.ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-                else:
-                    self.ray.init(address=address, logging_level=logging.WARNING)
-            except ConnectionError as exc:
-                raise OodbenchError(f"cannot join the Ray cluster at {address}: {exc}") from None
+            self._start(address, num_cpus)
         self.task = self.ray.remote(run_job)
+
+    def _start(self, address: str | None, num_cpus: int | None) -> None:
+        """Start a local instance or join `address`, within `start_timeout`, or fail in one line."""
+        timeout = start_timeout()
+        what = "the local Ray instance did not start" if address is None else f"cannot join the Ray cluster at {address}"
+        if address is not None:
+            check_reachable(address)
+        try:
+            # ERROR: Ray's start-up notices (token authentication...) would add lines to every run
+            with keeping_sigterm_handler(), bounded(timeout):
+                if address is None:
+                    self.ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR)
+                else:
+                    self.ray.init(address=address, logging_level=logging.ERROR)
+        except StartTimedOut:
+            self._abandon()
+            raise OodbenchError(f"{what} within {timeout:g} s (set OODBENCH_RAY_TIMEOUT to wait longer)") from None
+        except Exception as exc:  # Ray's own failure to start or connect, often many lines
+            self._abandon()
+            raise OodbenchError(f"{what}: {_first_line(exc)}") from None
+
+    def _abandon(self) -> None:
+        """Stop what a failed start left running (a local instance's processes)."""
+        try:
+            self.ray.shutdown()
+        except Exception:  # best effort: Ray's exit hook kills a local instance's processes too
+            pass
 
     def map(self, jobs: Iterable[Any], desc: str) -> Iterator[tuple[Any, Any]]:
         pending = {}
