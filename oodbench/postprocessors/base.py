@@ -16,7 +16,9 @@ for it. Methods declare what they need as class attributes, which the runner rea
   value, so a bad setting fails in one line before any work; limits that depend on the
   data (ViM's D below the feature dimension) are checked later, as `InvalidHyperparameter`;
 - ``search_space``: lists of values per hyperparameter for the validation search
-  (built-ins read it from ``configs/postprocessors/<name>.yaml``).
+  (built-ins read it from ``configs/postprocessors/<name>.yaml``);
+- ``family``: the method family figures group by, one of ``FAMILIES`` (softmax-based,
+  logit/energy-based, feature-based, activation shaping, gradient-based); ``other`` by default.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 import torch
 
 from oodbench.errors import OodbenchError, did_you_mean
+
+FAMILIES = ("softmax", "logit", "feature", "activation", "gradient", "other")
 
 
 @dataclass
@@ -165,6 +169,7 @@ class Postprocessor:
     needs_fit: ClassVar[bool] = False
     fit_params: ClassVar[tuple[str, ...] | None] = None
     higher_is_better: ClassVar[bool] = True
+    family: ClassVar[str] = "other"
     defaults: ClassVar[dict[str, Any]] = {}
     ranges: ClassVar[dict[str, Any]] = {}
     search_space: ClassVar[dict[str, list[Any]]] = {}

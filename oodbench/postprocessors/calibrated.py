@@ -58,6 +58,7 @@ def _labelled(val: Outputs, method: str) -> torch.Tensor:
 
 @register_postprocessor("temp_scaling", "temperature_scaling")
 class TemperatureScaling(Postprocessor):
+    family = "softmax"
     needs_fit = True
 
     def fit(self, train: Outputs, val: Outputs) -> None:
@@ -69,6 +70,7 @@ class TemperatureScaling(Postprocessor):
 
 @register_postprocessor("klm", "kl_matching")
 class KLMatching(Postprocessor):
+    family = "softmax"
     needs_fit = True
 
     def fit(self, train: Outputs, val: Outputs) -> None:

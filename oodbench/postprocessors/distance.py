@@ -60,6 +60,7 @@ def mahalanobis(z: torch.Tensor, means: torch.Tensor, prec: torch.Tensor) -> tor
 
 @register_postprocessor("mds", "mahalanobis")
 class Mahalanobis(Postprocessor):
+    family = "feature"
     needs_features = True
     needs_fit = True
 
@@ -107,6 +108,7 @@ def kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> t
 
 @register_postprocessor("knn")
 class KNN(Postprocessor):
+    family = "feature"
     needs_features = True
     needs_fit = True
     defaults = {"k": 50}

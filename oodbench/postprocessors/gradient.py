@@ -62,6 +62,7 @@ class InputGradientPostprocessor(Postprocessor):
     """Base class of methods that need input gradients: implement ``score_batch``."""
 
     needs_model = True
+    family = "gradient"
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         model = outputs.model

@@ -26,6 +26,7 @@ def gradnorm(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 @register_postprocessor("gradnorm")
 class GradNorm(Postprocessor):
+    family = "gradient"
     needs_features = True
 
     def score(self, outputs: Outputs) -> torch.Tensor:

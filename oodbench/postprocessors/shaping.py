@@ -74,6 +74,7 @@ def scale(z: torch.Tensor, k: int) -> torch.Tensor:
 
 @register_postprocessor("react")
 class ReAct(Postprocessor):
+    family = "activation"
     needs_features = True
     needs_fit = True
     defaults = {"percentile": 90}
@@ -89,6 +90,7 @@ class ReAct(Postprocessor):
 
 @register_postprocessor("ash")
 class ASH(Postprocessor):
+    family = "activation"
     needs_features = True
     defaults = {"percentile": 90, "variant": "b"}
     ranges = {"percentile": PRUNING_PERCENTILE, "variant": OneOf("b", "p", "s")}  # ASH-B, ASH-P, ASH-S
@@ -100,6 +102,7 @@ class ASH(Postprocessor):
 
 @register_postprocessor("scale")
 class SCALE(Postprocessor):
+    family = "activation"
     needs_features = True
     defaults = {"percentile": 85}
     ranges = {"percentile": PRUNING_PERCENTILE}
@@ -111,6 +114,7 @@ class SCALE(Postprocessor):
 
 @register_postprocessor("dice")
 class DICE(Postprocessor):
+    family = "activation"
     needs_features = True
     needs_fit = True
     defaults = {"percentile": 90}

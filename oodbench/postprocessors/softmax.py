@@ -30,24 +30,31 @@ def generalized_entropy(logits: torch.Tensor, gamma: float, top_m: int) -> torch
 
 @register_postprocessor("msp")
 class MSP(Postprocessor):
+    family = "softmax"
+
     def score(self, outputs: Outputs) -> torch.Tensor:
         return torch.softmax(outputs.logits, dim=1).max(dim=1).values
 
 
 @register_postprocessor("mls", "max_logit")
 class MaxLogit(Postprocessor):
+    family = "logit"
+
     def score(self, outputs: Outputs) -> torch.Tensor:
         return outputs.logits.max(dim=1).values
 
 
 @register_postprocessor("entropy")
 class Entropy(Postprocessor):
+    family = "softmax"
+
     def score(self, outputs: Outputs) -> torch.Tensor:
         return negative_entropy(outputs.logits)
 
 
 @register_postprocessor("ebo", "energy")
 class Energy(Postprocessor):
+    family = "logit"
     defaults = {"temperature": 1.0}
     ranges = {"temperature": Number(gt=0)}
 
@@ -58,6 +65,7 @@ class Energy(Postprocessor):
 
 @register_postprocessor("gen")
 class GEN(Postprocessor):
+    family = "softmax"
     defaults = {"gamma": 0.1, "top_m": 100}
     ranges = {"gamma": Number(gt=0), "top_m": Integer(ge=1)}
 

@@ -52,6 +52,7 @@ def residual_basis(features: torch.Tensor, origin: torch.Tensor, dim: int) -> to
 
 @register_postprocessor("vim")
 class ViM(Postprocessor):
+    family = "feature"
     needs_features = True
     needs_fit = True
     defaults = {"dim": "auto"}
