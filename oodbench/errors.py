@@ -22,6 +22,11 @@ class DatasetMissing(OodbenchError):
     """A dataset's files are not under the data root; the message says where to get them."""
 
 
+class MissingExtras(DatasetMissing):
+    """A postprocessor needs auxiliary model outputs (``needs_extras``) that these outputs do
+    not carry; like a missing dataset, its cell is marked missing with this line."""
+
+
 class NoSpaceLeft(OodbenchError):
     """A write failed because the disk is full. The message names the file; what was written
     before (earlier cache entries, committed cells) is intact, so a rerun resumes."""

@@ -130,6 +130,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.pro",
         "oodbench.postprocessors.odin",
         "oodbench.postprocessors.sni",
+        "oodbench.postprocessors.latent",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(

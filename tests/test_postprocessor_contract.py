@@ -3,10 +3,18 @@
 Each method is fitted and scored on real outputs of the built-in `digits-cnn` (ID digits
 0-5 vs Gaussian-noise images, an easy case) and must give one finite, deterministic
 score per sample, higher for ID; its defaults and search space must be valid.
+
+A method that reads auxiliary model outputs (``needs_extras``, e.g. ``kl_gaussian``'s
+``mu`` and ``logvar``) cannot score the digits model, which has none: it must fail in
+one line naming what is missing (`MissingExtras`, a cell the runner marks missing).
+Its shape, finiteness and determinism are checked with stand-in extras (the penultimate
+features); which direction is ID depends on a model trained for those extras, so its
+"higher for ID" is tested against its formula in its own tests (tests/test_api.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +25,7 @@ from oodbench.benchmark.jobs import RunContext, get_model, split_outputs
 from oodbench.benchmark.plan import benchmark_splits, search_space_for
 from oodbench.benchmark.spec import load_benchmark
 from oodbench.datasets.base import load_dataset
-from oodbench.errors import OodbenchError
+from oodbench.errors import MissingExtras, OodbenchError
 from oodbench.evaluators.metrics import auroc
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import grid
@@ -49,8 +57,15 @@ def fitted(name, outputs, **params):
     cls = POSTPROCESSORS.get(name)
     method = cls(**params)
     if cls.needs_fit:
-        method.fit(outputs["id:train"], outputs["id:val"])
+        method.fit(with_extras(cls, outputs["id:train"]), with_extras(cls, outputs["id:val"]))
     return method
+
+
+def with_extras(cls, outputs):
+    """`outputs` with stand-ins for the extras `cls` needs (the penultimate features)."""
+    if not cls.needs_extras:
+        return outputs
+    return replace(outputs, extras={name: outputs.features for name in cls.needs_extras})
 
 
 def test_plugin_is_in_the_registry():
@@ -61,7 +76,7 @@ def test_plugin_is_in_the_registry():
 @pytest.mark.parametrize("name", NAMES)
 def test_scores_shape_finite_deterministic(name, digits_outputs):
     method = fitted(name, digits_outputs)
-    test = digits_outputs["id:test"]
+    test = with_extras(type(method), digits_outputs["id:test"])
     first = torch.as_tensor(method.score(test))
     second = torch.as_tensor(method.score(test))
     assert first.shape == (len(test),)
@@ -69,13 +84,24 @@ def test_scores_shape_finite_deterministic(name, digits_outputs):
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if not POSTPROCESSORS.get(n).needs_extras])
 def test_higher_means_in_distribution(name, digits_outputs):
     method = fitted(name, digits_outputs)
     id_scores = torch.as_tensor(method.score(digits_outputs["id:test"])).numpy()
     ood_scores = torch.as_tensor(method.score(digits_outputs["far:gaussian"])).numpy()
     is_ood = np.r_[np.zeros(id_scores.size), np.ones(ood_scores.size)]
     assert auroc(np.r_[id_scores, ood_scores], is_ood) > 0.8
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if POSTPROCESSORS.get(n).needs_extras])
+def test_missing_extras_fail_in_one_line(name, digits_outputs):
+    """The digits model has no extras: scoring fails naming the method and every missing extra."""
+    cls = POSTPROCESSORS.get(name)
+    with pytest.raises(MissingExtras) as error:
+        fitted(name, digits_outputs).score(digits_outputs["id:test"])
+    message = str(error.value)
+    assert "\n" not in message and f"'{cls.name}'" in message
+    assert all(extra in message for extra in cls.needs_extras)
 
 
 @pytest.mark.parametrize("name", NAMES)

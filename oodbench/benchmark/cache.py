@@ -1,7 +1,8 @@
 """The output cache: one forward pass per (model, dataset split), reused by everything.
 
-An entry holds logits, penultimate features, labels and the classifier's (W, b), so
-feature methods never load the model. Its key (`oodbench.identity.output_key_text`) names
+An entry holds logits, penultimate features, labels, the classifier's (W, b) and the
+model's extras (auxiliary tensors it was asked for, ``extra:<name>``), so feature
+methods never load the model. Its key (`oodbench.identity.output_key_text`) names
 the model identity and weights hash, the split's fingerprint (the data actually read, the
 selection and the preprocessing) and the extractor version. Each entry stores that full
 key and a checksum of its tensors; the reader checks both, so a damaged file, or a valid
@@ -79,6 +80,9 @@ class VerifiedFiles:
                      "checksum": self.checksum(tensors, scalars)}, self.path(key))
 
 
+EXTRA = "extra:"  # prefix of the model's extras among an entry's tensors
+
+
 class OutputCache(VerifiedFiles):
     """Model outputs per (model, split), under ``<cache>/outputs``; keys from
     `oodbench.identity.output_key_text`."""
@@ -95,13 +99,16 @@ class OutputCache(VerifiedFiles):
         if entry is None:
             return None
         tensors, scalars = entry
+        extras = {name[len(EXTRA):]: value for name, value in tensors.items() if name.startswith(EXTRA)}
         return Outputs(logits=tensors["logits"], features=tensors["features"], labels=tensors["labels"],
-                       fc=(tensors["fc_weight"], tensors["fc_bias"]), meta=dict(scalars.get("meta", {})))
+                       fc=(tensors["fc_weight"], tensors["fc_bias"]), meta=dict(scalars.get("meta", {})),
+                       extras=extras)
 
     def save(self, key: str, outputs: Outputs) -> None:
         weight, bias = outputs.fc
         self.write(key, {"logits": outputs.logits, "features": outputs.features, "labels": outputs.labels,
-                         "fc_weight": weight, "fc_bias": bias}, {"meta": outputs.meta})
+                         "fc_weight": weight, "fc_bias": bias,
+                         **{EXTRA + name: value for name, value in outputs.extras.items()}}, {"meta": outputs.meta})
 
 
 def atomic_save(payload: dict, path: Path) -> None:
@@ -227,16 +234,21 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
 
     for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", mininterval=1.0,
                                 disable=len(loader) < 20):
-        feats, logit = model.features(images.to(device))
+        if hasattr(model, "forward_with_extras"):
+            feats, logit, extras = model.forward_with_extras(images.to(device))
+        else:
+            (feats, logit), extras = model.features(images.to(device)), {}
         pending.append({"features": feats.float().cpu(), "logits": logit.float().cpu(),
-                        "labels": torch.as_tensor(targets).long()})
+                        "labels": torch.as_tensor(targets).long(),
+                        **{EXTRA + name: _stored(value) for name, value in extras.items()}})
         if sharded and time.monotonic() - last_flush >= interval:
             flush()
     chunks.extend(pending)
     merged = _concat(chunks)
     weight, bias = model.fc
     outputs = Outputs(logits=merged["logits"], features=merged["features"], labels=merged["labels"],
-                      fc=(weight.float().cpu(), bias.float().cpu()))
+                      fc=(weight.float().cpu(), bias.float().cpu()),
+                      extras={name[len(EXTRA):]: value for name, value in merged.items() if name.startswith(EXTRA)})
     if sharded:
         cache.save(key, outputs)
         for shard in range(number):
@@ -244,5 +256,11 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
     return outputs
 
 
+def _stored(extra: torch.Tensor) -> torch.Tensor:
+    """An extra as cached: on the CPU, floating point as float32 (like the logits)."""
+    return extra.float().cpu() if extra.is_floating_point() else extra.cpu()
+
+
 def _concat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in ("features", "logits", "labels")}
+    names = chunks[0] if chunks else ("features", "logits", "labels")
+    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in names}

@@ -7,8 +7,17 @@ normalisation happens inside), and exposes:
   their log, flagged by ``outputs_probabilities``;
 - ``features(x)``: (penultimate features, logits), captured generically by a hook on the
   input of the final classifier layer (the last ``nn.Linear`` unless named);
+- ``forward_with_extras(x)``: (features, logits, extras), the extras being the auxiliary
+  tensors named by ``extras`` (`oodbench.models.heads`);
 - ``fc``: the classifier's (W, b); ``num_classes``; ``identity`` and ``weights_hash`` for
   the output cache.
+
+``output`` selects the logits when the network returns a tuple, dict or dataclass
+(`oodbench.models.heads.select_output`). A network with **one output logit** z (a binary
+classifier) is treated as the two-class logits [0, z]: softmax([0, z])[1] = sigmoid(z),
+so every softmax- and logit-based score applies; ``fc`` is padded to match (a zero row),
+and ``num_classes`` is 2. With ``outputs_probabilities`` a single output p is read as
+the two-class log-probabilities [log(1 - p), log p].
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 from torch import nn
 
 from oodbench.errors import OodbenchError, did_you_mean
+from oodbench.models.heads import capture_extras, check_sources, select_output
 from oodbench.registry import MODELS
 
 
@@ -78,12 +88,17 @@ class ModelAdapter(nn.Module):
         classifier: str | nn.Module | None = None,
         outputs_probabilities: bool = False,
         weights_hash: str | None = None,
+        output: Any = None,
+        extras: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.net = net.eval()
         for parameter in self.net.parameters():
             parameter.requires_grad_(False)
-        self.num_classes = int(num_classes)
+        self.single_logit = int(num_classes) == 1
+        self.num_classes = 2 if self.single_logit else int(num_classes)
+        self.output = output
+        self.extra_sources = check_sources(extras or {})
         self.identity = identity
         self.outputs_probabilities = outputs_probabilities
         self.has_normalization = mean is not None
@@ -101,28 +116,48 @@ class ModelAdapter(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std if self.has_normalization else x
 
-    def _logits(self, raw: torch.Tensor) -> torch.Tensor:
+    def _logits(self, raw: Any) -> torch.Tensor:
+        raw = select_output(raw, self.output)
+        if self.single_logit and (raw.ndim == 1 or (raw.ndim == 2 and raw.shape[1] == 1)):
+            z = raw.reshape(-1, 1)
+            if self.outputs_probabilities:
+                p = z.clamp(1e-12, 1 - 1e-12)
+                return torch.cat([torch.log1p(-p), p.log()], dim=1)
+            return torch.cat([torch.zeros_like(z), z], dim=1)
         return raw.clamp_min(1e-12).log() if self.outputs_probabilities else raw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._logits(self.net(self.normalize(x)))
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits, _ = self.forward_with_extras(x)
+        return features, logits
+
+    def forward_with_extras(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(penultimate features N x D, logits N x C, {name: extra N x ...}) of one forward pass."""
         captured: list[torch.Tensor] = []
-        handle = self.classifier.register_forward_pre_hook(lambda m, inputs: captured.append(inputs[0]))
+        raw: list[Any] = []
+        handles = [self.classifier.register_forward_pre_hook(lambda m, inputs: captured.append(inputs[0])),
+                   self.net.register_forward_hook(lambda m, inputs, output: raw.append(output))]
         try:
-            logits = self.forward(x)
+            with capture_extras(self.net, self.extra_sources) as capture:
+                logits = self.forward(x)
+                extras = capture.resolve(raw[-1], x.shape[0])
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if not captured:
             raise OodbenchError(f"{self.identity}: the classifier layer was not called in forward")
-        return captured[-1].flatten(1), logits
+        return captured[-1].flatten(1), logits, extras
 
     @property
     def fc(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.classifier.weight.detach().flatten(1)
         bias = self.classifier.bias
         bias = bias.detach() if bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+        if self.single_logit and weight.shape[0] == 1:  # logits [0, z]: a zero row before z's
+            weight = torch.cat([torch.zeros_like(weight), weight])
+            bias = torch.cat([torch.zeros_like(bias), bias])
         return weight, bias
 
     @property

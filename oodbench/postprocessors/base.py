@@ -8,6 +8,10 @@ for it. Methods declare what they need as class attributes, which the runner rea
 - ``needs_model``: runs the model again for input gradients (``outputs.model``,
   ``outputs.inputs``); everything else works on cached outputs alone;
 - ``needs_fit``: ``fit(train_outputs, val_outputs)`` must run before ``score``;
+- ``needs_extras``: names of auxiliary model outputs it reads from ``outputs.extras``
+  (a latent Gaussian's ``("mu", "logvar")``); read them with ``self.required_extras``,
+  which fails in one line (`MissingExtras`) when the model does not provide them, and
+  the runner marks that cell missing;
 - ``fit_params``: the hyperparameters that change what ``fit`` computes (None: all),
   so the fit-state cache fits once for the others' whole search range;
 - ``defaults``: hyperparameters and their default values;
@@ -31,7 +35,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 
-from oodbench.errors import OodbenchError, did_you_mean
+from oodbench.errors import MissingExtras, OodbenchError, did_you_mean
 
 FAMILIES = ("softmax", "logit", "feature", "activation", "gradient", "other")
 
@@ -44,7 +48,8 @@ class Outputs:
     N x D penultimate activations, ``labels``: N class labels (-1 for OOD samples),
     ``fc``: the classifier's (W: C x D, b: C) that maps features to logits.
     ``model`` and ``inputs`` (a dataset of [0,1] images) are set only for methods that
-    need the model.
+    need the model. ``extras``: auxiliary per-sample tensors the model was asked for
+    (name -> N x ...), cached with the logits.
     """
 
     logits: torch.Tensor
@@ -54,6 +59,7 @@ class Outputs:
     model: Any = None
     inputs: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -167,6 +173,7 @@ class Postprocessor:
     needs_features: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
+    needs_extras: ClassVar[tuple[str, ...]] = ()
     fit_params: ClassVar[tuple[str, ...] | None] = None
     higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "other"
@@ -219,6 +226,20 @@ class Postprocessor:
     def score(self, outputs: Outputs) -> torch.Tensor:
         """One score per sample, higher = more in-distribution."""
         raise NotImplementedError
+
+    def required_extras(self, outputs: Outputs) -> dict[str, torch.Tensor]:
+        """``outputs.extras[name]`` for each name of ``needs_extras``, as float tensors.
+
+        Raises `MissingExtras` (one line naming the method and what is missing) when the
+        model was not asked for them."""
+        missing = [name for name in self.needs_extras if name not in outputs.extras]
+        if missing:
+            have = ", ".join(outputs.extras) or "none"
+            wanted = ", ".join(f"'{name}': ..." for name in self.needs_extras)
+            raise MissingExtras(f"postprocessor '{self.name}' needs the model's extras {', '.join(missing)} "
+                                f"(these outputs have {have}); name them with extras={{{wanted}}} "
+                                "(oodbench.evaluate, or the torch: model option extras)")
+        return {name: outputs.extras[name].float() for name in self.needs_extras}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
