@@ -32,7 +32,7 @@ from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.executors import Executor, make_executor
 from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
 from oodbench.benchmark.plan import Plan, check_compatible, model_placeholder, resolve_params, resolve_postprocessors
-from oodbench.benchmark.spec import load_benchmark
+from oodbench.benchmark.spec import Benchmark, load_benchmark
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
 from oodbench.results.store import Cell, ResultStore
@@ -61,11 +61,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def check_config(config: ExperimentConfig) -> list[str]:
+def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -> list[str]:
     """Everything about a config that can fail without data: plugins, names, hyperparameters
     (every fixed value and every searched one), model sources. Returns the postprocessors."""
     load_plugins(config.plugins, strict=True)
-    load_benchmark(config.benchmark)
+    if benchmark is None:
+        load_benchmark(config.benchmark)
     names = resolve_postprocessors(config.postprocessors)
     params = resolve_params(names, config.params)
     for name in names:
@@ -91,19 +92,23 @@ def time_summary(timing: dict[str, dict[str, float]], wall: float) -> str:
 
 
 def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Executor | str = "local",
-                   executor_options: dict[str, Any] | None = None, quiet: bool = False, **overrides: Any):
-    """Run (or resume) an experiment and return the leaderboard DataFrame of its cells."""
+                   executor_options: dict[str, Any] | None = None, quiet: bool = False,
+                   resolved_benchmark: Benchmark | None = None, **overrides: Any):
+    """Run (or resume) an experiment and return the leaderboard DataFrame of its cells.
+
+    `resolved_benchmark`: a `Benchmark` built in Python (oodbench.evaluate's in-memory data),
+    run instead of loading ``config.benchmark``."""
     from oodbench.results.tables import leaderboard_frame
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config, **overrides)
-    names = check_config(config)
+    names = check_config(config, resolved_benchmark)
     device = resolve_device(config.device)
     if isinstance(executor, str):  # an executor made here is closed here (a local Ray instance shut down)
         with closing(make_executor(executor, **(executor_options or {}))) as made:
-            return run_experiment(config, made, quiet=quiet)
+            return run_experiment(config, made, quiet=quiet, resolved_benchmark=resolved_benchmark)
     started = time.time()
-    benchmark = load_benchmark(config.benchmark)
+    benchmark = resolved_benchmark if resolved_benchmark is not None else load_benchmark(config.benchmark)
     store = ResultStore(config.results)
     plan = Plan.resolve(config, benchmark, names)
     if not plan.present("id:test"):
