@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models import DenseNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelAdapter
 from oodbench.models.cifar_resnet import TRAINING_MEAN, TRAINING_STD, build
 from oodbench.postprocessors.sni import SplittingIntegrating
@@ -140,3 +141,23 @@ def test_the_model_is_left_as_it_was():
     new_scores(model, images(count=3, size=32))
     assert all("forward" not in vars(module) for module in model.modules())
     assert {name: dict(vars(module)) for name, module in model.named_modules()} == before
+
+
+class IdentityThenInPlace(nn.Module):
+    """An identity layer whose output is its input, which an in-place ReLU then changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.identity, self.fc = nn.Conv2d(3, 4, 3), nn.Identity(), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        out = self.identity(h)
+        torch.relu_(h)
+        return self.fc(out.mean(dim=(2, 3)))
+
+
+def test_a_split_layer_aliasing_an_in_place_change_is_a_user_error():
+    model = ModelAdapter(IdentityThenInPlace().eval(), num_classes=3, identity="test:alias")
+    with pytest.raises(OodbenchError, match="changed in place"):
+        new_scores(model, images(count=2, size=6), layers=["identity"])

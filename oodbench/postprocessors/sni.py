@@ -135,6 +135,7 @@ class CallTrace:
         self.calls: list[ModuleCall] = []
         self.split_index: dict[nn.Module, list[int]] = {layer: [] for layer in layers}
         self.split_outputs: dict[nn.Module, torch.Tensor] = {}
+        self.split_versions: dict[nn.Module, int] = {}
 
     def __call__(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         index = len(self.calls)
@@ -148,9 +149,10 @@ class CallTrace:
             if not isinstance(output, torch.Tensor):
                 raise OodbenchError(f"sni: layer {type(module).__name__} does not output a tensor")
             self.split_index[module].append(index)
-            if not output.requires_grad:  # the first chosen layer: the graph starts here
+            if not output.requires_grad:  # no graph reaches it (the first chosen layer): start one here
                 output = output.detach().requires_grad_(True)
             self.split_outputs[module] = output
+            self.split_versions[module] = output._version
             # a copy goes on, so that an in-place op after the layer (ReLU(inplace=True))
             # does not write into the output the gradients are taken at
             output = output.clone()
@@ -164,6 +166,9 @@ class CallTrace:
             if len(indices) != 1:
                 raise OodbenchError(f"sni: layer {type(layer).__name__} runs {len(indices)} times per forward; "
                                     "split layers must run once")
+            if self.split_outputs[layer]._version != self.split_versions[layer]:
+                raise OodbenchError(f"sni: the output of layer {type(layer).__name__} is the same tensor as "
+                                    "something changed in place later in the forward pass; choose another layer")
         for call in self.calls:
             if call.output is not None and call.output._version != call.output_version:
                 call.output = None  # changed in place after the call: later code may rely on that
