@@ -14,10 +14,9 @@ from torch import nn
 from torchvision.models import DenseNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelAdapter
 from oodbench.models.cifar_resnet import TRAINING_MEAN, TRAINING_STD, build
-from oodbench.postprocessors.sni import SplittingIntegrating
+from oodbench.postprocessors.sni import CallTrace, SplittingIntegrating
 from tests.conftest import SHARED_DATA, SHARED_MODELS, requires_shared
 from tests.sni_landed import landed_sni_score_batch
 from tests.test_gradient_postprocessors import MEAN, STD, images, outputs_for, tiny_net
@@ -144,20 +143,40 @@ def test_the_model_is_left_as_it_was():
 
 
 class IdentityThenInPlace(nn.Module):
-    """An identity layer whose output is its input, which an in-place ReLU then changes."""
+    """An identity layer, whose output is its input, which an in-place ReLU then changes:
+    replacing the identity's output by z (S&I's split) cuts that link."""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.identity, self.fc = nn.Conv2d(3, 4, 3), nn.Identity(), nn.Linear(4, 3)
+        self.conv1, self.identity, self.conv2 = nn.Conv2d(3, 4, 3), nn.Identity(), nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x)
-        out = self.identity(h)
-        torch.relu_(h)
-        return self.fc(out.mean(dim=(2, 3)))
+        hidden = self.conv1(x)
+        out = self.identity(hidden)
+        torch.relu_(hidden)
+        return self.fc(torch.relu(self.conv2(out) + hidden).amax(dim=(2, 3)))
 
 
-def test_a_split_layer_aliasing_an_in_place_change_is_a_user_error():
+@pytest.mark.parametrize("layers", [["identity"], ["conv1", "identity"]])
+def test_a_split_layer_whose_output_is_changed_in_place_later_is_identical(layers):
+    torch.manual_seed(0)
     model = ModelAdapter(IdentityThenInPlace().eval(), num_classes=3, identity="test:alias")
-    with pytest.raises(OodbenchError, match="changed in place"):
-        new_scores(model, images(count=2, size=6), layers=["identity"])
+    assert_identical(model, images(count=6, size=6), eta=0.3, steps=2, layers=layers)
+
+
+def test_the_aliased_split_case_needs_its_own_first_step(monkeypatch):
+    """Taking the identity's step-1 gradients from the clean pass would be wrong here."""
+    torch.manual_seed(0)
+    model = ModelAdapter(IdentityThenInPlace().eval(), num_classes=3, identity="test:alias")
+    x = images(count=6, size=6)
+    finish = CallTrace.finish
+
+    def finish_treating_nothing_as_aliased(trace):
+        finish(trace)
+        trace.aliased = set()
+
+    monkeypatch.setattr(CallTrace, "finish", finish_treating_nothing_as_aliased)
+    with torch.no_grad():
+        expected = landed_sni_score_batch(model, x, eta=0.3, layers=["identity"])
+    assert not torch.equal(new_scores(model, x, eta=0.3, layers=["identity"]), expected)

@@ -23,24 +23,29 @@ per forward. (The reference ResNet-34 splits are the 35 non-stem BatchNorm outpu
 the stem convolution's output, taken before its BatchNorm; name the layers to reproduce
 that.)
 
-What it costs per batch, for L layers and T steps:
+What it costs per batch, for L layers and T steps (the whole network per layer and step
+would be L * T forward and L * (2T - 1) backward passes):
 
 - step 1 of every layer at once: at z_1 every tail_l(z_1) is the clean network, so one
-  forward pass (a graph from the first chosen layer on) and two backward passes give
-  g_1 and the CE gradient at every layer's output;
-- steps 2..T: only the tail runs. That forward pass records every module call in order
-  (`CallTrace`); a tail pass (`TailReplay`) then hands back, instead of running it, every
+  forward pass of the unchanged model and two backward passes give g_1 and the CE
+  gradient at every layer's output (tensor hooks registered when the layer returns, so
+  they see the gradient at that value even if it is changed in place later);
+- steps 2..T, L times: only the tail runs. The clean pass records every module call in
+  order (`CallTrace`); a tail pass (`TailReplay`) hands back, instead of running it, every
   call that ended before layer l started, and returns z for layer l itself, so the head
   is not computed again. Functional operations between modules (an activation written as
   ``F.relu``, the adapter's input normalisation) do run again; they are cheap.
 
 The scores are the same, bit for bit, as running the whole network for every layer and
 step (tests/sni_landed.py): the head's values are the ones the clean pass computed, and
-the backward pass visits the tail's nodes in the same order either way. A call is handed
-back only if it left its inputs unchanged and nothing changed its output in place later
-(tensor version counters), so in-place code (``ReLU(inplace=True)``, ``out += identity``)
-still runs; modules are assumed to be functions of their inputs (no state changed by a
-forward pass, as in eval mode).
+the backward pass visits the tail's nodes in the same order either way (autograd runs
+them in reverse creation order). A call is handed back only if it left its inputs
+unchanged and nothing changed its output in place later (tensor version counters), so
+in-place code (``ReLU(inplace=True)``, ``out += identity``) still runs. A layer whose
+output shares memory with its input (an identity, a view) and is changed in place later
+is the one case where replacing the output by z differs from the clean network: its
+step 1 runs the tail too. Modules are assumed to be functions of their inputs (no state
+changed by a forward pass, as in eval mode).
 """
 
 from __future__ import annotations
@@ -126,16 +131,19 @@ class ModuleCall:
 
 
 class CallTrace:
-    """Dispatch of the clean forward pass: numbers every module call, keeps the outputs that
-    a tail pass may hand back, and passes each split layer's output on as a copy, keeping
-    the original (attached to the autograd graph) in `split_outputs`."""
+    """Dispatch of the clean forward pass, which runs the model unchanged: numbers every
+    module call, keeps the outputs that a tail pass may hand back, and at each split layer
+    keeps a copy of its output (z_1) and hooks the gradient at that output (the value it
+    had when the layer returned, even if changed in place later)."""
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = set(layers)
         self.calls: list[ModuleCall] = []
         self.split_index: dict[nn.Module, list[int]] = {layer: [] for layer in layers}
-        self.split_outputs: dict[nn.Module, torch.Tensor] = {}
-        self.split_versions: dict[nn.Module, int] = {}
+        self.clean: dict[nn.Module, torch.Tensor] = {}
+        self.aliased: set[nn.Module] = set()
+        self.gradients: dict[nn.Module, torch.Tensor] = {}
+        self._aliases: list[tuple[nn.Module, torch.Tensor, int]] = []
 
     def __call__(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         index = len(self.calls)
@@ -146,29 +154,35 @@ class CallTrace:
         keeps_inputs = all(tensor._version == version for tensor, version in zip(inputs, versions))
         call = self.calls[index] = ModuleCall(module, len(self.calls), keeps_inputs)
         if module in self.layers:
-            if not isinstance(output, torch.Tensor):
-                raise OodbenchError(f"sni: layer {type(module).__name__} does not output a tensor")
-            self.split_index[module].append(index)
-            if not output.requires_grad:  # no graph reaches it (the first chosen layer): start one here
-                output = output.detach().requires_grad_(True)
-            self.split_outputs[module] = output
-            self.split_versions[module] = output._version
-            # a copy goes on, so that an in-place op after the layer (ReLU(inplace=True))
-            # does not write into the output the gradients are taken at
-            output = output.clone()
+            self._split(module, index, output, inputs)
         if keeps_inputs and isinstance(output, torch.Tensor):
             call.output, call.output_version = output.detach(), output._version
         return output
 
+    def _split(self, layer: nn.Module, index: int, output: Any, inputs: list[torch.Tensor]) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise OodbenchError(f"sni: layer {type(layer).__name__} does not output a tensor")
+        if not output.requires_grad:
+            raise OodbenchError(f"sni: the output of layer {type(layer).__name__} does not depend on the "
+                                "input differentiably; choose another layer")
+        self.split_index[layer].append(index)
+        self.clean[layer] = output.detach().clone()
+        output.register_hook(lambda grad: self.gradients.__setitem__(layer, grad))
+        storage = output.untyped_storage().data_ptr()
+        if output._base is not None or any(t.untyped_storage().data_ptr() == storage for t in inputs):
+            self._aliases.append((layer, output, output._version))
+
     def finish(self) -> None:
-        """Check each split layer ran once; drop the outputs no tail pass hands back."""
+        """Check each split layer ran once; find the layers whose output aliases a tensor
+        changed in place later (replacing such an output by z is not the same as changing
+        its value in the graph: their first step runs the tail too); drop the outputs no
+        tail pass hands back."""
         for layer, indices in self.split_index.items():
             if len(indices) != 1:
                 raise OodbenchError(f"sni: layer {type(layer).__name__} runs {len(indices)} times per forward; "
                                     "split layers must run once")
-            if self.split_outputs[layer]._version != self.split_versions[layer]:
-                raise OodbenchError(f"sni: the output of layer {type(layer).__name__} is the same tensor as "
-                                    "something changed in place later in the forward pass; choose another layer")
+        self.aliased = {layer for layer, output, version in self._aliases if output._version != version}
+        self._aliases = []
         for call in self.calls:
             if call.output is not None and call.output._version != call.output_version:
                 call.output = None  # changed in place after the call: later code may rely on that
@@ -176,6 +190,15 @@ class CallTrace:
         for index, call in enumerate(self.calls):
             if index not in handed_back:
                 call.output = None
+
+    def layer_gradients(self, objective: torch.Tensor, x: torch.Tensor, retain_graph: bool) -> dict:
+        """The gradient of `objective` at every split layer's output, from one backward pass."""
+        self.gradients = {}
+        torch.autograd.grad(objective, x, retain_graph=retain_graph, allow_unused=True)
+        missing = [type(layer).__name__ for layer in self.layers if layer not in self.gradients]
+        if missing:
+            raise OodbenchError(f"sni: the logits do not depend on the output of layer(s) {', '.join(missing)}")
+        return self.gradients
 
     def handed_back_before(self, split: int) -> Iterator[int]:
         """The calls a tail pass from call `split` hands back: the outermost calls that
@@ -219,41 +242,45 @@ class TailReplay:
 
 
 def first_step(model: nn.Module, layers: list[nn.Module], x: torch.Tensor,
-               steps: int) -> tuple[CallTrace, torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
-    """One clean pass: (its trace, argmax targets, grad of the max logit and of the CE at each
-    layer's output); the CE gradients are None when `steps` is 1."""
+               steps: int) -> tuple[CallTrace, torch.Tensor, dict[nn.Module, tuple]]:
+    """One clean pass: its trace, the argmax targets, and per layer (grad of the max logit,
+    grad of the CE or None when `steps` is 1) at the layer's output."""
     trace = CallTrace(layers)
     with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
         with routed_calls(model, trace):
             logits = model(x)
         trace.finish()
         target = logits.argmax(dim=1)
-        outputs = [trace.split_outputs[layer] for layer in layers]
-        grad_max = torch.autograd.grad(logits.max(dim=1).values.sum(), outputs, retain_graph=steps > 1)
-        grad_ce = (torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), outputs)
-                   if steps > 1 else [None] * len(layers))
-    return trace, target, list(grad_max), list(grad_ce)
+        grad_max = trace.layer_gradients(logits.max(dim=1).values.sum(), x, retain_graph=steps > 1)
+        grad_ce = (trace.layer_gradients(F.cross_entropy(logits, target, reduction="sum"), x, retain_graph=False)
+                   if steps > 1 else {})
+    return trace, target, {layer: (grad_max[layer], grad_ce.get(layer)) for layer in layers}
 
 
-def split_gradient(model: nn.Module, trace: CallTrace, layer: nn.Module, x: torch.Tensor,
-                   target: torch.Tensor, grad_max: torch.Tensor, grad_ce: torch.Tensor | None,
-                   eta: float, steps: int) -> torch.Tensor:
+def split_gradient(model: nn.Module, trace: CallTrace, layer: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                   eta: float, steps: int, first: tuple | None = None) -> torch.Tensor:
     """G for one layer: the product over the T steps of grad_z max logit of tail(z), z moving
-    up the CE; step 1's gradients come from `first_step`, the later steps run the tail."""
+    up the CE. `first`: step 1's two gradients, when `first_step` could take them; every
+    other step runs the tail alone (`TailReplay`)."""
     split = trace.split_index[layer][0]
-    accumulated = grad_max
-    z = trace.split_outputs[layer].detach()
-    for step in range(1, steps):
-        z = (z + eta * grad_ce.sign()).requires_grad_(True)
-        with torch.enable_grad():
-            with routed_calls(model, TailReplay(trace, split, z)):
-                logits = model(x)
-            last = step == steps - 1
-            (grad_max,) = torch.autograd.grad(logits.max(dim=1).values.sum(), z, retain_graph=not last)
-            if not last:
-                (grad_ce,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), z)
-        accumulated = accumulated * grad_max
-        z = z.detach()
+    z = trace.clean[layer]
+    accumulated = None
+    for step in range(steps):
+        last = step == steps - 1
+        if step == 0 and first is not None:
+            grad_max, grad_ce = first
+        else:
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                with routed_calls(model, TailReplay(trace, split, z)):
+                    logits = model(x)
+                (grad_max,) = torch.autograd.grad(logits.max(dim=1).values.sum(), z, retain_graph=not last)
+                if not last:
+                    (grad_ce,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), z)
+        accumulated = grad_max if accumulated is None else accumulated * grad_max
+        if not last:
+            z = z.detach() + eta * grad_ce.sign()
     return accumulated
 
 
@@ -271,7 +298,8 @@ class SplittingIntegrating(InputGradientPostprocessor):
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         layers = split_layers(model, self.params["layers"])
         eta, steps = float(self.params["eta"]), self.params["steps"]
-        trace, target, grad_max, grad_ce = first_step(model, layers, x, steps)
-        fractions = [nonzero_fractions(split_gradient(model, trace, layer, x, target, g_max, g_ce, eta, steps))
-                     for layer, g_max, g_ce in zip(layers, grad_max, grad_ce)]
+        trace, target, first = first_step(model, layers, x, steps)
+        fractions = [nonzero_fractions(split_gradient(model, trace, layer, x, target, eta, steps,
+                                                      None if layer in trace.aliased else first[layer]))
+                     for layer in layers]
         return -torch.cat(fractions, dim=1).pow(2).mean(dim=1)
