@@ -1,8 +1,10 @@
 """oodbench: out-of-distribution detection benchmarks for image classifiers.
 
 The public face is small: the plugin API (`Postprocessor`, `Outputs`,
-`register_postprocessor`) and a few entry points (`list_postprocessors`,
-`create_postprocessor`, `run`). Everything else is plumbing. Importing the package is
+`register_postprocessor`), a few entry points (`list_postprocessors`,
+`create_postprocessor`, `run`), and the Python API for a live model and in-memory data
+(`evaluate`, `calibration`, `operating_point`, `detector`, `load_detector`, `Model`;
+`oodbench.api`). Everything else is plumbing. Importing the package is
 cheap: torch and the rest load when one of these names is first used.
 """
 
@@ -17,6 +19,13 @@ _LAZY = {
     "Outputs": "oodbench.postprocessors.base",
     "Postprocessor": "oodbench.postprocessors.base",
     "register_postprocessor": "oodbench.registry",
+    "Model": "oodbench.api",
+    "Detector": "oodbench.api",
+    "evaluate": "oodbench.api",
+    "calibration": "oodbench.api",
+    "operating_point": "oodbench.api",
+    "detector": "oodbench.api",
+    "load_detector": "oodbench.api",
 }
 
 
@@ -50,6 +59,8 @@ def run(config, **overrides):
 
 
 __all__ = [
+    "Detector",
+    "Model",
     "OodbenchError",
     "Outputs",
     "Postprocessor",
@@ -57,5 +68,10 @@ __all__ = [
     "list_postprocessors",
     "register_postprocessor",
     "run",
+    "calibration",
+    "detector",
+    "evaluate",
+    "load_detector",
+    "operating_point",
     "__version__",
 ]

@@ -319,7 +319,10 @@ def cmd_calibration(args: argparse.Namespace) -> int:
 
 def add_report(sub) -> None:
     parser = sub.add_parser("report", help="operating-point report of one postprocessor: threshold keeping 95%% "
-                                           "of ID validation (or --tau), then rates on test")
+                                           "of ID validation (or --tau), then rates on test; with several models "
+                                           "(e.g. one entry per head of a model, each with its 'output' option) or "
+                                           "holdout_classes on the benchmark's test split, a summary row per head "
+                                           "with seen/unseen accuracy")
     _add_common_run_args(parser)
     parser.add_argument("--operating-point", action="store_true", required=True, help="the operating-point report")
     parser.add_argument("--postprocessor", required=True, help="a postprocessor of the config's run")
@@ -330,7 +333,8 @@ def add_report(sub) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.evaluators.operating_point import model_operating_point, render_operating_point
+    from oodbench.evaluators.operating_point import (model_operating_point, render_operating_point, render_summary,
+                                                     summary_frame)
     from oodbench.registry import POSTPROCESSORS
 
     experiment = CachedExperiment.open(args.config, **_overrides(args))
@@ -341,6 +345,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"note: {args.postprocessor} needs input gradients: the model runs again over every split",
               file=sys.stderr)
     reports = [model_operating_point(experiment, spec, args.postprocessor, args.tau) for spec in specs]
+    if len(reports) > 1 or experiment.benchmark.holdout_classes:
+        print(render_summary(summary_frame(reports)) + "\n")
     print("\n\n".join(render_operating_point(r) for r in reports))
     return 0
 

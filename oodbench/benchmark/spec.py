@@ -3,6 +3,12 @@
 A benchmark is a YAML file (``configs/benchmarks/<name>.yaml`` are registered by name;
 any other path works too) with a ``version`` that is stored with every result. Dataset
 definitions reused in several places go under ``definitions:`` as YAML anchors.
+
+The ID test split may name ``holdout_classes: [c, ...]``: ID classes held out as
+pseudo-novel. Their test samples stay in the split; the operating-point report counts
+them as unseen (a deployed detector should call them novel) and reports the seen and
+unseen accuracy (`oodbench.evaluators.operating_point`). Keep them out of the training
+and validation data (the dataset's ``classes`` option) so that they really are unseen.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Benchmark:
     description: str = ""
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    holdout_classes: list[int] = field(default_factory=list)  # ID test classes held out as pseudo-novel
 
     @property
     def ood_test(self) -> dict[str, DatasetRef]:
@@ -78,8 +85,8 @@ def parse_benchmark(raw: Any, source: str) -> Benchmark:
         raise OodbenchError(f"{source}: missing key '{missing[0]}'")
     seed = int(raw.get("seed", 0))
 
-    def refs(section: str) -> dict[str, DatasetRef]:
-        value = raw.get(section) or {}
+    def refs(section: str, value: Any = None) -> dict[str, DatasetRef]:
+        value = (raw.get(section) if value is None else value) or {}
         if not isinstance(value, dict):
             raise OodbenchError(f"{source}: '{section}' must map names to datasets")
         parsed = {name: DatasetRef.parse(spec, f"{source}: {section}.{name}", seed) for name, spec in value.items()}
@@ -89,7 +96,8 @@ def parse_benchmark(raw: Any, source: str) -> Benchmark:
                                     f"{did_you_mean(ref.dataset, DATASETS.names())}; `oodbench list datasets` shows them all")
         return parsed
 
-    id_splits = refs("id")
+    id_raw, holdout = holdout_classes(raw.get("id"), source)
+    id_splits = refs("id", id_raw)
     for split in id_splits:
         if split not in ID_SPLITS:
             raise OodbenchError(f"{source}: unknown ID split '{split}'{did_you_mean(split, ID_SPLITS)}")
@@ -110,7 +118,29 @@ def parse_benchmark(raw: Any, source: str) -> Benchmark:
         description=str(raw.get("description", "")).strip(),
         source=source,
         raw=raw,
+        holdout_classes=holdout,
     )
+
+
+def holdout_classes(id_raw: Any, source: str) -> tuple[Any, list[int]]:
+    """The ID splits without the test split's ``holdout_classes``, and those classes."""
+    if not isinstance(id_raw, dict):
+        return id_raw, []
+    splits, holdout = dict(id_raw), []
+    for split, spec in id_raw.items():
+        if not isinstance(spec, dict) or "holdout_classes" not in spec:
+            continue
+        classes = spec["holdout_classes"]
+        if split != "test":
+            raise OodbenchError(f"{source}: id.{split}: holdout_classes belongs to the ID test split (keep held-out "
+                                "classes out of the other splits with the dataset's options)")
+        if not isinstance(classes, list) or not classes or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):
+            raise OodbenchError(f"{source}: id.test.holdout_classes must be a non-empty list of class indices, "
+                                f"got {classes!r}")
+        holdout = sorted(set(classes))
+        splits[split] = {k: v for k, v in spec.items() if k != "holdout_classes"}
+    return splits, holdout
 
 
 def load_benchmark(name_or_path: str) -> Benchmark:

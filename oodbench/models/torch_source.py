@@ -9,6 +9,10 @@
 The model takes [0,1] images; give ``mean``/``std`` when it expects normalised ones.
 Features are the input of its last ``nn.Linear`` (or 1x1 convolution), or of the layer
 named by ``classifier``; ``outputs_probabilities: true`` when its forward ends in a softmax.
+``output`` picks the logits from a tuple, dict or dataclass output (an index or a name;
+list one model entry per head, each with its ``output`` and ``label``), and ``extras``
+names auxiliary tensors to cache for postprocessors that read them
+(`oodbench.models.heads`); a single output logit is a binary classifier's [0, z].
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def import_class(reference: str) -> type:
 @register_model_source("torch")
 def torch_model(name: str, context: ModelContext, module: str | None = None, kwargs: dict[str, Any] | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                classifier: str | None = None, outputs_probabilities: bool = False) -> ModelAdapter:
+                classifier: str | None = None, outputs_probabilities: bool = False, output: str | int | None = None,
+                extras: dict[str, str] | None = None) -> ModelAdapter:
     """A user's nn.Module: torch:<file> saved whole (--trust-checkpoint) or a state dict + module: pkg.mod:Class."""
     path = checkpoint_path(name, "the torch source")
     if module is not None:
@@ -74,6 +79,7 @@ def torch_model(name: str, context: ModelContext, module: str | None = None, kwa
     if (mean is None) != (std is None):
         raise OodbenchError(f"torch:{name}: give both 'mean' and 'std' (or neither)")
     head = _find_classifier(net, classifier)
+    reading = "" if output is None and not extras else f":output={output!r}:extras={sorted((extras or {}).items())}"
     return ModelAdapter(net, num_classes=head.weight.shape[0], classifier=head,
-                        identity=f"torch:{path.resolve()}:{module}:mean={mean}:std={std}",
-                        mean=mean, std=std, outputs_probabilities=outputs_probabilities)
+                        identity=f"torch:{path.resolve()}:{module}:mean={mean}:std={std}{reading}",
+                        mean=mean, std=std, outputs_probabilities=outputs_probabilities, output=output, extras=extras)
