@@ -180,8 +180,12 @@ class ResultStore:
             raise OodbenchError(f"cannot write results store {self.path}: {exc}") from None
 
     def _create_or_migrate(self) -> None:
+        """Create the tables of a new store, or move a store of the first schema to this one;
+        a store already current is not written to."""
         columns = {row[1] for row in self.connection.execute("PRAGMA table_info(cells)")}
-        script = MIGRATE_V1.format(schema=SCHEMA) if columns and "fingerprint" not in columns else SCHEMA
+        if "fingerprint" in columns:
+            return
+        script = MIGRATE_V1.format(schema=SCHEMA) if columns else SCHEMA
         self.connection.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def done_fingerprints(self, benchmark: str) -> set[str]:
