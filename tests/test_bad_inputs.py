@@ -189,6 +189,20 @@ class WrongShape(oodbench.Postprocessor):
         return outputs.logits  # N x C instead of N
 """
 
+PLUGIN_BAD_SEARCH = """
+import oodbench
+from oodbench.postprocessors.base import Number
+
+@oodbench.register_postprocessor("hot_margin")
+class HotMargin(oodbench.Postprocessor):
+    defaults = {"scale": 1.0}
+    ranges = {"scale": Number(gt=0)}
+    search_space = {"scale": [0.5, -1]}
+
+    def score(self, outputs):
+        return self.params["scale"] * outputs.logits.max(dim=1).values
+"""
+
 # Writes a few bytes, then fails as a full disk does.
 FULL_DISK = """
 import errno, torch
@@ -349,6 +363,14 @@ CASES = [
     Case("hyperparameter-not-a-choice", ("postprocessor 'ash'", "variant='x' is not allowed", "one of 'b', 'p', 's'"),
          merged(postprocessors=["ash"], params={"ash": {"variant": "x"}}),
          env={"OODBENCH_CACHE": "{dir}/fresh-cache"}, after=no_extraction),
+    Case("searched-value-out-of-range", ("postprocessor 'hot_margin'", "scale=-1 (searched in HotMargin.search_space)",
+                                         "is not allowed", "a number > 0"),
+         merged(postprocessors=["hot_margin"], plugins=["{dir}/hot_plugin.py"], search=True),
+         files=write("hot_plugin.py", PLUGIN_BAD_SEARCH), env={"OODBENCH_CACHE": "{dir}/fresh-cache"},
+         after=no_extraction),
+    Case("validate-searched-value", ("postprocessor 'hot_margin'", "scale=-1 (searched in HotMargin.search_space)"),
+         merged(postprocessors=["hot_margin"], plugins=["{dir}/hot_plugin.py"], search=True),
+         files=write("hot_plugin.py", PLUGIN_BAD_SEARCH), args=("validate", "{config}")),
     Case("validate-hyperparameter", ("postprocessor 'gen'", "gamma=0 is not allowed", "a number > 0"),
          merged(postprocessors=["gen"], params={"gen": {"gamma": 0}}), args=("validate", "{config}")),
     Case("validate-unknown-hyperparameter", ("postprocessor 'ebo'", "no hyperparameter 'temp'",

@@ -105,14 +105,17 @@ def setting_of(search: bool, params: dict[str, Any]) -> str:
 
 
 def search_space_for(name: str, cls: type[Postprocessor]) -> dict[str, list[Any]]:
-    """The search lists of a postprocessor: configs/postprocessors/<name>.yaml, else the class's."""
+    """The search lists of a postprocessor: configs/postprocessors/<name>.yaml, else the class's;
+    every value checked against the method's ranges."""
     path = CONFIG_DIR / "postprocessors" / f"{cls.name or name}.yaml"
     if path.is_file():
         raw = read_yaml(path, "postprocessor config") or {}
         space = raw.get("search", {}) if isinstance(raw, dict) else {}
         if not isinstance(space, dict) or not all(isinstance(v, list) and v for v in space.values()):
             raise OodbenchError(f"{path}: 'search' must map each hyperparameter to a non-empty list")
+        cls.check_search_space(space, source=str(path))
         return space
+    cls.check_search_space(cls.search_space, source=f"{cls.__name__}.search_space")
     return dict(cls.search_space)
 
 

@@ -31,7 +31,8 @@ import oodbench
 from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.executors import Executor, make_executor
 from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
-from oodbench.benchmark.plan import Plan, check_compatible, model_placeholder, resolve_params, resolve_postprocessors
+from oodbench.benchmark.plan import (Plan, check_compatible, model_placeholder, resolve_params,
+                                   resolve_postprocessors, search_space_for)
 from oodbench.benchmark.spec import Benchmark, load_benchmark
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
@@ -70,7 +71,10 @@ def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -
     names = resolve_postprocessors(config.postprocessors)
     params = resolve_params(names, config.params)
     for name in names:
-        POSTPROCESSORS.get(name)(**params.get(name, {}))  # bad values fail before any work
+        method = POSTPROCESSORS.get(name)
+        method(**params.get(name, {}))  # bad values fail before any work
+        if config.search:
+            search_space_for(name, method)  # and so do bad searched values
     for spec in config.models:
         MODELS.get(spec.source)
     return names
