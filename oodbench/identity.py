@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 EXTRACTOR_VERSION = 3  # 3: keys name the data content; entries store their key
-SCORE_VERSION = 1  # bump when the way a cell turns scores into metrics changes
+SCORE_VERSION = 2  # bump when the way a cell turns scores into metrics changes (2: cells store their scores)
 
 
 def digest(payload: Any, length: int = 16) -> str:

@@ -265,6 +265,7 @@ class ScoreJob:
                                   "accuracy and scores are not computed")
         id_scores = finite_scores(method.score(test), "ID test", len(test))
         cell.metrics[ID_TEST] = {"acc": accuracy(test.logits.numpy(), test.labels.numpy())}
+        cell.scores[ID_TEST] = id_scores
         cell.groups[ID_TEST] = "id"
         for name, group in self.groups.items():
             split = f"{group}:{name}"
@@ -273,4 +274,5 @@ class ScoreJob:
             ood_outputs = load(split)
             ood_scores = finite_scores(method.score(ood_outputs), name, len(ood_outputs))
             cell.metrics[name] = ood_metrics(id_scores, ood_scores)
+            cell.scores[name] = ood_scores
             cell.groups[name] = group

@@ -9,13 +9,16 @@ the cells whose fingerprint is stored as done; a cell computed from other data o
 is a new row, and the old one stays (nothing is lost). Each row also carries the run's
 *data fingerprint* (the benchmark's definition and all its splits as found), which
 `leaderboard --fingerprint` selects by. A cell and all its metric rows are written in one
-short transaction, so a cell is either fully there or absent. WAL mode and a busy
+short transaction, so a cell is either fully there or absent, with the per-image test scores it
+was computed from (table ``scores``, keyed by the cell fingerprint, float64 with a checksum that
+`read_scores` verifies), from which `leaderboard --ci` draws bootstrap intervals. WAL mode and a busy
 timeout let several processes write one store at once.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import sqlite3
@@ -23,11 +26,21 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 from oodbench.errors import NoSpaceLeft, OodbenchError, disk_full
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Schema 3 adds the cells' checkpoint (the short name of one checkpoint of a model entry that
+# lists several; '' otherwise) and the per-image test scores of each cell, for bootstrap intervals.
+SCORES_TABLE = """
+CREATE TABLE IF NOT EXISTS scores (
+    fingerprint TEXT NOT NULL, dataset TEXT NOT NULL, count INTEGER NOT NULL, sha256 TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (fingerprint, dataset)
+);
+"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     benchmark TEXT NOT NULL, model TEXT NOT NULL, postprocessor TEXT NOT NULL, setting TEXT NOT NULL,
@@ -35,6 +48,7 @@ CREATE TABLE IF NOT EXISTS cells (
     status TEXT NOT NULL, reason TEXT, params TEXT, tags TEXT,
     benchmark_version TEXT, oodbench_version TEXT, git_hash TEXT, config_hash TEXT,
     weights_hash TEXT, fpr_convention TEXT, search_limit INTEGER, seconds REAL, created REAL,
+    checkpoint TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (benchmark, model, postprocessor, setting, fingerprint)
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -48,7 +62,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     available INTEGER, accuracy REAL, created REAL,
     PRIMARY KEY (benchmark, model, data_fingerprint, dataset)
 );
-"""
+""" + SCORES_TABLE
 # Stores written before fingerprints existed: their rows are kept under fingerprint 'legacy',
 # which no new cell has, so every cell is computed again beside them.
 MIGRATE_V1 = """
@@ -57,8 +71,8 @@ ALTER TABLE results RENAME TO results_v1;
 ALTER TABLE datasets RENAME TO datasets_v1;
 {schema}
 INSERT INTO cells SELECT benchmark, model, postprocessor, setting, 'legacy', 'legacy', status, reason, params, tags,
-    benchmark_version, oodbench_version, git_hash, config_hash, weights_hash, fpr_convention, NULL, seconds, created
-    FROM cells_v1;
+    benchmark_version, oodbench_version, git_hash, config_hash, weights_hash, fpr_convention, NULL, seconds, created,
+    '' FROM cells_v1;
 INSERT INTO results SELECT benchmark, model, postprocessor, setting, 'legacy', dataset, ood_group, metric, value
     FROM results_v1;
 INSERT INTO datasets SELECT benchmark, model, 'legacy', dataset, ood_group, NULL, status, reason, samples, samples,
@@ -68,6 +82,15 @@ DROP TABLE results_v1;
 DROP TABLE datasets_v1;
 """
 TABLES = ("cells", "results", "datasets")
+CELL_COLUMNS = ("benchmark", "model", "postprocessor", "setting", "fingerprint", "data_fingerprint", "status",
+                "reason", "params", "tags", "benchmark_version", "oodbench_version", "git_hash", "config_hash",
+                "weights_hash", "fpr_convention", "search_limit", "seconds", "created", "checkpoint")
+
+
+def packed_scores(scores: np.ndarray) -> tuple[int, str, bytes]:
+    """(count, sha256, bytes) of a score array as stored: float64, little-endian."""
+    data = np.ascontiguousarray(scores, dtype="<f8").tobytes()
+    return len(data) // 8, hashlib.sha256(data).hexdigest(), data
 
 
 @dataclass
@@ -87,6 +110,8 @@ class Cell:
     seconds: float = 0.0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> metric -> value
     groups: dict[str, str] = field(default_factory=dict)  # dataset -> near | far | id
+    checkpoint: str = ""  # which checkpoint of a model entry listing several ('' otherwise)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # id_test and each OOD set -> test scores
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -184,9 +209,19 @@ class ResultStore:
         a store already current is not written to."""
         columns = {row[1] for row in self.connection.execute("PRAGMA table_info(cells)")}
         if "fingerprint" in columns:
+            self._upgrade_v2(columns)
             return
         script = MIGRATE_V1.format(schema=SCHEMA) if columns else SCHEMA
         self.connection.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+
+    def _upgrade_v2(self, columns: set[str]) -> None:
+        """Give a store of schema 2 what schema 3 added, keeping every row."""
+        tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        steps = [] if "checkpoint" in columns else ["ALTER TABLE cells ADD COLUMN checkpoint TEXT NOT NULL DEFAULT '';"]
+        steps += [] if "scores" in tables else [SCORES_TABLE]
+        if steps:
+            self.connection.executescript(f"BEGIN IMMEDIATE;\n{''.join(steps)}\n"
+                                          f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def done_fingerprints(self, benchmark: str) -> set[str]:
         """Fingerprints of the cells of `benchmark` computed successfully."""
@@ -209,12 +244,16 @@ class ResultStore:
             db.execute("DELETE FROM results WHERE benchmark=? AND model=? AND postprocessor=? AND setting=? "
                        "AND fingerprint=?", cell.key)
             db.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO cells ({', '.join(CELL_COLUMNS)}) VALUES ({','.join('?' * len(CELL_COLUMNS))})",
                 (*cell.key, cell.data_fingerprint, cell.status, cell.reason, json.dumps(cell.params, sort_keys=True),
                  json.dumps(cell.tags), str(p.get("benchmark_version")), p.get("oodbench_version"),
                  p.get("git_hash"), p.get("config_hash"), p.get("weights_hash"), p.get("fpr_convention"),
-                 cell.search_limit, cell.seconds, time.time()),
+                 cell.search_limit, cell.seconds, time.time(), cell.checkpoint),
             )
+            if cell.status == "done":  # the same fingerprint always has the same scores
+                db.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?)",
+                               [(cell.fingerprint, dataset, *packed_scores(values))
+                                for dataset, values in cell.scores.items()])
             db.executemany(
                 "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?)",
                 [(*cell.key, dataset, cell.groups.get(dataset, "far"), metric, value)
@@ -250,6 +289,34 @@ class ResultStore:
                 values.append(value)
         query = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY rowid"
         try:
-            return pd.read_sql_query(query, self.connection, params=values)
+            frame = pd.read_sql_query(query, self.connection, params=values)
         except (sqlite3.Error, pd.errors.DatabaseError) as exc:
             raise OodbenchError(f"cannot read results store {self.path}: {exc}") from None
+        if table == "cells" and "checkpoint" not in frame.columns:  # a schema-2 store opened read-only
+            frame["checkpoint"] = ""
+        return frame
+
+    def read_scores(self, fingerprints: Iterable[str]) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+        """The stored test scores of these cells: fingerprint -> dataset -> scores, each verified
+        against its checksum and count; and one line per entry that failed (left out)."""
+        wanted = sorted(set(fingerprints))
+        if not wanted or not self.connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'scores'").fetchone():
+            return {}, []
+        found: dict[str, dict[str, np.ndarray]] = {}
+        damaged = []
+        for start in range(0, len(wanted), 500):  # SQLite's limit on bound parameters
+            chunk = wanted[start:start + 500]
+            try:
+                rows = self.connection.execute(
+                    f"SELECT fingerprint, dataset, count, sha256, data FROM scores WHERE fingerprint IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchall()
+            except sqlite3.Error as exc:
+                raise OodbenchError(f"cannot read results store {self.path}: {exc}") from None
+            for fingerprint, dataset, count, checksum, data in rows:
+                if len(data) != 8 * count or hashlib.sha256(data).hexdigest() != checksum:
+                    damaged.append(f"the stored scores of cell {fingerprint} on {dataset} in {self.path} fail their "
+                                   "checksum (damaged); left out of the intervals")
+                    continue
+                found.setdefault(fingerprint, {})[dataset] = np.frombuffer(data, dtype="<f8").astype(np.float64)
+        return found, damaged
