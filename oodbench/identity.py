@@ -105,6 +105,7 @@ class FileState:
         self.state_path = Path(state_dir) / "hashes.sqlite" if state_dir is not None else None
         self._db: sqlite3.Connection | None = None
         self._known: dict[str, tuple] | None = None
+        self._pending: list[tuple] = []
 
     def _relative(self, path: Path) -> str:
         resolved = Path(os.path.abspath(path))
@@ -173,14 +174,22 @@ class FileState:
     def _remember(self, state: tuple, value: str) -> None:
         if self._known is not None:
             self._known[state[0]] = (*state[1:], value)
+        self._pending.append((*state, value))
+
+    def flush(self) -> None:
+        """Write the hashes learnt so far, in one transaction (one fsync, not one per file)."""
         db = self._connection()
-        if db is not None:
+        if db is not None and self._pending:
             try:
-                db.execute("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)", (*state, value))
+                with db:
+                    db.execute("BEGIN")
+                    db.executemany("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)", self._pending)
             except sqlite3.Error:
                 pass  # the state cache only saves time; a write that fails costs a re-hash later
+        self._pending = []
 
     def close(self) -> None:
+        self.flush()
         if self._db is not None:
             self._db.close()
             self._db = None
