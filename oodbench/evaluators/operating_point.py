@@ -136,7 +136,8 @@ def render_summary(frame: pd.DataFrame) -> str:
              "seen_accuracy": "seen acc.", "unseen_accuracy": "unseen acc. (rejected)"}
     rows = [[row[c] if c in ("model", "postprocessor") else (f"{row[c]:.6g}" if c == "tau" else 100 * row[c])
              for c in frame.columns] for _, row in frame.iterrows()]
-    return tabulate(rows, headers=[names[c] for c in frame.columns], tablefmt="pipe", floatfmt=".2f")
+    return tabulate(rows, headers=[names[c] for c in frame.columns], tablefmt="pipe", floatfmt=".2f",
+                    disable_numparse=[list(frame.columns).index("tau")])
 
 
 def render_operating_point(report: dict[str, Any]) -> str:
