@@ -61,7 +61,7 @@ def subsample(outputs: Outputs, count: int, seed: int = 0) -> Outputs:
     return Outputs(logits=outputs.logits[index], features=None if outputs.features is None else outputs.features[index],
                    labels=outputs.labels[index], fc=outputs.fc, model=outputs.model,
                    inputs=None if outputs.inputs is None else Subset(outputs.inputs, keep.tolist()),
-                   meta=dict(outputs.meta))
+                   meta=dict(outputs.meta), extras={name: value[index] for name, value in outputs.extras.items()})
 
 
 def limit_validation(val: Outputs, ood_val: list[Outputs], limit: int) -> tuple[Outputs, list[Outputs]]:
