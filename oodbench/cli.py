@@ -351,7 +351,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-PLOT_KINDS = ("hist", "pro-shift", "landscape", "features")  # the kinds of results.plots.build_plot
+PLOT_KINDS = ("hist", "pro-shift", "landscape", "features", "tradeoff")  # the kinds of results.plots.build_plot
 
 
 def add_plot(sub) -> None:
@@ -359,7 +359,8 @@ def add_plot(sub) -> None:
                                          + ", ".join(PLOT_KINDS))
     parser.add_argument("kind", choices=PLOT_KINDS, help="hist: score histograms ID vs OOD; pro-shift: MSP change "
                         "after one PRO step; landscape: score on two random input directions; features: 2-D "
-                        "projection of penultimate features")
+                        "projection of penultimate features; tradeoff: near-OOD FPR@95 against AUROC per method, "
+                        "marker by method family (from the store)")
     _add_common_run_args(parser)
     _add_output_arg(parser)
     parser.add_argument("--postprocessor", default="msp", help="score for hist and landscape (default msp)")
@@ -367,9 +368,12 @@ def add_plot(sub) -> None:
     parser.add_argument("--samples", type=at_least(1), default=500, help="images per set for pro-shift and features")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--index", type=int, default=0, help="landscape: index of the ID and OOD images")
-    parser.add_argument("--radius", type=float, default=1.0, help="landscape: a, b in [-radius, radius]")
+    parser.add_argument("--radius", type=float, default=1.0,
+                        help="landscape: a, b in [-radius, radius] (L2 steps in [0,1]-pixel units)")
     parser.add_argument("--steps", type=at_least(2), default=41, help="landscape: grid points per direction")
     parser.add_argument("--projection", choices=["pca", "lda"], default="pca", help="features: PCA or LDA")
+    parser.add_argument("--fpr", choices=["classic", "openood"],
+                        help="tradeoff: FPR@95 convention (default: the config's)")
     parser.set_defaults(func=cmd_plot)
 
 
@@ -380,7 +384,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     experiment = CachedExperiment.open(args.config, **_overrides(args))
     figure, stem = build_plot(args.kind, experiment, postprocessor=args.postprocessor, eps=args.eps,
                               samples=args.samples, seed=args.seed, index=args.index, radius=args.radius,
-                              steps=args.steps, projection=args.projection)
+                              steps=args.steps, projection=args.projection, fpr=args.fpr)
     print("\n".join(map(str, save_figure(figure, args.output, stem))))
     return 0
 

@@ -108,7 +108,10 @@ def test_calibration_command_on_the_cached_run(digits_run, session_cache, tmp_pa
     for suffix in ("png", "pdf"):
         assert (tmp_path / f"calibration_digits.{suffix}").stat().st_size > 0
     figure = plots.calibration_figure(frame)
-    assert len(figure.axes) == 5  # acc, ece, nll, auroc near, auroc far
-    for ax in figure.axes:
-        assert [line.get_label() for line in ax.get_lines()] == ["digits-cnn", "digits-cnn-copy"]
-        assert all(len(line.get_xdata()) == 4 for line in ax.get_lines())
+    assert len(figure.axes) == 4  # 2x2: acc, ece, nll, auroc (near and far lines)
+    models = ["digits-cnn", "digits-cnn-copy"]
+    for ax in figure.axes[:3]:
+        assert [line.get_label() for line in ax.get_lines()] == models
+    assert [line.get_label() for line in figure.axes[3].get_lines()] == [
+        f"{m}, {g}-OOD" for m in models for g in ("near", "far")]
+    assert all(len(line.get_xdata()) == 4 for ax in figure.axes for line in ax.get_lines())
