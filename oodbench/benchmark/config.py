@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from oodbench.benchmark.spec import read_yaml
@@ -91,7 +91,7 @@ def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
     for key in ("benchmark", "models", "postprocessors"):
         if key not in raw:
             raise OodbenchError(f"{source}: missing key '{key}'")
-    models = [_parse_model(entry, f"{source}: models[{i}]") for i, entry in enumerate(raw["models"])]
+    models = [spec for i, entry in enumerate(raw["models"]) for spec in _parse_model(entry, f"{source}: models[{i}]")]
     if not models:
         raise OodbenchError(f"{source}: 'models' is empty")
     labels = [m.display for m in models]
@@ -139,9 +139,10 @@ def _relative_to(base: Path, path: str) -> Path:
     return base / candidate if (base / candidate).exists() else candidate
 
 
-def _parse_model(entry: Any, where: str) -> ModelSpec:
+def _parse_model(entry: Any, where: str) -> list[ModelSpec]:
+    """One model entry; an entry with ``checkpoints: [...]`` is one model per checkpoint."""
     if isinstance(entry, str):
-        return ModelSpec(name=entry)
+        return [ModelSpec(name=entry)]
     if not isinstance(entry, dict) or "name" not in entry:
         raise OodbenchError(f"{where}: a model is a name or a mapping with 'name'")
     for key in entry:
@@ -153,8 +154,33 @@ def _parse_model(entry: Any, where: str) -> ModelSpec:
     options = entry.get("options") or {}
     if not isinstance(options, dict):
         raise OodbenchError(f"{where}: 'options' must be a mapping")
-    return ModelSpec(name=str(entry["name"]), tags=[str(t) for t in tags], checkpoint=entry.get("checkpoint"),
-                     options=options, label=entry.get("label"))
+    common = dict(name=str(entry["name"]), tags=[str(t) for t in tags], options=options, label=entry.get("label"))
+    if "checkpoints" not in entry:
+        return [ModelSpec(checkpoint=entry.get("checkpoint"), **common)]
+    checkpoints = entry["checkpoints"]
+    if "checkpoint" in entry:
+        raise OodbenchError(f"{where}: give 'checkpoint' (one file) or 'checkpoints' (several), not both")
+    if not isinstance(checkpoints, list) or not checkpoints or not all(isinstance(c, str) and c for c in checkpoints):
+        raise OodbenchError(f"{where}: 'checkpoints' must be a non-empty list of checkpoint files")
+    normalised = [str(PurePath(c)) for c in checkpoints]
+    if len(set(normalised)) != len(normalised):
+        raise OodbenchError(f"{where}: checkpoint '{_first_duplicate(normalised)}' is listed twice")
+    return [ModelSpec(checkpoint=path, member=member, **common)
+            for path, member in zip(checkpoints, checkpoint_names(normalised))]
+
+
+def checkpoint_names(paths: list[str]) -> list[str]:
+    """Short distinct names for the checkpoints of one model: the file stems (s0, s1, s2); when
+    those repeat (OpenOOD's s0/best.ckpt, s1/best.ckpt), the last folder that tells them apart."""
+    stems = [PurePath(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    parts = [PurePath(p).parts for p in paths]
+    shared = 0  # trailing path parts every checkpoint has in common
+    while all(len(p) > shared + 1 for p in parts) and len({p[-1 - shared] for p in parts}) == 1:
+        shared += 1
+    names = [p[-1 - shared] for p in parts]
+    return names if len(set(names)) == len(names) else list(paths)
 
 
 def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> ExperimentConfig:
@@ -188,9 +214,9 @@ def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> Experiment
 
 def select_models(config: ExperimentConfig, names: list[str]) -> list[ModelSpec]:
     """The config's models named (by label or name) in `names`, in the config's order."""
-    known = {m.display for m in config.models} | {m.name for m in config.models}
+    known = {m.display for m in config.models} | {m.name for m in config.models} | {m.model_label for m in config.models}
     for name in names:
         if name not in known:
             raise OodbenchError(f"--models: '{name}' is not a model of {config.source}{did_you_mean(name, known)}; "
                                 f"its models: {', '.join(m.display for m in config.models)}")
-    return [m for m in config.models if m.display in names or m.name in names]
+    return [m for m in config.models if {m.display, m.name, m.model_label} & set(names)]

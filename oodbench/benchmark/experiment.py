@@ -95,7 +95,7 @@ class CachedExperiment:
         cls = POSTPROCESSORS.get(name)
         model = self.model(spec)
         fingerprint = self.plan.cell_fingerprint(name, model.identity, model.weights_hash)
-        cells = self.store.frame("cells", benchmark=self.benchmark.name, model=spec.display, postprocessor=name,
+        cells = self.store.frame("cells", benchmark=self.benchmark.name, model=spec.model_label, postprocessor=name,
                                  fingerprint=fingerprint, status="done")
         if cells.empty:
             raise OodbenchError(f"no '{name}' result for {spec.display} ({self.plan.methods[name].setting}) on this "

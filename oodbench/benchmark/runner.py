@@ -157,7 +157,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
     def cell_base(display: str, name: str) -> dict[str, Any]:
         spec = contexts[display].model
         weights = probes[display]["weights_hash"] if display in probes else None
-        return dict(benchmark=benchmark.name, model=display, postprocessor=name,
+        return dict(benchmark=benchmark.name, model=spec.model_label, checkpoint=spec.member or "", postprocessor=name,
                     setting=plan.methods[name].setting, fingerprint=fingerprints[display][name],
                     data_fingerprint=plan.fingerprint, tags=list(spec.tags),
                     provenance={**provenance, "weights_hash": weights})
@@ -206,7 +206,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
             fail_model(display, f"extraction failed: {failed_reason(failures[display])}")
             continue
         report = reports.get(display, {})
-        store.write_datasets(benchmark.name, display, [
+        store.write_datasets(benchmark.name, contexts[display].model.model_label, [
             {"dataset": split if split.split(":")[0] in ("id", "ood_val") else split.split(":", 1)[1],
              "group": split.split(":")[0], "fingerprint": state.fingerprint, "available": state.available,
              "status": "present" if state.present else "missing", "reason": report.get(split, {}).get("reason")
@@ -235,7 +235,8 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
         store.write_cell(cell)
         timing[job.context.model.display]["scoring"] += cell.seconds
     progress.close()
-    frame = leaderboard_frame(store, benchmark.name, models=list(contexts), postprocessors=names, fpr=config.fpr,
+    models = list(dict.fromkeys(context.model.model_label for context in contexts.values()))
+    frame = leaderboard_frame(store, benchmark.name, models=models, postprocessors=names, fpr=config.fpr,
                               fingerprints=[fp for cells in fingerprints.values() for fp in cells.values()])
     store.close()
     timing = {d: t for d, t in timing.items() if t["extraction"] or t["scoring"]}

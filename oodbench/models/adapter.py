@@ -60,8 +60,9 @@ class ModelSpec:
     checkpoint: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    member: str | None = None  # the checkpoint's short name when the entry lists several (`checkpoints`)
 
-    KEYS = ("name", "tags", "checkpoint", "options", "label")
+    KEYS = ("name", "tags", "checkpoint", "checkpoints", "options", "label")
 
     @property
     def source(self) -> str:
@@ -72,8 +73,14 @@ class ModelSpec:
         return self.name.split(":", 1)[1] if ":" in self.name else self.name
 
     @property
-    def display(self) -> str:
+    def model_label(self) -> str:
+        """The model's name in the store and in tables (its checkpoints are aggregated there)."""
         return self.label or self.name
+
+    @property
+    def display(self) -> str:
+        """Unique within a run: the model's label, with the checkpoint's name for one of several."""
+        return f"{self.model_label} [{self.member}]" if self.member else self.model_label
 
 
 class ModelAdapter(nn.Module):

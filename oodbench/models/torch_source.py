@@ -13,6 +13,8 @@ named by ``classifier``; ``outputs_probabilities: true`` when its forward ends i
 list one model entry per head, each with its ``output`` and ``label``), and ``extras``
 names auxiliary tensors to cache for postprocessors that read them
 (`oodbench.models.heads`); a single output logit is a binary classifier's [0, z].
+The file may also be given as ``checkpoint`` (or several as ``checkpoints``: one cell per
+seed); ``torch:<name>`` then only names the model.
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def import_class(reference: str) -> type:
 def torch_model(name: str, context: ModelContext, module: str | None = None, kwargs: dict[str, Any] | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 classifier: str | None = None, outputs_probabilities: bool = False, output: str | int | None = None,
-                extras: dict[str, str] | None = None) -> ModelAdapter:
+                extras: dict[str, str] | None = None, checkpoint: str | None = None) -> ModelAdapter:
     """A user's nn.Module: torch:<file> saved whole (--trust-checkpoint) or a state dict + module: pkg.mod:Class."""
-    path = checkpoint_path(name, "the torch source")
+    path = checkpoint_path(checkpoint or name, "the torch source")
     if module is not None:
         cls = import_class(module)
         try:
