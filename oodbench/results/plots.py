@@ -14,8 +14,8 @@ model or class its own colour. The `*_data` functions gather the data:
   (Fig. 6), on one colour scale;
 - ``features``: a 2-D PCA (or LDA) of the penultimate features, ID test classes from one
   continuous palette, each OOD set with its own marker and a colour outside it;
-- ``tradeoff``: near-OOD FPR@95 against near-OOD AUROC per method, marker by method
-  family (`Postprocessor.family`), colour by model (the PRO paper's Fig. 1), from the store;
+- ``tradeoff``: near-OOD FPR@95 against near-OOD AUROC per method (the PRO paper's
+  Fig. 1), a panel per model, marker by method family (`Postprocessor.family`), from the store;
 - the robust-vs-standard bar chart of AUROC per postprocessor and model (Fig. 4), and the
   2x2 calibration-under-noise figure.
 """
@@ -44,7 +44,6 @@ from oodbench.postprocessors.gradient import model_device
 from oodbench.registry import POSTPROCESSORS
 from oodbench.results.tables import AVERAGES, leaderboard_frame
 
-DEFAULT_OUTPUT = "results/plots"
 ID_LABEL = "ID test"
 CLASS_PREFIX = "class "
 SINGLE_COLUMN, DOUBLE_COLUMN = 3.5, 7.0  # figure widths in inches
@@ -127,9 +126,9 @@ def _panels(count: int, height: float, max_columns: int = 3, width: float | None
 
 def _figure_legend(figure: Figure, handles: list, labels: list[str], **kwargs) -> None:
     """One legend under the panels, as many columns as the width holds; the figure grows by its height."""
-    width = figure.get_figwidth()
     longest = max(len(label) for label in labels)
-    columns = max(1, min(len(labels), int(width * 72 / (7 * 0.55 * longest + 30))))
+    column_pt = 7 * 0.55 * longest + 30  # 7 pt text at ~0.55 em a character, plus the handle and spacing
+    columns = max(1, min(len(labels), int(figure.get_figwidth() * 72 / column_pt)))
     figure.set_figheight(figure.get_figheight() + 0.15 * math.ceil(len(labels) / columns))
     figure.legend(handles, labels, loc="outside lower center", ncol=columns, **kwargs)
 
