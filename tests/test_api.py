@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import oodbench
+import oodbench.registry
 from oodbench.benchmark.experiment import CachedExperiment
 from oodbench.benchmark.jobs import get_model
 from oodbench.benchmark.plan import benchmark_splits
@@ -164,6 +165,45 @@ def test_changed_weights_recompute_and_the_model_comes_back_as_lent(digits, tmp_
         net.fc.bias[0] += 1.0
     oodbench.evaluate(net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp"], cache_dir=str(tmp_path))
     assert sorted(calls) == ["far:noise", "id:test"]
+
+
+class Normalising(nn.Module):
+    """The digits network expecting normalised inputs: it undoes the normalisation first."""
+
+    MEAN, STD = (0.3,), (0.4,)
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x * self.STD[0] + self.MEAN[0])
+
+
+def test_normalization_is_applied_inside(digits, tmp_path):
+    plain = oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp", "knn"],
+                              val=digits.val, cache_dir=str(tmp_path))
+    normalising = oodbench.evaluate(Normalising(digits.net), digits.test, {"noise": digits.ood["gaussian"]},
+                                    ["msp", "knn"], val=digits.val, cache_dir=str(tmp_path),
+                                    normalization=(Normalising.MEAN, Normalising.STD))
+    np.testing.assert_allclose(normalising[metric_columns(normalising)].to_numpy(float),
+                               plain[metric_columns(plain)].to_numpy(float), atol=1e-6)
+
+
+def test_limit_samples_every_split_and_nothing_is_kept_alive(digits, tmp_path):
+    from oodbench.api import data as api_data, models as api_models
+    from oodbench.benchmark.jobs import _MODELS
+    from oodbench.datasets import base
+    from oodbench.results.store import ResultStore
+
+    store = tmp_path / "limited.sqlite"
+    oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp"], limit=50,
+                      store=str(store), cache_dir=str(tmp_path))
+    rows = ResultStore(store, readonly=True).frame("datasets")
+    assert set(rows.samples) == {50} and set(rows.dataset) == {"id:test", "noise"}
+    assert not api_data._LIVE and not api_models._LIVE
+    assert not [k for k in base._MEMO if k[1] == "python"]
+    assert not [k for k in _MODELS if str(k[0]).startswith("python:")]
 
 
 def test_a_store_keeps_the_cells(digits, tmp_path):
@@ -379,6 +419,29 @@ def test_detector_scores_are_the_harness_scores(digits, yaml_run, tmp_path, name
     assert np.mean(val_scores >= detector.threshold) >= 0.95 and np.mean(val_scores > detector.threshold) < 0.95
 
 
+@pytest.fixture(scope="module")
+def every_method_run(digits, tmp_path_factory):
+    """`oodbench run` on digits with every registered method at its defaults."""
+    path = digits_config(tmp_path_factory.mktemp("every"), postprocessors=["all"], search=False)
+    oodbench.run(path, cache_dir=str(digits.cache), quiet=True)
+    return CachedExperiment.open(path, cache_dir=str(digits.cache))
+
+
+BUILTIN = [e.name for e in oodbench.registry.POSTPROCESSORS.entries()
+           if e.origin == "builtin" and not e.obj.needs_extras]
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_method_as_a_detector_scores_like_the_run(digits, every_method_run, tmp_path, name):
+    """Output-, feature- and input-gradient methods: the detector's batch scores of the ID test
+    images are the scores the run computed (same fit, same outputs, same code)."""
+    spec = every_method_run.config.models[0]
+    method = every_method_run.fitted(spec, name)
+    detector = oodbench.detector(name, digits.net, fit=digits.train, val=digits.val, cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(detector.score(digits.test[0]).double().numpy(),
+                                  every_method_run.scores(method, spec, "id:test"))
+
+
 def test_detector_with_search_chooses_the_runs_hyperparameters(digits, yaml_run, tmp_path):
     experiment = yaml_run.experiment
     searched = experiment.fitted(experiment.config.models[0], "knn").params
@@ -483,6 +546,19 @@ def test_operating_point_per_head_with_held_out_classes(digits, two_heads, tmp_p
         else:
             assert np.isnan(row.seen_accuracy) or row.seen_accuracy == pytest.approx(
                 np.mean(accepted & (prediction == labels)))
+
+
+def test_evaluate_one_head_with_labels_per_head(digits, two_heads, tmp_path):
+    images, labels = digits.test
+    per_head = (images, {"digit": labels, "parity": labels % 2})
+    frame = oodbench.evaluate(two_heads, per_head, {"noise": digits.ood["gaussian"]}, ["msp"], output="parity",
+                              cache_dir=str(tmp_path))
+    with torch.no_grad():
+        parity = two_heads(images)["parity"].argmax(1)
+    assert frame.acc.item() == pytest.approx((parity == labels % 2).float().mean().item())
+    with pytest.raises(OodbenchError, match=r"labels are given per head \(digit, parity\): evaluate one head"):
+        oodbench.evaluate(two_heads, per_head, {"noise": digits.ood["gaussian"]}, ["msp"],
+                          output=lambda out: out["digit"], cache_dir=str(tmp_path))
 
 
 def test_report_operating_point_for_two_heads_with_holdout(digits, two_heads, tmp_path, run_cli):

@@ -55,6 +55,9 @@ class Split:
         """The labels of one head (the only labels when they are not per head)."""
         if not isinstance(self.labels, dict):
             return self.labels
+        if head is None:
+            raise OodbenchError(f"labels are given per head ({', '.join(self.labels)}): evaluate one head at a time "
+                                "with output=<head>, or all with oodbench.operating_point(heads=...)")
         if head not in self.labels:
             raise OodbenchError(f"labels are given per head ({', '.join(self.labels)}), but not for '{head}'")
         return self.labels[head]
@@ -88,6 +91,16 @@ def registered(splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Itera
     finally:
         for key in added:
             _LIVE.pop(key, None)
+        _forget_listings(added)
+
+
+def _forget_listings(keys: list[str]) -> None:
+    """Drop the runs' memoized listings of these splits, so that no image tensor outlives its call."""
+    from oodbench.datasets import base
+
+    memo = getattr(base, "_MEMO", {})
+    for entry in [k for k in memo if len(k) > 2 and k[1] == SOURCE and any(key in str(k[2]) for key in keys)]:
+        memo.pop(entry, None)
 
 
 def read_split(data: Any, what: str, labeled: bool) -> Split:

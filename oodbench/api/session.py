@@ -77,6 +77,8 @@ class Session:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OodbenchError(f"batch_size must be a positive integer, got {batch_size!r}")
         load_plugins(list(plugins), strict=True)
+        if head is None and len(models) == 1 and isinstance(models[0].output, str):
+            head = models[0].output  # labels given per head: those of the selected output
         self.models, self.head, self.holdout = models, head, list(holdout_classes)
         self.names = [str(name) for name in postprocessors]
         test = read_split(id_test, "id_test", labeled=True)
