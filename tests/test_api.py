@@ -206,6 +206,14 @@ def test_limit_samples_every_split_and_nothing_is_kept_alive(digits, tmp_path):
     assert not [k for k in _MODELS if str(k[0]).startswith("python:")]
 
 
+def test_all_runs_every_method_this_call_can_feed(digits, tmp_path):
+    frame = oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, "all", limit=40,
+                              cache_dir=str(tmp_path))
+    registry = oodbench.registry.POSTPROCESSORS
+    expected = {e.name for e in registry.entries() if not e.obj.needs_fit and not e.obj.needs_extras}
+    assert set(frame.postprocessor) == expected and (frame.status == "done").all()
+
+
 def test_a_store_keeps_the_cells(digits, tmp_path):
     store = tmp_path / "api.sqlite"
     frame = oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp"], store=str(store),

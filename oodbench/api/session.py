@@ -96,7 +96,7 @@ class Session:
         self.groups = group_of(list(self.ood), groups)
         self.device = model_device(models[0].net, device)
         self.search = bool(search) and "val" in self.id_splits and bool(self.ood_val)
-        self._check_methods()
+        self.names = self._methods()
         self.config = ExperimentConfig(
             benchmark=benchmark, models=[], postprocessors=self.names, search=self.search,
             fit_split="train" if "train" in self.id_splits else "val", fpr=fpr, plugins=list(plugins),
@@ -113,22 +113,30 @@ class Session:
         if not self.holdout:
             return split
         keep = ~torch.isin(split.labels_for(self.head), torch.tensor(self.holdout))
-        labels = split.labels if not isinstance(split.labels, dict) else {h: v[keep] for h, v in split.labels.items()}
-        return Split(split.images[keep], labels if isinstance(labels, dict) else labels[keep])
+        if isinstance(split.labels, dict):
+            return Split(split.images[keep], {head: labels[keep] for head, labels in split.labels.items()})
+        return Split(split.images[keep], split.labels[keep])
 
-    def _check_methods(self) -> None:
-        """What a method needs that this call did not give: one line before any work."""
-        for name in self.names:
+    def _methods(self) -> list[str]:
+        """The methods to run (``all``: every registered one this call can feed). A method named
+        explicitly whose needs this call does not meet is one line, before any work."""
+        from oodbench.benchmark.plan import resolve_postprocessors
+
+        listed, names = "all" not in self.names, []
+        for name in resolve_postprocessors(self.names):
             cls = POSTPROCESSORS.get(name)
-            if cls.needs_fit and "val" not in self.id_splits:
+            lacking = [e for e in cls.needs_extras if not any(e in (m.extras or {}) for m in self.models)]
+            if listed and cls.needs_fit and "val" not in self.id_splits:
                 raise OodbenchError(f"postprocessor '{name}' is fitted on ID data: pass val= (ID validation "
                                     "images), and fit= (ID training images) to fit on those instead")
-            lacking = [e for e in cls.needs_extras if not any(e in (m.extras or {}) for m in self.models)]
-            if lacking:
+            if listed and lacking:
                 wanted = ", ".join(f"'{e}': ..." for e in cls.needs_extras)
                 raise OodbenchError(f"postprocessor '{name}' needs the model's extras {', '.join(lacking)}; name "
                                     f"them with extras={{{wanted}}} (a layer, an output entry or an attribute set "
                                     "in forward)")
+            if not lacking and (not cls.needs_fit or "val" in self.id_splits):
+                names.append(name)
+        return names
 
     # ------------------------------------------------------------------ the run
 
