@@ -15,9 +15,9 @@ retried, and comes back to the runner like the local executor's.
 Starting or joining Ray is bounded: Ray itself retries an unreachable cluster for many
 minutes and waits long for a local instance that does not come up. An address nothing
 listens at fails at once, and a start or join that takes longer than
-``OODBENCH_RAY_TIMEOUT`` seconds (default 25) is given up; each is one line. Ray's own
-SIGTERM handler is replaced by the caller's again after the start, so the CLI's
-(roll back, shut the local instance down, exit 143) still applies.
+``OODBENCH_RAY_TIMEOUT`` seconds (default 25) is given up; each is one line. The SIGTERM
+handlers ``ray.init`` installs are replaced by the caller's own after the start, so the
+CLI's (roll back the open transaction, shut the local instance down, exit 143) applies.
 """
 
 from __future__ import annotations
@@ -98,13 +98,14 @@ def bounded(seconds: float) -> Iterator[None]:
 
 @contextmanager
 def keeping_sigterm_handler() -> Iterator[None]:
-    """``ray.init`` installs its own SIGTERM handlers (exit at once); put the caller's back."""
+    """``ray.init`` installs its own SIGTERM handlers (clean up and exit at once); put back the
+    caller's own Python handler, if it has one (the CLI's). Without one, Ray's stay."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
         yield
     finally:
-        if previous is not None:
+        if callable(previous):
             signal.signal(signal.SIGTERM, previous)
 
 
