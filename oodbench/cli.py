@@ -63,9 +63,25 @@ def add_run(sub) -> None:
     parser.add_argument("--postprocessors", type=_names, metavar="A,B",
                         help="run these postprocessors instead of the config's list")
     parser.add_argument("--models", type=_names, metavar="X,Y", help="run only these models of the config")
-    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
-    parser.add_argument("--show-params", action="store_true", help="show the chosen hyperparameters")
+    _add_table_args(parser)
+    parser.add_argument("--tables", metavar="DIR", help="write the full tables (Markdown, LaTeX, tidy CSV) to "
+                        "DIR/<benchmark>/ (default: tables/ next to the results store)")
     parser.set_defaults(func=cmd_run)
+
+
+def _add_table_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json"], default="text",
+                        help="text (default: the compact table, 100 columns), markdown, latex (compiles as pasted; "
+                             "booktabs), csv or json (one tidy row per number)")
+    parser.add_argument("--wide", action="store_true",
+                        help="one column per OOD set (FPR / AUROC) instead of the compact near/far table")
+    parser.add_argument("--show-params", action="store_true", help="show the chosen hyperparameters")
+    parser.add_argument("--ci", action="store_true",
+                        help="95%% bootstrap intervals for AUROC and FPR@95 (resampling the test images, paired "
+                             "across methods) and ~ on values not significantly worse than the column's best")
+    parser.add_argument("--resamples", type=at_least(1), default=1000, metavar="N",
+                        help="bootstrap resamples for --ci (default 1000)")
+    parser.add_argument("--ci-seed", type=int, default=0, metavar="SEED", help="seed of the --ci resamples (default 0)")
 
 
 def _names(text: str) -> list[str]:
@@ -77,7 +93,8 @@ def _names(text: str) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from oodbench.benchmark.runner import run_experiment
-    from oodbench.results.tables import render
+    from oodbench.results.render import render_leaderboard, say_where, write_tables
+    from oodbench.results.store import ResultStore
 
     options = {}
     if args.ray_address:
@@ -87,7 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     frame = run_experiment(args.config, executor=args.executor, executor_options=options, search=args.search,
                            limit=args.limit, postprocessors=args.postprocessors, models=args.models,
                            **_overrides(args))
-    print(render(frame, args.format, show_params=args.show_params))
+    store = ResultStore(frame.attrs["store"], readonly=True)
+    resamples = args.resamples if args.ci else None
+    print(render_leaderboard(frame, args.format, args.wide, args.show_params, store, resamples, args.ci_seed))
+    if not frame.empty:
+        folder = args.tables or store.path.parent / "tables"
+        say_where(write_tables(frame, folder, store, resamples, args.ci_seed))
     return 0
 
 
@@ -102,9 +124,10 @@ def add_leaderboard(sub) -> None:
     parser.add_argument("--postprocessor", action="append", help="only these postprocessors (repeatable)")
     parser.add_argument("--fpr", choices=["classic", "openood"], default="classic",
                         help="FPR@95 convention: classic (ID positive) or openood (OOD positive)")
-    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    _add_table_args(parser)
     parser.add_argument("--output", help="also write the table to this file")
-    parser.add_argument("--show-params", action="store_true", help="show the chosen hyperparameters")
+    parser.add_argument("--tables", metavar="DIR",
+                        help="also write the full tables (Markdown, LaTeX, tidy CSV) to DIR/<benchmark>/")
     versions = parser.add_mutually_exclusive_group()
     versions.add_argument("--fingerprint", metavar="PREFIX",
                           help="only cells of this data fingerprint (or cell fingerprint), by prefix; default: the "
@@ -115,23 +138,35 @@ def add_leaderboard(sub) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from oodbench.results.render import render_leaderboard, say_where, write_tables
     from oodbench.results.store import ResultStore
-    from oodbench.results.tables import leaderboard_frame, render
+    from oodbench.results.tables import leaderboard_frame
+    from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
     store = ResultStore(args.results, readonly=True)
     benchmarks = [args.benchmark] if args.benchmark else sorted(set(store.frame("cells").benchmark))
     if not benchmarks:
         raise OodbenchError(f"results store {args.results} holds no results yet")
-    tables = []
+    resamples = args.resamples if args.ci else None
+    frames = []
     for benchmark in benchmarks:
         frame = leaderboard_frame(store, benchmark, args.model, args.postprocessor, fpr=args.fpr,
                                   fingerprint=args.fingerprint, every=args.every)
         if frame.empty:
             which = f" with fingerprint {args.fingerprint}" if args.fingerprint else ""
             raise OodbenchError(f"no results for benchmark '{benchmark}'{which} in {args.results}")
-        tables.append(render(frame, args.format, show_params=args.show_params))
-    text = "\n\n".join(tables)
-    print(text)
+        frames.append(frame)
+    if args.format in ("csv", "json"):  # one tidy table, whatever the number of benchmarks
+        import pandas as pd
+
+        text = render_tidy(pd.concat([leaderboard_tidy(f, store, resamples, args.ci_seed) for f in frames]),
+                           args.format)
+    else:
+        text = "\n\n".join(render_leaderboard(f, args.format, args.wide, args.show_params, store, resamples,
+                                               args.ci_seed) for f in frames)
+    print(text.rstrip("\n"))
+    for frame in frames if args.tables else []:
+        say_where(write_tables(frame, args.tables, store, resamples, args.ci_seed))
     if args.output:
         Path(args.output).write_text(text + "\n")
     return 0
@@ -161,6 +196,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             aliases = [n for n in registry.POSTPROCESSORS.names() if registry.POSTPROCESSORS.get(n) is cls and n != entry.name]
             needs = [need for need, flag in (("features", cls.needs_features), ("model gradients", cls.needs_model),
                                              ("fit", cls.needs_fit)) if flag]
+            needs += [f"extras {'/'.join(cls.needs_extras)}"] if cls.needs_extras else []
             rows.append([cls.name or entry.name, ", ".join(aliases), entry.origin, ", ".join(needs) or "logits"])
         print(tabulate(rows, headers=["name", "aliases", "origin", "needs"]))
     elif args.kind == "models":

@@ -132,10 +132,12 @@ def _probe(model: Model, image: ImageSpec, device: torch.device) -> tuple[int, n
 
 
 def adapt(model: Model, image: ImageSpec, device: str | torch.device) -> ModelAdapter:
-    """The harness's adapter for `model` (borrow the network with `borrowed` around its use)."""
+    """The harness's adapter for `model`, on `device` (borrow the network with `borrowed`
+    around its use: this moves it and the harness freezes it)."""
     if model.normalization is not None and (len(model.normalization) != 2):
         raise OodbenchError(f"model '{model.label}': normalization must be (mean, std), per channel")
     extras = check_sources(model.extras or {})
+    model.net.to(device)  # where the harness runs it (`borrowed` moves it back)
     classes, head = _probe(model, image, torch.device(device))
     classifier = model.classifier if model.classifier is not None else head
     mean, std = model.normalization or (None, None)
