@@ -448,6 +448,10 @@ def test_every_method_as_a_detector_scores_like_the_run(digits, every_method_run
     detector = oodbench.detector(name, digits.net, fit=digits.train, val=digits.val, cache_dir=str(tmp_path))
     np.testing.assert_array_equal(detector.score(digits.test[0]).double().numpy(),
                                   every_method_run.scores(method, spec, "id:test"))
+    loaded = oodbench.load_detector(detector.save(tmp_path / f"{name}.detector"), digits.net)
+    assert loaded.threshold == detector.threshold and loaded.method.params == detector.method.params
+    few = digits.test[0][:16]
+    assert torch.equal(loaded.score(few), detector.score(few))
 
 
 def test_detector_with_search_chooses_the_runs_hyperparameters(digits, yaml_run, tmp_path):

@@ -28,7 +28,7 @@ from oodbench.api import data as api_data
 from oodbench.api import models as api_models
 from oodbench.api.data import image_spec, read_split
 from oodbench.api.models import Model, adapt, as_models, borrowed, model_device
-from oodbench.benchmark.cache import FitStateCache, extract
+from oodbench.benchmark.cache import FitStateCache, atomic_save, extract
 from oodbench.benchmark.jobs import RunContext, fit_cached, load_cached_outputs, split_outputs
 from oodbench.benchmark.plan import SplitRef, search_space_for
 from oodbench.benchmark.search import finite_scores, search_hyperparameters
@@ -108,8 +108,7 @@ class Detector:
                    "weights_hash": self.adapter.weights_hash, "name": self.model.label, "reading": reading,
                    "unsaved": [k for k in ("output", "extras") if self._unsaved(k, reading)]}
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, path)
+        atomic_save(payload, path)
         return path
 
     def _unsaved(self, key: str, reading: dict) -> bool:
@@ -150,7 +149,7 @@ def detector(name: str, model: nn.Module | Model, *, fit: Any = None, val: Any =
     ``OODBENCH_CACHE`` or ``.oodbench_cache``). Reading options as in `oodbench.evaluate`.
     Raises `OodbenchError` in one line for bad input.
     """
-    from oodbench.api.session import ood_sets
+    from oodbench.api.session import default_cache_dir, ood_sets
 
     models = as_models(model, normalization=normalization, output=output, extras=extras, classifier=classifier,
                        outputs_probabilities=outputs_probabilities)
@@ -172,7 +171,7 @@ def detector(name: str, model: nn.Module | Model, *, fit: Any = None, val: Any =
         splits[f"ood_val:{set_name}"] = read_split(data, f"ood_val['{set_name}']", False)
     image = image_spec(splits["id:val"] if "id:val" in splits else splits["id:fit"], "val")
     device = model_device(spec.net, device)
-    cache = Path(cache_dir or _default_cache())
+    cache = Path(cache_dir or default_cache_dir())
     with borrowed(spec.net):
         spec.net.eval()
         adapter = adapt(spec, image, device)
@@ -210,12 +209,6 @@ def _fit(cls, params, context, refs, adapter, keep, tau):
         return method, f"tau = {tau:g} (given)", float(tau)
     val_scores = finite_scores(method.score(outputs["id:val"]), "ID val", len(outputs["id:val"]))
     return method, f"keeps {keep:.0%} of ID validation", threshold_keeping(val_scores, keep)
-
-
-def _default_cache() -> str:
-    import os
-
-    return os.environ.get("OODBENCH_CACHE", ".oodbench_cache")
 
 
 def load_detector(path: str | Path, model: nn.Module, *, device: str | None = None, check_weights: bool = True,

@@ -33,6 +33,11 @@ from oodbench.registry import POSTPROCESSORS, load_plugins
 GROUPS = ("near", "far")
 
 
+def default_cache_dir() -> str:
+    """The output cache `oodbench run` uses: ``OODBENCH_CACHE``, else the config's default."""
+    return os.environ.get("OODBENCH_CACHE", ExperimentConfig.__dataclass_fields__["cache_dir"].default)
+
+
 def ood_sets(ood: Any, what: str) -> dict[str, Any]:
     """``{name: data}``; a single data object is named after `what`."""
     if ood is None:
@@ -101,7 +106,7 @@ class Session:
             benchmark=benchmark, models=[], postprocessors=self.names, search=self.search,
             fit_split="train" if "train" in self.id_splits else "val", fpr=fpr, plugins=list(plugins),
             params={k: dict(v) for k, v in (params or {}).items()}, results=str(store or ""),
-            cache_dir=str(cache_dir or os.environ.get("OODBENCH_CACHE", ".oodbench_cache")), device=self.device,
+            cache_dir=str(cache_dir or default_cache_dir()), device=self.device,
             batch_size=batch_size, limit=limit, name="python", source="oodbench.evaluate")
         self.benchmark_name = benchmark
         self._stack = ExitStack()
