@@ -41,6 +41,7 @@ from oodbench.errors import OodbenchError
 from oodbench.benchmark.experiment import CachedExperiment
 from oodbench.postprocessors.base import Outputs, Postprocessor
 from oodbench.postprocessors.gradient import model_device
+from oodbench.postprocessors.pro import max_softmax, pro_trajectory
 from oodbench.registry import POSTPROCESSORS
 from oodbench.results.tables import AVERAGES, leaderboard_frame
 
@@ -349,9 +350,10 @@ def tradeoff_figure(frame: pd.DataFrame, title: str, fpr: str = "classic") -> Fi
     handles, labels = [], []
     blank = Line2D([], [], linestyle="", marker="")
     for family in families:  # column by column: the legend fills each column before the next
-        entries = [(blank, FAMILY_STYLE[family][1])]
-        entries += [(Line2D([], [], linestyle="", marker=FAMILY_STYLE[family][0], color=colours[m],
-                            markeredgecolor="0.2", markeredgewidth=0.4, markersize=7 if FAMILY_STYLE[family][0] == "*" else 5.5), m)
+        marker, name = FAMILY_STYLE[family]
+        entries = [(blank, name)]
+        entries += [(Line2D([], [], linestyle="", marker=marker, color=colours[m], markeredgecolor="0.2",
+                            markeredgewidth=0.4, markersize=7 if marker == "*" else 5.5), m)
                     for m in columns[family]]
         entries += [(blank, "")] * (rows - len(entries))
         handles += [h for h, _ in entries]
@@ -364,6 +366,7 @@ def tradeoff_figure(frame: pd.DataFrame, title: str, fpr: str = "classic") -> Fi
             text.set_fontweight("bold")
     _title(figure, title)
     return figure
+
 
 # --------------------------------------------------------------------------- data
 
@@ -397,7 +400,6 @@ def _subsample(experiment: CachedExperiment, split: str, samples: int, seed: int
 def pro_shift_data(experiment: CachedExperiment, eps: float, samples: int = 500,
                    seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """model -> split label -> s_1 - s_0 of MSP after one PRO step of size `eps`."""
-    pro = POSTPROCESSORS.get("pro_msp")(eps=eps, K=1)
     data = {}
     for spec in experiment.config.models:
         model = experiment.model(spec)
@@ -405,7 +407,7 @@ def pro_shift_data(experiment: CachedExperiment, eps: float, samples: int = 500,
         data[spec.display] = {}
         for split in ["id:test", *experiment.ood_tests(spec)]:
             images = _subsample(experiment, split, samples, seed)
-            shifts = [pro.trajectory(model, batch.to(device)).diff(dim=1)[:, 0].cpu()
+            shifts = [pro_trajectory(max_softmax, model, batch.to(device), eps, steps=1).diff(dim=1)[:, 0].cpu()
                       for batch in images.split(experiment.config.batch_size)]
             data[spec.display][ID_LABEL if split == "id:test" else _split_label(split)] = torch.cat(shifts).numpy()
     return data
