@@ -241,6 +241,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
     store.close()
     timing = {d: t for d, t in timing.items() if t["extraction"] or t["scoring"]}
     frame.attrs["timing"] = timing
+    frame.attrs["store"] = str(store.path)
     if timing and not quiet:
         print(time_summary(timing, time.time() - started), file=sys.stderr)
     return frame

@@ -1,10 +1,12 @@
-"""Leaderboard tables rebuilt from the results store alone (no model is loaded).
+"""Leaderboard frames rebuilt from the results store alone (no model is loaded).
 
-Layout like the PRO paper's Table 1: one row per (model, postprocessor); one column per
-OOD set, then the near-OOD, far-OOD and overall averages (unweighted means over the sets
-present), each cell ``FPR@95 / AUROC`` x100 with 2 decimals; the best value per column in
-bold, the second underlined. Missing sets and failed cells are shown as such, and an
-average over fewer sets than the benchmark names says so.
+`leaderboard_frame`: one row per shown cell, with each OOD set's FPR@95 and AUROC and the
+near-OOD, far-OOD and overall averages (unweighted means over the sets present).
+`aggregate_checkpoints`: one row per (model, postprocessor, setting), the mean and standard
+deviation over the model's checkpoints (one row of one when it has one). The renderers
+(`oodbench.results.render`, `.latex`, `.tidy`) turn these into text; `caption` says what a
+table holds. Missing sets and failed cells are shown as such, and an average over fewer
+sets than the benchmark names says so.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fin
 
     `fingerprints`: exactly these cells (a run's own). `fingerprint`: cells whose data or cell
     fingerprint starts with it. Otherwise, and unless `every`, the latest cell of each
-    (model, postprocessor, setting): rows computed from other data or weights stay stored.
+    (model, checkpoint, postprocessor, setting): rows computed from other data or weights
+    stay stored.
     """
     if fingerprints is not None:
         return cells[cells.fingerprint.isin(list(fingerprints))], 0
@@ -47,7 +50,8 @@ def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fin
         cells = cells[chosen]
     if every or cells.empty:
         return cells, 0
-    latest = cells.sort_values("created", kind="stable").groupby(["model", "postprocessor", "setting"]).tail(1)
+    latest = cells.sort_values("created", kind="stable").groupby(["model", "checkpoint", "postprocessor",
+                                                                   "setting"]).tail(1)
     return cells.loc[sorted(latest.index)], len(cells) - len(latest)
 
 
@@ -79,16 +83,17 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     values_of = {key: dict(zip(zip(group.dataset, group.metric), group.value))
                  for key, group in results.groupby(["model", "postprocessor", "setting", "fingerprint"])}
     settings = cells.groupby(["model", "postprocessor"]).setting.nunique()
-    versions = cells.groupby(["model", "postprocessor", "setting"]).fingerprint.nunique()
+    versions = cells.groupby(["model", "checkpoint", "postprocessor", "setting"]).fingerprint.nunique()
 
     rows = []
     for cell in cells.itertuples():
         label = cell.postprocessor
         if settings[(cell.model, cell.postprocessor)] > 1:
             label += f" {setting_label(cell.setting)}"
-        if versions[(cell.model, cell.postprocessor, cell.setting)] > 1:
+        if versions[(cell.model, cell.checkpoint, cell.postprocessor, cell.setting)] > 1:
             label += f" @{cell.fingerprint[:8]}"
-        row = {"model": cell.model, "postprocessor": cell.postprocessor, "label": label, "setting": cell.setting,
+        row = {"model": cell.model, "checkpoint": cell.checkpoint, "postprocessor": cell.postprocessor, "label": label,
+               "setting": cell.setting,
                "fingerprint": cell.fingerprint, "data_fingerprint": cell.data_fingerprint, "status": cell.status,
                "reason": cell.reason, "params": cell.params, "tags": cell.tags}
         values = values_of.get((cell.model, cell.postprocessor, cell.setting, cell.fingerprint), {})
@@ -107,7 +112,8 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     if not frame.empty:
         model_rank = {m: i for i, m in enumerate(models or list(dict.fromkeys(frame.model)))}
         pp_rank = {p: i for i, p in enumerate(postprocessors or list(dict.fromkeys(frame.postprocessor)))}
-        frame = frame.sort_values(["model", "postprocessor"], key=lambda s: s.map(model_rank if s.name == "model" else pp_rank).fillna(1e9), kind="stable")
+        frame = frame.sort_values(["model", "postprocessor", "checkpoint"], kind="stable", key=lambda s: s.map(
+            model_rank if s.name == "model" else pp_rank).fillna(1e9) if s.name != "checkpoint" else s)
         frame = frame.reset_index(drop=True)
     frame.attrs.update(benchmark=benchmark, fpr=fpr, datasets=order, groups=group_of, missing=missing,
                        hidden=hidden, data_fingerprints=sorted(set(cells.data_fingerprint.dropna())),
@@ -128,27 +134,57 @@ def sampling_note(datasets: pd.DataFrame, cells: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
-def _columns(frame: pd.DataFrame) -> list[str]:
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    """The table's columns of FPR/AUROC pairs: every OOD set, then the averages."""
     return list(frame.attrs["datasets"]) + list(AVERAGES.values())
 
 
-def _rank_marks(values: pd.Series, lower_is_better: bool) -> dict[int, str]:
-    ranked = values.dropna().sort_values(ascending=lower_is_better)
-    unique = list(dict.fromkeys(ranked.round(12)))
-    marks = {}
-    for index, value in ranked.round(12).items():
-        if value == unique[0]:
-            marks[index] = "best"
-        elif len(unique) > 1 and value == unique[1]:
-            marks[index] = "second"
-    return marks
+def aggregate_checkpoints(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, postprocessor label, setting): the mean of ACC and of every FPR and
+    AUROC column over the model's checkpoints that finished, their sample standard deviation
+    (``<column>|std``, ``acc|std``; NaN for one checkpoint), how many (``checkpoints``) and
+    their fingerprints (``fingerprints``). A row none of whose checkpoints finished keeps
+    the first one's status and reason; otherwise ``failed_checkpoints`` names those that failed."""
+    if frame.empty:
+        return frame.assign(checkpoints=pd.Series(dtype=int), fingerprints=pd.Series(dtype=object))
+    values = ["acc"] + [f"{c}|{m}" for c in metric_columns(frame) for m in ("fpr", "auroc")]
+    rows = []
+    for _, group in frame.groupby(["model", "label", "setting"], sort=False):
+        done = group[group.status == "done"]
+        shown = done if len(done) else group.iloc[:1]
+        row = shown.iloc[0].to_dict()
+        for column in values:
+            row[column] = shown[column].mean() if len(done) else np.nan
+            row[f"{column}|std"] = shown[column].std(ddof=1) if len(done) > 1 else np.nan
+        failed = group[group.status != "done"] if len(done) else group.iloc[:0]
+        row["failed_checkpoints"] = "; ".join(f"checkpoint {r.checkpoint or r.fingerprint[:8]} {r.status}: {r.reason}"
+                                              for r in failed.itertuples())
+        row.update(checkpoints=len(done), fingerprints=list(done.fingerprint),
+                   checkpoint=", ".join(c for c in shown.checkpoint if c))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs.update(frame.attrs)
+    return out
 
 
-def caption(frame: pd.DataFrame) -> str:
+def caption(frame: pd.DataFrame, marks: str) -> str:
+    """What a table holds, for every format: the metrics, the FPR@95 convention, how rows are
+    marked (`marks`, the renderer's own words), checkpoints, intervals, missing sets, what was
+    sampled and which data the rows come from."""
     groups = frame.attrs["groups"]
     missing = frame.attrs["missing"]
-    text = (f"{frame.attrs['benchmark']}: FPR@95 / AUROC (x100). {FPR_CAPTION[frame.attrs['fpr']]}. "
-            "Best per column in bold, second underlined.")
+    text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD and far-OOD are unweighted means over "
+            f"their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
+    counts = sorted(set(frame["checkpoints"])) if "checkpoints" in frame else []
+    if counts and counts[-1] > 1:
+        many = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
+        text += f" Mean ± standard deviation over {many} checkpoints per model (n per row in the full tables)."
+    ci = frame.attrs.get("ci")
+    if ci:
+        text += (f" 95% bootstrap intervals: {ci['resamples']:,} resamples of the ID and OOD test images "
+                 f"(paired across methods, seed {ci['seed']}), percentile.")
+        if ci.get("without"):
+            text += f" {ci['without']} row(s) have no stored per-image scores (computed by an older oodbench): no interval."
     if missing:
         by_group = {g: [d for d in missing if groups.get(d) == g] for g in ("near", "far")}
         detail = "; ".join(f"{g}-OOD average over the sets present (missing: {', '.join(d)})"
@@ -156,8 +192,7 @@ def caption(frame: pd.DataFrame) -> str:
         text += f" MISSING datasets: {', '.join(missing)} — {detail}."
     if any(name.startswith("pro_") for name in frame.get("postprocessor", [])):
         text += " PRO eps is in [0,1]-pixel units (normalisation happens inside the model)."
-    if frame.attrs.get("sampling"):
-        text += f" Sampled: {frame.attrs['sampling']}."
+    text += f" Sampled: {frame.attrs['sampling']}." if frame.attrs.get("sampling") else " All test images used."
     fingerprints = frame.attrs.get("data_fingerprints", [])
     if len(fingerprints) == 1:
         text += f" Data fingerprint {fingerprints[0]}."
@@ -167,62 +202,3 @@ def caption(frame: pd.DataFrame) -> str:
         text += (f" {frame.attrs['hidden']} older result(s) of the same settings under other fingerprints are not "
                  "shown (leaderboard --all shows every stored version).")
     return text
-
-
-def render(frame: pd.DataFrame, fmt: str = "markdown", show_params: bool = False) -> str:
-    """The leaderboard as markdown, csv or latex."""
-    from tabulate import tabulate
-
-    if frame.empty:
-        return f"(no results for benchmark '{frame.attrs.get('benchmark')}')"
-    columns = _columns(frame)
-    missing = set(frame.attrs["missing"])
-    if fmt == "csv":
-        keep = ["model", "postprocessor", "label", "setting", "fingerprint", "status", "params", "acc"] + [
-            f"{c}|{m}" for c in columns for m in ("fpr", "auroc")]
-        out = frame[keep].copy()
-        for column in keep[7:]:
-            out[column] = out[column] * 100
-        return out.to_csv(index=False, float_format="%.2f")
-    bold, under = ("**", "**"), ("<u>", "</u>")
-    if fmt == "latex":
-        bold, under = (r"\textbf{", "}"), (r"\underline{", "}")
-    marks = {}
-    for column in columns:
-        marks[(column, "fpr")] = _rank_marks(frame[f"{column}|fpr"], lower_is_better=True)
-        marks[(column, "auroc")] = _rank_marks(frame[f"{column}|auroc"], lower_is_better=False)
-
-    def fmt_value(index: int, column: str, metric: str) -> str:
-        value = frame.at[index, f"{column}|{metric}"]
-        text = f"{100 * value:.2f}"
-        mark = marks[(column, metric)].get(index)
-        if mark == "best":
-            return f"{bold[0]}{text}{bold[1]}"
-        if mark == "second":
-            return f"{under[0]}{text}{under[1]}"
-        return text
-
-    body = []
-    for index, row in frame.iterrows():
-        line = [row["model"], row["label"]]
-        if show_params:
-            params = json.loads(row["params"] or "{}")
-            line.append(", ".join(f"{k}={v}" for k, v in params.items()) or "-")
-        line.append("-" if np.isnan(row["acc"]) else f"{100 * row['acc']:.2f}")
-        for column in columns:
-            if row["status"] != "done":
-                line.append(row["status"].upper())
-            elif column in missing:
-                line.append("missing")
-            elif np.isnan(row[f"{column}|auroc"]):
-                line.append("-")
-            else:
-                line.append(f"{fmt_value(index, column, 'fpr')} / {fmt_value(index, column, 'auroc')}")
-        body.append(line)
-    headers = ["model", "postprocessor"] + (["params"] if show_params else []) + ["ACC"] + columns
-    if fmt == "latex":
-        table = tabulate(body, headers=headers, tablefmt="latex_raw")
-        return f"% {caption(frame)}\n\\begin{{table}}\n\\caption{{{caption(frame)}}}\n{table}\n\\end{{table}}"
-    failed = frame[frame.status != "done"]
-    notes = "".join(f"\n- {r.model} / {r.postprocessor}: {r.status}: {r.reason}" for r in failed.itertuples())
-    return f"{caption(frame)}\n\n{tabulate(body, headers=headers, tablefmt='pipe')}{notes}"

@@ -1,0 +1,113 @@
+"""Bootstrap intervals for the rows of a leaderboard, from the per-image scores the store keeps.
+
+`add_intervals` reads each row's cells' test scores (`ResultStore.read_scores`: checksum
+and count verified; here also that they reproduce the cell's stored AUROC, so scores and
+numbers cannot come from different runs), draws paired resamples of the ID and OOD test
+images (`oodbench.evaluators.bootstrap`), and computes each row's replicate of a column
+exactly as its point estimate: the mean over its checkpoints, and for the near/far/all
+averages the mean over the sets present. It adds, per column and metric,
+``<column>|<metric>|low`` and ``|high`` (the 95% percentile interval) and ``|tie``: whether
+the row is not significantly worse than the column's best (the percentile interval of
+their paired difference reaches 0). No model and no output cache is read.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from oodbench.evaluators.bootstrap import RESAMPLES, bootstrap_replicates, interval, not_significant
+from oodbench.evaluators.metrics import auroc
+from oodbench.results.store import ResultStore
+from oodbench.results.tables import AVERAGES, metric_columns
+
+ID_TEST = "id_test"
+METRICS = ("auroc", "fpr")
+
+
+def verified_scores(store: ResultStore, benchmark: str, fingerprints: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """fingerprint -> dataset -> scores, for the cells whose scores verify; one warning line per
+    entry that does not (a damaged blob, or scores that do not give the stored AUROC)."""
+    scores, damaged = store.read_scores(fingerprints)
+    results = store.frame("results", benchmark=benchmark, metric="auroc")
+    stored = {(r.fingerprint, r.dataset): r.value for r in results.itertuples()}
+    for fingerprint, sets in list(scores.items()):
+        if ID_TEST not in sets:
+            del scores[fingerprint]
+            continue
+        for name in [n for n in sets if n != ID_TEST]:
+            expected = stored.get((fingerprint, name))
+            ood = sets[name]
+            found = auroc(np.r_[sets[ID_TEST], ood], np.r_[np.zeros(sets[ID_TEST].size), np.ones(ood.size)])
+            if expected is None or abs(found - expected) > 1e-9:
+                damaged.append(f"the stored scores of cell {fingerprint} on {name} in {store.path} do not reproduce its "
+                               f"stored AUROC; left out of the intervals")
+                del sets[name]
+    for line in damaged:
+        warnings.warn(line, stacklevel=2)
+    return scores
+
+
+def add_intervals(rows: pd.DataFrame, store: ResultStore, resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """`rows` (from `aggregate_checkpoints`) with interval and significance columns."""
+    attrs, rows = rows.attrs, rows.copy()
+    rows.attrs.update(attrs)
+    columns = metric_columns(rows)
+    sets = list(rows.attrs["datasets"])
+    members = [fp for fps in rows.fingerprints for fp in fps]
+    scores = verified_scores(store, rows.attrs["benchmark"], members)
+
+    records = rows.to_dict("records")
+    present = [[d for d in sets if not np.isnan(row[f"{d}|auroc"])] for row in records]
+    usable = [row["status"] == "done" and bool(row["fingerprints"]) and all(
+        fp in scores and all(d in scores[fp] for d in names) for fp in row["fingerprints"])
+        for row, names in zip(records, present)]
+    needed = {fp: names for row, names, ok in zip(records, present, usable) if ok for fp in row["fingerprints"]}
+    replicates = bootstrap_replicates({fp: scores[fp][ID_TEST] for fp in needed},
+                                      {fp: {d: scores[fp][d] for d in names} for fp, names in needed.items()},
+                                      resamples=resamples, seed=seed, fpr=rows.attrs["fpr"]) if needed else {}
+
+    per_row: dict[int, dict[tuple[str, str], np.ndarray]] = {}
+    for index, (row, names, ok) in enumerate(zip(records, present, usable)):
+        if not ok:
+            continue
+        table = {(d, m): np.mean([replicates[fp][d][m] for fp in row["fingerprints"]], axis=0)
+                 for d in names for m in METRICS}
+        for key, label in AVERAGES.items():
+            group = [d for d in names if key == "all" or rows.attrs["groups"].get(d) == key]
+            for m in METRICS:
+                if group:
+                    table[(label, m)] = np.mean([table[(d, m)] for d in group], axis=0)
+        per_row[index] = table
+
+    for column in columns:
+        for metric in METRICS:
+            name = f"{column}|{metric}"
+            bounds = [interval(per_row[i][(column, metric)]) if (column, metric) in per_row.get(i, {})
+                      else (np.nan, np.nan) for i in range(len(rows))]
+            rows[f"{name}|low"] = [low for low, _ in bounds]
+            rows[f"{name}|high"] = [high for _, high in bounds]
+            rows[f"{name}|tie"] = _ties(rows, per_row, column, metric)
+    rows.attrs["ci"] = {"resamples": resamples, "seed": seed,
+                        "without": sum(row["status"] == "done" and not ok for row, ok in zip(records, usable))}
+    return rows
+
+
+def _ties(rows: pd.DataFrame, per_row: dict, column: str, metric: str) -> list[bool]:
+    """Per row: not significantly worse than the column's best row (paired bootstrap); False for
+    the best itself, for rows of other data, and when the best has no replicates."""
+    values = rows[f"{column}|{metric}"].where(rows.status == "done")
+    ties = [False] * len(rows)
+    if values.isna().all():
+        return ties
+    best = int(np.argmax(values.fillna(-np.inf)) if metric == "auroc" else np.argmin(values.fillna(np.inf)))
+    reference = per_row.get(best, {}).get((column, metric))
+    if reference is None:
+        return ties
+    for index, table in per_row.items():
+        same_data = rows.data_fingerprint.iloc[index] == rows.data_fingerprint.iloc[best]
+        if index != best and (column, metric) in table and same_data and values.iloc[index] != values.iloc[best]:
+            ties[index] = not_significant(reference, table[(column, metric)], higher_is_better=metric == "auroc")
+    return ties

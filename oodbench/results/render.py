@@ -1,0 +1,292 @@
+"""The leaderboard as text, for a terminal first.
+
+- compact (default): model, postprocessor, ID ACC, near-OOD and far-OOD AUROC and FPR@95,
+  rows ranked by near-OOD AUROC within each model, at most `WIDTH` characters wide; the
+  best value per column marked ``*`` (and, with intervals, ``~`` for the rows not
+  significantly worse); a last line gives the robust-vs-standard gap when the rows hold
+  models tagged both ways;
+- wide (``--wide``): one ``FPR / AUROC`` column per OOD set and the averages, as a Markdown
+  table, best bold and second in italics.
+
+Numbers are x100 with 2 decimals; ``±`` is the standard deviation over checkpoints, and with
+``--ci`` the 95% bootstrap interval follows each value in brackets (in the compact text each
+model then heads its rows on a line of its own, so that the bounds fit). LaTeX is `oodbench.results.latex`, CSV/JSON
+`oodbench.results.tidy`; `render_leaderboard` dispatches and `write_tables` writes the full
+tables of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from oodbench.results.tables import aggregate_checkpoints, caption, metric_columns
+
+WIDTH = 100
+COMPACT = (("near-OOD", "auroc"), ("near-OOD", "fpr"), ("far-OOD", "auroc"), ("far-OOD", "fpr"))
+HEADER = {"auroc": "AUROC", "fpr": "FPR@95"}
+FORMATS = ("text", "markdown", "latex", "csv", "json")
+
+
+def ranked(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows by model (in their order), then by near-OOD AUROC, highest first (the overall
+    average breaks ties and ranks a benchmark without near-OOD sets); unscored rows last."""
+    model_order = {m: i for i, m in enumerate(dict.fromkeys(rows.model))}
+    keys = pd.DataFrame({"model": rows.model.map(model_order),
+                         "near": -rows["near-OOD|auroc"].fillna(-np.inf), "all": -rows["average|auroc"].fillna(-np.inf)})
+    return rows.loc[keys.sort_values(["model", "near", "all"], kind="stable").index]
+
+
+def rank_marks(rows: pd.DataFrame, column: str, metric: str) -> dict[int, str]:
+    """Row index -> ``best``, ``second`` or ``tie`` (not significantly worse than the best)."""
+    values = rows[f"{column}|{metric}"].where(rows.status == "done").dropna().round(12)
+    distinct = sorted(set(values), reverse=metric == "auroc")
+    marks = {i: "best" if v == distinct[0] else "second" for i, v in values.items() if v in distinct[:2]}
+    if f"{column}|{metric}|tie" in rows:
+        marks.update({i: "tie" for i in rows.index[rows[f"{column}|{metric}|tie"].astype(bool)] if i not in marks
+                      or marks[i] == "second"})
+    return marks
+
+
+def number(row: dict, name: str, decimals: int = 2) -> str:
+    """x100 with 2 decimals; then the 95% interval (bounds with `decimals`) when the row has one,
+    else ``±`` the standard deviation over checkpoints when there are several."""
+    value = row[name]
+    if np.isnan(value):
+        return "-"
+    text = f"{100 * value:.2f}"
+    if not np.isnan(row.get(f"{name}|low", np.nan)):
+        scale = 10**decimals  # bounds rounded outwards, so the printed interval holds the printed value
+        low = np.floor(100 * row[f"{name}|low"] * scale + 1e-6) / scale
+        high = np.ceil(100 * row[f"{name}|high"] * scale - 1e-6) / scale + 0.0  # + 0.0: never -0.0
+        return text + (f" [{low:.{decimals}f},{high:.{decimals}f}]" if decimals < 2 else f" [{low:.2f}, {high:.2f}]")
+    std = row.get(f"{name}|std", np.nan)
+    return text if np.isnan(std) else f"{text}±{100 * std:.2f}"
+
+
+def marks_legend(rows: pd.DataFrame, best: str, second: str | None, tie: str) -> str:
+    text = f"Best per column {best}" + (f", second {second}" if second else "")
+    if rows.attrs.get("ci"):
+        text += f"; {tie} not significantly worse than the best (paired bootstrap, 95%); [low, high] is the 95% interval"
+    if "checkpoints" in rows and (rows.checkpoints > 1).any():
+        text += "; ± is the standard deviation over checkpoints" if not rows.attrs.get("ci") else (
+            "; intervals are those of the mean over checkpoints")
+    return text
+
+
+def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool = False) -> str:
+    """The compact table: plain text within `WIDTH` columns, or a Markdown table. With intervals
+    the plain text puts each model on a line of its own (with its ID ACC) above its rows, so
+    that four values with their bounds still fit."""
+    rows = ranked(rows)
+    blocks = bool(rows.attrs.get("ci")) and not markdown
+    marks = {(c, m): rank_marks(rows, c, m) for c, m in COMPACT}
+    symbol = {"best": "*", "tie": "~"}
+    header = ([] if blocks else ["model"]) + ["postprocessor"] + (["params"] if show_params else []) + (
+        [] if blocks else ["ACC"]) + [f"{c.split('-')[0]} {HEADER[m]}" for c, m in COMPACT]
+    body, titles, previous = [], {}, None
+    for index, row in zip(rows.index, rows.to_dict("records")):
+        first = row["model"] != previous
+        if first and previous is not None and not markdown:
+            body.append([""] * len(header))
+        if first and blocks:
+            titles[len(body)] = model_title(row)
+        previous = row["model"]
+        line = [] if blocks else [row["model"] if first or markdown else ""]
+        line.append(row["label"])
+        if show_params:
+            line.append(", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-")
+        if not blocks:
+            line.append(number(row, "acc") if row["status"] == "done" else "-")
+        for column, metric in COMPACT:
+            done = row["status"] == "done"
+            text = number(row, f"{column}|{metric}", decimals=1) if done else row["status"].upper()
+            mark = marks[(column, metric)].get(index)
+            if markdown:
+                text = f"**{text}**" if mark == "best" else text + ("~" if mark == "tie" else "")
+            else:
+                text += symbol.get(mark, " ") if done and text != "-" else " "
+            line.append(text)
+        body.append(line)
+    legend = "Rows ranked by near-OOD AUROC within each model. " + marks_legend(
+        rows, "in bold" if markdown else "marked *", None, "~")
+    text = caption(rows, legend)
+    notes = failure_notes(rows)
+    gap = robust_gap(rows)
+    if markdown:
+        from tabulate import tabulate
+
+        table = tabulate(body, headers=header, tablefmt="pipe", disable_numparse=True,
+                         colalign=["left"] * (len(header) - 5) + ["right"] * 5)
+        return "\n".join([text, "", table, *notes, *([gap] if gap else [])])
+    lines = aligned(header, body, numeric=4 if blocks else 5, fit=not show_params, indent=2 if blocks else 0)
+    for position in sorted(titles, reverse=True):
+        lines.insert(position + 2, titles[position])
+    if blocks:  # the column header under the first model's line
+        lines = [lines[2], *lines[:2], *lines[3:]]
+    wrap = lambda line: textwrap.fill(line, WIDTH, subsequent_indent="  ")  # noqa: E731
+    return "\n".join([wrap(text), "", *lines, *map(wrap, notes), *(["", wrap(gap)] if gap else [])])
+
+
+def model_title(row: dict) -> str:
+    """A model's line above its rows: name, tags, ID ACC (and its checkpoints)."""
+    tags = json.loads(row.get("tags") or "[]")
+    acc = number(row, "acc") if row["status"] == "done" else "-"
+    count = row.get("checkpoints", 1)
+    return (f"{row['model']}" + (f" ({', '.join(tags)})" if tags else "") + f": ID ACC {acc}"
+            + (f" over {count} checkpoints" if count > 1 else ""))
+
+
+def aligned(header: list[str], body: list[list[str]], numeric: int, fit: bool, indent: int = 0) -> list[str]:
+    """Columns two spaces apart after `indent` spaces, text left and the last `numeric` columns
+    right; with `fit`, the text columns (first the first) are shortened until the table fits
+    `WIDTH` (a shortened name ends in ``..``)."""
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    excess = indent + sum(widths) + 2 * (len(widths) - 1) - WIDTH
+    for column in range(len(header) - numeric):
+        if fit and excess > 0:
+            cut = max(min(excess, widths[column] - max(len(header[column]), 10)), 0)
+            widths[column] -= cut
+            excess -= cut
+
+    def cell(text: str, i: int) -> str:
+        if len(text) > widths[i]:
+            text = text[: widths[i] - 2] + ".."
+        return text.rjust(widths[i]) if i >= len(widths) - numeric else text.ljust(widths[i])
+
+    lines = ["  ".join(cell(h, i) for i, h in enumerate(header)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(cell(t, i) for i, t in enumerate(r)) for r in body]
+    return [(" " * indent + line).rstrip() for line in lines]
+
+
+def failure_notes(rows: pd.DataFrame) -> list[str]:
+    records = rows.to_dict("records")
+    return ([f"- {r['model']} / {r['label']}: {r['status']}: {r['reason']}" for r in records if r["status"] != "done"]
+            + [f"- {r['model']} / {r['label']}: mean over the checkpoints that finished; {r['failed_checkpoints']}"
+               for r in records if r["status"] == "done" and r.get("failed_checkpoints")])
+
+
+def robust_gap(rows: pd.DataFrame) -> str:
+    """One line: the best near-OOD AUROC of the standard and of the robust models, and the median
+    gain over the postprocessors both ran (tag means, as `oodbench compare`)."""
+    if "tags" not in rows:
+        return ""
+    tags = rows.tags.map(lambda t: set(json.loads(t or "[]")))
+    done = rows.status == "done"
+    values = {tag: rows[done & tags.map(lambda t: tag in t)] for tag in ("standard", "robust")}
+    if any(v.empty for v in values.values()):
+        return ""
+    means = {tag: v.groupby("label")["near-OOD|auroc"].mean() for tag, v in values.items()}
+    both = means["standard"].index.intersection(means["robust"].index)
+    if both.empty or means["standard"].isna().all():
+        return ""
+    best = {tag: (values[tag]["near-OOD|auroc"].max(), values[tag].loc[values[tag]["near-OOD|auroc"].idxmax()])
+            for tag in values}
+    gains = (means["robust"][both] - means["standard"][both]).dropna()
+    return (f"robust vs standard, near-OOD AUROC: best {100 * best['robust'][0]:.2f} ({best['robust'][1]['model']}, "
+            f"{best['robust'][1]['label']}) vs {100 * best['standard'][0]:.2f} ({best['standard'][1]['model']}, "
+            f"{best['standard'][1]['label']}); median gain of the robust model over {len(gains)} postprocessors "
+            f"{100 * np.median(gains):+.2f} (positive = robust better).")
+
+
+def wide_markdown(rows: pd.DataFrame, show_params: bool = False) -> str:
+    """One ``FPR / AUROC`` column per OOD set and the averages; best bold, second italic, ``~``
+    not significantly worse than the best; with intervals, their bounds in brackets."""
+    from tabulate import tabulate
+
+    columns = metric_columns(rows)
+    missing = set(rows.attrs["missing"])
+    marks = {(c, m): rank_marks(rows, c, m) for c in columns for m in ("fpr", "auroc")}
+    style = {"best": "**{}**", "second": "_{}_", "tie": "{}~"}
+
+    def value(index: int, row: dict, column: str, metric: str) -> str:
+        name = f"{column}|{metric}"
+        text = f"{100 * row[name]:.2f}"
+        if f"{name}|low" in row and not np.isnan(row[f"{name}|low"]):
+            text += f" [{100 * row[f'{name}|low']:.2f}, {100 * row[f'{name}|high']:.2f}]"
+        elif not np.isnan(row.get(f"{name}|std", np.nan)):
+            text += f"±{100 * row[f'{name}|std']:.2f}"
+        return style.get(marks[(column, metric)].get(index), "{}").format(text)
+
+    body = []
+    for index, row in zip(rows.index, rows.to_dict("records")):
+        line = [row["model"], row["label"]]
+        if show_params:
+            line.append(", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-")
+        line.append(number(row, "acc") if row["status"] == "done" else "-")
+        for column in columns:
+            if row["status"] != "done":
+                line.append(row["status"].upper())
+            elif column in missing:
+                line.append("missing")
+            elif np.isnan(row[f"{column}|auroc"]):
+                line.append("-")
+            else:
+                line.append(f"{value(index, row, column, 'fpr')} / {value(index, row, column, 'auroc')}")
+        body.append(line)
+    headers = ["model", "postprocessor"] + (["params"] if show_params else []) + ["ACC"] + columns
+    text = caption(rows, "Each cell FPR@95 / AUROC. " + marks_legend(rows, "in bold", "in italics", "~"))
+    table = tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True)
+    return "\n".join([text, "", table, *failure_notes(rows)])
+
+
+def leaderboard_rows(frame: pd.DataFrame, store=None, resamples: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """The rows a table shows: checkpoints aggregated, and bootstrap intervals with `resamples`."""
+    rows = aggregate_checkpoints(frame)
+    if resamples and not rows.empty:
+        from oodbench.results.intervals import add_intervals
+
+        rows = add_intervals(rows, store, resamples, seed)
+    return rows
+
+
+def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = False, show_params: bool = False,
+                       store=None, resamples: int | None = None, seed: int = 0) -> str:
+    """`frame` (`leaderboard_frame`) in one of `FORMATS`; intervals need the store."""
+    if frame.empty:
+        return f"(no results for benchmark '{frame.attrs.get('benchmark')}')"
+    if fmt in ("csv", "json"):
+        from oodbench.results.tidy import leaderboard_tidy, render_tidy
+
+        return render_tidy(leaderboard_tidy(frame, store, resamples, seed), fmt)
+    rows = leaderboard_rows(frame, store, resamples, seed)
+    if fmt == "latex":
+        from oodbench.results.latex import latex_leaderboard
+
+        return latex_leaderboard(rows, wide)
+    if wide:
+        return wide_markdown(rows, show_params)
+    return compact_text(rows, markdown=fmt == "markdown", show_params=show_params)
+
+
+def write_tables(frame: pd.DataFrame, folder: str | Path, store=None, resamples: int | None = None,
+                 seed: int = 0) -> list[Path]:
+    """The full tables of `frame` under `folder`/<benchmark>/: leaderboard.md (wide Markdown),
+    leaderboard.tex (wide LaTeX) and leaderboard.csv (tidy); returns their paths."""
+    from oodbench.errors import OodbenchError
+    from oodbench.results.latex import latex_leaderboard
+    from oodbench.results.tidy import leaderboard_tidy, render_tidy
+
+    target = Path(folder) / frame.attrs["benchmark"]
+    rows = leaderboard_rows(frame, store, resamples, seed)
+    texts = {"leaderboard.md": wide_markdown(rows), "leaderboard.tex": latex_leaderboard(rows, wide=True),
+             "leaderboard.csv": render_tidy(leaderboard_tidy(frame, store, resamples, seed), "csv")}
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (target / name).write_text(text if text.endswith("\n") else text + "\n")
+    except OSError as exc:
+        raise OodbenchError(f"cannot write the tables to {target}: {exc.strerror or exc}") from None
+    return [target / name for name in texts]
+
+
+def say_where(paths: list[Path]) -> None:
+    """The one line naming the full tables, on stderr (stdout holds the table itself)."""
+    sys.stdout.flush()
+    stem = paths[0].with_suffix("")
+    print(f"full tables (Markdown, LaTeX, CSV): {stem}.{{md,tex,csv}}", file=sys.stderr)

@@ -1,0 +1,95 @@
+"""Machine-readable exports: one long ("tidy") table per command, the same columns for all.
+
+Each row is one number: ``benchmark, fingerprint, model, checkpoint, postprocessor,
+setting, dataset, group, metric, value, fpr_convention, higher_is_better`` — values are
+fractions (tables show them x100), ``fpr_convention`` is ``classic`` or ``openood`` on
+FPR@95 rows and empty elsewhere, and ``higher_is_better`` says which way each metric
+points. Gains (``*_gain`` metrics) are signed so that positive is always better: the
+AUROC difference, and the FPR@95 *reduction*. With bootstrap intervals, ``ci_low`` and
+``ci_high`` hold the 95% interval (AUROC and FPR@95 rows). CSV and JSON (records) carry
+exactly the same rows; no prose, no comment lines, so ``pandas.read_csv`` loads the CSV
+as it is.
+
+- leaderboard: one row per cell (each checkpoint its own), dataset = ``id_test`` (ACC), each
+  OOD set (AUROC, AUPR-In/Out, FPR@95 in both conventions), and group ``mean`` rows for the
+  ``near-OOD``, ``far-OOD`` and ``average`` columns (unweighted means over the sets present);
+- compare and calibration: see `comparison_tidy` and `calibration_tidy`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from oodbench.results.tables import AVERAGES
+
+COLUMNS = ["benchmark", "fingerprint", "model", "checkpoint", "postprocessor", "setting", "dataset", "group",
+           "metric", "value", "fpr_convention", "higher_is_better"]
+CI_COLUMNS = ["ci_low", "ci_high"]
+FPR_ROWS = {"fpr95": "classic", "fpr95_openood": "openood"}  # stored metric -> convention
+LOWER_IS_BETTER = {"fpr95", "ece", "nll"}
+MEAN_GROUP = "mean"
+
+
+def tidy_row(**values) -> dict:
+    metric = values["metric"]
+    row = {column: values.get(column, "") for column in COLUMNS}
+    row["higher_is_better"] = values.get("higher_is_better", metric not in LOWER_IS_BETTER)
+    return row
+
+
+def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Every stored metric of the frame's finished cells, plus the group means."""
+    cells = frame[frame.status == "done"]
+    results = store.frame("results", benchmark=frame.attrs["benchmark"])
+    results = results[results.fingerprint.isin(set(cells.fingerprint))]
+    values = {(r.fingerprint, r.dataset, r.metric): r.value for r in results.itertuples()}
+    intervals = _cell_intervals(cells, frame.attrs, store, resamples, seed) if resamples else {}
+    sets, groups = list(frame.attrs["datasets"]), frame.attrs["groups"]
+    rows = []
+    for cell in cells.to_dict("records"):
+        base = {k: cell[k] for k in ("model", "checkpoint", "postprocessor", "setting", "fingerprint")}
+        base["benchmark"] = frame.attrs["benchmark"]
+        if (cell["fingerprint"], "id_test", "acc") in values:
+            rows.append(tidy_row(**base, dataset="id_test", group="id", metric="acc",
+                                 value=values[(cell["fingerprint"], "id_test", "acc")]))
+        present = [d for d in sets if (cell["fingerprint"], d, "auroc") in values]
+        means = {label: [d for d in present if key == "all" or groups.get(d) == key] for key, label in AVERAGES.items()}
+        for dataset, group in [(d, groups.get(d, "")) for d in present] + [(m, MEAN_GROUP) for m in means if means[m]]:
+            members = means.get(dataset, [dataset]) if group == MEAN_GROUP else [dataset]
+            for stored in ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood"):
+                found = [values.get((cell["fingerprint"], d, stored)) for d in members]
+                if any(v is None for v in found):
+                    continue
+                metric = "fpr95" if stored in FPR_ROWS else stored
+                row = tidy_row(**base, dataset=dataset, group=group, metric=metric, value=float(np.mean(found)),
+                               fpr_convention=FPR_ROWS.get(stored, ""))
+                short = "auroc" if stored == "auroc" else "fpr" if FPR_ROWS.get(stored) == frame.attrs["fpr"] else None
+                if intervals and short:
+                    row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], dataset, short), (np.nan, np.nan))
+                rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else []))
+
+
+def _cell_intervals(cells: pd.DataFrame, attrs: dict, store, resamples: int, seed: int) -> dict[tuple[str, str, str], tuple]:
+    """(fingerprint, column, auroc | fpr) -> the 95% interval of that cell alone."""
+    from oodbench.results.intervals import add_intervals
+    from oodbench.results.tables import metric_columns
+
+    rows = cells.assign(checkpoints=1, fingerprints=[[fp] for fp in cells.fingerprint]).reset_index(drop=True)
+    rows.attrs.update(attrs)
+    rows = add_intervals(rows, store, resamples, seed)
+    out = {}
+    for row in rows.to_dict("records"):
+        for column in metric_columns(rows):
+            for metric in ("auroc", "fpr"):
+                out[(row["fingerprint"], column, metric)] = (row[f"{column}|{metric}|low"],
+                                                             row[f"{column}|{metric}|high"])
+    return out
+
+
+def render_tidy(frame: pd.DataFrame, fmt: str) -> str:
+    """CSV (header + rows, full precision) or JSON (a list of records)."""
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=1)
+    return frame.to_csv(index=False)
