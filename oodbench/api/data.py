@@ -10,7 +10,8 @@ extraction and its cache are the ones of `oodbench run`.
 
 Accepted forms, each image a [0,1] tensor (uint8 images are divided by 255):
 
-- a tensor or array of images (N x C x H x W, or N x H x W for grey): OOD sets only;
+- a tensor or array of images (N x C x H x W, N x H x W x C with 1 or 3 channels, or
+  N x H x W for grey): OOD sets only;
 - ``(images, labels)``, labels a sequence of class indices, or a dict ``{head: labels}``
   when the model has several heads (see `oodbench.api.operating_point`);
 - a map-style ``Dataset`` of ``(image, label)`` items (or images alone, for OOD sets);
@@ -152,7 +153,8 @@ def _in_order(loader: DataLoader) -> DataLoader:
 
 
 def _collate_items(items: list) -> tuple[torch.Tensor, Any]:
-    pairs = [item if isinstance(item, (tuple, list)) and len(item) >= 2 else (item, None) for item in items]
+    pairs = [(item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
+             for item in items]
     images = torch.stack([_image_tensor(image) for image, _ in pairs])
     labels = [label for _, label in pairs]
     if all(label is None for label in labels):
@@ -163,10 +165,15 @@ def _collate_items(items: list) -> tuple[torch.Tensor, Any]:
 
 
 def _image_tensor(image: Any) -> torch.Tensor:
-    if not isinstance(image, (torch.Tensor, np.ndarray)):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
         from torchvision.transforms.functional import to_tensor
 
         return to_tensor(image)
+    if not isinstance(image, (torch.Tensor, np.ndarray)):
+        raise OodbenchError(f"dataset items must be (image, label) with the image a tensor, an array or a PIL image, "
+                            f"got {type(image).__name__}")
     return torch.as_tensor(image)
 
 
@@ -195,6 +202,8 @@ def _as_images(images: Any, what: str) -> torch.Tensor:
         tensor = tensor.unsqueeze(1)
     if tensor.ndim != 4:
         raise OodbenchError(f"{what}: images must be N x C x H x W (or N x H x W), got shape {list(tensor.shape)}")
+    if tensor.shape[1] not in (1, 3) and tensor.shape[3] in (1, 3):  # channel-last arrays (N x H x W x C)
+        tensor = tensor.permute(0, 3, 1, 2)
     if tensor.dtype == torch.uint8:
         tensor = tensor.float().div(255)
     elif not tensor.is_floating_point():
