@@ -173,8 +173,9 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
     sampled and which data the rows come from."""
     groups = frame.attrs["groups"]
     missing = frame.attrs["missing"]
-    text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD and far-OOD are unweighted means over "
-            f"their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
+    members = {g: ", ".join(d for d in frame.attrs["datasets"] if groups.get(d) == g) or "none" for g in ("near", "far")}
+    text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
+            f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
     counts = sorted(set(frame["checkpoints"])) if "checkpoints" in frame else []
     if counts and counts[-1] > 1:
         many = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
