@@ -305,7 +305,8 @@ def add_compare(sub) -> None:
                                             "AUROC bar chart; from the results store")
     _add_common_run_args(parser)
     parser.add_argument("--fpr", choices=["classic", "openood"], help="FPR@95 convention (default: the config's)")
-    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    parser.add_argument("--format", choices=["markdown", "latex", "csv", "json"], default="markdown",
+                        help="markdown (default), latex (compiles as pasted) or csv / json (one tidy row per number)")
     _add_output_arg(parser)
     parser.set_defaults(func=cmd_compare)
 
@@ -318,7 +319,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, **_overrides(args))
     long = comparison_results(ResultStore(config.results, readonly=True), config, args.fpr or config.fpr)
-    print(render_comparison(long, args.format))
+    print(render_comparison(long, args.format).rstrip("\n"))
     paths = save_figure(auroc_bars(long), args.output, f"compare_{long.attrs['benchmark']}")
     print(f"bar chart: {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
@@ -331,7 +332,8 @@ def add_calibration(sub) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument("--levels", type=int, default=10, help="number of noise levels s (default 10)")
     parser.add_argument("--max-level", type=float, default=2.0, help="largest s, in units of std(logits) (default 2)")
-    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    parser.add_argument("--format", choices=["markdown", "latex", "csv", "json"], default="markdown",
+                        help="markdown (default), latex (compiles as pasted) or csv / json (one tidy row per number)")
     _add_output_arg(parser)
     parser.set_defaults(func=cmd_calibration)
 
@@ -345,7 +347,14 @@ def cmd_calibration(args: argparse.Namespace) -> int:
         raise OodbenchError("--levels must be at least 1")
     experiment = CachedExperiment.open(args.config, **_overrides(args))
     frame = experiment_calibration(experiment, noise_levels(args.levels, args.max_level), args.seed)
-    print(render_calibration(frame, args.format))
+    if args.format in ("csv", "json"):
+        from oodbench.results.tidy import calibration_tidy, render_tidy
+
+        models = {m.display: (m.model_label, m.member or "") for m in experiment.config.models}
+        print(render_tidy(calibration_tidy(frame, experiment.benchmark.name, experiment.plan.fingerprint, models),
+                          args.format).rstrip("\n"))
+    else:
+        print(render_calibration(frame, args.format))
     stem = f"calibration_{experiment.benchmark.name}"
     paths = save_figure(calibration_figure(frame), args.output, stem)
     frame.to_csv(Path(args.output) / f"{stem}.csv", index=False)

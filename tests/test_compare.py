@@ -3,7 +3,10 @@ by hand into a results store, and the grouped AUROC bar chart read back from its
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -13,6 +16,7 @@ from oodbench.errors import OodbenchError
 from oodbench.results import plots
 from oodbench.results.compare import DELTA, comparison_results, delta_table, pro_gain_table, render_comparison
 from oodbench.results.store import Cell, ResultStore
+from oodbench.results.tidy import COLUMNS as TIDY_COLUMNS
 
 POSTPROCESSORS = ["msp", "entropy", "pro_msp", "pro_ent", "gen"]  # pro_ent's base entropy present; gen has no PRO
 # AUROC per (model, postprocessor): near set digits_6_9; far sets textures and gaussian
@@ -43,7 +47,7 @@ def store_and_config(tmp_path):
     return ResultStore(store_path, readonly=True), load_config(path), path
 
 
-def test_deltas_are_robust_minus_standard_of_the_group_means(store_and_config):
+def test_gains_are_robust_over_standard_of_the_group_means(store_and_config):
     store, config, _ = store_and_config
     table = delta_table(comparison_results(store, config), "auroc")
     # msp: near std 0.80, rob 0.70; far std mean(0.90, 0.70) = 0.80, rob mean(0.60, 0.50) = 0.55
@@ -53,17 +57,23 @@ def test_deltas_are_robust_minus_standard_of_the_group_means(store_and_config):
     assert table.loc[("msp", "far"), DELTA] == pytest.approx(-0.25)
     assert table.loc[("pro_msp", "far"), DELTA] == pytest.approx(0.75 - 0.85)
     fpr = delta_table(comparison_results(store, config), "fpr")
-    assert fpr.loc[("msp", "far"), DELTA] == pytest.approx(0.45 - 0.20)
+    # FPR@95 = 1 - AUROC here: far std mean(0.10, 0.30) = 0.20, rob 0.45; the gain is the reduction
+    assert fpr.loc[("msp", "far"), "std"] == pytest.approx(0.20)
+    assert fpr.loc[("msp", "far"), DELTA] == pytest.approx(0.20 - 0.45)
     assert list(table.index.get_level_values(0)[::2]) == POSTPROCESSORS  # config order
 
 
 def test_pro_gains_only_for_pairs_present(store_and_config):
     store, config, _ = store_and_config
     gains = pro_gain_table(comparison_results(store, config), "auroc")
-    assert set(gains.index.get_level_values("pair")) == {"pro_msp - msp", "pro_ent - entropy"}
-    assert gains.loc[("pro_msp - msp", "near"), "std"] == pytest.approx(0.05)
-    assert gains.loc[("pro_msp - msp", "far"), "rob"] == pytest.approx(0.75 - 0.55)
-    assert gains.loc[("pro_ent - entropy", "near"), "rob"] == pytest.approx(0.02)
+    assert set(gains.index.get_level_values("pair")) == {"pro_msp vs msp", "pro_ent vs entropy"}
+    assert gains.loc[("pro_msp vs msp", "near"), "std"] == pytest.approx(0.05)
+    assert gains.loc[("pro_msp vs msp", "far"), "rob"] == pytest.approx(0.75 - 0.55)
+    assert gains.loc[("pro_ent vs entropy", "near"), "rob"] == pytest.approx(0.02)
+    fpr_gains = pro_gain_table(comparison_results(store, config), "fpr")  # a lower FPR@95 is a positive gain
+    assert fpr_gains.loc[("pro_msp vs msp", "near"), "std"] == pytest.approx((1 - 0.80) - (1 - 0.85))
+    assert fpr_gains.loc[("pro_ent vs entropy", "far"), "rob"] == pytest.approx(
+        (1 - (0.62 + 0.52) / 2) - (1 - (0.64 + 0.54) / 2))
 
 
 def test_bar_chart_holds_one_bar_per_model_and_postprocessor(store_and_config):
@@ -88,15 +98,34 @@ def test_compare_command_prints_tables_and_writes_the_chart(store_and_config, tm
     out = capsys.readouterr().out
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
     assert rows[2] == ["msp", "near", "80.00", "70.00", "-10.00"]  # first AUROC row, after header and rule
-    assert "pro_msp - msp" in out and "pro_gen" not in out
+    assert "pro_msp vs msp" in out and "pro_gen" not in out
     assert (tmp_path / "plots" / "compare_digits.png").stat().st_size > 0
     assert (tmp_path / "plots" / "compare_digits.pdf").stat().st_size > 0
 
 
-def test_compare_csv_is_machine_readable(store_and_config, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_compare_tidy_export_loads_as_it_is(store_and_config, tmp_path, capsys, fmt):
     _, _, path = store_and_config
-    assert main(["compare", str(path), "--format", "csv", "--output", str(tmp_path)]) == 0
-    assert "msp,near,80.00,70.00,-10.00" in capsys.readouterr().out
+    assert main(["compare", str(path), "--format", fmt, "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    tidy = pd.read_csv(io.StringIO(out), keep_default_na=False) if fmt == "csv" else pd.read_json(io.StringIO(out))
+    assert list(tidy.columns) == TIDY_COLUMNS
+    assert tidy.value.dtype == float and not out.startswith("#")
+
+    def value(model, postprocessor, dataset, metric):
+        rows = tidy[(tidy.model == model) & (tidy.postprocessor == postprocessor) & (tidy.dataset == dataset)
+                    & (tidy.metric == metric)]
+        return rows.value.item()
+
+    assert value("std", "msp", "near-OOD", "auroc") == pytest.approx(0.80)
+    assert value("rob", "msp", "far-OOD", "fpr95") == pytest.approx(1 - (0.60 + 0.50) / 2)
+    assert value("robust vs standard", "msp", "near-OOD", "auroc_gain") == pytest.approx(0.70 - 0.80)
+    assert value("robust vs standard", "pro_msp", "near-OOD", "fpr95_gain") == pytest.approx((1 - 0.85) - (1 - 0.90))
+    assert value("std", "pro_msp vs msp", "near-OOD", "fpr95_gain") == pytest.approx((1 - 0.80) - (1 - 0.85))
+    gains = tidy[tidy.metric.str.endswith("_gain")]
+    assert len(gains) == 2 * 2 * len(POSTPROCESSORS) + 2 * 2 * 2 * 2 and gains.higher_is_better.all()
+    assert set(tidy[tidy.metric == "fpr95"].fpr_convention) == {"classic"}
+    assert not tidy[tidy.metric == "fpr95"].higher_is_better.any()
 
 
 def test_missing_cells_say_run_first(store_and_config, tmp_path, capsys):

@@ -90,17 +90,21 @@ def experiment_calibration(experiment: CachedExperiment, levels=None, seed: int 
 
 
 def render_calibration(frame: pd.DataFrame, fmt: str = "markdown") -> str:
+    """The table x100 (NLL in nats) as markdown or LaTeX (the tidy CSV/JSON: `oodbench.results.tidy`)."""
     from tabulate import tabulate
 
-    if fmt == "csv":
-        return frame.to_csv(index=False, float_format="%.6f")
     shown = frame.copy()
     for column in shown.columns:
         if column in ("acc", "ece") or column.startswith("auroc_"):
             shown[column] = 100 * shown[column]
     headers = [{"level": "noise s", "acc": "ACC", "ece": "ECE", "nll": "NLL"}.get(c, c.replace("auroc_", "MSP AUROC "))
                for c in shown.columns]
-    table = tabulate(shown.values.tolist(), headers=headers, tablefmt="latex" if fmt == "latex" else "pipe",
-                     floatfmt=".2f")
-    return ("Logit noise N(0, (s * std(logits))^2) per split; ACC, ECE (15 bins) and MSP AUROC x100; "
-            f"NLL in nats.\n\n{table}")
+    title = ("Logit noise N(0, (s * std(logits))^2) per split; ACC, ECE (15 bins) and MSP AUROC x100; "
+             "NLL in nats.")
+    if fmt == "latex":
+        from oodbench.results.latex import escape, table, tabular
+
+        body = [[escape(v) if isinstance(v, str) else f"{v:.2f}" for v in row] for row in shown.values.tolist()]
+        lines = tabular([" & ".join(map(escape, headers)) + r" \\"], "l" + "r" * (len(headers) - 1), [body])
+        return table(lines, title, "tab:oodbench-calibration", scaled=False, packages="booktabs")
+    return f"{title}\n\n{tabulate(shown.values.tolist(), headers=headers, tablefmt='pipe', floatfmt='.2f')}"

@@ -88,6 +88,25 @@ def _cell_intervals(cells: pd.DataFrame, attrs: dict, store, resamples: int, see
     return out
 
 
+def calibration_tidy(frame: pd.DataFrame, benchmark: str, fingerprint: str,
+                     models: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """The calibration-under-noise rows: per model and noise level s (``setting``
+    ``noise_s=<s>``, and the number in an extra column ``noise_s``), ACC, ECE and NLL on
+    ``id_test`` and the MSP AUROC per OOD group (dataset ``near-OOD`` / ``far-OOD``, group
+    ``mean``). `fingerprint` is the data fingerprint of the run; `models` maps the frame's model
+    names to (model, checkpoint)."""
+    rows = []
+    for record in frame.to_dict("records"):
+        model, checkpoint = models.get(record["model"], (record["model"], ""))
+        base = dict(benchmark=benchmark, fingerprint=fingerprint, model=model, checkpoint=checkpoint,
+                    setting=f"noise_s={record['level']:g}")
+        found = [dict(dataset="id_test", group="id", metric=m, value=record[m]) for m in ("acc", "ece", "nll")]
+        found += [dict(postprocessor="msp", dataset=AVERAGES.get(c[len("auroc_"):], c), group=MEAN_GROUP, metric="auroc",
+                       value=record[c]) for c in record if c.startswith("auroc_")]
+        rows += [{**tidy_row(**base, **values), "noise_s": record["level"]} for values in found]
+    return pd.DataFrame(rows, columns=COLUMNS + ["noise_s"])
+
+
 def render_tidy(frame: pd.DataFrame, fmt: str) -> str:
     """CSV (header + rows, full precision) or JSON (a list of records)."""
     if fmt == "json":
