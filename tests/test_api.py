@@ -214,6 +214,12 @@ def test_all_runs_every_method_this_call_can_feed(digits, tmp_path):
     assert set(frame.postprocessor) == expected and (frame.status == "done").all()
 
 
+def test_a_plugin_file_ranks_beside_the_built_ins(digits, tmp_path):
+    frame = oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp", "margin"],
+                              plugins=[str(REPO / "tests" / "plugins" / "margin_plugin.py")], cache_dir=str(tmp_path))
+    assert list(frame.postprocessor) == ["msp", "margin"] and (frame.status == "done").all()
+
+
 def test_a_store_keeps_the_cells(digits, tmp_path):
     store = tmp_path / "api.sqlite"
     frame = oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp"], store=str(store),
