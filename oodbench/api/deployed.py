@@ -50,6 +50,8 @@ class Detector:
     -> long tensor [N], the predicted class where score >= tau, else -1 (novel);
     ``threshold``: tau; ``save(path)``. Images: [0,1] tensors N x C x H x W (resized to the
     shape the detector was fitted on, as a benchmark does), a Dataset or a DataLoader.
+    The detector reads the live network: train it further and its fit state and tau are
+    stale (fit a new one; `load_detector` checks the weights hash).
     """
 
     def __init__(self, method: Postprocessor, model: Model, adapter: ModelAdapter, image: ImageSpec,
