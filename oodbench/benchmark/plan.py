@@ -25,6 +25,9 @@ from oodbench.postprocessors.base import Postprocessor
 from oodbench.registry import POSTPROCESSORS
 
 MISSING = "missing"
+# Read by every run even when no method needs it: the operating point (`report`) sets its
+# threshold on ID validation, and it is small.
+ALWAYS = ("id:val",)
 
 
 @dataclass
@@ -170,7 +173,8 @@ class Plan:
         files = FileState(config.data_root, Path(config.cache_dir) / "state", verify=config.verify_data)
         states: dict[str, SplitState] = {}
         try:
-            wanted = [s for m in methods.values() for s in m.splits] + (list(splits) if every_split else [])
+            wanted = [s for m in methods.values() for s in m.splits] + [s for s in ALWAYS if s in splits]
+            wanted += list(splits) if every_split else []
             for split in dict.fromkeys(wanted):
                 if split not in splits:
                     states[split] = SplitState(MISSING, reason=f"the fit split '{config.fit_split}' is not in "

@@ -31,7 +31,7 @@ import oodbench
 from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.executors import Executor, make_executor
 from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
-from oodbench.benchmark.plan import (Plan, check_compatible, model_placeholder, resolve_params,
+from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_placeholder, resolve_params,
                                    resolve_postprocessors, search_space_for)
 from oodbench.benchmark.spec import Benchmark, load_benchmark
 from oodbench.errors import DatasetMissing, OodbenchError
@@ -176,7 +176,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
         probe = probes.get(display)
         if not names_left or probe is None:
             continue
-        needed = {s for n in names_left for s in plan.methods[n].splits if plan.present(s)}
+        needed = {s for n in names_left for s in [*plan.methods[n].splits, *ALWAYS] if plan.present(s)}
         keys = {s: plan.output_key(s, probe["identity"], probe["weights_hash"]) for s in plan.splits if s in needed}
         extract_jobs += [ExtractJob(contexts[display], plan.splits[s], key) for s, key in keys.items()]
         probe["keys"] = keys
@@ -227,7 +227,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
 
     for job, cell in executor.map(score_jobs, desc="score"):
         finished(job)
-        if isinstance(cell, OodbenchError):  # a broken method contract stops the run
+        if isinstance(cell, OodbenchError):  # a broken method contract or a full disk stops the run
             progress.close()
             raise cell
         if isinstance(cell, Exception):  # the job never returned (its worker was lost)
