@@ -3,6 +3,7 @@ the noise scale and its seed, and `oodbench calibration` end to end on the cache
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from oodbench.evaluators.calibration import calibration_under_noise, id_metrics,
 from oodbench.evaluators.metrics import accuracy, auroc, expected_calibration_error
 from oodbench.results import plots
 from oodbench.results.store import ResultStore
+from oodbench.results.tidy import COLUMNS as TIDY_COLUMNS
 from tests.conftest import digits_config
 
 
@@ -115,3 +117,23 @@ def test_calibration_command_on_the_cached_run(digits_run, session_cache, tmp_pa
     assert [line.get_label() for line in figure.axes[3].get_lines()] == [
         f"{m}, {g}-OOD" for m in models for g in ("near", "far")]
     assert all(len(line.get_xdata()) == 4 for ax in figure.axes for line in ax.get_lines())
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_calibration_tidy_export_loads_as_it_is(digits_run, session_cache, tmp_path, capsys, fmt):
+    path, _ = digits_run
+    assert main(["calibration", str(path), "--cache-dir", str(session_cache), "--levels", "3", "--format", fmt,
+                 "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    tidy = pd.read_csv(io.StringIO(out), keep_default_na=False) if fmt == "csv" else pd.read_json(io.StringIO(out))
+    assert list(tidy.columns) == TIDY_COLUMNS + ["noise_s"]
+    figure_table = pd.read_csv(tmp_path / "calibration_digits.csv")  # the same numbers, one column each
+    assert len(tidy) == len(figure_table) * 5  # acc, ece, nll, MSP AUROC near and far
+    for row in figure_table.itertuples():
+        mine = tidy[(tidy.model == row.model) & np.isclose(tidy.noise_s, row.level)]
+        for metric in ("acc", "ece", "nll"):
+            assert mine[mine.metric == metric].value.item() == pytest.approx(getattr(row, metric), rel=1e-9)
+        near = mine[(mine.metric == "auroc") & (mine.dataset == "near-OOD")]
+        assert near.value.item() == pytest.approx(row.auroc_near, rel=1e-9) and near.postprocessor.item() == "msp"
+    direction = dict(zip(tidy.metric, tidy.higher_is_better))
+    assert direction == {"acc": True, "ece": False, "nll": False, "auroc": True}

@@ -110,5 +110,5 @@ def calibration_tidy(frame: pd.DataFrame, benchmark: str, fingerprint: str,
 def render_tidy(frame: pd.DataFrame, fmt: str) -> str:
     """CSV (header + rows, full precision) or JSON (a list of records)."""
     if fmt == "json":
-        return frame.to_json(orient="records", indent=1)
+        return frame.to_json(orient="records", indent=1, double_precision=15)
     return frame.to_csv(index=False)
