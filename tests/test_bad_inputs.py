@@ -47,7 +47,6 @@ class Case:
     args: tuple[str, ...] = ("run", "{config}", "--results", "{store}")
     files: Callable[[Path], None] | None = None  # writes extra files into the case folder
     env: dict[str, str] = field(default_factory=dict)
-    prelude: str = ""  # Python run before the CLI in the same process (to simulate the machine failing)
     during: Callable[[Path], ContextManager] | None = None  # holds a resource while the CLI runs
     after: Callable[[Path], None] | None = None  # extra checks on the case folder
     needs_model: bool = False
@@ -203,17 +202,6 @@ class HotMargin(oodbench.Postprocessor):
         return self.params["scale"] * outputs.logits.max(dim=1).values
 """
 
-# Writes a few bytes, then fails as a full disk does.
-FULL_DISK = """
-import errno, torch
-def _full(obj, f, *args, **kwargs):
-    with open(f, "wb") as handle:
-        handle.write(b"PK\\x03\\x04partial")
-    raise OSError(errno.ENOSPC, "No space left on device", str(f))
-torch.save = _full
-"""
-
-
 @contextmanager
 def store_locked(folder: Path):
     """Another process holding the store's write lock for as long as the case runs."""
@@ -248,16 +236,6 @@ def read_only_folder(folder: Path):
         yield
     finally:
         subprocess.run(["umount", str(target)], check=False)
-
-
-def no_cache_files(folder: Path) -> None:
-    outputs = folder / "cache" / "outputs"
-    left = [p.name for p in outputs.rglob("*") if p.is_file()] if outputs.exists() else []
-    assert left == [], f"a failed write left files in the output cache: {left}"
-
-
-def copy_models(folder: Path, session_cache: Path) -> None:
-    shutil.copytree(session_cache / "models", folder / "cache" / "models")
 
 
 # --------------------------------------------------------------------------- the catalogue
@@ -420,8 +398,6 @@ CASES = [
     Case("plugin-wrong-shape", ("postprocessor 'wrong_shape'", "shape [", "one score per sample"),
          merged(postprocessors=["wrong_shape"], plugins=["{dir}/shape_plugin.py"]),
          files=write("shape_plugin.py", PLUGIN_WRONG_SHAPE), needs_model=True, rewrites_dataset_rows=True),
-    Case("disk-full", ("no space left on device",), merged(postprocessors=["ebo"]), env={"OODBENCH_CACHE": "{dir}/cache"},
-         prelude=FULL_DISK, after=no_cache_files, needs_model=True),
 ]
 
 
@@ -490,17 +466,13 @@ def run_case(case: Case, folder: Path, template: Path, session_cache: Path) -> O
         (folder / "experiment.yaml").write_text(yaml.safe_dump(fill_all(case.config, folder)))
     elif isinstance(case.config, str):
         (folder / "experiment.yaml").write_text(case.config)
-    if case.env.get("OODBENCH_CACHE") == "{dir}/cache":
-        copy_models(folder, session_cache)
     env = {**os.environ, "OODBENCH_CACHE": str(session_cache), **fill_all(case.env, folder)}
     env.pop("PYTHONWARNINGS", None)
     args = [fill(a, folder) for a in case.args]
-    launcher = f"{case.prelude}\nimport runpy, sys\nsys.argv = ['oodbench', *sys.argv[1:]]\n" \
-               "runpy.run_module('oodbench', run_name='__main__', alter_sys=True)\n"
     store = folder / "results.sqlite"
     before = store_fingerprint(store)
     with (case.during(folder) if case.during else nullcontext()):
-        done = subprocess.run([sys.executable, "-c", launcher, *args], cwd=folder, env=env,
+        done = subprocess.run([sys.executable, "-m", "oodbench", *args], cwd=folder, env=env,
                               capture_output=True, text=True, timeout=300)
     return Outcome(done.returncode, done.stdout, done.stderr, before, store_fingerprint(store), folder)
 

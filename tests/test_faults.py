@@ -355,6 +355,27 @@ def test_full_disk_under_the_cache_is_one_line_and_loses_nothing(tmp_path, train
         assert store_rows(store) == baseline["rows"]
 
 
+def test_full_disk_while_scoring_stops_the_run(tmp_path, baseline):
+    """Outputs cached, then no room for a fitted method's state: the run stops in one line (its
+    cells would all fail the same way), the cells before it are kept, and a rerun completes."""
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        cache = disk / "cache"
+        shutil.copytree(baseline["cache"], cache, ignore=lambda folder, names: ["fits"] if folder == str(baseline["cache"])
+                        else [])
+        filler = fill(disk, leave=16 << 10)
+        store = tmp_path / "results.sqlite"
+        config = write_config(tmp_path, store, postprocessors=["msp", "mds"], search=False)
+        done = run(cli_command("run", str(config)), cache, tmp_path)
+        assert_one_error_line(done, 2, "no space left on device", str(cache / "fits"))
+        assert [key[2] for key in cell_keys(store)] == ["msp"]
+        assert leftover_temporaries(cache) == []
+
+        filler.unlink()
+        done = run(cli_command("run", str(config)), cache, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(key[2] for key in cell_keys(store)) == ["mds", "msp"]
+
+
 def test_full_disk_under_the_store_is_one_line_and_keeps_its_rows(tmp_path, baseline):
     """A finished store on a nearly full filesystem: SQLite says 'database or disk is full' mid-run."""
     more = ["mls", "entropy", "temp_scaling", "klm", "gradnorm", "react", "knn", "scale", "ash", "dice", "vim"]

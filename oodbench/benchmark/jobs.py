@@ -28,7 +28,7 @@ from oodbench.benchmark.plan import SplitRef, split_state
 from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_scores, limit_validation,
                                       search_hyperparameters)
 from oodbench.datasets.base import ImageSpec, load_dataset
-from oodbench.errors import DatasetMissing, OodbenchError
+from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError
 from oodbench.evaluators.metrics import accuracy, ood_metrics
 from oodbench.identity import FileState, output_key_text
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
@@ -223,6 +223,8 @@ class ScoreJob:
             raise ScoreShapeError(f"postprocessor '{self.postprocessor}': {exc}") from None
         except DatasetMissing as exc:
             cell.status, cell.reason, cell.metrics = "missing", str(exc), {}
+        except NoSpaceLeft:  # the machine's, not the method's: the run stops, a rerun resumes
+            raise
         except Exception as exc:  # a method's own failure marks its cell, the grid goes on
             cell.status, cell.reason, cell.metrics = "failed", f"{type(exc).__name__}: {exc}", {}
         cell.seconds = time.time() - start
