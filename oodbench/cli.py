@@ -175,6 +175,51 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ list
 
 
+def add_results(sub) -> None:
+    parser = sub.add_parser("results", help="what a results store holds: benchmarks, data fingerprints, models, "
+                                            "checkpoints, settings, cell counts, failed cells and why; export")
+    parser.add_argument("store", help="the results store (.sqlite)")
+    parser.add_argument("action", nargs="?", choices=["list", "export"], default="list",
+                        help="list (default) or export (the tidy table of every number)")
+    parser.add_argument("--benchmark", action="append", help="only this benchmark (repeatable)")
+    parser.add_argument("--failed", action="store_true", help="list: only the cells that did not finish, and why")
+    parser.add_argument("--all", dest="every", action="store_true",
+                        help="export: every stored version of each cell (default: the latest of each)")
+    parser.add_argument("--format", choices=["csv", "json"], default="csv", help="export: csv (default) or json")
+    parser.add_argument("--output", metavar="FILE", help="export: write to FILE (default: print)")
+    parser.set_defaults(func=cmd_results)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from oodbench.results import inventory
+    from oodbench.results.store import ResultStore
+
+    store = ResultStore(args.store, readonly=True)
+    known = sorted(set(store.frame("cells").benchmark))
+    for name in args.benchmark or []:
+        if name not in known:
+            from oodbench.errors import did_you_mean
+
+            raise OodbenchError(f"no benchmark '{name}' in {args.store}{did_you_mean(name, known)}; "
+                                f"it holds: {', '.join(known) or 'nothing yet'}")
+    benchmarks = args.benchmark or known
+    if args.action == "export":
+        text = inventory.export(store, benchmarks, args.every, args.format)
+        if args.output:
+            try:
+                Path(args.output).write_text(text)
+            except OSError as exc:
+                raise OodbenchError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+            print(f"{args.output}: {text.count(chr(10)) - 1 if args.format == 'csv' else 'all'} rows", file=sys.stderr)
+        else:
+            print(text.rstrip("\n"))
+    elif args.failed:
+        print(inventory.failures(store, benchmarks) or f"every cell in {args.store} finished")
+    else:
+        print(inventory.summary(store, benchmarks))
+    return 0
+
+
 def add_list(sub) -> None:
     parser = sub.add_parser("list", help="list registered postprocessors, models, datasets or benchmarks")
     parser.add_argument("kind", choices=["postprocessors", "models", "datasets", "benchmarks"])
@@ -436,7 +481,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ main
 
-COMMANDS: list[Callable] = [add_run, add_leaderboard, add_list, add_validate, add_data,
+COMMANDS: list[Callable] = [add_run, add_leaderboard, add_results, add_list, add_validate, add_data,
                             add_compare, add_calibration, add_report, add_plot]
 
 
