@@ -125,7 +125,7 @@ def test_calibration_tidy_export_loads_as_it_is(digits_run, session_cache, tmp_p
     assert main(["calibration", str(path), "--cache-dir", str(session_cache), "--levels", "3", "--format", fmt,
                  "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    tidy = pd.read_csv(io.StringIO(out), keep_default_na=False) if fmt == "csv" else pd.read_json(io.StringIO(out))
+    tidy = pd.read_csv(io.StringIO(out)) if fmt == "csv" else pd.read_json(io.StringIO(out))
     assert list(tidy.columns) == TIDY_COLUMNS + ["noise_s"]
     figure_table = pd.read_csv(tmp_path / "calibration_digits.csv")  # the same numbers, one column each
     assert len(tidy) == len(figure_table) * 5  # acc, ece, nll, MSP AUROC near and far

@@ -124,7 +124,7 @@ def test_leaderboard_rebuilds_from_the_store_alone(run_cli, tmp_path):
     csv = run_cli("leaderboard", "--results", store, "--format", "csv", "--output", tmp_path / "t.csv", env=env)
     assert csv.returncode == 0, csv.stderr
     assert csv.stdout.strip() == (tmp_path / "t.csv").read_text().strip()
-    tidy = pd.read_csv(tmp_path / "t.csv", keep_default_na=False)
+    tidy = pd.read_csv(tmp_path / "t.csv")
     assert list(dict.fromkeys(tidy.postprocessor)) == ["msp", "ebo"]
     board = leaderboard_frame(ResultStore(store, readonly=True), "digits")
     for row in board.to_dict("records"):

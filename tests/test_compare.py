@@ -108,7 +108,7 @@ def test_compare_tidy_export_loads_as_it_is(store_and_config, tmp_path, capsys, 
     _, _, path = store_and_config
     assert main(["compare", str(path), "--format", fmt, "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    tidy = pd.read_csv(io.StringIO(out), keep_default_na=False) if fmt == "csv" else pd.read_json(io.StringIO(out))
+    tidy = pd.read_csv(io.StringIO(out)) if fmt == "csv" else pd.read_json(io.StringIO(out))
     assert list(tidy.columns) == TIDY_COLUMNS
     assert tidy.value.dtype == float and not out.startswith("#")
 

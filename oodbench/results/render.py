@@ -121,6 +121,7 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
     if markdown:
         from tabulate import tabulate
 
+        body = [[cell.replace("|", "\\|") for cell in line] for line in body]
         table = tabulate(body, headers=header, tablefmt="pipe", disable_numparse=True,
                          colalign=["left"] * (len(header) - 5) + ["right"] * 5)
         return "\n".join([text, "", table, *notes, *([gap] if gap else [])])
@@ -231,7 +232,9 @@ def wide_markdown(rows: pd.DataFrame, show_params: bool = False) -> str:
         body.append(line)
     headers = ["model", "postprocessor"] + (["params"] if show_params else []) + ["ACC"] + columns
     text = caption(rows, "Each cell FPR@95 / AUROC. " + marks_legend(rows, "in bold", "in italics", "~"))
-    table = tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True)
+    body = [[cell.replace("|", "\\|") for cell in line] for line in body]  # a | would end the cell
+    table = tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True,
+                     colalign=["left"] * (len(headers) - len(columns) - 1) + ["right"] * (len(columns) + 1))
     return "\n".join([text, "", table, *failure_notes(rows)])
 
 
