@@ -146,6 +146,7 @@ DATASETS: Registry[Any] = Registry("dataset", lazy_modules=(
     "oodbench.datasets.imagelist",
     "oodbench.datasets.cifar",
     "oodbench.datasets.mnist",
+    "oodbench.datasets.openset",
     "oodbench.datasets.svhn",
 ))
 BENCHMARKS: Registry[Any] = Registry("benchmark", lazy_modules=("oodbench.benchmark.spec",))
