@@ -5,8 +5,8 @@ non-ASCII symbols the captions use); rules are booktabs' (``\\toprule``, ``\\mid
 between models, ``\\bottomrule``); the best value per column is ``\\textbf``, the second
 ``\\underline``, and with intervals ``\\textsuperscript{\\dag}`` marks the values not
 significantly worse than the best. The caption names the FPR@95 convention and what was
-sampled. Needs ``\\usepackage{booktabs}``, and ``graphicx`` for the wide table, which is
-scaled to the line width.
+sampled. Needs ``\\usepackage{booktabs}``, and ``graphicx`` for the wide table and for
+tables with intervals, which are scaled to the line width.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def latex_leaderboard(rows: pd.DataFrame, wide: bool = False) -> str:
     text = caption(rows, legend)
     body = tabular([top, " ".join(rules), second], "ll" + "r" * (len(columns) + 1), blocks)
     label = f"tab:oodbench-{rows.attrs['benchmark']}" + ("-full" if wide else "")
-    return table(body, text, _safe_label(label), scaled=wide, packages="booktabs,graphicx" if wide else "booktabs")
+    scaled = wide or bool(rows.attrs.get("ci"))  # too wide for a column otherwise
+    return table(body, text, _safe_label(label), scaled=scaled, packages="booktabs,graphicx" if scaled else "booktabs")
 
 
 def _safe_label(label: str) -> str:

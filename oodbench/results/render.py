@@ -10,9 +10,9 @@
 
 Numbers are x100 with 2 decimals; ``±`` is the standard deviation over checkpoints, and with
 ``--ci`` the 95% bootstrap interval follows each value in brackets (in the compact text each
-model then heads its rows on a line of its own, so that the bounds fit). LaTeX is `oodbench.results.latex`, CSV/JSON
-`oodbench.results.tidy`; `render_leaderboard` dispatches and `write_tables` writes the full
-tables of a run.
+model then heads its rows on a line of its own, so that the bounds fit). LaTeX is
+`oodbench.results.latex`, CSV/JSON `oodbench.results.tidy`; `render_leaderboard` dispatches
+and `write_tables` writes the full tables of a run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from oodbench.results.tables import aggregate_checkpoints, caption, metric_colum
 WIDTH = 100
 COMPACT = (("near-OOD", "auroc"), ("near-OOD", "fpr"), ("far-OOD", "auroc"), ("far-OOD", "fpr"))
 HEADER = {"auroc": "AUROC", "fpr": "FPR@95"}
-FORMATS = ("text", "markdown", "latex", "csv", "json")
 
 
 def ranked(rows: pd.DataFrame) -> pd.DataFrame:
@@ -178,13 +177,13 @@ def robust_gap(rows: pd.DataFrame) -> str:
     if "tags" not in rows:
         return ""
     tags = rows.tags.map(lambda t: set(json.loads(t or "[]")))
-    done = rows.status == "done"
-    values = {tag: rows[done & tags.map(lambda t: tag in t)] for tag in ("standard", "robust")}
+    scored = (rows.status == "done") & rows["near-OOD|auroc"].notna()
+    values = {tag: rows[scored & tags.map(lambda t: tag in t)] for tag in ("standard", "robust")}
     if any(v.empty for v in values.values()):
         return ""
     means = {tag: v.groupby("label")["near-OOD|auroc"].mean() for tag, v in values.items()}
     both = means["standard"].index.intersection(means["robust"].index)
-    if both.empty or means["standard"].isna().all():
+    if both.empty:
         return ""
     best = {tag: (values[tag]["near-OOD|auroc"].max(), values[tag].loc[values[tag]["near-OOD|auroc"].idxmax()])
             for tag in values}
@@ -206,13 +205,7 @@ def wide_markdown(rows: pd.DataFrame, show_params: bool = False) -> str:
     style = {"best": "**{}**", "second": "_{}_", "tie": "{}~"}
 
     def value(index: int, row: dict, column: str, metric: str) -> str:
-        name = f"{column}|{metric}"
-        text = f"{100 * row[name]:.2f}"
-        if f"{name}|low" in row and not np.isnan(row[f"{name}|low"]):
-            text += f" [{100 * row[f'{name}|low']:.2f}, {100 * row[f'{name}|high']:.2f}]"
-        elif not np.isnan(row.get(f"{name}|std", np.nan)):
-            text += f"±{100 * row[f'{name}|std']:.2f}"
-        return style.get(marks[(column, metric)].get(index), "{}").format(text)
+        return style.get(marks[(column, metric)].get(index), "{}").format(number(row, f"{column}|{metric}"))
 
     body = []
     for index, row in zip(rows.index, rows.to_dict("records")):
