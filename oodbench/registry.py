@@ -144,6 +144,7 @@ MODELS: Registry[Any] = Registry("model", lazy_modules=(
 DATASETS: Registry[Any] = Registry("dataset", lazy_modules=(
     "oodbench.datasets.builtin",
     "oodbench.datasets.imagelist",
+    "oodbench.datasets.imagenet",
     "oodbench.datasets.cifar",
     "oodbench.datasets.mnist",
     "oodbench.datasets.openset",

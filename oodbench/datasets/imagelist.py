@@ -16,6 +16,10 @@
   ``parts``/``part``); the first whose files are present is used, so a benchmark can
   prefer OpenOOD's lists and fall back to the raw release.
 
+``imglist`` and ``image_folder`` take ``resize_crop: [256, 224]``: resize the short side,
+then center-crop, as ImageNet test transforms do (before the benchmark's own transform,
+which then has nothing left to do at ``image.size`` 224).
+
 Every source takes ``limit``: keep the first N samples in the source's order. Images are
 decoded lazily; a missing or unreadable image is one error line naming the file.
 """
@@ -75,16 +79,45 @@ class ImageFiles(LabeledSamples):
     """Image files decoded on access; fingerprinted by their paths, contents (or size and
     mtime, see `oodbench.identity.FileState`) and labels."""
 
-    def __init__(self, paths: Sequence[Path], targets: Sequence[int] | np.ndarray, origin: str):
+    def __init__(self, paths: Sequence[Path], targets: Sequence[int] | np.ndarray, origin: str,
+                 resize_crop: Sequence[int] | None = None):
         super().__init__(targets)
         self.paths = list(paths)
         self.origin = origin
+        self.resize_crop = check_resize_crop(resize_crop)
 
     def load(self, index: int):
-        return open_image(self.paths[index])
+        image = open_image(self.paths[index])
+        return image if self.resize_crop is None else resize_then_crop(image, *self.resize_crop)
 
     def fingerprint(self, files: FileState) -> str:
-        return f"{files.describe(self.paths)}:{array_digest(self.targets)}"
+        crop = "" if self.resize_crop is None else f":resize_crop{list(self.resize_crop)}"
+        return f"{files.describe(self.paths)}:{array_digest(self.targets)}{crop}"
+
+
+def check_resize_crop(value: Sequence[int] | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value) or value[1] > value[0]):
+        raise OodbenchError(f"option 'resize_crop' must be [resize, crop] with crop <= resize, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def resize_then_crop(image, resize: int, crop: int):
+    """torchvision's Resize(resize) (short side, bilinear, PIL) then CenterCrop(crop): the
+    ImageNet test transform (256 -> 224) that a single resize-and-crop to 224 is not."""
+    from PIL import Image
+
+    width, height = image.size
+    if width <= height:
+        size = (resize, int(resize * height / width))
+    else:
+        size = (int(resize * width / height), resize)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
 
 
 def first(dataset: Dataset, limit: int | None) -> Dataset:
@@ -125,7 +158,7 @@ def check_files_exist(paths: Sequence[Path], listed_in: str) -> None:
 
 @register_dataset("imglist")
 def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_classic",
-            limit: int | None = None) -> Dataset:
+            resize_crop: Sequence[int] | None = None, limit: int | None = None) -> Dataset:
     """OpenOOD image list: benchmark_imglist/<id>/<split>.txt + images_classic/."""
     list_path = require(data_root / list, "OpenOOD image list", OPENOOD_HINT)
     image_root = require(data_root / images, "OpenOOD image folder", OPENOOD_HINT)
@@ -143,7 +176,7 @@ def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_
         paths.append(image_root / " ".join(fields[:-1]))
         targets.append(label)
     check_files_exist(paths, str(list_path))
-    return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)"), limit)
+    return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)", resize_crop), limit)
 
 
 def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int]]:
@@ -166,14 +199,14 @@ def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[l
 
 @register_dataset("image_folder")
 def image_folder(data_root: Path, image: ImageSpec, path: str, classes: list[str] | None = None,
-                 limit: int | None = None) -> Dataset:
+                 resize_crop: Sequence[int] | None = None, limit: int | None = None) -> Dataset:
     """Every image under a folder of the data root, sorted; subfolders are classes."""
     folder = require(data_root / path, f"image folder '{path}'",
                      "put the images there (any depth; first-level subfolders are classes)")
     paths, targets = folder_images(folder, classes)
     if not paths:
         raise DatasetMissing(f"no images ({', '.join(IMAGE_EXTENSIONS[:3])}...) under {folder}")
-    return first(ImageFiles(paths, targets, f"{path}/ ({len(paths)} images)"), limit)
+    return first(ImageFiles(paths, targets, f"{path}/ ({len(paths)} images)", resize_crop), limit)
 
 
 @register_dataset("tiny_imagenet", "tin")

@@ -1,0 +1,47 @@
+"""ImageNet-1K in torchvision's ImageFolder / ImageNet layout: ``imagenet_folder``.
+
+``<root>/<split>/<wnid>/*.JPEG`` (``root`` default ``imagenet``, ``split`` train or
+val), one folder per WordNet id. Labels are the index of the wnid among the sorted
+wnids, which is the standard ImageNet-1K class index (torchvision, timm and OpenOOD's
+lists). That index is only right when every class folder is there, so the source
+insists on exactly ``num_classes`` (1000) wnid folders: a partial copy would shift
+every label after a missing class. ``resize_crop`` as for ``image_folder``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.data import Dataset
+
+from oodbench.datasets.base import ImageSpec, register_dataset
+from oodbench.datasets.imagelist import IMAGE_EXTENSIONS, ImageFiles, first, folder_images, require
+from oodbench.errors import DatasetMissing, OodbenchError
+
+WNID = re.compile(r"^n\d{8}$")
+IMAGENET_HINT = ("put ImageNet's validation images in <data root>/imagenet/val/<wnid>/*.JPEG "
+                 "(torchvision's layout), or OpenOOD's benchmark_imglist/ + images_largescale/")
+
+
+@register_dataset("imagenet_folder")
+def imagenet_folder(data_root: Path, image: ImageSpec, split: str = "val", root: str = "imagenet",
+                    num_classes: int = 1000, resize_crop: Sequence[int] | None = None,
+                    limit: int | None = None) -> Dataset:
+    """ImageNet from <root>/<split>/<wnid>/*.JPEG; labels = index among the sorted wnids."""
+    if split not in ("train", "val"):
+        raise OodbenchError(f"imagenet_folder: split must be train or val, got '{split}'")
+    folder = require(data_root / root / split, f"ImageNet {split} folder", IMAGENET_HINT)
+    wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    strays = [w for w in wnids if not WNID.match(w)]
+    if strays:
+        raise OodbenchError(f"{folder}: '{strays[0]}' is not a WordNet id folder (n########); expected "
+                            f"{num_classes} class folders only")
+    if len(wnids) != num_classes:
+        raise OodbenchError(f"{folder} has {len(wnids)} class folders, expected {num_classes}: the class "
+                            "index is the position among all sorted wnids, so a partial copy would mislabel")
+    paths, targets = folder_images(folder, wnids)
+    if not paths:
+        raise DatasetMissing(f"no images ({', '.join(IMAGE_EXTENSIONS[:3])}...) under {folder}")
+    return first(ImageFiles(paths, targets, f"{root}/{split}/ ({len(paths)} images)", resize_crop), limit)
