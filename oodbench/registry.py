@@ -146,6 +146,7 @@ DATASETS: Registry[Any] = Registry("dataset", lazy_modules=(
     "oodbench.datasets.imagelist",
     "oodbench.datasets.imagenet",
     "oodbench.datasets.cifar",
+    "oodbench.datasets.corruptions",
     "oodbench.datasets.mnist",
     "oodbench.datasets.openset",
     "oodbench.datasets.svhn",

@@ -6,6 +6,10 @@ wnids, which is the standard ImageNet-1K class index (torchvision, timm and Open
 lists). That index is only right when every class folder is there, so the source
 insists on exactly ``num_classes`` (1000) wnid folders: a partial copy would shift
 every label after a missing class. ``resize_crop`` as for ``image_folder``.
+
+``imagenet_c``: ImageNet-C in its release layout, ``<root>/<corruption>/<severity>/<wnid>/``
+(``root`` default ``ImageNet-C``), the same labels; a covariate-shifted copy of the ID
+validation set.
 """
 
 from __future__ import annotations
@@ -33,6 +37,23 @@ def imagenet_folder(data_root: Path, image: ImageSpec, split: str = "val", root:
     if split not in ("train", "val"):
         raise OodbenchError(f"imagenet_folder: split must be train or val, got '{split}'")
     folder = require(data_root / root / split, f"ImageNet {split} folder", IMAGENET_HINT)
+    return first(wnid_folder(folder, f"{root}/{split}", num_classes, resize_crop), limit)
+
+
+@register_dataset("imagenet_c")
+def imagenet_c(data_root: Path, image: ImageSpec, corruption: str, severity: int, root: str = "ImageNet-C",
+               num_classes: int = 1000, resize_crop: Sequence[int] | None = None,
+               limit: int | None = None) -> Dataset:
+    """ImageNet-C (Hendrycks & Dietterich 2019) as released: <root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG."""
+    if severity not in (1, 2, 3, 4, 5):
+        raise OodbenchError(f"imagenet_c: severity must be 1..5, got {severity!r}")
+    folder = require(data_root / root / corruption / str(severity), f"ImageNet-C {corruption} severity {severity}",
+                     f"extract ImageNet-C's tar files into <data root>/{root}/ (<corruption>/<severity>/<wnid>/)")
+    return first(wnid_folder(folder, f"{root}/{corruption}/{severity}", num_classes, resize_crop), limit)
+
+
+def wnid_folder(folder: Path, origin: str, num_classes: int, resize_crop: Sequence[int] | None) -> ImageFiles:
+    """Images under folder/<wnid>/, labelled by the wnid's index among all `num_classes` sorted wnids."""
     wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
     strays = [w for w in wnids if not WNID.match(w)]
     if strays:
@@ -44,4 +65,4 @@ def imagenet_folder(data_root: Path, image: ImageSpec, split: str = "val", root:
     paths, targets = folder_images(folder, wnids)
     if not paths:
         raise DatasetMissing(f"no images ({', '.join(IMAGE_EXTENSIONS[:3])}...) under {folder}")
-    return first(ImageFiles(paths, targets, f"{root}/{split}/ ({len(paths)} images)", resize_crop), limit)
+    return ImageFiles(paths, targets, f"{origin}/ ({len(paths)} images)", resize_crop)
