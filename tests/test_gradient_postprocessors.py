@@ -8,14 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from oodbench.benchmark.runner import run_experiment
+from oodbench.benchmark.search import search_hyperparameters
 from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelAdapter
-from oodbench.postprocessors.base import Outputs
+from oodbench.postprocessors.base import Outputs, grid
 from oodbench.registry import POSTPROCESSORS
 from tests.conftest import digits_config
 
@@ -146,26 +148,71 @@ def test_one_pro_step_on_a_linear_softmax_model_matches_the_closed_form(name):
     assert not np.allclose(expected, base_score_np(name, x0 @ W.T + b, {})), "the step must change scores"
 
 
-@pytest.mark.parametrize("name", PRO_METHODS)
-def test_a_longer_trajectory_serves_every_smaller_k_exactly(name):
-    model = tiny_adapter()
-    x = images()
-    shared = outputs_for(model, x)
-    create(name, K=5, eps=0.02).score(shared)  # the search's first, longest trajectory
-    for steps in (3, 1, 0):
-        fresh = create(name, K=steps, eps=0.02).score(outputs_for(model, x))
-        torch.testing.assert_close(create(name, K=steps, eps=0.02).score(shared), fresh)
+GRIDS = {
+    "pro_msp": {"eps": [0.02, 0.001], "K": [5, 3, 0, 1]},
+    "pro_ent": {"eps": [0.05], "K": [1, 7, 3]},
+    "pro_msp_t": {"eps": [0.02, 0.005], "K": [2, 1], "temperature": [0.5, 10.0]},
+    "pro_gen": {"eps": [0.02], "K": [3, 1], "gamma": [0.1, 2.0], "top_m": [3, 10, 100]},  # M >= 5 classes: one trajectory
+    "odin": {"temperature": [1.0, 10.0, 1000.0], "eps": [0.0014, 0.0, 0.05]},
+}
 
 
-def test_pro_gen_shares_trajectories_when_top_m_exceeds_the_class_count():
+@pytest.mark.parametrize("name", GRIDS)
+def test_score_grid_equals_each_combinations_own_score_exactly(name):
+    """One trajectory of the largest K serves every K, one clean gradient every eps: the grid
+    of a search gives bit for bit what each combination scores on its own."""
     model = tiny_adapter()
-    x = images()
-    shared = outputs_for(model, x)
-    create("pro_gen", K=2, eps=0.02, top_m=10).score(shared)
-    create("pro_gen", K=2, eps=0.02, top_m=100).score(shared)
-    assert len(shared.meta["pro_trajectories"]) == 1
-    torch.testing.assert_close(create("pro_gen", K=2, eps=0.02, top_m=100).score(shared),
-                               create("pro_gen", K=2, eps=0.02, top_m=5).score(outputs_for(model, x)))
+    x = images(count=13)
+    combos = list(grid(GRIDS[name]))
+    scores = create(name).score_grid(outputs_for(model, x, batch_size=5), combos)
+    assert len(scores) == len(combos)
+    for combo, score in zip(combos, scores):
+        alone = create(name, **combo).score(outputs_for(model, x, batch_size=5))
+        assert torch.equal(score, alone), combo
+    assert len({tuple(s.tolist()) for s in scores}) > len(combos) // 2, "the combinations must differ"
+
+
+class CountingNet(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.forwards = net, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("name, space, forwards", [
+    # one clean pass; per eps the K-1 further gradient steps and the last score: 1 + 2 x 5
+    ("pro_msp", {"eps": [0.02, 0.001], "K": [5, 3, 1]}, 11),
+    ("pro_msp_t", {"eps": [0.02], "K": [2, 1], "temperature": [0.5, 10.0]}, 5),  # 1 + 2 temperatures x 2
+    # one clean pass (a backward per T from it), one pass per (T, eps)
+    ("odin", {"temperature": [1.0, 10.0, 1000.0], "eps": [0.0014, 0.0028]}, 7),
+])
+def test_a_search_grid_runs_the_model_only_as_often_as_it_must(name, space, forwards):
+    counting = CountingNet(tiny_net())
+    create(name).score_grid(outputs_for(counting, images(), batch_size=256), list(grid(space)))
+    assert counting.forwards == forwards + 1  # + the forward pass of outputs_for
+
+
+@pytest.mark.parametrize("name", ["pro_msp", "odin"])
+def test_a_search_through_the_grid_chooses_what_scoring_each_combination_chooses(name):
+    model = tiny_adapter()
+    val = outputs_for(model, images(count=10, seed=4), batch_size=4)
+    ood_val = [outputs_for(model, images(count=7, seed=5) * 0.3, batch_size=4),
+               outputs_for(model, images(count=5, seed=6).pow(3), batch_size=4)]
+    space = GRIDS[name]
+    chosen, note = search_hyperparameters(POSTPROCESSORS.get(name), {}, space, val, ood_val, lambda method: None)
+    best, expected = -np.inf, None
+    for combo in grid(space):  # one combination at a time, as the search did before grids
+        method = create(name, **combo)
+        id_scores = method.score(val).double().numpy()
+        ood_scores = np.concatenate([method.score(o).double().numpy() for o in ood_val])
+        value = roc_auc_score(np.r_[np.zeros(id_scores.size), np.ones(ood_scores.size)],
+                              -np.concatenate([id_scores, ood_scores]))
+        if value > best:
+            best, expected = value, combo
+    assert chosen == expected and note is None
 
 
 @pytest.mark.parametrize("params", [{"K": -1}, {"K": 1.5}, {"eps": -0.1}, {"eps": "big"}])

@@ -62,14 +62,14 @@ def constructed_case(seed: int = 0):
     return outputs(50, False), outputs(40, False), [outputs(30, True), outputs(20, True)]
 
 
-def search(space, fit_cache=None):
+def run_search(space, fit_cache=None):
     train, val, ood_val = constructed_case()
     fit = lambda method: jobs.fit_cached(method, train, val, fit_cache, ["train", "val"])  # noqa: E731
     return search.search_hyperparameters(ColumnScore, {}, space, val, ood_val, fit)
 
 
 def test_search_picks_the_known_best_combination():
-    chosen, note = search({"column": [0, 1, 3, 2], "sign": [-1, 1]})
+    chosen, note = run_search({"column": [0, 1, 3, 2], "sign": [-1, 1]})
     assert chosen == {"column": 2, "sign": 1} and note is None
     train, val, ood_val = constructed_case()
     best = ColumnScore(column=2, sign=1)
@@ -81,16 +81,42 @@ def test_search_picks_the_known_best_combination():
 
 
 def test_ties_go_to_the_first_listed_value():
-    assert search({"column": [4, 2]})[0] == {"column": 4}
-    assert search({"column": [2, 4]})[0] == {"column": 2}
+    assert run_search({"column": [4, 2]})[0] == {"column": 4}
+    assert run_search({"column": [2, 4]})[0] == {"column": 2}
 
 
 def test_invalid_values_are_skipped_and_reported():
-    chosen, note = search({"column": [7, 3, 9]})
+    chosen, note = run_search({"column": [7, 3, 9]})
     assert chosen == {"column": 3}
     assert note == "search skipped column=7; column=9 (column=7 is beyond the features)"
     with pytest.raises(OodbenchError, match="every searched combination is invalid"):
-        search({"column": [7, 9]})
+        run_search({"column": [7, 9]})
+
+
+class ColumnGrid(Postprocessor):
+    """ColumnScore without a fit, scoring every column of a search in one ``score_grid`` call."""
+
+    name = "column_grid"
+    defaults = {"column": 0, "sign": 1}
+    grid_params = ("column",)
+    calls: list = []
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        return self.params["sign"] * outputs.features[:, self.params["column"]]
+
+    def score_grid(self, outputs, combos):
+        ColumnGrid.calls.append([combo["column"] for combo in combos])
+        return super().score_grid(outputs, combos)
+
+
+def test_grid_params_are_scored_together_and_ties_still_go_to_the_first_listed():
+    _, val, ood_val = constructed_case()
+    ColumnGrid.calls = []
+    space = {"column": [0, 4, 3, 2], "sign": [-1, 1]}  # the grid key first: not the order of the calls
+    chosen, _ = search.search_hyperparameters(ColumnGrid, {}, space, val, ood_val, lambda method: None)
+    assert chosen == {"column": 4, "sign": 1}  # column 4 ties with 2 and is listed first
+    assert ColumnGrid.calls == [[0, 4, 3, 2]] * 6  # one call per sign and split (ID val, 2 OOD val)
+    assert search.split_grid(ColumnScore, space) == (space, [{}])  # grid params that change a fit are not shared
 
 
 def test_fit_state_cache_round_trip_and_corruption(tmp_path):
@@ -104,7 +130,7 @@ def test_fit_state_cache_round_trip_and_corruption(tmp_path):
     assert FitStateCache.key(method, ["a", "c"]) != key
     assert FitStateCache.key(ViM(dim=3), ["a"]) == FitStateCache.key(ViM(dim=3), ["a"])
     cache.path(key).write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="corrupt"):
+    with pytest.warns(UserWarning, match="is invalid"):
         assert cache.load(key) is None
     assert not cache.path(key).exists()
 

@@ -21,6 +21,11 @@ for it. Methods declare what they need as class attributes, which the runner rea
   data (ViM's D below the feature dimension) are checked later, as `InvalidHyperparameter`;
 - ``search_space``: lists of values per hyperparameter for the validation search
   (built-ins read it from ``configs/postprocessors/<name>.yaml``);
+- ``grid_params``: the hyperparameters whose searched values ``score_grid`` scores in one
+  pass over the data (they share work: one PRO trajectory serves every K, one ODIN
+  gradient every eps); they must not change what ``fit`` computes. ``score_grid`` must
+  return exactly what ``score`` of each combination returns; by default it loops over
+  ``score``;
 - ``family``: the method family figures group by, one of ``FAMILIES`` (softmax-based,
   logit/energy-based, feature-based, activation shaping, gradient-based); ``other`` by default.
 """
@@ -180,6 +185,7 @@ class Postprocessor:
     defaults: ClassVar[dict[str, Any]] = {}
     ranges: ClassVar[dict[str, Any]] = {}
     search_space: ClassVar[dict[str, list[Any]]] = {}
+    grid_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
         self.check_names(params)
@@ -226,6 +232,20 @@ class Postprocessor:
     def score(self, outputs: Outputs) -> torch.Tensor:
         """One score per sample, higher = more in-distribution."""
         raise NotImplementedError
+
+    def score_grid(self, outputs: Outputs, combos: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """The scores of `outputs` under each combination of `combos` (hyperparameters over
+        this method's own, its fit state kept), in order: each exactly what `score` of that
+        combination returns. Methods whose combinations share work override it."""
+        return [self.with_params(combo).score(outputs) for combo in combos]
+
+    def with_params(self, combo: dict[str, Any]) -> "Postprocessor":
+        """This method with `combo` over its hyperparameters and the same fit state."""
+        if not combo:
+            return self
+        method = type(self)(**{**self.params, **combo})
+        method.load_fit_state(self.fit_state())
+        return method
 
     def required_extras(self, outputs: Outputs) -> dict[str, torch.Tensor]:
         """``outputs.extras[name]`` for each name of ``needs_extras``, as float tensors.

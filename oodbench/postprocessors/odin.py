@@ -14,6 +14,10 @@ normalise inside, so the step above is taken on the [0,1] image and eps is in
 
 As in the original, the sign of a zero gradient entry counts as +1 (``grad >= 0``), so
 every pixel moves by eps. For models that output probabilities f = log p.
+
+The gradient depends on T but not on eps, and the clean logits on neither: a validation
+search (`ODIN.grid_batch`) runs one clean forward pass, one backward pass per T and one
+forward pass per (T, eps).
 """
 
 from __future__ import annotations
@@ -23,29 +27,40 @@ from torch import nn
 from torch.nn import functional as F
 
 from oodbench.postprocessors.base import Number
-from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_gradient
+from oodbench.postprocessors.gradient import InputGradientPostprocessor
 from oodbench.postprocessors.pro import max_softmax
 from oodbench.registry import register_postprocessor
 
 
-def odin_perturbation(model: nn.Module, x: torch.Tensor, temperature: float, eps: float) -> torch.Tensor:
-    """x - eps * sign(grad_x CE(f(x)/T, argmax f(x))), with sign(0) = +1 as in ODIN."""
-
-    def cross_entropy(v: torch.Tensor) -> torch.Tensor:
-        logits = model(v)
-        return F.cross_entropy(logits / temperature, logits.argmax(dim=1), reduction="none")
-
-    _, grad = input_gradient(cross_entropy, x)
-    return x.detach() - eps * torch.where(grad >= 0, 1.0, -1.0)
+def odin_step(logits: torch.Tensor, x: torch.Tensor, temperature: float, retain_graph: bool = False) -> torch.Tensor:
+    """sign(grad_x CE(f(x)/T, argmax f(x))) with sign(0) = +1 as in ODIN, from the logits
+    `logits` = f(x) of a forward pass that recorded its graph from `x`."""
+    loss = F.cross_entropy(logits / temperature, logits.argmax(dim=1), reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x, retain_graph=retain_graph)
+    return torch.where(grad >= 0, 1.0, -1.0)
 
 
 @register_postprocessor("odin")
 class ODIN(InputGradientPostprocessor):
     defaults = {"temperature": 1000.0, "eps": 0.0014}
     ranges = {"temperature": Number(gt=0), "eps": Number(ge=0)}
+    grid_params = ("temperature", "eps")
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        temperature = float(self.params["temperature"])
-        perturbed = odin_perturbation(model, x, temperature, float(self.params["eps"]))
+        return self.grid_batch(model, x, [self])[0]
+
+    def grid_batch(self, model: nn.Module, x: torch.Tensor, methods: list["ODIN"]) -> list[torch.Tensor]:
+        """max softmax(f(x - eps * step_T) / T) for each method's (T, eps)."""
+        temperatures = list(dict.fromkeys(float(method.params["temperature"]) for method in methods))
+        with torch.enable_grad():
+            x0 = x.detach().requires_grad_(True)
+            logits = model(x0)
+            steps = {t: odin_step(logits, x0, t, retain_graph=i < len(temperatures) - 1)
+                     for i, t in enumerate(temperatures)}
+        scores = []
         with torch.no_grad():
-            return max_softmax(model(perturbed), temperature)
+            for method in methods:
+                temperature = float(method.params["temperature"])
+                perturbed = x.detach() - float(method.params["eps"]) * steps[temperature]
+                scores.append(max_softmax(model(perturbed), temperature))
+        return scores

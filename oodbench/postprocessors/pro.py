@@ -20,8 +20,10 @@ Base scores: ``pro_msp`` max softmax; ``pro_ent`` negative entropy; ``pro_msp_t`
 softmax(f / T); ``pro_gen`` GEN (gamma, top_m). For models that output probabilities
 the logits are their logarithm, so softmax(f) is the model's probabilities themselves.
 
-During the validation search one trajectory of the largest K serves every smaller K
-(its prefix minima), see `PRO.score`.
+During a validation search the combinations share work (`PRO.grid_batch`): one clean
+forward pass serves them all, one clean gradient each base score (all hyperparameters but
+eps and K), and one trajectory of the largest K each eps, since the minimum over the first
+K+1 scores of a longer trajectory is exactly PRO with K steps.
 """
 
 from __future__ import annotations
@@ -32,24 +34,31 @@ from typing import Callable
 import torch
 from torch import nn
 
-from oodbench.postprocessors.base import Integer, Number, Outputs
-from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_batches, input_gradient
+from oodbench.postprocessors.base import Integer, Number
+from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_gradient
 from oodbench.postprocessors.softmax import GEN, generalized_entropy, negative_entropy
 from oodbench.registry import register_postprocessor
-
-TRAJECTORY_CACHE = "pro_trajectories"
 
 
 def max_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=1).max(dim=1).values
 
 
-def pro_trajectory(base_score: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,
-                   x: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
-    """B x (steps + 1) scores s_0..s_K along PRO's signed-gradient descent from `x`."""
+def pro_trajectory(base_score: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor,
+                   eps: float, steps: int, first: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                   ) -> torch.Tensor:
+    """B x (steps + 1) scores s_0..s_K along PRO's signed-gradient descent from `x`.
+
+    `first`: (s_0, the gradient at x_0) when already taken (the gradient may be None when
+    `steps` is 0); they do not depend on eps, so a search takes them once for all eps."""
+    if first is not None and steps == 0:
+        return first[0][:, None]
     scores = []
-    for _ in range(steps):
-        score, grad = input_gradient(lambda v: base_score(model(v)), x)
+    for step in range(steps):
+        if step == 0 and first is not None:
+            score, grad = first
+        else:
+            score, grad = input_gradient(lambda v: base_score(model(v)), x)
         scores.append(score)
         x = x - eps * grad.sign()
     with torch.no_grad():
@@ -62,33 +71,45 @@ class PRO(InputGradientPostprocessor):
 
     defaults = {"eps": 1e-3, "K": 1}
     ranges = {"eps": Number(ge=0), "K": Integer(ge=0)}
+    grid_params = ("eps", "K")
 
     def base_score(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def trajectory(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return pro_trajectory(self.base_score, model, x, float(self.params["eps"]), self.params["K"])
+    def base_params(self, num_classes: int) -> str:
+        """The hyperparameters of the base score (all but eps and K), as a key."""
+        return json.dumps({k: v for k, v in self.params.items() if k not in ("eps", "K")}, sort_keys=True,
+                          default=str)
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.trajectory(model, x).min(dim=1).values
+        return self.grid_batch(model, x, [self])[0]
 
-    def trajectory_params(self, num_classes: int) -> dict:
-        """The hyperparameters that determine the trajectory: all but K."""
-        return {k: v for k, v in self.params.items() if k != "K"}
-
-    def score(self, outputs: Outputs) -> torch.Tensor:
-        """PRO scores of `outputs`, reusing a trajectory at least K steps long computed on
-        the same outputs with the same `trajectory_params`: the minimum over its first
-        K+1 scores is exactly PRO with K steps. The search lists K largest first, so each
-        eps costs one trajectory."""
-        steps = self.params["K"]
-        others = self.trajectory_params(outputs.logits.shape[1])
-        key = json.dumps([self.name, id(outputs.model), others], sort_keys=True, default=str)
-        trajectories = outputs.meta.setdefault(TRAJECTORY_CACHE, {})
-        if key not in trajectories or trajectories[key].shape[1] <= steps:
-            trajectories[key] = torch.cat([self.trajectory(outputs.model, x).detach().cpu()
-                                           for x in input_batches(outputs, self.name)])
-        return trajectories[key][:, : steps + 1].min(dim=1).values
+    def grid_batch(self, model: nn.Module, x: torch.Tensor, methods: list["PRO"]) -> list[torch.Tensor]:
+        """PRO scores of `x` under each of `methods`: one clean forward pass for all, one clean
+        gradient per base score, one trajectory per (base score, eps) of the largest K asked."""
+        stepping = any(method.params["K"] > 0 for method in methods)
+        with torch.set_grad_enabled(stepping):
+            x0 = x.detach().requires_grad_(stepping)
+            logits = model(x0)
+        groups: dict[str, list[PRO]] = {}
+        for method in methods:
+            groups.setdefault(method.base_params(logits.shape[1]), []).append(method)
+        needs_gradient = [any(method.params["K"] > 0 for method in group) for group in groups.values()]
+        trajectories: dict[tuple[str, float], torch.Tensor] = {}
+        for index, (key, group) in enumerate(groups.items()):
+            base_score = group[0].base_score
+            with torch.set_grad_enabled(needs_gradient[index]):
+                value = base_score(logits)
+                grad = (torch.autograd.grad(value.sum(), x0, retain_graph=any(needs_gradient[index + 1:]))[0]
+                        if needs_gradient[index] else None)
+            longest: dict[float, int] = {}
+            for method in group:
+                eps = float(method.params["eps"])
+                longest[eps] = max(longest.get(eps, 0), method.params["K"])
+            for eps, steps in longest.items():
+                trajectories[key, eps] = pro_trajectory(base_score, model, x, eps, steps, (value.detach(), grad))
+        return [trajectories[method.base_params(logits.shape[1]), float(method.params["eps"])]
+                [:, : method.params["K"] + 1].min(dim=1).values for method in methods]
 
 
 @register_postprocessor("pro_msp")
@@ -107,6 +128,7 @@ class ProEntropy(PRO):
 class ProTemperatureMSP(PRO):
     defaults = {**PRO.defaults, "temperature": 1000.0}
     ranges = {**PRO.ranges, "temperature": Number(gt=0)}
+    grid_params = (*PRO.grid_params, "temperature")
 
     def base_score(self, logits: torch.Tensor) -> torch.Tensor:
         return max_softmax(logits, float(self.params["temperature"]))
@@ -116,10 +138,11 @@ class ProTemperatureMSP(PRO):
 class ProGEN(PRO):
     defaults = {**PRO.defaults, "gamma": 0.1, "top_m": 100}
     ranges = {**PRO.ranges, **GEN.ranges}
+    grid_params = (*PRO.grid_params, "gamma", "top_m")
 
     def base_score(self, logits: torch.Tensor) -> torch.Tensor:
         return generalized_entropy(logits, self.params["gamma"], self.params["top_m"])
 
-    def trajectory_params(self, num_classes: int) -> dict:
+    def base_params(self, num_classes: int) -> str:
         # M is capped at the class count, so larger M give the same trajectory
-        return {**super().trajectory_params(num_classes), "top_m": min(int(self.params["top_m"]), num_classes)}
+        return json.dumps([self.params["gamma"], min(int(self.params["top_m"]), num_classes)])
