@@ -197,8 +197,16 @@ def load_plugin_file(path: str | Path) -> None:
     _loaded_plugins[key] = None
 
 
+_entry_point_failures: list[str] | None = None
+
+
 def load_entry_point_plugins() -> list[str]:
-    """Import every installed `oodbench.postprocessors` entry point. Returns failure lines."""
+    """Import every installed `oodbench.postprocessors` entry point, once per process (the
+    scan reads the metadata of every installed distribution).
+    Returns failure lines; they are warned the first time."""
+    global _entry_point_failures
+    if _entry_point_failures is not None:
+        return list(_entry_point_failures)
     POSTPROCESSORS._ensure_loaded()
     failures = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -216,7 +224,8 @@ def load_entry_point_plugins() -> list[str]:
             )
     for line in failures:
         warnings.warn(line, stacklevel=2)
-    return failures
+    _entry_point_failures = failures
+    return list(failures)
 
 
 def load_plugins(files: list[str] | tuple[str, ...] = (), strict: bool = True) -> list[str]:

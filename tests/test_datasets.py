@@ -170,6 +170,37 @@ def test_mnist_grey_to_rgb_and_28_to_32_bilinear(tmp_path):
     torch.testing.assert_close(tensors[:, :1], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("mode, source_size, size", [
+    ("RGB", (64, 64), 32),  # Tiny ImageNet -> CIFAR: downscale
+    ("L", (28, 28), 32),  # MNIST -> CIFAR: grey, upscale
+    ("RGB", (500, 375), 32),  # a photograph, landscape: resize the short side, crop the long one
+    ("L", (333, 517), 224),  # portrait, odd sizes, upscale the crop's short side
+    ("RGB", (31, 97), 32),  # upscale one side, crop the other
+])
+def test_decoding_equals_torchvision_resize_center_crop_to_tensor_bit_for_bit(mode, source_size, size):
+    """to_image_tensor does without torchvision (seconds of import per process) and gives
+    exactly its test transform: PIL images, and the same pixels as arrays and tensors."""
+    from torchvision.transforms import functional as TF
+
+    from oodbench.datasets.base import to_image_tensor
+
+    rng = np.random.default_rng(source_size[0])
+    shape = source_size[::-1] + ((3,) if mode == "RGB" else ())
+    picture = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    for channels in (3, 1):
+        converted = picture.convert("RGB" if channels == 3 else "L")
+        expected = TF.to_tensor(TF.center_crop(TF.resize(converted, size, interpolation=TF.InterpolationMode.BILINEAR),
+                                               [size, size]))
+        got = to_image_tensor(picture, ImageSpec(size, channels))
+        assert got.shape == (channels, size, size) and torch.equal(got, expected), (channels, mode)
+    pixels = TF.to_tensor(picture)
+    for item in (pixels, np.asarray(picture)):  # tensors and arrays: torch's antialiased bilinear
+        expected = TF.center_crop(TF.resize(pixels, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True),
+                                  [size, size])
+        got = to_image_tensor(item, ImageSpec(size, pixels.shape[0]))
+        assert torch.equal(got, expected), type(item)
+
+
 def test_mnist_split_all_is_train_then_test(tmp_path):
     for prefix, count in (("train", 3), ("t10k", 2)):
         write_idx(tmp_path / f"FashionMNIST/raw/{prefix}-images-idx3-ubyte", random_images(count, count, (28, 28)))
@@ -459,7 +490,7 @@ def run_partial_benchmark(tmp_path: Path, run_cli, checkpoint: Path, cache: Path
     config = tiny_experiment(tmp_path, tiny_benchmark(tmp_path, {"dataset": "sklearn_digits"}, far),
                              tmp_path / "data", checkpoint)
     env = {"PYTHONWARNINGS": "default", **({"OODBENCH_CACHE": str(cache)} if cache else {})}
-    result = run_cli("run", config, env=env)
+    result = run_cli("run", config, "--wide", env=env)
     assert result.returncode == 0, result.stderr
     return result
 
