@@ -152,7 +152,7 @@ def test_ray_cli_prints_the_local_table_cell_for_cell(run_cli, tmp_path, trained
         assert done.returncode == 0, done.stderr[-3000:]
         tables[executor] = done.stdout
         lines = stderr_lines(done.stderr)
-        total = 2 * 11 + 2 * len(GRID)  # splits per model (ID train/val/test, 4 OOD val, 4 OOD test) + cells
+        total = 2 * (1 + 11) + 2 * len(GRID)  # per model: loading it + its splits (ID train/val/test, 4 OOD val, 4 OOD test); cells
         bars = {line.split("|")[0].split(":")[0] for line in lines if re.match(r"^[^|]*:\s*\d+%\|", line)}
         assert bars == {"grid"}, "one progress bar over the whole grid"
         assert any(f"| {total}/{total} " in line for line in lines if line.startswith("grid:")), lines[-12:]

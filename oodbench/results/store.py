@@ -261,11 +261,16 @@ class ResultStore:
             )
 
     def write_datasets(self, benchmark: str, model: str, rows: list[dict[str, Any]], data_fingerprint: str = "") -> None:
-        """Presence, fingerprint, size (and accuracy for ID) of every split a run read, per model."""
+        """Presence, fingerprint, size (and accuracy for ID) of every split a run read, per model.
+        A row whose values are unchanged is left as it is (its time too)."""
         now = time.time()
+        values = ("ood_group", "fingerprint", "status", "reason", "samples", "available", "accuracy")
+        changed = " OR ".join(f"{v} IS NOT excluded.{v}" for v in values)
         with self._transaction() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (benchmark, model, data_fingerprint, dataset) DO UPDATE SET "
+                + ", ".join(f"{v} = excluded.{v}" for v in (*values, "created")) + f" WHERE {changed}",
                 [(benchmark, model, data_fingerprint, r["dataset"], r["group"], r.get("fingerprint"), r["status"],
                   r.get("reason"), r.get("samples"), r.get("available", r.get("samples")), r.get("accuracy"), now)
                  for r in rows],
