@@ -203,6 +203,8 @@ def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> Experiment
             config.postprocessors = list(value)
         elif key == "limit":
             config.limit = check_limit(value, "--limit")
+        elif key == "batch_size" and (isinstance(value, bool) or value < 1):
+            raise OodbenchError(f"--batch-size must be a positive number of images, got {value}")
         elif key == "plugins":
             config.plugins = list(config.plugins) + list(value)
         elif not hasattr(config, key):
