@@ -392,3 +392,24 @@ def test_runner_searches_and_scores_gradient_methods_end_to_end(tmp_path, sessio
     assert params["pro_msp"]["eps"] == 0.005 and params["pro_msp"]["K"] in (1, 2, 3, 5)
     assert params["odin"]["temperature"] == 1000 and params["odin"]["eps"] in (0.0014, 0.0028)
     assert np.isfinite(rows["uniform|auroc"].astype(float)).all()
+
+
+def test_input_gradient_cells_draw_a_bar_that_counts_every_image_they_run(tmp_path, session_cache, monkeypatch):
+    """Each input-gradient cell has its own bar (images/s and ETA need the right total): the
+    search's passes over the capped validation splits, then the test splits."""
+    from oodbench.benchmark import jobs
+
+    bars = []
+
+    class RecordingBar(jobs.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": open(tmp_path / "bars.txt", "a")})
+            bars.append(self)
+
+    monkeypatch.setattr(jobs, "tqdm", RecordingBar)
+    config = digits_config(tmp_path, postprocessors=["msp", "pro_msp", "odin"], search=True, search_limit=40,
+                           params={"pro_msp": {"eps": 0.005}})
+    run_experiment(config, cache_dir=str(session_cache), data_root=str(session_cache), quiet=False)
+    assert [bar.desc for bar in bars] == ["digits-cnn pro_msp", "digits-cnn odin"]  # none for msp
+    for bar in bars:
+        assert bar.unit == "img" and not bar.leave and bar.total > 0 and bar.n == bar.total, (bar.desc, bar.n, bar.total)

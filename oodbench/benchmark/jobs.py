@@ -7,7 +7,8 @@
    labels go to the output cache (reused when the entry exists and verifies);
 3. `ScoreJob` per (model, postprocessor) cell not already in the store: fit on cached ID
    outputs, search hyperparameters on the validation split, score the test splits and
-   return a `Cell`; only methods that need input gradients load the model again.
+   return a `Cell`; only methods that need input gradients load the model again, and
+   their cells draw their own bar (images/s, ETA) under the run's grid bar.
 """
 
 from __future__ import annotations
@@ -15,24 +16,26 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
 from oodbench.benchmark.config import ExperimentConfig
 from oodbench.benchmark.plan import SplitRef, split_state
 from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_scores, limit_validation,
-                                      search_hyperparameters)
+                                      limited_sizes, search_hyperparameters, split_grid)
 from oodbench.datasets.base import ImageSpec, load_dataset
 from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError
 from oodbench.evaluators.metrics import accuracy, ood_metrics
 from oodbench.identity import FileState, output_key_text
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
-from oodbench.postprocessors.base import Outputs, Postprocessor
+from oodbench.postprocessors.base import Outputs, Postprocessor, grid
 from oodbench.registry import POSTPROCESSORS, load_plugins
 from oodbench.results.store import Cell
 
@@ -62,13 +65,15 @@ class RunContext:
     batch_size: int
     num_workers: int
     token: str | None = None
+    progress: bool = False  # input-gradient cells draw a bar of their own
 
     @classmethod
     def of(cls, config: ExperimentConfig, spec: ModelSpec, image: ImageSpec, device: str,
-           token: str | None = None) -> "RunContext":
+           token: str | None = None, progress: bool = False) -> "RunContext":
         model_context = ModelContext(Path(config.cache_dir), Path(config.data_root), device,
                                      trust_checkpoint=config.trust_checkpoint)
-        return cls(spec, model_context, image, config.data_root, config.batch_size, config.num_workers, token)
+        return cls(spec, model_context, image, config.data_root, config.batch_size, config.num_workers, token,
+                   progress)
 
 
 def task_resources(device: str, runs_model: bool = True) -> dict[str, int]:
@@ -169,6 +174,7 @@ def load_cached_outputs(context: RunContext, split: SplitRef, key: str, model=No
         outputs.inputs = load_dataset(split.ref, context.data_root, context.image, ood=split.ood,
                                       memo=context.token)
         outputs.meta["batch_size"] = context.batch_size
+        outputs.meta["num_workers"] = context.num_workers
     return outputs
 
 
@@ -209,8 +215,27 @@ class ScoreJob:
         needs_model = POSTPROCESSORS.get(self.postprocessor).needs_model
         return task_resources(self.context.model_context.device, runs_model=needs_model)
 
-    def _outputs(self, split: str, model=None) -> Outputs:
-        return load_cached_outputs(self.context, self.splits[split], self.keys[split], model)
+    def _outputs(self, split: str, model=None, progress=None) -> Outputs:
+        outputs = load_cached_outputs(self.context, self.splits[split], self.keys[split], model)
+        if progress is not None:
+            outputs.meta["progress"] = progress.update
+        return outputs
+
+    def _progress(self, cls: type[Postprocessor], searched: bool) -> tqdm:
+        """The bar of an input-gradient cell: every image its passes will run through the model
+        (each search pass over the capped validation splits, then the test splits)."""
+        size = lambda split: len(load_dataset(self.splits[split].ref, self.context.data_root,  # noqa: E731
+                                              self.context.image, ood=self.splits[split].ood, memo=self.context.token))
+        tests = ["id:test", *(f"{group}:{name}" for name, group in self.groups.items())]
+        total = sum(size(s) for s in tests if s in self.keys)
+        if searched:
+            ood_val = [size(s) for s in self.keys if s.startswith("ood_val:")]
+            if self.search_limit is not None:
+                ood_val = limited_sizes(ood_val, self.search_limit)
+            val = size("id:val") if self.search_limit is None else min(size("id:val"), self.search_limit)
+            total += len(list(grid(split_grid(cls, self.space)[0]))) * (val + sum(ood_val))
+        return tqdm(total=total, desc=self.label, unit="img", leave=False, mininterval=1.0,
+                    disable=not self.context.progress)
 
     def run(self) -> Cell:
         start = time.time()
@@ -234,7 +259,11 @@ class ScoreJob:
         load_plugins(self.plugins, strict=False)
         cls = POSTPROCESSORS.get(self.postprocessor)
         model = get_model(self.context.model, self.context.model_context) if cls.needs_model else None
-        load = lambda split: self._outputs(split, model)  # noqa: E731
+        searched = bool(self.space) and "id:val" in self.keys and any(s.startswith("ood_val:") for s in self.keys)
+        with self._progress(cls, searched) if model is not None else nullcontext() as progress:
+            self._score_with(cell, cls, model, lambda split: self._outputs(split, model, progress))
+
+    def _score_with(self, cell: Cell, cls: type[Postprocessor], model, load) -> None:
         if cls.needs_fit and "id:fit" not in self.keys:
             raise DatasetMissing("the fit split is missing; set fit_split: val to fit on ID validation")
         fit_outputs = load("id:fit") if cls.needs_fit else None

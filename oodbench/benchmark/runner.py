@@ -119,7 +119,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
         raise DatasetMissing(plan.states["id:test"].reason)
     for line in plan.changed_splits(store.last_split_fingerprints(benchmark.name)):
         warnings.warn(line, stacklevel=2)
-    contexts = {spec.display: RunContext.of(config, spec, benchmark.image, device, plan.token)
+    contexts = {spec.display: RunContext.of(config, spec, benchmark.image, device, plan.token, progress=not quiet)
                 for spec in config.models}
     progress = tqdm(total=len(contexts), desc="grid", unit="job", disable=quiet)
     timing = {display: {"extraction": 0.0, "scoring": 0.0} for display in contexts}

@@ -85,11 +85,17 @@ def subsample(outputs: Outputs, count: int, seed: int = 0) -> Outputs:
                    meta=dict(outputs.meta), extras={name: value[index] for name, value in outputs.extras.items()})
 
 
+def limited_sizes(sizes: list[int], limit: int) -> list[int]:
+    """How many images of each OOD validation set a search capped at `limit` in all uses
+    (each set in proportion to its size)."""
+    total = sum(sizes)
+    return [max(1, int(np.floor(limit * size / total))) if total > limit else size for size in sizes]
+
+
 def limit_validation(val: Outputs, ood_val: list[Outputs], limit: int) -> tuple[Outputs, list[Outputs]]:
     """ID validation capped at `limit` images, and the OOD validation sets at `limit` images
     in all (each set in proportion to its size): what an input-gradient search runs on."""
-    total = sum(len(o) for o in ood_val)
-    shares = [max(1, int(np.floor(limit * len(o) / total))) if total > limit else len(o) for o in ood_val]
+    shares = limited_sizes([len(o) for o in ood_val], limit)
     return subsample(val, limit), [subsample(o, n) for o, n in zip(ood_val, shares)]
 
 
