@@ -4,6 +4,7 @@ a helper that runs the real CLI in a subprocess, and the ../shared data root."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,22 @@ def digits_config(tmp_path: Path, **overrides) -> Path:
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def compact_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the compact table, cut at its columns (the dashes under the header); the
+    model, printed on a block's first row only, is carried down its block."""
+    lines = text.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.strip() and set(line) <= {"-", " "})
+    spans = [m.span() for m in re.finditer(r"-+", lines[rule])]
+    names = [lines[rule - 1][a:b].strip() for a, b in spans]
+    rows, model = [], ""
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            continue
+        if line.startswith(("robust vs", "- ")):
+            break
+        cells = [line[a:b].strip() for a, b in spans]
+        model = cells[0] or model
+        rows.append({**dict(zip(names, cells)), "model": model})
+    return rows

@@ -3,7 +3,6 @@ store alone, plugins from a file and from an installed package, and clear errors
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import textwrap
@@ -16,28 +15,9 @@ from oodbench.benchmark.runner import run_experiment
 from oodbench.models.adapter import ModelAdapter
 from oodbench.results.store import ResultStore
 from oodbench.results.tables import leaderboard_frame
-from tests.conftest import REPO, digits_config
+from tests.conftest import REPO, compact_rows, digits_config
 
 PLUGINS = Path(__file__).parent / "plugins"
-
-
-def compact_rows(text: str) -> list[dict[str, str]]:
-    """The rows of the compact table, cut at its columns (the dashes under the header); the
-    model, printed on a block's first row only, is carried down its block."""
-    lines = text.splitlines()
-    rule = next(i for i, line in enumerate(lines) if line.strip() and set(line) <= {"-", " "})
-    spans = [m.span() for m in re.finditer(r"-+", lines[rule])]
-    names = [lines[rule - 1][a:b].strip() for a, b in spans]
-    rows, model = [], ""
-    for line in lines[rule + 1:]:
-        if not line.strip():
-            continue
-        if line.startswith(("robust vs", "- ")):
-            break
-        cells = [line[a:b].strip() for a, b in spans]
-        model = cells[0] or model
-        rows.append({**dict(zip(names, cells)), "model": model})
-    return rows
 
 
 def test_demo_run_prints_the_leaderboard(run_cli, tmp_path):

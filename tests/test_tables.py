@@ -23,8 +23,7 @@ from oodbench.cli import main
 from oodbench.evaluators.metrics import ood_metrics
 from oodbench.results.store import Cell, ResultStore
 from oodbench.results.tidy import COLUMNS as TIDY_COLUMNS
-from tests.conftest import digits_config
-from tests.test_cli import compact_rows
+from tests.conftest import compact_rows, digits_config
 
 requires_pdflatex = pytest.mark.skipif(shutil.which("pdflatex") is None,
                                        reason="pdflatex not installed (.ci/run installs Debian's texlive)")

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from oodbench.benchmark.cache import FitStateCache
-from tests.conftest import SHARED_MODELS
+from tests.conftest import SHARED_MODELS, compact_rows
 
 BENCH = {"name": "tinyfolders", "version": 1, "image": {"size": 8, "channels": 1}, "num_classes": 6, "seed": 0,
          "id": {"test": {"dataset": "image_folder", "options": {"path": "idset"}}},
@@ -66,9 +66,16 @@ def cli(*args, cache: Path, prelude: str = "", env: dict | None = None, timeout:
 
 
 def board(store: Path, *args: str, cache: Path) -> pd.DataFrame:
+    """The leaderboard's tidy CSV, one row per finished cell again: its fingerprint, ``acc`` and
+    each column's ``<set>|auroc`` and classic ``<set>|fpr``."""
     done = cli("leaderboard", "--results", store, "--format", "csv", *args, cache=cache)
     assert done.returncode == 0, done.stderr
-    return pd.read_csv(StringIO(done.stdout))
+    tidy = pd.read_csv(StringIO(done.stdout))
+    tidy = tidy[tidy.metric.isin(["acc", "auroc"]) | ((tidy.metric == "fpr95") & (tidy.fpr_convention == "classic"))]
+    tidy = tidy.assign(column=[m if m == "acc" else f"{d}|{'fpr' if m == 'fpr95' else m}"
+                               for d, m in zip(tidy.dataset, tidy.metric)])
+    wide = tidy.pivot(index="fingerprint", columns="column", values="value")
+    return wide.loc[list(dict.fromkeys(tidy.fingerprint))].reset_index().rename_axis(columns=None)
 
 
 def samples(store: Path) -> dict[str, int]:
@@ -246,7 +253,7 @@ def test_a_swapped_output_entry_is_not_used(tmp_path, cache):
     assert done.returncode == 0, done.stderr
     assert any(str(path_of["id:test"]) in w and "another key" in w for w in warnings_of(done.stderr)), done.stderr
     again = board(tmp_path / "two.sqlite", cache=cache)
-    assert (again.acc == 100.0).all()  # x100 in the CSV
+    assert (again.acc == 1.0).all()  # fractions in the tidy CSV
     pd.testing.assert_frame_equal(again.drop(columns=["fingerprint"]), expected.drop(columns=["fingerprint"]))
 
 
@@ -300,11 +307,13 @@ def test_tables_never_show_two_look_alike_rows(tmp_path, cache):
     assert cli("run", searched, "--results", store, cache=cache).returncode == 0
     done = cli("run", plain, "--results", store, cache=cache)
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| digits-cnn")]
+    rows = compact_rows(done.stdout)
     assert len(rows) == 2, "run prints its own cells only; ebo and energy are one method, run once"
-    assert any("| ebo " in r for r in rows) and any("| msp " in r for r in rows)
-    table = board(store, cache=cache)
-    assert sorted(table.label) == ["ebo [searched]", "ebo temperature=2", "msp [default]", "msp [searched]"]
+    assert sorted(r["postprocessor"] for r in rows) == ["ebo", "msp"]
+    table = cli("leaderboard", "--results", store, cache=cache)
+    assert sorted(r["postprocessor"] for r in compact_rows(table.stdout)) == [
+        "ebo [searched]", "ebo temperature=2", "msp [default]", "msp [searched]"]
+    assert len(board(store, cache=cache)) == 4
     unlisted = experiment(tmp_path / "u.yaml", "digits", None, params={"gen": {"gamma": 0.1}})
     line = error_line(cli("run", unlisted, "--results", store, cache=cache))
     assert "params.gen" in line and "msp, mls" in line
