@@ -145,7 +145,8 @@ def _fpr_openood(ood: _Sorted, id_: _Sorted, ood_cum: np.ndarray, id_counts: np.
 def bootstrap_replicates(id_scores: Mapping[Hashable, np.ndarray],
                          ood_scores: Mapping[Hashable, Mapping[str, np.ndarray]],
                          resamples: int = RESAMPLES, seed: int = 0, fpr: str = "classic",
-                         tpr: float = TPR, id_name: str = "id_test") -> dict[Hashable, dict[str, dict[str, np.ndarray]]]:
+                         tpr: float = TPR, id_name: str = "id_test",
+                         ) -> dict[Hashable, dict[str, dict[str, np.ndarray]]]:
     """AUROC and FPR@`tpr` on `resamples` paired bootstrap resamples.
 
     `id_scores`: method key -> its ID test scores; `ood_scores`: method key -> OOD set name

@@ -42,8 +42,8 @@ def verified_scores(store: ResultStore, benchmark: str, fingerprints: list[str])
             ood = sets[name]
             found = auroc(np.r_[sets[ID_TEST], ood], np.r_[np.zeros(sets[ID_TEST].size), np.ones(ood.size)])
             if expected is None or abs(found - expected) > 1e-9:
-                damaged.append(f"the stored scores of cell {fingerprint} on {name} in {store.path} do not reproduce its "
-                               f"stored AUROC; left out of the intervals")
+                damaged.append(f"the stored scores of cell {fingerprint} on {name} in {store.path} do not reproduce "
+                               "its stored AUROC; left out of the intervals")
                 del sets[name]
     for line in damaged:
         warnings.warn(line, stacklevel=2)

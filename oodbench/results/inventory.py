@@ -27,7 +27,8 @@ def summary(store: ResultStore, benchmarks: list[str]) -> str:
     cells = store.frame("cells", benchmark=benchmarks)
     parts = [f"results store {store.path}: {len(cells)} cell(s) of {cells.benchmark.nunique()} benchmark(s)"]
     for benchmark, group in cells.groupby("benchmark", sort=True):
-        data = group.groupby("data_fingerprint", dropna=False).agg(cells=("fingerprint", "size"), last=("created", "max"))
+        data = group.groupby("data_fingerprint", dropna=False).agg(cells=("fingerprint", "size"),
+                                                                   last=("created", "max"))
         data = data.sort_values("last", ascending=False)
         fingerprints = ", ".join(f"{fp} ({n} cells, {_when(t)})" for fp, n, t in
                                  zip(data.index, data.cells, data["last"]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from oodbench.results.render import COMPACT, HEADER, marks_legend, rank_marks, ranked
+from oodbench.results.render import COMPACT, marks_legend, rank_marks, ranked
 from oodbench.results.tables import caption, metric_columns
 
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",

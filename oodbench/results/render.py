@@ -36,8 +36,8 @@ def ranked(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows by model (in their order), then by near-OOD AUROC, highest first (the overall
     average breaks ties and ranks a benchmark without near-OOD sets); unscored rows last."""
     model_order = {m: i for i, m in enumerate(dict.fromkeys(rows.model))}
-    keys = pd.DataFrame({"model": rows.model.map(model_order),
-                         "near": -rows["near-OOD|auroc"].fillna(-np.inf), "all": -rows["average|auroc"].fillna(-np.inf)})
+    keys = pd.DataFrame({"model": rows.model.map(model_order), "near": -rows["near-OOD|auroc"].fillna(-np.inf),
+                         "all": -rows["average|auroc"].fillna(-np.inf)})
     return rows.loc[keys.sort_values(["model", "near", "all"], kind="stable").index]
 
 
@@ -71,7 +71,8 @@ def number(row: dict, name: str, decimals: int = 2) -> str:
 def marks_legend(rows: pd.DataFrame, best: str, second: str | None, tie: str) -> str:
     text = f"Best per column {best}" + (f", second {second}" if second else "")
     if rows.attrs.get("ci"):
-        text += f"; {tie} not significantly worse than the best (paired bootstrap, 95%); [low, high] is the 95% interval"
+        text += (f"; {tie} not significantly worse than the best (paired bootstrap, 95%); [low, high] is the 95% "
+                 "interval")
     if "checkpoints" in rows and (rows.checkpoints > 1).any():
         text += "; ± is the standard deviation over checkpoints" if not rows.attrs.get("ci") else (
             "; intervals are those of the mean over checkpoints")

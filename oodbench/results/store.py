@@ -244,7 +244,8 @@ class ResultStore:
             db.execute("DELETE FROM results WHERE benchmark=? AND model=? AND postprocessor=? AND setting=? "
                        "AND fingerprint=?", cell.key)
             db.execute(
-                f"INSERT OR REPLACE INTO cells ({', '.join(CELL_COLUMNS)}) VALUES ({','.join('?' * len(CELL_COLUMNS))})",
+                f"INSERT OR REPLACE INTO cells ({', '.join(CELL_COLUMNS)}) "
+                f"VALUES ({','.join('?' * len(CELL_COLUMNS))})",
                 (*cell.key, cell.data_fingerprint, cell.status, cell.reason, json.dumps(cell.params, sort_keys=True),
                  json.dumps(cell.tags), str(p.get("benchmark_version")), p.get("oodbench_version"),
                  p.get("git_hash"), p.get("config_hash"), p.get("weights_hash"), p.get("fpr_convention"),

@@ -173,7 +173,8 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
     sampled and which data the rows come from."""
     groups = frame.attrs["groups"]
     missing = frame.attrs["missing"]
-    members = {g: ", ".join(d for d in frame.attrs["datasets"] if groups.get(d) == g) or "none" for g in ("near", "far")}
+    members = {g: ", ".join(d for d in frame.attrs["datasets"] if groups.get(d) == g) or "none"
+               for g in ("near", "far")}
     text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
             f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
     counts = sorted(set(frame["checkpoints"])) if "checkpoints" in frame else []
@@ -185,7 +186,8 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
         text += (f" 95% bootstrap intervals: {ci['resamples']:,} resamples of the ID and OOD test images "
                  f"(paired across methods, seed {ci['seed']}), percentile.")
         if ci.get("without"):
-            text += f" {ci['without']} row(s) have no stored per-image scores (computed by an older oodbench): no interval."
+            text += (f" {ci['without']} row(s) have no stored per-image scores (computed by an older oodbench): "
+                     "no interval.")
     if missing:
         by_group = {g: [d for d in missing if groups.get(d) == g] for g in ("near", "far")}
         detail = "; ".join(f"{g}-OOD average over the sets present (missing: {', '.join(d)})"

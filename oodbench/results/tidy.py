@@ -66,12 +66,14 @@ def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, s
                                fpr_convention=FPR_ROWS.get(stored, ""))
                 short = "auroc" if stored == "auroc" else "fpr" if FPR_ROWS.get(stored) == frame.attrs["fpr"] else None
                 if intervals and short:
-                    row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], dataset, short), (np.nan, np.nan))
+                    row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], dataset, short),
+                                                                  (np.nan, np.nan))
                 rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else []))
 
 
-def _cell_intervals(cells: pd.DataFrame, attrs: dict, store, resamples: int, seed: int) -> dict[tuple[str, str, str], tuple]:
+def _cell_intervals(cells: pd.DataFrame, attrs: dict, store, resamples: int,
+                    seed: int) -> dict[tuple[str, str, str], tuple]:
     """(fingerprint, column, auroc | fpr) -> the 95% interval of that cell alone."""
     from oodbench.results.intervals import add_intervals
     from oodbench.results.tables import metric_columns
@@ -101,8 +103,8 @@ def calibration_tidy(frame: pd.DataFrame, benchmark: str, fingerprint: str,
         base = dict(benchmark=benchmark, fingerprint=fingerprint, model=model, checkpoint=checkpoint,
                     setting=f"noise_s={record['level']:g}")
         found = [dict(dataset="id_test", group="id", metric=m, value=record[m]) for m in ("acc", "ece", "nll")]
-        found += [dict(postprocessor="msp", dataset=AVERAGES.get(c[len("auroc_"):], c), group=MEAN_GROUP, metric="auroc",
-                       value=record[c]) for c in record if c.startswith("auroc_")]
+        found += [dict(postprocessor="msp", dataset=AVERAGES.get(c[len("auroc_"):], c), group=MEAN_GROUP,
+                       metric="auroc", value=record[c]) for c in record if c.startswith("auroc_")]
         rows += [{**tidy_row(**base, **values), "noise_s": record["level"]} for values in found]
     return pd.DataFrame(rows, columns=COLUMNS + ["noise_s"])
 
