@@ -159,8 +159,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.format in ("csv", "json"):  # one tidy table, whatever the number of benchmarks
         import pandas as pd
 
-        text = render_tidy(pd.concat([leaderboard_tidy(f, store, resamples, args.ci_seed) for f in frames]),
-                           args.format)
+        text = render_tidy(pd.concat([leaderboard_tidy(f, store, resamples, args.ci_seed, args.show_params)
+                                      for f in frames]), args.format)
     else:
         text = "\n\n".join(render_leaderboard(f, args.format, args.wide, args.show_params, store, resamples,
                                                args.ci_seed) for f in frames)

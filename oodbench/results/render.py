@@ -250,7 +250,7 @@ def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = Fals
     if fmt in ("csv", "json"):
         from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
-        return render_tidy(leaderboard_tidy(frame, store, resamples, seed), fmt)
+        return render_tidy(leaderboard_tidy(frame, store, resamples, seed, show_params), fmt)
     rows = leaderboard_rows(frame, store, resamples, seed)
     if fmt == "latex":
         from oodbench.results.latex import latex_leaderboard

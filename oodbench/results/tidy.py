@@ -6,7 +6,8 @@ fractions (tables show them x100), ``fpr_convention`` is ``classic`` or ``openoo
 FPR@95 rows and empty elsewhere, and ``higher_is_better`` says which way each metric
 points. Gains (``*_gain`` metrics) are signed so that positive is always better: the
 AUROC difference, and the FPR@95 *reduction*. With bootstrap intervals, ``ci_low`` and
-``ci_high`` hold the 95% interval (AUROC and FPR@95 rows). CSV and JSON (records) carry
+``ci_high`` hold the 95% interval (AUROC and FPR@95 rows), and with ``--show-params`` a
+``params`` column the cell's hyperparameters (JSON). CSV and JSON (records) carry
 exactly the same rows; no prose, no comment lines, so ``pandas.read_csv`` loads the CSV
 as it is.
 
@@ -38,8 +39,10 @@ def tidy_row(**values) -> dict:
     return row
 
 
-def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, seed: int = 0) -> pd.DataFrame:
-    """Every stored metric of the frame's finished cells, plus the group means."""
+def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, seed: int = 0,
+                     show_params: bool = False) -> pd.DataFrame:
+    """Every stored metric of the frame's finished cells, plus the group means; with
+    `show_params`, a ``params`` column holds each cell's hyperparameters (JSON)."""
     cells = frame[frame.status == "done"]
     results = store.frame("results", benchmark=frame.attrs["benchmark"])
     results = results[results.fingerprint.isin(set(cells.fingerprint))]
@@ -69,7 +72,10 @@ def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, s
                     row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], dataset, short),
                                                                   (np.nan, np.nan))
                 rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else []))
+    tidy = pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else []))
+    if show_params:
+        tidy["params"] = tidy.fingerprint.map(dict(zip(cells.fingerprint, cells.params)))
+    return tidy
 
 
 def _cell_intervals(cells: pd.DataFrame, attrs: dict, store, resamples: int,
