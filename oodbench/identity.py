@@ -106,6 +106,7 @@ class FileState:
         self._db: sqlite3.Connection | None = None
         self._known: dict[str, tuple] | None = None
         self._pending: list[tuple] = []
+        self._fingerprints: dict[int, tuple[Any, str]] = {}  # id(dataset) -> (dataset, fingerprint)
 
     def _relative(self, path: Path) -> str:
         resolved = Path(os.path.abspath(path))
@@ -115,14 +116,18 @@ class FileState:
             return resolved.as_posix()
 
     def describe(self, paths: Sequence[Path]) -> str:
-        """A digest naming each file by relative path and content hash (or size and mtime)."""
+        """A digest naming each file by relative path and content hash (or size and mtime).
+        String operations, not pathlib, in the loop: it runs once per image file."""
         hasher = hashlib.sha256()
+        root = os.path.join(str(self.data_root), "")
         for path in paths:
-            stat = os.stat(path)
-            state = (str(Path(os.path.abspath(path))), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            absolute = os.path.abspath(path)
+            stat = os.stat(absolute)
+            state = (absolute, stat.st_size, stat.st_mtime_ns, stat.st_ino)
             content = self.file_hash(Path(path), state) if self.verify else self._lookup(state)
             what = content or f"{stat.st_size}\0{stat.st_mtime_ns}"
-            hasher.update(f"{self._relative(path)}\0{what}\n".encode())
+            relative = absolute[len(root):] if absolute.startswith(root) else absolute
+            hasher.update(f"{relative.replace(os.sep, '/')}\0{what}\n".encode())
         return "files:" + hasher.hexdigest()[:32]
 
     def content(self, paths: Sequence[Path]) -> str:
@@ -197,7 +202,17 @@ class FileState:
 
 def dataset_fingerprint(dataset: Any, files: FileState) -> str:
     """The fingerprint of what `dataset` reads: its ``fingerprint(files)`` when it has one,
-    else (a source of a plugin that does not say) a hash of every decoded item."""
+    else (a source of a plugin that does not say) a hash of every decoded item. Computed once
+    per dataset object and `files` (the parts of one listed source share it)."""
+    known = files._fingerprints.get(id(dataset))
+    if known is not None and known[0] is dataset:
+        return known[1]
+    value = _dataset_fingerprint(dataset, files)
+    files._fingerprints[id(dataset)] = (dataset, value)
+    return value
+
+
+def _dataset_fingerprint(dataset: Any, files: FileState) -> str:
     method = getattr(dataset, "fingerprint", None)
     if callable(method):
         return method(files)

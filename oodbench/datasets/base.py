@@ -15,7 +15,9 @@ their indices. `split_fingerprint_of` turns that into the split's key (DESIGN.md
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -119,17 +121,33 @@ def stratified_parts(labels: np.ndarray, parts: dict[str, Any], seed: int) -> di
     # part furthest behind its share: every part gets each class in proportion to its size.
     by_label = order[np.argsort(labels[order], kind="stable")]
     names = list(parts) + ["_unused"]
-    targets = np.array([sizes[k] for k in parts] + [n - sum(sizes.values())], dtype=np.float64)
-    filled = np.zeros(len(names))
-    assignment: dict[str, list[int]] = {k: [] for k in names}
-    for position, index in enumerate(by_label):
-        behind = targets * (position + 1) / n - filled
-        behind[filled >= targets] = -np.inf
-        choice = int(np.argmax(behind))
-        assignment[names[choice]].append(int(index))
+    choices = part_sequence(tuple(float(sizes[k]) for k in parts) + (float(n - sum(sizes.values())),), n)
+    return {name: np.sort(by_label[choices == number]) for number, name in enumerate(names[:-1])}
+
+
+@functools.lru_cache(maxsize=32)
+def part_sequence(targets: tuple[float, ...], n: int) -> np.ndarray:
+    """Which part each of `n` positions goes to: the part furthest behind its share
+    (target x (position + 1) / n - filled; the first on ties; full parts never). It depends
+    on the part sizes alone, so it is kept for the next split of the same sizes.
+
+    Plain floats in a Python loop: the same float64 arithmetic, in the same order, as on
+    NumPy arrays, at a fraction of the cost for the few parts of a split."""
+    filled = [0.0] * len(targets)
+    open_parts = [part for part, target in enumerate(targets) if target > 0]
+    choices = np.empty(n, dtype=np.int64)
+    for position in range(n):
+        best, choice = -math.inf, 0
+        for part in open_parts:
+            behind = targets[part] * (position + 1) / n - filled[part]
+            if behind > best:
+                best, choice = behind, part
+        choices[position] = choice
         filled[choice] += 1
-    assignment.pop("_unused")
-    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in assignment.items()}
+        if filled[choice] >= targets[choice]:
+            open_parts.remove(choice)
+    choices.flags.writeable = False
+    return choices
 
 
 class TensorImages(Dataset):

@@ -26,8 +26,9 @@ decoded lazily; a missing or unreadable image is one error line naming the file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -147,8 +148,17 @@ def read_text_lines(path: Path) -> list[str]:
 
 
 def check_files_exist(paths: Sequence[Path], listed_in: str) -> None:
+    """Every path is a file; each folder is listed once (no stat per file)."""
+    files: dict[str, set[str]] = {}
     for line, path in enumerate(paths, start=1):
-        if not path.is_file():
+        folder, name = os.path.split(path)
+        if folder not in files:
+            try:
+                with os.scandir(folder or ".") as entries:
+                    files[folder] = {entry.name for entry in entries if entry.is_file()}
+            except OSError:
+                files[folder] = set()
+        if name not in files[folder] and not os.path.isfile(path):  # isfile: case-insensitive file systems
             raise OodbenchError(f"{listed_in} line {line} names {path}, which does not exist; "
                                 "the image list and the image folder do not match")
 
@@ -179,10 +189,28 @@ def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_
     return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)", resize_crop), limit)
 
 
+def image_entries(folder: str, parts: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(path parts relative to the top folder, path) of every image file under `folder`, as
+    ``Path.rglob`` finds them (symlinked files yes, symlinked folders not entered), from one
+    directory listing per folder rather than a stat per file."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except PermissionError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from image_entries(entry.path, (*parts, entry.name))
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            yield (*parts, entry.name), entry.path
+
+
 def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int]]:
-    """Image paths under `folder` (sorted) and their first-level subfolder's class index."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    top = [p.relative_to(folder).parts for p in paths]
+    """Image paths under `folder` (sorted as paths: by their parts) and their first-level
+    subfolder's class index."""
+    found = sorted(image_entries(str(folder)))
+    paths = [Path(path) for _, path in found]
+    top = [parts for parts, _ in found]
     names = list(classes) if classes is not None else sorted({parts[0] for parts in top if len(parts) > 1})
     index = {name: i for i, name in enumerate(names)}
     targets = []
@@ -227,6 +255,7 @@ def tiny_imagenet(data_root: Path, image: ImageSpec, split: str = "val", root: s
         paths, targets = folder_images(require(base / "train", "Tiny ImageNet train images", TIN_HINT), wnids)
         return first(ImageFiles(paths, targets, f"{root}/train ({len(paths)} images)"), limit)
     annotations = require(base / "val" / "val_annotations.txt", "Tiny ImageNet val annotations", TIN_HINT)
+    images = base / "val" / "images"
     paths, targets = [], []
     for number, line in enumerate(read_text_lines(annotations), start=1):
         fields = line.split("\t")
@@ -235,7 +264,7 @@ def tiny_imagenet(data_root: Path, image: ImageSpec, split: str = "val", root: s
         if len(fields) < 2 or fields[1] not in label_of:
             raise OodbenchError(f"{annotations} line {number}: expected '<file>\\t<wnid from wnids.txt>\\t...', "
                                 f"got {line.strip()[:60]!r}")
-        paths.append(base / "val" / "images" / fields[0])
+        paths.append(images / fields[0])
         targets.append(label_of[fields[1]])
     check_files_exist(paths, str(annotations))
     return first(ImageFiles(paths, targets, f"{root}/val ({len(paths)} images)"), limit)
