@@ -201,6 +201,36 @@ def test_decoding_equals_torchvision_resize_center_crop_to_tensor_bit_for_bit(mo
         assert torch.equal(got, expected), type(item)
 
 
+def stratified_reference(labels: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:
+    """Stratified parts written out on NumPy arrays: each sample, grouped by label, goes to the
+    part furthest behind its share (the first on ties, full parts never)."""
+    n = labels.size
+    order = np.random.default_rng(seed).permutation(n)
+    by_label = order[np.argsort(labels[order], kind="stable")]
+    targets = np.array(sizes + [n - sum(sizes)], dtype=np.float64)
+    filled = np.zeros(len(targets))
+    chosen = []
+    for position in range(n):
+        behind = targets * (position + 1) / n - filled
+        behind[filled >= targets] = -np.inf
+        chosen.append(int(np.argmax(behind)))
+        filled[chosen[-1]] += 1
+    chosen = np.array(chosen)
+    return [np.sort(by_label[chosen == part]) for part in range(len(sizes))]
+
+
+@pytest.mark.parametrize("n, classes, sizes, seed", [(10000, 10, [1000], 0), (997, 7, [100, 300], 3),
+                                                     (50, 3, [0, 49], 1), (1, 1, [1], 0), (2000, 200, [1000, 1000], 5)])
+def test_stratified_parts_equal_the_numpy_reference(n, classes, sizes, seed):
+    """The parts (and so every selection and its fingerprint) stay exactly what they were."""
+    from oodbench.datasets.base import stratified_parts
+
+    labels = np.random.default_rng(n).integers(0, classes, n)
+    got = stratified_parts(labels, {f"part{i}": size for i, size in enumerate(sizes)}, seed)
+    for part, expected in zip(got.values(), stratified_reference(labels, sizes, seed)):
+        np.testing.assert_array_equal(part, expected)
+
+
 def test_mnist_split_all_is_train_then_test(tmp_path):
     for prefix, count in (("train", 3), ("t10k", 2)):
         write_idx(tmp_path / f"FashionMNIST/raw/{prefix}-images-idx3-ubyte", random_images(count, count, (28, 28)))
