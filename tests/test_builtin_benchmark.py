@@ -60,7 +60,7 @@ def test_training_is_deterministic(digits_models, tmp_path):
     from oodbench.models.adapter import state_dict_hash
     from oodbench.models.adapter import ModelContext
 
-    images, labels = digits._training_data(ModelContext(tmp_path, tmp_path))
+    images, labels, _ = digits._training_data(ModelContext(tmp_path, tmp_path))
     retrained = digits.train("digits-cnn", images, labels)
     assert state_dict_hash(retrained.state_dict()) == state_dict_hash(digits_models["digits-cnn"].net.state_dict())
 

@@ -199,7 +199,7 @@ def test_second_run_loads_the_fit_instead_of_refitting(tmp_path, session_cache, 
 def test_digits_search_chooses_params_for_every_feature_method(run_cli, tmp_path):
     results = tmp_path / "digits.sqlite"
     config = digits_config(tmp_path, postprocessors=FEATURE_METHODS, search=True, results=str(results))
-    done = run_cli("run", config, "--show-params")
+    done = run_cli("run", config, "--show-params", "--wide")
     assert done.returncode == 0, done.stderr
     cells, _ = _cells(results)
     by_name = {row.postprocessor: row for row in cells.itertuples()}

@@ -91,7 +91,8 @@ class CachedExperiment:
     def fitted(self, spec: ModelSpec, name: str) -> Postprocessor:
         """The postprocessor with the hyperparameters of its stored cell, fitted as in the run."""
         if name not in self.plan.methods:
-            raise OodbenchError(f"'{name}' is not a postprocessor of {self.config.source}")
+            raise OodbenchError(f"'{name}' is not a postprocessor of {self.config.source}; add it there and "
+                                f"{self.run_first}")
         cls = POSTPROCESSORS.get(name)
         model = self.model(spec)
         fingerprint = self.plan.cell_fingerprint(name, model.identity, model.weights_hash)
