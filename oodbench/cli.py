@@ -63,6 +63,9 @@ def add_run(sub) -> None:
     parser.add_argument("--postprocessors", type=_names, metavar="A,B",
                         help="run these postprocessors instead of the config's list")
     parser.add_argument("--models", type=_names, metavar="X,Y", help="run only these models of the config")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads for this run's forward and backward passes (default: the config's, "
+                             "else one per physical core; see the README)")
     _add_table_args(parser)
     parser.add_argument("--tables", metavar="DIR", help="write the full tables (Markdown, LaTeX, tidy CSV) to "
                         "DIR/<benchmark>/ (default: tables/ next to the results store)")
@@ -103,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         options["address"] = args.ray_address
     frame = run_experiment(args.config, executor=args.executor, executor_options=options, search=args.search,
                            limit=args.limit, postprocessors=args.postprocessors, models=args.models,
-                           **_overrides(args))
+                           threads=args.threads, **_overrides(args))
     store = ResultStore(frame.attrs["store"], readonly=True)
     resamples = args.resamples if args.ci else None
     print(render_leaderboard(frame, args.format, args.wide, args.show_params, store, resamples, args.ci_seed))

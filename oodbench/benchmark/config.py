@@ -43,6 +43,7 @@ class ExperimentConfig:
     verify_data: bool = False
     limit: int | None = None
     search_limit: int = 1000
+    threads: int | None = None  # torch intra-op threads of the run; None: `default_threads()`
     name: str = ""
     source: str = ""
 
@@ -67,6 +68,7 @@ KEYS = {
     "search": bool, "fit_split": str, "fpr": str, "plugins": list, "params": dict,
     "results": str, "cache_dir": str, "device": str, "batch_size": int, "num_workers": int,
     "trust_checkpoint": bool, "verify_data": bool, "limit": int, "search_limit": int, "name": str,
+    "threads": int,
 }
 
 
@@ -113,6 +115,7 @@ def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
     if config.batch_size < 1:
         raise OodbenchError(f"{source}: 'batch_size' must be positive")
     check_limit(config.limit, f"{source}: 'limit'")
+    check_threads(config.threads, f"{source}: 'threads'")
     check_limit(config.search_limit, f"{source}: 'search_limit'")
     for name, params in config.params.items():
         if not isinstance(params, dict):
@@ -121,6 +124,13 @@ def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
         base = Path(source).resolve().parent
         config.plugins = [str(_relative_to(base, p)) for p in config.plugins]
     return config
+
+
+def check_threads(value: Any, what: str) -> int | None:
+    """A thread count: None (the default rule) or a positive integer (one error line otherwise)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise OodbenchError(f"{what} must be a positive number of threads, got {value!r}")
+    return value
 
 
 def _first_duplicate(items: list[str]) -> str:
@@ -203,6 +213,8 @@ def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> Experiment
             config.postprocessors = list(value)
         elif key == "limit":
             config.limit = check_limit(value, "--limit")
+        elif key == "threads":
+            config.threads = check_threads(value, "--threads")
         elif key == "batch_size" and (isinstance(value, bool) or value < 1):
             raise OodbenchError(f"--batch-size must be a positive number of images, got {value}")
         elif key == "plugins":

@@ -19,10 +19,10 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import closing
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +60,24 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OodbenchError(f"device '{device}' requested but CUDA is not available here")
     return device
+
+
+def default_threads() -> int:
+    """torch threads when neither ``--threads`` nor the config says: torch's own default, one
+    per physical core (benchmarks/threads_speed.py; the rule is in the README)."""
+    return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: `default_threads()`) in this process
+    for the block, then restored (a caller of the Python API keeps its own)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -> list[str]:
@@ -102,8 +120,6 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
 
     `resolved_benchmark`: a `Benchmark` built in Python (oodbench.evaluate's in-memory data),
     run instead of loading ``config.benchmark``."""
-    from oodbench.results.tables import leaderboard_frame
-
     if not isinstance(config, ExperimentConfig):
         config = load_config(config, **overrides)
     names = check_config(config, resolved_benchmark)
@@ -111,6 +127,15 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
     if isinstance(executor, str):  # an executor made here is closed here (a local Ray instance shut down)
         with closing(make_executor(executor, **(executor_options or {}))) as made:
             return run_experiment(config, made, quiet=quiet, resolved_benchmark=resolved_benchmark)
+    with torch_threads(config.threads):
+        return _run(config, executor, names, device, quiet, resolved_benchmark)
+
+
+def _run(config: ExperimentConfig, executor: Executor, names: list[str], device: str, quiet: bool,
+         resolved_benchmark: Benchmark | None):
+    """`run_experiment` once its config is checked, its executor made and its threads set."""
+    from oodbench.results.tables import leaderboard_frame
+
     started = time.time()
     benchmark = resolved_benchmark if resolved_benchmark is not None else load_benchmark(config.benchmark)
     store = ResultStore(config.results)
