@@ -5,9 +5,10 @@ val JPEGs + 1,000 Tiny ImageNet OOD val images; without ../shared a random ResNe
 synthetic images), the search lists of configs/postprocessors/ for GEN (gamma x M, 7 x 6),
 KNN (its K list) and ReAct (its percentiles), fit on ID val; both ways in the same run:
 
-- cached (oodbench): one-time extraction (list, fingerprint, one forward pass per split
-  into a fresh output cache), then every combination fitted (through the fit-state
-  cache) and scored on the cached outputs;
+- cached (oodbench): one-time extraction as a run does it (the plan lists and
+  fingerprints the splits, the model loads, one forward pass per split into a fresh
+  output cache), then every combination fitted (through the fit-state cache) and scored
+  on the cached outputs;
 - re-run (OpenOOD's search): per method, a one-time forward pass over the fit split (its
   ``setup``), then the network re-run over ID val and OOD val for every combination
   (images read again, as OpenOOD's loaders do) before fitting and scoring.
@@ -34,8 +35,9 @@ import numpy as np
 import torch
 
 from oodbench.benchmark.cache import FitStateCache, extract
-from oodbench.benchmark.jobs import RunContext, fit_cached, get_model, load_cached_outputs, split_outputs
-from oodbench.benchmark.plan import benchmark_splits, search_space_for
+from oodbench.benchmark.config import ExperimentConfig, load_config
+from oodbench.benchmark.jobs import ExtractJob, RunContext, fit_cached, get_model, load_cached_outputs
+from oodbench.benchmark.plan import Plan, benchmark_splits, search_space_for
 from oodbench.benchmark.search import search_hyperparameters, validation_auroc
 from oodbench.benchmark.spec import load_benchmark
 from oodbench.datasets.base import load_dataset
@@ -48,21 +50,29 @@ from real_size import BATCH_SIZE, real_size_setup  # beside this script
 METHODS = ("gen", "knn", "react")
 
 
-def cached_way(context: RunContext, splits: dict, needed: list[str], spaces: dict) -> tuple[float, float, dict]:
-    """(one-time extraction s, search s, chosen values) with a fresh output cache."""
+def cached_way(config: ExperimentConfig, spec: ModelSpec, benchmark, spaces: dict) -> tuple[float, float, dict]:
+    """(one-time extraction s, search s, chosen values) as a run does them, into a fresh cache:
+    the plan (list and fingerprint the splits), the model, one `ExtractJob` per split; then
+    each search on the cached outputs."""
     start = time.perf_counter()
-    keys = {name: split_outputs(context, splits[name])[1] for name in needed}
+    plan = Plan.resolve(config, benchmark, list(spaces))
+    context = RunContext.of(config, spec, benchmark.image, "cpu", plan.token)
+    model = get_model(spec, context.model_context)
+    needed = ["id:val", *(s for s in plan.splits if s.startswith("ood_val:"))]
+    keys = {name: plan.output_key(name, model.identity, model.weights_hash) for name in needed}
+    for name in needed:
+        ExtractJob(context, plan.splits[name], keys[name]).run()
+    keys["id:fit"] = keys["id:val"]  # fit_split: val
     extracted = time.perf_counter()
-    load = lambda name: load_cached_outputs(context, splits[name], keys[name])  # noqa: E731
+    load = lambda name: load_cached_outputs(context, plan.splits[name], keys[name])  # noqa: E731
     fit_cache = FitStateCache(context.model_context.cache_dir)
     chosen = {}
     for name, space in spaces.items():
-        cls = POSTPROCESSORS.get(name)
         fit_outputs, val = load("id:fit"), load("id:val")
         ood_val = [load(s) for s in needed if s.startswith("ood_val:")]
         fit = lambda method: fit_cached(method, fit_outputs, val, fit_cache,  # noqa: E731
                                         [keys["id:fit"], keys["id:val"]])
-        chosen[name] = search_hyperparameters(cls, {}, space, val, ood_val, fit)[0]
+        chosen[name] = search_hyperparameters(POSTPROCESSORS.get(name), {}, space, val, ood_val, fit)[0]
     return extracted - start, time.perf_counter() - extracted, chosen
 
 
@@ -114,12 +124,12 @@ def main() -> None:
     parts = ("cached extraction", "cached search", "re-run one-time", "re-run per combination")
     seconds: dict[str, list[float]] = {part: [] for part in parts}
     for round_ in range(args.rounds + 1):  # round 0 warms up
-        cache = work / f"cache{round_}"
-        context = RunContext(spec, ModelContext(cache, setup.data_root), benchmark.image, str(setup.data_root),
-                             batch_size=BATCH_SIZE, num_workers=0)
-        *cached, cached_choice = cached_way(context, splits, needed, spaces)
+        config = load_config({"benchmark": str(setup.benchmark), "data_root": str(setup.data_root),
+                              "models": [setup.model], "postprocessors": list(METHODS), "fit_split": "val",
+                              "batch_size": BATCH_SIZE, "cache_dir": str(work / f"cache{round_}")})
+        *cached, cached_choice = cached_way(config, spec, benchmark, spaces)
         *rerun, rerun_choice = rerun_way(model, datasets, spaces)
-        shutil.rmtree(cache)
+        shutil.rmtree(config.cache_dir)
         assert cached_choice == rerun_choice, (cached_choice, rerun_choice)
         if round_:
             for part, value in zip(parts, [*cached, *rerun]):

@@ -28,7 +28,7 @@ from oodbench.datasets.base import load_dataset
 from oodbench.errors import MissingExtras, OodbenchError
 from oodbench.evaluators.metrics import auroc
 from oodbench.models.adapter import ModelContext, ModelSpec
-from oodbench.postprocessors.base import grid
+from oodbench.postprocessors.base import InvalidHyperparameter, grid
 from oodbench.registry import POSTPROCESSORS, load_plugin_file
 
 PLUGIN = Path(__file__).parent / "plugins" / "margin_plugin.py"
@@ -91,6 +91,28 @@ def test_higher_means_in_distribution(name, digits_outputs):
     ood_scores = torch.as_tensor(method.score(digits_outputs["far:gaussian"])).numpy()
     is_ood = np.r_[np.zeros(id_scores.size), np.ones(ood_scores.size)]
     assert auroc(np.r_[id_scores, ood_scores], is_ood) > 0.8
+
+
+GRID_METHODS = [n for n in NAMES if POSTPROCESSORS.get(n).grid_params and not POSTPROCESSORS.get(n).needs_extras]
+
+
+@pytest.mark.parametrize("name", GRID_METHODS)
+def test_a_search_grid_scores_exactly_what_each_combination_scores(name, digits_outputs):
+    """``score_grid`` over the shipped search lists of its ``grid_params`` (work shared between
+    the combinations) gives bit for bit each combination's own ``score``, or its error."""
+    cls = POSTPROCESSORS.get(name)
+    space = {k: v for k, v in search_space_for(name, cls).items() if k in cls.grid_params}
+    combos = list(grid(space))
+    outputs = digits_outputs["id:val"]
+    together = fitted(name, digits_outputs).score_grid(outputs, combos)
+    assert len(together) == len(combos) > 1
+    for combo, scores in zip(combos, together):
+        try:
+            alone = fitted(name, digits_outputs, **combo).score(outputs)
+        except InvalidHyperparameter as exc:
+            assert isinstance(scores, InvalidHyperparameter) and str(scores) == str(exc), combo
+            continue
+        assert torch.equal(torch.as_tensor(scores), alone), combo
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if POSTPROCESSORS.get(n).needs_extras])

@@ -43,21 +43,30 @@ def finite_scores(scores: torch.Tensor, what: str, samples: int) -> np.ndarray:
 
 
 def validation_aurocs(method: Postprocessor, combos: list[dict[str, Any]], val: Outputs,
-                      ood_val: list[Outputs]) -> list[float]:
+                      ood_val: list[Outputs]) -> list[float | InvalidHyperparameter]:
     """AUROC of ID validation vs the pooled OOD validation sets, for each combination of `combos`
-    over `method`'s hyperparameters."""
-    id_scores = [finite_scores(s, "ID val", len(val)) for s in method.score_grid(val, combos)]
-    ood_scores = [[finite_scores(s, "OOD val", len(o)) for s in method.score_grid(o, combos)] for o in ood_val]
-    values = []
+    over `method`'s hyperparameters (or why the combination is invalid on these outputs)."""
+    id_scores = method.score_grid(val, combos)
+    ood_scores = [method.score_grid(o, combos) for o in ood_val]
+    values: list[float | InvalidHyperparameter] = []
     for index, scores in enumerate(id_scores):
-        ood = np.concatenate([per_set[index] for per_set in ood_scores])
+        per_set = [scores, *(ood[index] for ood in ood_scores)]
+        invalid = next((s for s in per_set if isinstance(s, InvalidHyperparameter)), None)
+        if invalid is not None:
+            values.append(invalid)
+            continue
+        scores = finite_scores(scores, "ID val", len(val))
+        ood = np.concatenate([finite_scores(s, "OOD val", len(o)) for s, o in zip(per_set[1:], ood_val)])
         values.append(auroc(np.concatenate([scores, ood]), np.r_[np.zeros(scores.size), np.ones(ood.size)]))
     return values
 
 
 def validation_auroc(method: Postprocessor, val: Outputs, ood_val: list[Outputs]) -> float:
     """AUROC of ID validation vs the pooled OOD validation sets."""
-    return validation_aurocs(method, [{}], val, ood_val)[0]
+    value = validation_aurocs(method, [{}], val, ood_val)[0]
+    if isinstance(value, InvalidHyperparameter):
+        raise value
+    return value
 
 
 def split_grid(cls: type[Postprocessor], space: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], list[dict]]:
@@ -115,7 +124,12 @@ def search_hyperparameters(cls: type[Postprocessor], params: dict[str, Any], spa
             skipped.append(", ".join(f"{k}={v}" for k, v in combo.items()))
             reasons.append(str(exc))
             continue
-        found.update({_combo_key({**combo, **shared}): value for shared, value in zip(together, values)})
+        for shared, value in zip(together, values):
+            if isinstance(value, InvalidHyperparameter):
+                skipped.append(", ".join(f"{k}={v}" for k, v in {**combo, **shared}.items()))
+                reasons.append(str(value))
+            else:
+                found[_combo_key({**combo, **shared})] = value
     best, chosen = -np.inf, None
     for combo in grid(space):
         value = found.get(_combo_key(combo), -np.inf)

@@ -23,9 +23,10 @@ for it. Methods declare what they need as class attributes, which the runner rea
   (built-ins read it from ``configs/postprocessors/<name>.yaml``);
 - ``grid_params``: the hyperparameters whose searched values ``score_grid`` scores in one
   pass over the data (they share work: one PRO trajectory serves every K, one ODIN
-  gradient every eps); they must not change what ``fit`` computes. ``score_grid`` must
-  return exactly what ``score`` of each combination returns; by default it loops over
-  ``score``;
+  gradient every eps, one sorted kNN search every K); they must not change what ``fit``
+  computes. ``score_grid`` must return exactly what ``score`` of each combination
+  returns (or the `InvalidHyperparameter` it raises, in its place); by default it loops
+  over ``score``;
 - ``family``: the method family figures group by, one of ``FAMILIES`` (softmax-based,
   logit/energy-based, feature-based, activation shaping, gradient-based); ``other`` by default.
 """
@@ -233,11 +234,19 @@ class Postprocessor:
         """One score per sample, higher = more in-distribution."""
         raise NotImplementedError
 
-    def score_grid(self, outputs: Outputs, combos: list[dict[str, Any]]) -> list[torch.Tensor]:
+    def score_grid(self, outputs: Outputs, combos: list[dict[str, Any]]
+                   ) -> list[torch.Tensor | InvalidHyperparameter]:
         """The scores of `outputs` under each combination of `combos` (hyperparameters over
         this method's own, its fit state kept), in order: each exactly what `score` of that
-        combination returns. Methods whose combinations share work override it."""
-        return [self.with_params(combo).score(outputs) for combo in combos]
+        combination returns, or the `InvalidHyperparameter` it raises. Methods whose
+        combinations share work override it."""
+        scores: list[torch.Tensor | InvalidHyperparameter] = []
+        for combo in combos:
+            try:
+                scores.append(self.with_params(combo).score(outputs))
+            except InvalidHyperparameter as exc:
+                scores.append(exc)
+        return scores
 
     def with_params(self, combo: dict[str, Any]) -> "Postprocessor":
         """This method with `combo` over its hyperparameters and the same fit state."""

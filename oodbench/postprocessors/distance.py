@@ -9,7 +9,8 @@
 - KNN (Sun et al., ICML 2022): score = -|| z/||z|| - b_(K) ||, the Euclidean distance
   to the K-th nearest L2-normalised train feature b. Exact search by blocks of test
   rows against the whole bank (OpenOOD's faiss returns the squared distance, a
-  monotone transform: same AUROC / FPR).
+  monotone transform: same AUROC / FPR). A search sorts the nearest neighbours once, for
+  its largest K, and reads every smaller K from it.
 
 S^+ is the pseudo-inverse (dead ReLU units make S singular). Means, scatter matrices
 and distances are computed in float64 over blocks of rows, so memory stays bounded by
@@ -95,13 +96,14 @@ def l2_normalise(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.float(), dim=1)
 
 
-def kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact Euclidean distance from each unit-norm query to its k-th nearest unit-norm bank row."""
+def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """N x len(ks): exact Euclidean distance from each unit-norm query to its k-th nearest
+    unit-norm bank row, for each k of `ks` (one sort, of the largest k)."""
     rows = max(1, BANK_BLOCK_ELEMENTS // max(len(bank), 1))
 
     def block(q: torch.Tensor) -> torch.Tensor:
-        similarity = (q @ bank.T).topk(k, dim=1).values[:, -1]
-        return (2 - 2 * similarity).clamp_min(0).sqrt()
+        nearest = (q @ bank.T).topk(max(ks), dim=1).values
+        return torch.stack([(2 - 2 * nearest[:, k - 1]).clamp_min(0).sqrt() for k in ks], dim=1)
 
     return in_blocks(block, queries, rows=rows)
 
@@ -114,12 +116,22 @@ class KNN(Postprocessor):
     defaults = {"k": 50}
     ranges = {"k": Integer(ge=1)}  # and at most the fit samples, checked on the data
     fit_params = ()
+    grid_params = ("k",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         self.bank = l2_normalise(train.features)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        k = int(self.params["k"])
-        if k > len(self.bank):
-            raise InvalidHyperparameter(f"knn: k={k} must be between 1 and the {len(self.bank)} fit samples")
-        return -kth_nearest_distance(l2_normalise(outputs.features), self.bank, k)
+        score = self.score_grid(outputs, [{}])[0]
+        if isinstance(score, InvalidHyperparameter):
+            raise score
+        return score
+
+    def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor | InvalidHyperparameter]:
+        ks = [int({**self.params, **combo}["k"]) for combo in combos]
+        valid = sorted({k for k in ks if k <= len(self.bank)})
+        if valid:
+            distances = kth_nearest_distances(l2_normalise(outputs.features), self.bank, valid)
+        return [-distances[:, valid.index(k)] if k in valid else
+                InvalidHyperparameter(f"knn: k={k} must be between 1 and the {len(self.bank)} fit samples")
+                for k in ks]

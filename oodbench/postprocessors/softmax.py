@@ -24,7 +24,11 @@ def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
 def generalized_entropy(logits: torch.Tensor, gamma: float, top_m: int) -> torch.Tensor:
     """GEN's score, higher = more ID; differentiable (PRO-GEN reuses it)."""
     probs = torch.softmax(logits, dim=1)
-    top = probs.topk(min(int(top_m), probs.shape[1]), dim=1).values
+    return generalized_entropy_of_top(probs.topk(min(int(top_m), probs.shape[1]), dim=1).values, gamma)
+
+
+def generalized_entropy_of_top(top: torch.Tensor, gamma: float) -> torch.Tensor:
+    """GEN's score from the M largest probabilities of each row (N x M)."""
     return -(top.pow(gamma) * (1 - top).pow(gamma)).sum(dim=1)
 
 
@@ -68,6 +72,15 @@ class GEN(Postprocessor):
     family = "softmax"
     defaults = {"gamma": 0.1, "top_m": 100}
     ranges = {"gamma": Number(gt=0), "top_m": Integer(ge=1)}
+    grid_params = ("gamma", "top_m")
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return generalized_entropy(outputs.logits, self.params["gamma"], self.params["top_m"])
+
+    def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor]:
+        """One softmax and one sort (of the largest M) for the whole search."""
+        settings = [{**self.params, **combo} for combo in combos]
+        probs = torch.softmax(outputs.logits, dim=1)
+        top = probs.topk(min(max(int(s["top_m"]) for s in settings), probs.shape[1]), dim=1).values
+        return [generalized_entropy_of_top(top[:, : min(int(s["top_m"]), probs.shape[1])].contiguous(), s["gamma"])
+                for s in settings]
