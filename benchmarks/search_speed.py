@@ -5,10 +5,10 @@ val JPEGs + 1,000 Tiny ImageNet OOD val images; without ../shared a random ResNe
 synthetic images), the search lists of configs/postprocessors/ for GEN (gamma x M, 7 x 6),
 KNN (its K list) and ReAct (its percentiles), fit on ID val; both ways in the same run:
 
-- cached (oodbench): one-time extraction as a run does it (the plan lists and
-  fingerprints the splits, the model loads, one forward pass per split into a fresh
-  output cache), then every combination fitted (through the fit-state cache) and scored
-  on the cached outputs;
+- cached (oodbench): one-time extraction as a run does it for the splits the searches
+  read (list and fingerprint them, load the model, one forward pass per split into a
+  fresh output cache), then every combination fitted (through the fit-state cache) and
+  scored on the cached outputs;
 - re-run (OpenOOD's search): per method, a one-time forward pass over the fit split (its
   ``setup``), then the network re-run over ID val and OOD val for every combination
   (images read again, as OpenOOD's loaders do) before fitting and scoring.
@@ -28,6 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -37,10 +38,11 @@ import torch
 from oodbench.benchmark.cache import FitStateCache, extract
 from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.jobs import ExtractJob, RunContext, fit_cached, get_model, load_cached_outputs
-from oodbench.benchmark.plan import Plan, benchmark_splits, search_space_for
+from oodbench.benchmark.plan import benchmark_splits, search_space_for, split_state
 from oodbench.benchmark.search import search_hyperparameters, validation_auroc
 from oodbench.benchmark.spec import load_benchmark
 from oodbench.datasets.base import load_dataset
+from oodbench.identity import FileState, output_key_text
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, grid
 from oodbench.registry import POSTPROCESSORS
@@ -52,19 +54,22 @@ METHODS = ("gen", "knn", "react")
 
 def cached_way(config: ExperimentConfig, spec: ModelSpec, benchmark, spaces: dict) -> tuple[float, float, dict]:
     """(one-time extraction s, search s, chosen values) as a run does them, into a fresh cache:
-    the plan (list and fingerprint the splits), the model, one `ExtractJob` per split; then
-    each search on the cached outputs."""
+    list and fingerprint the splits the searches read (`split_state`, as the plan does), load
+    the model, one `ExtractJob` per split; then each search on the cached outputs."""
     start = time.perf_counter()
-    plan = Plan.resolve(config, benchmark, list(spaces))
-    context = RunContext.of(config, spec, benchmark.image, "cpu", plan.token)
+    splits, token = benchmark_splits(benchmark, config.fit_split), uuid.uuid4().hex
+    needed = ["id:val", *(s for s in splits if s.startswith("ood_val:"))]
+    files = FileState(config.data_root, Path(config.cache_dir) / "state")
+    states = {name: split_state(splits[name], config.data_root, benchmark.image, files, token) for name in needed}
+    files.close()
+    context = RunContext.of(config, spec, benchmark.image, "cpu", token)
     model = get_model(spec, context.model_context)
-    needed = ["id:val", *(s for s in plan.splits if s.startswith("ood_val:"))]
-    keys = {name: plan.output_key(name, model.identity, model.weights_hash) for name in needed}
+    keys = {name: output_key_text(model.identity, model.weights_hash, states[name].fingerprint) for name in needed}
     for name in needed:
-        ExtractJob(context, plan.splits[name], keys[name]).run()
+        ExtractJob(context, splits[name], keys[name]).run()
     keys["id:fit"] = keys["id:val"]  # fit_split: val
     extracted = time.perf_counter()
-    load = lambda name: load_cached_outputs(context, plan.splits[name], keys[name])  # noqa: E731
+    load = lambda name: load_cached_outputs(context, splits[name], keys[name])  # noqa: E731
     fit_cache = FitStateCache(context.model_context.cache_dir)
     chosen = {}
     for name, space in spaces.items():

@@ -108,33 +108,37 @@ class FileState:
         self._pending: list[tuple] = []
         self._fingerprints: dict[int, tuple[Any, str]] = {}  # id(dataset) -> (dataset, fingerprint)
 
-    def _relative(self, path: Path) -> str:
-        resolved = Path(os.path.abspath(path))
-        try:
-            return resolved.relative_to(self.data_root).as_posix()
-        except ValueError:
-            return resolved.as_posix()
+    def _relative(self, absolute: str) -> str:
+        """An absolute path relative to the data root, '/'-separated (string operations, not
+        pathlib: it runs once per image file)."""
+        root = os.path.join(str(self.data_root), "")
+        relative = absolute[len(root):] if absolute.startswith(root) else absolute
+        return relative.replace(os.sep, "/")
 
     def describe(self, paths: Sequence[Path]) -> str:
-        """A digest naming each file by relative path and content hash (or size and mtime).
-        String operations, not pathlib, in the loop: it runs once per image file."""
+        """A digest naming each file by relative path and content hash (or size and mtime)."""
         hasher = hashlib.sha256()
-        root = os.path.join(str(self.data_root), "")
         for path in paths:
             absolute = os.path.abspath(path)
             stat = os.stat(absolute)
             state = (absolute, stat.st_size, stat.st_mtime_ns, stat.st_ino)
             content = self.file_hash(Path(path), state) if self.verify else self._lookup(state)
             what = content or f"{stat.st_size}\0{stat.st_mtime_ns}"
-            relative = absolute[len(root):] if absolute.startswith(root) else absolute
-            hasher.update(f"{relative.replace(os.sep, '/')}\0{what}\n".encode())
+            hasher.update(f"{self._relative(absolute)}\0{what}\n".encode())
         return "files:" + hasher.hexdigest()[:32]
+
+    def names(self, paths: Sequence[Path]) -> str:
+        """A digest of the files' relative paths alone (no file is read or stat'ed)."""
+        hasher = hashlib.sha256()
+        for path in paths:
+            hasher.update(f"{self._relative(os.path.abspath(path))}\n".encode())
+        return "names:" + hasher.hexdigest()[:32]
 
     def content(self, paths: Sequence[Path]) -> str:
         """A digest of the files' relative paths and contents (always hashed)."""
         hasher = hashlib.sha256()
         for path in paths:
-            hasher.update(f"{self._relative(path)}\0{self.file_hash(Path(path))}\n".encode())
+            hasher.update(f"{self._relative(os.path.abspath(path))}\0{self.file_hash(Path(path))}\n".encode())
         return "content:" + hasher.hexdigest()[:32]
 
     def file_hash(self, path: Path, state: tuple | None = None) -> str:

@@ -364,6 +364,37 @@ def test_flat_image_folder_sorted_with_limit_and_upscaled(tmp_path):
     torch.testing.assert_close(tensors[0], expected)
 
 
+def test_a_selection_of_image_files_is_named_by_the_listing_and_its_own_files(tmp_path):
+    """A part or a limit reads only its files: their size and mtime (or content) are in its
+    fingerprint, the other files only by name (the selection's indices refer to the listing);
+    so a run on 1,000 of 10,000 images stats 1,000."""
+    import os
+
+    from oodbench.datasets.base import split_fingerprint_of
+    from oodbench.identity import FileState
+
+    folder = tmp_path / "photos"
+    paths = write_png_folder(folder, random_images(8, 3), [0, 1] * 4, ["cat", "dog"])
+    ref = DatasetRef("image_folder", {"path": "photos"}, parts={"val": 2, "test": "rest"}, part="val")
+
+    def fingerprint() -> tuple[str, list[str]]:
+        dataset = load_dataset(ref, tmp_path, RGB32)
+        files = FileState(tmp_path)
+        return split_fingerprint_of(dataset, ref, False, files), [p.name for p in dataset.base.base.paths]
+
+    before, listing = fingerprint()
+    chosen = {listing[i] for i in load_dataset(ref, tmp_path, RGB32).base.indices}
+    other = next(p for p in paths if p.name not in chosen)
+    picked = next(p for p in paths if p.name in chosen)
+    os.utime(other, ns=(1, 1))
+    assert fingerprint()[0] == before  # an image the part does not read
+    os.utime(picked, ns=(2, 2))
+    changed = fingerprint()[0]
+    assert changed != before  # an image it reads
+    Image.fromarray(random_images(1, 4)[0]).save(folder / "cat" / "zzzz.png")
+    assert fingerprint()[0] != changed  # the listing its indices refer to
+
+
 def test_unreadable_image_names_the_file(tmp_path):
     folder = tmp_path / "textures" / "banded"
     folder.mkdir(parents=True)

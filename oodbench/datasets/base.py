@@ -204,7 +204,18 @@ class Selection(LabeledSamples):
         return self.base[int(self.indices[index])]
 
     def fingerprint(self, files) -> str:
-        return "selection:" + digest([dataset_fingerprint(self.base, files), array_digest(self.indices)], 32)
+        return "selection:" + digest([self.selection_fingerprint(np.arange(len(self)), files),
+                                      array_digest(self.indices)], 32)
+
+    def selection_fingerprint(self, indices: np.ndarray, files) -> str:
+        """What the samples `indices` of this selection read: a base that can say what some of
+        its samples read (image files: the listing by name, the selected files by content or
+        size and mtime) names only those; any other base is fingerprinted whole."""
+        chosen = self.indices[indices]
+        select = getattr(self.base, "selection_fingerprint", None)
+        if callable(select):
+            return select(chosen, files)
+        return digest([dataset_fingerprint(self.base, files), array_digest(chosen)], 32)
 
 
 class Transformed(Dataset):

@@ -95,6 +95,13 @@ class ImageFiles(LabeledSamples):
         crop = "" if self.resize_crop is None else f":resize_crop{list(self.resize_crop)}"
         return f"{files.describe(self.paths)}:{array_digest(self.targets)}{crop}"
 
+    def selection_fingerprint(self, indices: np.ndarray, files: FileState) -> str:
+        """Some of the files (a part, a limit): every path by name and every label (the
+        indices refer to their order), and the selected files by content or size and mtime."""
+        crop = "" if self.resize_crop is None else f":resize_crop{list(self.resize_crop)}"
+        selected = files.describe([self.paths[i] for i in indices])
+        return f"{files.names(self.paths)}:{array_digest(self.targets)}{crop}:{selected}"
+
 
 def check_resize_crop(value: Sequence[int] | None) -> tuple[int, int] | None:
     if value is None:
