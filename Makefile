@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv latex clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,16 @@ demo: $(STAMP)
 	@echo "tradeoff figure (near-OOD FPR@95 against AUROC per method, marker by family):"
 	@$(VENV)/bin/oodbench plot tradeoff configs/experiments/digits.yaml
 
-test: $(STAMP)
+# The LaTeX tests compile tables with a real pdflatex: Debian's texlive (booktabs is in
+# texlive-latex-recommended, graphicx in texlive-latex-base), installed once when missing.
+latex:
+	@command -v pdflatex >/dev/null 2>&1 || { \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    texlive-latex-base texlive-latex-recommended; }
+
+test: $(STAMP) latex
 	$(PY) -m pytest -q tests
 
 clean:

@@ -26,7 +26,7 @@ from oodbench.results.tidy import COLUMNS as TIDY_COLUMNS
 from tests.conftest import compact_rows, digits_config
 
 requires_pdflatex = pytest.mark.skipif(shutil.which("pdflatex") is None,
-                                       reason="pdflatex not installed (.ci/run installs Debian's texlive)")
+                                       reason="pdflatex not installed (make test installs Debian's texlive)")
 
 WEIRD_BENCHMARK = "cifar_10%&co"
 WEIRD_MODELS = ("wide_resnet_28 & 50% #1 {x}~^", "res\\net_18 $\\alpha$ <tiny>|x")
