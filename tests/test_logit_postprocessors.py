@@ -73,6 +73,52 @@ def test_temperature_scaling_fits_the_nll_minimum():
     np.testing.assert_allclose(score("temp_scaling"), expected, rtol=1e-3, atol=1e-6)
 
 
+def nll_numpy(logits, labels, t):
+    z = logits.astype(np.float64) / t
+    m = z.max(axis=1, keepdims=True)
+    log_p = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+    return -np.mean(log_p[np.arange(len(labels)), labels])
+
+
+def separable(margin, n=400, classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1, size=(n, classes))
+    labels = rng.integers(0, classes, n)
+    logits[np.arange(n), labels] = logits.max(axis=1) + margin
+    return logits.astype(np.float32), labels
+
+
+def calibration_case(kind):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, size=(400, 10))
+    labels = np.argmax(logits + rng.normal(0, 2, size=logits.shape), axis=1)
+    scale = {"over-confident": 6.0, "under-confident": 0.2, "random-labels": 1.0}[kind]
+    if kind == "random-labels":
+        labels = rng.integers(0, 10, 400)
+    return (logits * scale).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("case", ["margin-5", "margin-10", "margin-20", "margin-40", "over-confident",
+                                  "under-confident", "random-labels"])
+def test_temperature_fit_reaches_the_bounded_optimum_of_a_brute_force_grid(case):
+    """The fitted T has the smallest NLL of a fine grid over [0.05, 100] (to float precision),
+    including the bound itself when the NLL is monotone (separable data: T = 0.05)."""
+    from oodbench.postprocessors.calibrated import T_RANGE, fit_temperature
+
+    logits, labels = separable(int(case.split("-")[1])) if case.startswith("margin") else calibration_case(case)
+    grid = np.exp(np.linspace(np.log(T_RANGE[0]), np.log(T_RANGE[1]), 3001))
+    losses = np.array([nll_numpy(logits, labels, t) for t in grid])
+    t = fit_temperature(torch.from_numpy(logits), torch.from_numpy(labels))
+    assert T_RANGE[0] <= t <= T_RANGE[1]
+    assert nll_numpy(logits, labels, t) <= losses.min() + 1e-12 * max(1.0, losses.min())
+    best = grid[losses.argmin()]
+    assert abs(np.log(t) - np.log(best)) <= np.log(grid[1] / grid[0]) + 1e-9
+    if case.startswith("margin"):
+        assert t == T_RANGE[0]  # the NLL falls all the way to the bound
+    expected = {"over-confident": lambda t: t > 1, "under-confident": lambda t: t < 1}
+    assert expected.get(case, lambda t: True)(t)
+
+
 def test_temperature_scaling_keeps_ranks_when_the_softmax_saturates():
     from oodbench.postprocessors.calibrated import T_RANGE
 
