@@ -131,6 +131,9 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.odin",
         "oodbench.postprocessors.sni",
         "oodbench.postprocessors.latent",
+        "oodbench.postprocessors.openmax",
+        "oodbench.postprocessors.neighbours",
+        "oodbench.postprocessors.prototypes",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(

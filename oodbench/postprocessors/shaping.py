@@ -10,6 +10,10 @@ weights W), recompute the logits W z' + b, and score the energy logsumexp(W z' +
 - SCALE (Xu et al., ICLR 2024): z' = z * exp(sum(z) / sum(top-k of z)), nothing pruned.
 - DICE (Sun & Li, ECCV 2022): contributions V = W * mean train z (per class, per unit);
   the weights whose contribution is at or below the p-th percentile of V are zeroed.
+- VRA (Xu et al., NeurIPS 2023), as OpenOOD v1.5 implements it: z' = min(max(z, t_lo), t_hi),
+  t_lo and t_hi the low and high percentiles of all train activations. OpenOOD takes them
+  on ID validation activations (as for ReAct); the authors' code sets activations below
+  a per-unit quantile to zero instead of raising them, and clips at per-unit quantiles.
 
 A ratio sum(z) / sum(top-k) with a zero denominator (an all-zero feature) is taken as 0,
 so such a sample keeps z' = z. Percentiles are NumPy's linear interpolation.
@@ -129,3 +133,22 @@ class DICE(Postprocessor):
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return shaped_energy(outputs, lambda z: z, weight=self.masked_weight)
+
+
+@register_postprocessor("vra")
+class VRA(Postprocessor):
+    family = "activation"
+    needs_features = True
+    needs_fit = True
+    defaults = {"percentile_high": 90, "percentile_low": 10}
+    ranges = {"percentile_high": Number(ge=0, le=100), "percentile_low": Number(ge=0, le=100)}
+    fit_params = ("percentile_high", "percentile_low")
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        low, high = self.params["percentile_low"], self.params["percentile_high"]
+        if low > high:
+            raise InvalidHyperparameter(f"vra: percentile_low={low} must not exceed percentile_high={high}")
+        self.low, self.high = percentile(train.features, low), percentile(train.features, high)
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        return shaped_energy(outputs, lambda z: z.clamp(min=self.low, max=self.high))

@@ -1,0 +1,178 @@
+"""Neighbour scores against a bank of ID fit features: NNGuide, Relation, CFOOD.
+
+z = penultimate features, u = z / ||z|| (unit features), f = logits, p = softmax(f),
+e = logsumexp(f) (energy). Banks hold fit-split (train) samples, in the split's order.
+
+- NNGuide, nearest-neighbour guidance (Park et al., ICCV 2023, arXiv:2309.14888): the
+  bank is the first ceil(alpha N) fit samples, each guide g_j = e_j u_j; with the test
+  sample's K largest inner products u . g_j,
+  score = e * mean(top-K of u . g_j). OpenOOD fills its bank with whole loader batches
+  until more than int(alpha N) are in (600 samples of CIFAR-10 train at batch size 200
+  and alpha = 0.01, against 500 here), adds 1e-10 to every normalised coordinate, and
+  searches with faiss's inner-product index (exact, like this one). The bank holds at
+  least K samples (min(N, max(ceil(alpha N), K))), so that small fit splits work; OpenOOD
+  would average faiss's empty slots. K above N is an `InvalidHyperparameter`.
+- Relation, neural relation graph (Kim et al., NeurIPS 2023, arXiv:2301.12321): every
+  fit sample j is joined to the test sample by r_j = max(0, u . u_j) * (p . p_j);
+  score = sum_j [r_j > 0.03] r_j^pow (the edges are non-negative, so OpenOOD's
+  sign(r) |r|^pow is r^pow). Unit features are z / sqrt(||z||^2 + 1e-10), as there.
+  A search computes the edges once for every pow.
+- CFOOD (contributed to OpenOOD v1.5 in Nov 2025; its code cites no paper): a reference
+  set R of n = int(alpha N) unit features (all N when alpha = 1), z / (||z|| + 1e-10);
+  for each reference j, d_j(kappa) = squared distance to its (kappa n)-th nearest
+  reference, for kappa on a fixed grid of 230 fractions (0.001..0.99; positions
+  int(kappa n - 1) + 1 of the sorted distances, repeated positions dropped). A test
+  feature v with squared distances s_j to the references gets
+  kappa*(v) = the smallest grid kappa with mean_j [d_j(kappa) >= s_j] >= k (1 when
+  none), and score = -kappa*(v). OpenOOD draws the subset with an unseeded
+  torch.randperm and keeps it for every alpha of its search (its setup runs once);
+  here the subset is seeded (generator seed 0) and refitted per alpha.
+
+Everything is computed in float64 over blocks of test rows, so memory stays bounded by
+one block against the bank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from oodbench.postprocessors.base import (Integer, InvalidHyperparameter, Number, Outputs, Postprocessor,
+                                          in_blocks)
+from oodbench.postprocessors.distance import BANK_BLOCK_ELEMENTS
+from oodbench.registry import register_postprocessor
+
+RELATION_THRESHOLD = 0.03  # edges at or below it are dropped (the reference code's `thres`)
+CFOOD_SEED = 0
+
+
+def bank_rows(bank_size: int) -> int:
+    """Test rows per block so that one block against the bank stays within BANK_BLOCK_ELEMENTS."""
+    return max(1, BANK_BLOCK_ELEMENTS // max(bank_size, 1))
+
+
+def energy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.double(), dim=1)
+
+
+@register_postprocessor("nnguide")
+class NNGuide(Postprocessor):
+    family = "feature"
+    needs_features = True
+    needs_fit = True
+    defaults = {"k": 100, "alpha": 0.01}
+    ranges = {"k": Integer(ge=1), "alpha": Number(gt=0, le=1)}  # k at most the fit samples, checked on the data
+    fit_params = ("alpha", "k")
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        size = max(math.ceil(self.params["alpha"] * len(train)), self.params["k"])
+        unit = torch.nn.functional.normalize(train.features[:size].double(), dim=1)
+        self.guides = unit * energy(train.logits[:size])[:, None]
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        k = self.params["k"]
+        if k > len(self.guides):
+            raise InvalidHyperparameter(f"nnguide: k={k} must be at most the {len(self.guides)} fit samples")
+
+        def block(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            unit = torch.nn.functional.normalize(z.double(), dim=1)
+            guidance = (unit @ self.guides.T).topk(k, dim=1).values.mean(dim=1)
+            return guidance * energy(logits)
+
+        return in_blocks(block, outputs.features, outputs.logits, rows=bank_rows(len(self.guides))).float()
+
+
+def relation_unit(features: torch.Tensor) -> torch.Tensor:
+    z = features.double()
+    return z / (z.pow(2).sum(dim=1, keepdim=True) + 1e-10).sqrt()
+
+
+@register_postprocessor("relation")
+class Relation(Postprocessor):
+    family = "feature"
+    needs_features = True
+    needs_fit = True
+    defaults = {"pow": 1}
+    ranges = {"pow": Number(gt=0)}
+    fit_params = ()
+    grid_params = ("pow",)
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        self.bank_units = relation_unit(train.features)
+        self.bank_probs = torch.softmax(train.logits.double(), dim=1)
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        return self.score_grid(outputs, [{}])[0]
+
+    def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor]:
+        powers = [{**self.params, **combo}["pow"] for combo in combos]
+
+        def block(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            similarity = (relation_unit(z) @ self.bank_units.T).clamp_min(0)
+            edges = similarity * (torch.softmax(logits.double(), dim=1) @ self.bank_probs.T)
+            edges = torch.where(edges > RELATION_THRESHOLD, edges, 0)
+            return torch.stack([edges.pow(power).sum(dim=1) for power in powers], dim=1)
+
+        scores = in_blocks(block, outputs.features, outputs.logits, rows=bank_rows(len(self.bank_units)))
+        return [scores[:, i].float() for i in range(len(powers))]
+
+
+def cfood_grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kappa fractions and the sorted-distance positions they read (repeats dropped)."""
+    kappa = np.concatenate((np.linspace(0.001, 0.1, 100), np.linspace(0.105, 0.5, 81), np.linspace(0.51, 0.99, 49)))
+    position = (kappa * n - 1).astype(int)
+    keep = np.concatenate(([True], position[:-1] < position[1:]))
+    return torch.from_numpy(kappa[keep]), torch.from_numpy(position[keep] + 1)
+
+
+def squared_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    return ((queries * queries).sum(1, keepdim=True) - 2 * queries @ bank.T
+            + (bank * bank).sum(1)).clamp_min(0)
+
+
+def cfood_unit(features: torch.Tensor) -> torch.Tensor:
+    z = features.double()
+    return z / (z.norm(dim=1, keepdim=True) + 1e-10)
+
+
+@register_postprocessor("cfood")
+class CFOOD(Postprocessor):
+    family = "feature"
+    needs_features = True
+    needs_fit = True
+    defaults = {"alpha": 0.1, "k": 0.01}
+    ranges = {"alpha": Number(gt=0, le=1), "k": Number(gt=0, le=1)}
+    fit_params = ("alpha",)
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        units = cfood_unit(train.features)
+        n = int(self.params["alpha"] * len(units)) if self.params["alpha"] < 1 else len(units)
+        if n < 2:
+            raise InvalidHyperparameter(f"cfood: alpha={self.params['alpha']} keeps {n} of the {len(units)} fit "
+                                        "samples; it needs at least 2")
+        if n < len(units):
+            generator = torch.Generator().manual_seed(CFOOD_SEED)
+            units = units[torch.randperm(len(units), generator=generator)[:n]]
+        self.kappa, positions = cfood_grid(n)
+        self.references = units
+        self.neighbour_distances = in_blocks(
+            lambda rows: squared_distances(rows, units).sort(dim=1).values[:, positions], units,
+            rows=bank_rows(n))
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        n, grid_size = self.neighbour_distances.shape
+        needed = self.params["k"] * n
+
+        def block(z: torch.Tensor) -> torch.Tensor:
+            distances = squared_distances(cfood_unit(z), self.references)  # B x n
+            # reference j counts v in at every kappa from the first with d_j(kappa) >= s_j on
+            first = torch.searchsorted(self.neighbour_distances, distances.T.contiguous())  # n x B
+            counts = torch.zeros(len(z), grid_size + 1, dtype=torch.float64)
+            counts.scatter_add_(1, first.T, torch.ones_like(first.T, dtype=torch.float64))
+            reached = counts[:, :grid_size].cumsum(dim=1) >= needed
+            kappa = torch.where(reached.any(dim=1), self.kappa[reached.int().argmax(dim=1)], 1.0)
+            return -kappa
+
+        return in_blocks(block, outputs.features, rows=bank_rows(n)).float()

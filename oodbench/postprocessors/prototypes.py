@@ -1,0 +1,150 @@
+"""Scores from ID class prototypes and the classifier's geometry: SHE, fDBD, NCI, GrOOD.
+
+z = penultimate features, f = logits, c* = argmax f (the prediction), (W, b) the last
+layer (rows w_c), mu = mean fit (train) feature. Prototypes are fitted on the fit split.
+
+- SHE, simplified Hopfield energy (Zhang et al., ICLR 2023): m_c = mean z of the fit
+  samples of class c that the model classifies correctly; score = z . m_c* (``metric:
+  inner_product``, the paper's and OpenOOD's default), or -||z - m_c*|| (``euclidean``),
+  or cos(z, m_c*) (``cosine``), the alternatives of OpenOOD's implementation.
+- fDBD, feature distance to decision boundaries (Liu & Qin, ICML 2024): the distance
+  of z to the boundary between c* and c is (f_c* - f_c) / ||w_c* - w_c||;
+  score = sum_{c != c*} of it / ||z - mu|| (``distance_as_normalizer: true``, the
+  paper's), or / ||z|| (false), a choice OpenOOD makes on validation data. The paper
+  averages over c, a constant factor (C - 1) away from OpenOOD's sum used here.
+- NCI, neural collapse inspired (Liu & Qin, CVPR 2025, arXiv:2311.01479):
+  score = w_c* . (z - mu) / ||z - mu|| + alpha ||z||_1.
+- GrOOD, gradient-aware OOD detection (ElAraby et al., OpenOOD v1.5 contribution, Nov
+  2025): class prototypes p_c = mean fit z of class c and a noise prototype n;
+  nearest-centroid logits s = -(||z - p_1||, ..., ||z - p_C||, ||z - n||). The gradient of
+  the cross-entropy of s (target c*) with respect to n is in closed form,
+  g(z) = softmax(s)_noise * (z - n) / ||z - n||, so no backward pass is needed. The bank
+  holds g of every correctly classified fit sample; score = -min_j ||g(z) - g_j||^2.
+  Differences from OpenOOD: its default noise prototype is the mean feature of the
+  first >= 100 OOD-validation images (``use_val_ood``), which a fit on ID outputs does
+  not see; here n = mean of the class prototypes (its ``use_proto_mean`` option). Its
+  search list changes only settings that its once-run setup has already used, so it
+  scores with its defaults; here there are no hyperparameters. It searches the bank
+  with an approximate faiss IVF index (nprobe 4), here exactly.
+
+Class means, distances and gradients are computed in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oodbench.errors import OodbenchError
+from oodbench.postprocessors.base import Number, OneOf, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.distance import class_means
+from oodbench.postprocessors.openmax import EXACT_DISTANCES
+from oodbench.postprocessors.neighbours import bank_rows, squared_distances
+from oodbench.registry import register_postprocessor
+
+
+def feature_mean(outputs: Outputs) -> torch.Tensor:
+    return outputs.features.double().mean(dim=0)
+
+
+@register_postprocessor("she")
+class SHE(Postprocessor):
+    family = "feature"
+    needs_features = True
+    needs_fit = True
+    defaults = {"metric": "inner_product"}
+    ranges = {"metric": OneOf("inner_product", "euclidean", "cosine")}
+    fit_params = ()
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        num_classes = train.logits.shape[1]
+        correct = train.labels == train.predictions
+        classes, means = class_means(train.features[correct], train.labels[correct])
+        missing = sorted(set(range(num_classes)) - set(classes.tolist()))
+        if missing:
+            raise OodbenchError(f"she: no correctly classified fit sample of class(es) {missing[:10]}; "
+                                "SHE needs one per class to store its pattern")
+        self.patterns = means
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        z = outputs.features.double()
+        pattern = self.patterns[outputs.predictions]
+        metric = self.params["metric"]
+        if metric == "inner_product":
+            return (z * pattern).sum(dim=1).float()
+        if metric == "euclidean":
+            return -(z - pattern).norm(dim=1).float()
+        return torch.cosine_similarity(z, pattern, dim=1).float()
+
+
+@register_postprocessor("fdbd")
+class FDBD(Postprocessor):
+    family = "feature"
+    needs_features = True
+    needs_fit = True
+    defaults = {"distance_as_normalizer": True}
+    ranges = {"distance_as_normalizer": OneOf(True, False)}
+    fit_params = ()
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        self.mean = feature_mean(train)
+        weight = train.fc[0].double()
+        self.boundary_norms = squared_distances(weight, weight).sqrt().fill_diagonal_(1)
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        logits = outputs.logits.double()
+        top, predicted = logits.max(dim=1)
+        boundary = ((top[:, None] - logits) / self.boundary_norms[predicted]).sum(dim=1)
+        z = outputs.features.double()
+        norm = (z - self.mean).norm(dim=1) if self.params["distance_as_normalizer"] else z.norm(dim=1)
+        return (boundary / norm).float()
+
+
+@register_postprocessor("nci")
+class NCI(Postprocessor):
+    family = "feature"
+    needs_features = True
+    needs_fit = True
+    defaults = {"alpha": 0.0001}
+    ranges = {"alpha": Number(ge=0)}
+    fit_params = ()
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        self.mean = feature_mean(train)
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        z = outputs.features.double()
+        centred = z - self.mean
+        weight = outputs.fc[0].double()[outputs.predictions]
+        alignment = (weight * centred).sum(dim=1) / centred.norm(dim=1)
+        return (alignment + self.params["alpha"] * z.abs().sum(dim=1)).float()
+
+
+@register_postprocessor("grood")
+class GrOOD(Postprocessor):
+    family = "feature"
+    needs_features = True
+    needs_fit = True
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        _, self.prototypes = class_means(train.features, train.labels)
+        self.noise = self.prototypes.mean(dim=0)
+        correct = train.labels == train.predictions
+        if not correct.any():
+            raise OodbenchError("grood: no fit sample is classified correctly; its gradient bank would be empty")
+        self.bank = self.noise_gradients(train.features[correct])
+
+    def noise_gradients(self, features: torch.Tensor) -> torch.Tensor:
+        """N x D: the gradient of the nearest-centroid cross-entropy with respect to the noise prototype."""
+        def block(z: torch.Tensor) -> torch.Tensor:
+            z = z.double()
+            from_noise = z - self.noise
+            to_classes = torch.cdist(z, self.prototypes, compute_mode=EXACT_DISTANCES)
+            distances = torch.cat([to_classes, from_noise.norm(dim=1, keepdim=True)], dim=1)
+            noise_probability = torch.softmax(-distances, dim=1)[:, -1:]
+            return noise_probability * torch.nn.functional.normalize(from_noise, dim=1)
+
+        return in_blocks(block, features)
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        nearest = lambda g: squared_distances(g, self.bank).min(dim=1).values  # noqa: E731
+        return (-in_blocks(nearest, self.noise_gradients(outputs.features), rows=bank_rows(len(self.bank)))).float()
