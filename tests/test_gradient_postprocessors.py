@@ -413,3 +413,23 @@ def test_input_gradient_cells_draw_a_bar_that_counts_every_image_they_run(tmp_pa
     assert [bar.desc for bar in bars] == ["digits-cnn pro_msp", "digits-cnn odin"]  # none for msp
     for bar in bars:
         assert bar.unit == "img" and not bar.leave and bar.total > 0 and bar.n == bar.total, (bar.desc, bar.n, bar.total)
+
+
+@pytest.mark.parametrize("name", PRO_METHODS)
+def test_pro_records_float64_scores_so_saturated_samples_keep_their_order(name):
+    """Logit margins 30 > 25 > 16 (10 classes): a float32 softmax ties the first two at 1.0;
+    PRO's recorded scores (here K=0, the clean score) keep them apart, with the float64 values."""
+    logits = torch.zeros(3, 10, 1, 1)
+    logits[:, 0, 0, 0] = torch.tensor([30.0, 25.0, 16.0])
+    identity = nn.Linear(10, 10)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(10))
+        identity.bias.zero_()
+    model = ModelAdapter(nn.Sequential(nn.Flatten(), identity), num_classes=10, identity="test:identity")
+    params = {"temperature": 1.0} if name == "pro_msp_t" else {}
+    method = create(name, K=0, **params)
+    scores = method.score(outputs_for(model, logits))
+    assert scores.dtype == torch.float64
+    assert scores[0] > scores[1] > scores[2]
+    expected = base_score_np(name, logits.flatten(1).double().numpy(), method.params)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4)

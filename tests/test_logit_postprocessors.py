@@ -144,3 +144,51 @@ def test_batched_equals_one_shot(name):
     whole = score(name)
     pieces = np.concatenate([score(name, LOGITS[i : i + 7]) for i in range(0, len(LOGITS), 7)])
     np.testing.assert_allclose(pieces, whole, rtol=1e-6)
+
+
+SATURATED = np.zeros((3, 10), dtype=np.float32)
+SATURATED[:, 0] = [30.0, 25.0, 16.0]  # float32 softmax: 1.0, 1.0, 0.999999
+
+
+def reference_float64(name, logits):
+    p = softmax(logits.astype(np.float64))
+    if name == "msp":
+        return p.max(axis=1)
+    if name == "entropy":
+        return np.sum(p * np.log(p), axis=1)
+    top = np.sort(p, axis=1)[:, ::-1]
+    return -np.sum(top**0.1 * (1 - top) ** 0.1, axis=1)
+
+
+@pytest.mark.parametrize("name", ["msp", "entropy", "gen"])
+def test_softmax_scores_keep_saturated_samples_in_order(name):
+    """Margins 30 > 25 > 16 score in that order (float32 would tie the first two at MSP 1.0,
+    and drop GEN's top term), with the float64 formula's values."""
+    assert (softmax(SATURATED)[:2].max(axis=1).astype(np.float32) == 1).all()
+    scores = score(name, SATURATED)
+    assert scores[0] > scores[1] > scores[2]
+    np.testing.assert_allclose(scores, reference_float64(name, SATURATED), rtol=1e-4)
+    grid = create_postprocessor(name).score_grid(outputs(SATURATED), [{}])[0] if name == "gen" else None
+    assert grid is None or torch.equal(grid, create_postprocessor(name).score(outputs(SATURATED)))
+
+
+def test_temperature_scaling_keeps_saturated_samples_in_order():
+    method = create_postprocessor("temp_scaling")
+    method.fit(outputs(VAL_LOGITS, VAL_LABELS), outputs(VAL_LOGITS, VAL_LABELS))
+    scores = method.score(outputs(SATURATED))
+    assert scores.dtype == torch.float64
+    assert scores[0] > scores[1] > scores[2]
+
+
+def test_kl_matching_tells_saturated_samples_apart():
+    """KL to the templates is not monotone in the margin; the float64 values differ by ~3e-9
+    here (float32 would tie them) and follow the float64 formula's order."""
+    p_val = softmax(VAL_LOGITS.astype(np.float64))
+    predicted = p_val.argmax(axis=1)
+    templates = np.stack([p_val[predicted == c].mean(axis=0) for c in np.unique(predicted)])
+    p = softmax(SATURATED.astype(np.float64))
+    expected = -np.array([[np.sum(pi * (np.log(pi) - np.log(q))) for q in templates] for pi in p]).min(axis=1)
+    scores = score("klm", SATURATED)
+    assert len(set(scores.tolist())) == 3
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(expected))
+    np.testing.assert_allclose(scores, expected, rtol=1e-9)

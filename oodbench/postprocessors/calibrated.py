@@ -9,7 +9,8 @@
   T to its lower bound) would otherwise saturate every softmax to 1.0 and tie all scores.
 - KL matching (Hendrycks et al., ICML 2022): -min_c KL(p || d_c), where d_c is the mean
   validation softmax of the samples predicted as class c (classes never predicted on
-  validation have no template and are skipped).
+  validation have no template and are skipped). Computed and returned in float64, as the
+  other softmax-based scores are (see oodbench.postprocessors.softmax).
 """
 
 from __future__ import annotations
@@ -114,4 +115,4 @@ class KLMatching(Postprocessor):
         log_q = self.templates.clamp_min(1e-300).log()
         # KL(p || q_k) = sum_c p_c log p_c - sum_c p_c log q_kc
         kl = (p * log_p).sum(dim=1, keepdim=True) - p @ log_q.T
-        return -kl.min(dim=1).values.float()
+        return -kl.min(dim=1).values

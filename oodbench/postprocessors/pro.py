@@ -11,6 +11,12 @@ The minimum always includes the clean score s_0, so PRO never scores above its b
 score; the prediction stays the clean argmax. No projection, clamping or noise.
 Cost per image: K+1 forward and K backward passes, batched.
 
+**Precision.** The recorded scores s_t are the base score of the float64 logits, so
+saturated samples keep their order (a float32 softmax is exactly 1.0 for a 10-class logit
+margin above ~17, tying every such sample); the gradient that sets each step's direction is
+taken in the model's precision, as the reference code does, so the trajectory is the
+reference's.
+
 **Units of eps.** Every oodbench model takes [0,1] images and normalises inside its
 adapter, after the perturbation: eps is a step in [0,1]-pixel units for every model.
 (The reference code perturbs OpenOOD's already normalised tensors, so its eps equals
@@ -35,7 +41,7 @@ import torch
 from torch import nn
 
 from oodbench.postprocessors.base import Integer, Number
-from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_gradient
+from oodbench.postprocessors.gradient import InputGradientPostprocessor
 from oodbench.postprocessors.softmax import GEN, generalized_entropy, negative_entropy
 from oodbench.registry import register_postprocessor
 
@@ -44,11 +50,29 @@ def max_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=1).max(dim=1).values
 
 
+def recorded(base_score: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """The score PRO records for `logits`: the base score of the float64 logits (the gradient
+    is taken in the model's precision, as the reference code does; see the module notes)."""
+    with torch.no_grad():
+        return base_score(logits.detach().double())
+
+
+def scored_gradient(base_score: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the recorded score at `x`, the gradient of the base score with respect to `x`)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        (grad,) = torch.autograd.grad(base_score(logits).sum(), x)
+    return recorded(base_score, logits), grad
+
+
 def pro_trajectory(base_score: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor,
-                   eps: float, steps: int, first: tuple[torch.Tensor, torch.Tensor | None] | None = None
-                   ) -> torch.Tensor:
+                   eps: float | torch.Tensor, steps: int,
+                   first: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """B x (steps + 1) scores s_0..s_K along PRO's signed-gradient descent from `x`.
 
+    `eps`: the step on `x`, a number or a tensor broadcast over its channels (1 x C x 1 x 1);
     `first`: (s_0, the gradient at x_0) when already taken (the gradient may be None when
     `steps` is 0); they do not depend on eps, so a search takes them once for all eps."""
     if first is not None and steps == 0:
@@ -58,11 +82,11 @@ def pro_trajectory(base_score: Callable[[torch.Tensor], torch.Tensor], model: nn
         if step == 0 and first is not None:
             score, grad = first
         else:
-            score, grad = input_gradient(lambda v: base_score(model(v)), x)
+            score, grad = scored_gradient(base_score, model, x)
         scores.append(score)
         x = x - eps * grad.sign()
     with torch.no_grad():
-        scores.append(base_score(model(x)))
+        scores.append(recorded(base_score, model(x)))
     return torch.stack(scores, dim=1)
 
 
@@ -102,12 +126,13 @@ class PRO(InputGradientPostprocessor):
                 value = base_score(logits)
                 grad = (torch.autograd.grad(value.sum(), x0, retain_graph=any(needs_gradient[index + 1:]))[0]
                         if needs_gradient[index] else None)
+            value = recorded(base_score, logits)
             longest: dict[float, int] = {}
             for method in group:
                 eps = float(method.params["eps"])
                 longest[eps] = max(longest.get(eps, 0), method.params["K"])
             for eps, steps in longest.items():
-                trajectories[key, eps] = pro_trajectory(base_score, model, x, eps, steps, (value.detach(), grad))
+                trajectories[key, eps] = pro_trajectory(base_score, model, x, eps, steps, (value, grad))
         return [trajectories[method.base_params(logits.shape[1]), float(method.params["eps"])]
                 [:, : method.params["K"] + 1].min(dim=1).values for method in methods]
 

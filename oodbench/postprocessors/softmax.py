@@ -6,6 +6,12 @@
 - EBO, energy (Liu et al., NeurIPS 2020): T logsumexp(f / T).
 - GEN, generalized entropy (Liu et al., CVPR 2023): -sum over the M largest p_c of
   p_c^g (1 - p_c)^g, M capped at the number of classes.
+
+The softmax-based scores (MSP, entropy, GEN) are computed from float64 logits and returned
+in float64: in float32 the softmax of a confident sample saturates at exactly 1.0 (a logit
+margin above ~17 for 10 classes), so samples with margins 25 and 30 tie in MSP and GEN loses
+its top term (1 - p)^g = 0; in float64 they keep their order up to margins of ~36.
+OpenOOD computes them in float32, so its values differ on such samples (ties, not order).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class MSP(Postprocessor):
     family = "softmax"
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        return torch.softmax(outputs.logits, dim=1).max(dim=1).values
+        return torch.softmax(outputs.logits.double(), dim=1).max(dim=1).values
 
 
 @register_postprocessor("mls", "max_logit")
@@ -53,7 +59,7 @@ class Entropy(Postprocessor):
     family = "softmax"
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        return negative_entropy(outputs.logits)
+        return negative_entropy(outputs.logits.double())
 
 
 @register_postprocessor("ebo", "energy")
@@ -75,12 +81,12 @@ class GEN(Postprocessor):
     grid_params = ("gamma", "top_m")
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        return generalized_entropy(outputs.logits, self.params["gamma"], self.params["top_m"])
+        return generalized_entropy(outputs.logits.double(), self.params["gamma"], self.params["top_m"])
 
     def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor]:
         """One softmax and one sort (of the largest M) for the whole search."""
         settings = [{**self.params, **combo} for combo in combos]
-        probs = torch.softmax(outputs.logits, dim=1)
+        probs = torch.softmax(outputs.logits.double(), dim=1)
         top = probs.topk(min(max(int(s["top_m"]) for s in settings), probs.shape[1]), dim=1).values
         return [generalized_entropy_of_top(top[:, : min(int(s["top_m"]), probs.shape[1])].contiguous(), s["gamma"])
                 for s in settings]
