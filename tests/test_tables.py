@@ -354,8 +354,8 @@ def test_a_schema_2_store_is_read_as_it_is_and_upgraded_on_write(tmp_path, capsy
     assert (tmp_path / "old.sqlite").read_bytes() == before  # reading never writes
     ResultStore(tmp_path / "old.sqlite").close()
     db = sqlite3.connect(tmp_path / "old.sqlite")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
-    assert db.execute("SELECT model, checkpoint FROM cells").fetchall() == [("old-model", "")]
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.execute("SELECT model, checkpoint, preprocessing FROM cells").fetchall() == [("old-model", "", "")]
     assert db.execute("SELECT count(*) FROM scores").fetchone()[0] == 0
     assert json.loads(json.dumps(db.execute("SELECT value FROM results").fetchall())) == [[0.75]]
 

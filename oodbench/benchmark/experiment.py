@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -55,15 +55,18 @@ class CachedExperiment:
         return f"run `oodbench run {self.config.source}` first"
 
     def context(self, spec: ModelSpec) -> RunContext:
-        return RunContext.of(self.config, spec, self.benchmark.image, resolve_device(self.config.device),
-                             self.plan.token)
+        """The model's run context, with its own test transform when it has one (as in the run)."""
+        context = RunContext.of(self.config, spec, self.benchmark.image, resolve_device(self.config.device),
+                                self.plan.token)
+        preprocessing = get_model(spec, context.model_context).preprocessing
+        return replace(context, image=self.benchmark.image.for_model(preprocessing))
 
     def model(self, spec: ModelSpec):
         return get_model(spec, self.context(spec).model_context)
 
     def key(self, spec: ModelSpec, split: str) -> str:
         model = self.model(spec)
-        return self.plan.output_key(split, model.identity, model.weights_hash)
+        return self.plan.output_key(split, model.identity, model.weights_hash, self.context(spec).image)
 
     def has(self, spec: ModelSpec, split: str) -> bool:
         return self.plan.present(split) and OutputCache(self.config.cache_dir).has(self.key(spec, split))
@@ -95,7 +98,7 @@ class CachedExperiment:
                                 f"{self.run_first}")
         cls = POSTPROCESSORS.get(name)
         model = self.model(spec)
-        fingerprint = self.plan.cell_fingerprint(name, model.identity, model.weights_hash)
+        fingerprint = self.plan.cell_fingerprint(name, model.identity, model.weights_hash, self.context(spec).image)
         cells = self.store.frame("cells", benchmark=self.benchmark.name, model=spec.model_label, postprocessor=name,
                                  fingerprint=fingerprint, status="done")
         if cells.empty:

@@ -1,8 +1,9 @@
 """The runner's jobs, each small and picklable so that any executor (local, Ray) can run it.
 
-1. `ProbeJob` per model: load it once, report its identity, weights hash and class count,
-   and run one image of the benchmark's shape through it (the runner refuses a model that
-   does not fit the benchmark before any extraction);
+1. `ProbeJob` per model: load it once, report its identity, weights hash, class count and
+   its own test transform when it has one, and run one image of the shape it will see
+   through it (the runner refuses a model that does not fit the benchmark before any
+   extraction; its context then carries the model's transform);
 2. `ExtractJob` per (model, dataset split): one forward pass whose logits, features and
    labels go to the output cache (reused when the entry exists and verifies);
 3. `ScoreJob` per (model, postprocessor) cell not already in the store: fit on cached ID
@@ -98,10 +99,12 @@ class ProbeJob:
         return task_resources(self.context.model_context.device)
 
     def run(self) -> dict[str, Any]:
-        """Identity, weights hash, class count, and the error of a one-image forward (or None)."""
+        """Identity, weights hash, class count, its own test transform (or None: the benchmark's),
+        and the error of a one-image forward at the size it will see (or None)."""
         ctx = self.context
         model = get_model(ctx.model, ctx.model_context)
-        image = torch.rand(1, ctx.image.channels, ctx.image.size, ctx.image.size, device=ctx.model_context.device)
+        spec = ctx.image.for_model(model.preprocessing)
+        image = torch.rand(1, spec.channels, spec.size, spec.size, device=ctx.model_context.device)
         try:
             with torch.no_grad():
                 logits = model(image)
@@ -110,7 +113,7 @@ class ProbeJob:
         except Exception as exc:  # any error of the user's network on this shape is the answer
             forward, classes = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None
         return {"identity": model.identity, "weights_hash": model.weights_hash, "num_classes": model.num_classes,
-                "output_classes": classes, "forward_error": forward}
+                "output_classes": classes, "forward_error": forward, "preprocessing": model.preprocessing}
 
 
 @dataclass

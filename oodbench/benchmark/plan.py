@@ -143,6 +143,7 @@ class Plan:
     splits: dict[str, SplitRef]
     states: dict[str, SplitState]
     token: str
+    by_image: dict[ImageSpec, dict[str, SplitState]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def resolve(cls, config: ExperimentConfig, benchmark: Benchmark, names: list[str],
@@ -195,15 +196,33 @@ class Plan:
     def present(self, split: str) -> bool:
         return split in self.states and self.states[split].present
 
-    def cell_fingerprint(self, name: str, model_identity: str, weights_hash: str) -> str:
+    def states_for(self, image: ImageSpec | None) -> dict[str, SplitState]:
+        """The splits as a model with its own transform (`image`) reads them: the same files
+        and selections, fingerprinted with that transform (None: the benchmark's)."""
+        if image is None or image == self.benchmark.image:
+            return self.states
+        if image not in self.by_image:
+            files = FileState(self.config.data_root, Path(self.config.cache_dir) / "state",
+                              verify=self.config.verify_data)
+            try:
+                self.by_image[image] = {
+                    split: split_state(self.splits[split], self.config.data_root, image, files, self.token)
+                    if state.present else state for split, state in self.states.items()}
+            finally:
+                files.close()
+        return self.by_image[image]
+
+    def cell_fingerprint(self, name: str, model_identity: str, weights_hash: str,
+                         image: ImageSpec | None = None) -> str:
         method = self.methods[name]
+        states = self.states_for(image)
         return cell_fingerprint(model_identity=model_identity, weights_hash=weights_hash, postprocessor=method.cls,
                                 setting=method.setting, params=method.params,
                                 search_space={**method.space, "search_limit": method.search_limit},
-                                splits={s: self.states[s].fingerprint for s in method.splits})
+                                splits={s: states[s].fingerprint for s in method.splits})
 
-    def output_key(self, split: str, model_identity: str, weights_hash: str) -> str:
-        return output_key_text(model_identity, weights_hash, self.states[split].fingerprint)
+    def output_key(self, split: str, model_identity: str, weights_hash: str, image: ImageSpec | None = None) -> str:
+        return output_key_text(model_identity, weights_hash, self.states_for(image)[split].fingerprint)
 
     def changed_splits(self, previous: dict[str, tuple[str, int | None]]) -> list[str]:
         """One line per split whose data differs from the last run of this benchmark in the store."""
@@ -240,7 +259,8 @@ def model_placeholder(spec) -> str:
 
 def check_compatible(display: str, probe: dict[str, Any], benchmark: Benchmark) -> None:
     """Refuse, in one line, a model whose classes or input shape do not fit the benchmark."""
-    shape = f"{benchmark.image.channels}x{benchmark.image.size}x{benchmark.image.size}"
+    image = benchmark.image.for_model(probe.get("preprocessing"))
+    shape = f"{image.channels}x{image.size}x{image.size}"
     where = f"model '{display}' does not fit benchmark '{benchmark.name}'"
     if probe["num_classes"] != benchmark.num_classes:
         raise OodbenchError(f"{where}: the model has {probe['num_classes']} classes, the benchmark "

@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +35,7 @@ from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
 from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_placeholder, resolve_params,
                                    resolve_postprocessors, search_space_for)
 from oodbench.benchmark.spec import Benchmark, load_benchmark
+from oodbench.datasets.base import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
 from oodbench.results.store import Cell, ResultStore
@@ -96,6 +98,14 @@ def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -
     for spec in config.models:
         MODELS.get(spec.source)
     return names
+
+
+BENCHMARK_TRANSFORM = "the benchmark's"
+
+
+def transform_note(image: ImageSpec) -> str:
+    """A model's test transform in words, and whose it is, as table captions name it."""
+    return f"{image.describe()} ({image.origin or BENCHMARK_TRANSFORM})"
 
 
 def failed_reason(exc: BaseException) -> str:
@@ -165,15 +175,17 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
     if failures and len(failures) == len(contexts):
         progress.close()
         raise next(iter(failures.values()))  # no model to score: stop with the first reason
-    for display, probe in probes.items():
+    for display, probe in probes.items():  # each model reads the data through its own transform, if it has one
         check_compatible(display, probe, benchmark)
+        contexts[display] = replace(contexts[display], image=benchmark.image.for_model(probe["preprocessing"]))
 
     # every cell by its fingerprint; those already in the store are done
     fingerprints = {}
     for spec in config.models:
         probe = probes.get(spec.display)
         identity, weights = (probe["identity"], probe["weights_hash"]) if probe else (model_placeholder(spec), "")
-        fingerprints[spec.display] = {n: plan.cell_fingerprint(n, identity, weights) for n in names}
+        image = contexts[spec.display].image
+        fingerprints[spec.display] = {n: plan.cell_fingerprint(n, identity, weights, image) for n in names}
     done = store.done_fingerprints(benchmark.name)
     pending = {d: [n for n in names if fingerprints[d][n] not in done] for d in fingerprints}
     provenance = {"benchmark_version": benchmark.version, "oodbench_version": oodbench.__version__,
@@ -185,7 +197,8 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
         return dict(benchmark=benchmark.name, model=spec.model_label, checkpoint=spec.member or "", postprocessor=name,
                     setting=plan.methods[name].setting, fingerprint=fingerprints[display][name],
                     data_fingerprint=plan.fingerprint, tags=list(spec.tags),
-                    provenance={**provenance, "weights_hash": weights})
+                    provenance={**provenance, "weights_hash": weights},
+                    preprocessing=transform_note(contexts[display].image))
 
     def fail_model(display: str, reason: str) -> None:
         for name in pending[display]:
@@ -202,7 +215,8 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
         if not names_left or probe is None:
             continue
         needed = {s for n in names_left for s in [*plan.methods[n].splits, *ALWAYS] if plan.present(s)}
-        keys = {s: plan.output_key(s, probe["identity"], probe["weights_hash"]) for s in plan.splits if s in needed}
+        keys = {s: plan.output_key(s, probe["identity"], probe["weights_hash"], contexts[display].image)
+                for s in plan.splits if s in needed}
         extract_jobs += [ExtractJob(contexts[display], plan.splits[s], key) for s, key in keys.items()]
         probe["keys"] = keys
     progress.total += len(extract_jobs) + sum(map(len, pending.values()))
@@ -236,7 +250,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
              "group": split.split(":")[0], "fingerprint": state.fingerprint, "available": state.available,
              "status": "present" if state.present else "missing", "reason": report.get(split, {}).get("reason")
              or state.reason, "samples": state.samples, "accuracy": report.get(split, {}).get("accuracy")}
-            for split, state in plan.states.items()], plan.fingerprint)
+            for split, state in plan.states_for(contexts[display].image).items()], plan.fingerprint)
         keys = dict(probes[display]["keys"])
         if f"id:{config.fit_split}" in keys:
             keys["id:fit"] = keys[f"id:{config.fit_split}"]

@@ -1,7 +1,10 @@
 """Benchmark definitions: ID splits, the OOD validation set, near- and far-OOD test sets.
 
 A benchmark is a YAML file (``configs/benchmarks/<name>.yaml`` are registered by name;
-any other path works too) with a ``version`` that is stored with every result. Dataset
+any other path works too) with a ``version`` that is stored with every result. ``image``
+is the benchmark's test transform (`ImageSpec`): ``{size, channels}``, optionally
+``resize`` (the short side before the center crop, e.g. 256 for 224) and ``interpolation``;
+models that say how their inputs are prepared use their own instead. Dataset
 definitions reused in several places go under ``definitions:`` as YAML anchors.
 
 The ID test split may name ``holdout_classes: [c, ...]``: ID classes held out as
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oodbench.datasets.base import DatasetRef, ImageSpec
+from oodbench.datasets.base import INTERPOLATIONS, DatasetRef, ImageSpec
 from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.registry import BENCHMARKS, DATASETS
 
@@ -29,6 +32,7 @@ BENCHMARK_DIR = CONFIG_DIR / "benchmarks"
 REQUIRED = ("name", "version", "image", "num_classes", "id", "near", "far")
 OPTIONAL = ("description", "seed", "ood_val", "notes", "definitions")
 ID_SPLITS = ("train", "val", "test")
+IMAGE_KEYS = ("size", "channels", "resize", "interpolation")
 
 
 @dataclass
@@ -104,12 +108,16 @@ def parse_benchmark(raw: Any, source: str) -> Benchmark:
     if "test" not in id_splits:
         raise OodbenchError(f"{source}: 'id' needs a 'test' split")
     image = raw["image"]
-    if not isinstance(image, dict) or set(image) != {"size", "channels"}:
-        raise OodbenchError(f"{source}: 'image' must be {{size: N, channels: 1|3}}")
+    if not isinstance(image, dict) or not {"size", "channels"} <= set(image) <= set(IMAGE_KEYS):
+        raise OodbenchError(f"{source}: 'image' must be {{size: N, channels: 1|3}}, optionally with resize: N "
+                            f"(the short side before the center crop) and interpolation: "
+                            f"{'|'.join(INTERPOLATIONS)}")
     return Benchmark(
         name=str(raw["name"]),
         version=raw["version"],
-        image=ImageSpec(int(image["size"]), int(image["channels"])),
+        image=ImageSpec(int(image["size"]), int(image["channels"]),
+                        None if image.get("resize") is None else int(image["resize"]),
+                        str(image.get("interpolation", "bilinear"))),
         num_classes=int(raw["num_classes"]),
         id_splits=id_splits,
         ood_val=refs("ood_val"),

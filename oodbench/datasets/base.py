@@ -5,7 +5,8 @@ optionally a part of a seeded stratified split of that source (``parts`` gives t
 sizes as counts or fractions, one of which may be ``rest``). Sources return any
 map-style dataset whose items are ``(image, label)`` with the image a PIL image, a NumPy
 array or a tensor; `load_dataset` converts it to float [0,1] tensors of the benchmark's
-`ImageSpec` (resize bilinear, center crop, grey replicated to 3 channels).
+`ImageSpec` (resize the short side, center crop, grey replicated to 3 channels): the
+benchmark's, or the model's own when it gives one (`ImageSpec.for_model`).
 
 Every dataset class says what it read through ``fingerprint(files)`` (files: an
 `oodbench.identity.FileState`): image files by path, size and mtime, decoded single-file
@@ -38,13 +39,60 @@ def register_dataset(*names: str) -> Callable:
     return DATASETS.register(*names)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # torchvision's InterpolationMode names that PIL and torch share
+PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values (PIL imported lazily)
+
+
 @dataclass(frozen=True)
 class ImageSpec:
+    """The test transform: resize the short side to `resize` (default `size`) with
+    `interpolation`, center-crop `size` x `size`, `channels` channels, values in [0,1]
+    (mean/std normalisation happens inside the model adapter).
+
+    ``origin`` is empty for the benchmark's own transform, and names the model's when the
+    model says how its inputs are prepared (timm's data config, a torchvision weights
+    entry, a RobustBench preprocessing): then sources read the original images and leave
+    out their own ``resize_crop`` (the benchmark's), so this transform alone applies."""
+
     size: int
     channels: int
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    origin: str = ""
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise OodbenchError(f"image interpolation '{self.interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
+        if self.resize is not None and self.resize < self.size:
+            raise OodbenchError(f"image resize {self.resize} is smaller than the crop {self.size}")
+
+    @property
+    def resize_to(self) -> int:
+        return self.size if self.resize is None else self.resize
 
     def key(self) -> str:
-        return f"{self.channels}x{self.size}x{self.size}"
+        """Part of every split's fingerprint: the shape, and the resize and interpolation when
+        they are not the plain resize-to-size bilinear ones (whose keys predate them)."""
+        shape = f"{self.channels}x{self.size}x{self.size}"
+        if self.resize_to == self.size and self.interpolation == "bilinear":
+            return shape
+        return f"{shape}:resize={self.resize_to}:{self.interpolation}"
+
+    def source_key(self) -> str:
+        """What a source's listing depends on: the shape, and whether it is the benchmark's transform."""
+        return f"{self.channels}x{self.size}" + (":model" if self.origin else "")
+
+    def describe(self) -> str:
+        """In words, for table captions: ``resize 256 (bilinear), center crop 224``."""
+        return f"resize {self.resize_to} ({self.interpolation}), center crop {self.size}"
+
+    def for_model(self, preprocessing: dict[str, Any] | None) -> "ImageSpec":
+        """This (the benchmark's) transform, or the model's own when it gives one (``size``,
+        ``resize``, ``interpolation``, ``origin``); the channel count stays the benchmark's."""
+        if not preprocessing:
+            return self
+        return ImageSpec(int(preprocessing["size"]), self.channels, int(preprocessing["resize"]),
+                         str(preprocessing["interpolation"]), str(preprocessing["origin"]))
 
 
 @dataclass(frozen=True)
@@ -236,34 +284,38 @@ class Transformed(Dataset):
         return dataset_fingerprint(self.base, files)
 
 
-def resized_crop(height: int, width: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((new height, new width), (top, left)) of torchvision's ``Resize(size)`` (the short
-    side to `size`, the long one truncated) followed by ``CenterCrop(size)``."""
+def resized_crop(height: int, width: int, size: int, resize: int | None = None
+                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((new height, new width), (top, left)) of torchvision's ``Resize(resize)`` (the short
+    side to `resize`, default `size`; the long one truncated) then ``CenterCrop(size)``."""
+    resize = size if resize is None else resize
     if width <= height:
-        new_height, new_width = int(size * height / width), size
+        new_height, new_width = int(resize * height / width), resize
     else:
-        new_height, new_width = size, int(size * width / height)
+        new_height, new_width = resize, int(resize * width / height)
     return (new_height, new_width), (int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0)))
 
 
 def to_image_tensor(item: Any, image: ImageSpec) -> torch.Tensor:
     """PIL / array / tensor -> float C x size x size in [0,1]: resize the short side to
-    `size` (bilinear), center crop, and match the channel count.
+    ``image.resize_to`` (``image.interpolation``), center crop ``image.size``, and match the
+    channel count.
 
-    Bit for bit what torchvision's Resize(size) + CenterCrop(size) + ToTensor give (PIL's
-    bilinear resize for PIL images, antialiased bilinear interpolation for tensors), without
-    importing torchvision (seconds per process)."""
+    Bit for bit what torchvision's Resize(resize, interpolation) + CenterCrop(size) +
+    ToTensor give (PIL's resize for PIL images, antialiased bilinear/bicubic interpolation
+    for tensors, plain nearest), without importing torchvision (seconds per process)."""
     from PIL import Image
 
-    size = image.size
-    if isinstance(item, Image.Image):
+    size, resize = image.size, image.resize_to
+    resized = isinstance(item, Image.Image)
+    if resized:
         item = item.convert("L" if image.channels == 1 else "RGB")
-        if item.size != (size, size):
-            # In PIL before ToTensor, as torchvision/OpenOOD test transforms do: PIL's bilinear
-            # resize rounds to uint8, and FPR@95 moves by up to 0.3 points without it.
-            (height, width), (top, left) = resized_crop(item.height, item.width, size)
+        if item.size != (size, size) or resize != size:
+            # In PIL before ToTensor, as torchvision/OpenOOD test transforms do: PIL's resize
+            # rounds to uint8, and FPR@95 moves by up to 0.3 points without it.
+            (height, width), (top, left) = resized_crop(item.height, item.width, size, resize)
             if (height, width) != (item.height, item.width):
-                item = item.resize((width, height), Image.BILINEAR)
+                item = item.resize((width, height), PIL_FILTERS[image.interpolation])
             item = item.crop((left, top, left + size, top + size))
         array = np.asarray(item, dtype=np.uint8)
         tensor = torch.from_numpy(array.reshape(item.height, item.width, -1).transpose(2, 0, 1).copy())
@@ -286,11 +338,12 @@ def to_image_tensor(item: Any, image: ImageSpec) -> torch.Tensor:
             tensor = (tensor * weights).sum(0, keepdim=True)
         else:
             tensor = tensor[: image.channels]
-    if tuple(tensor.shape[1:]) != (size, size):
-        (height, width), (top, left) = resized_crop(tensor.shape[1], tensor.shape[2], size)
+    if not resized and (tuple(tensor.shape[1:]) != (size, size) or resize != size):
+        (height, width), (top, left) = resized_crop(tensor.shape[1], tensor.shape[2], size, resize)
         if (height, width) != tuple(tensor.shape[1:]):
-            tensor = torch.nn.functional.interpolate(tensor[None], size=[height, width], mode="bilinear",
-                                                     align_corners=False, antialias=True)[0]
+            mode = image.interpolation
+            smooth = {"align_corners": False, "antialias": True} if mode != "nearest" else {}
+            tensor = torch.nn.functional.interpolate(tensor[None], size=[height, width], mode=mode, **smooth)[0]
         tensor = tensor[:, top : top + size, left : left + size]
     return tensor.contiguous()
 
@@ -328,7 +381,7 @@ def load_source(ref: DatasetRef, data_root: str | Path, image: ImageSpec, memo: 
     """
     root = Path(data_root).expanduser()
     source_key = (memo, ref.dataset, json.dumps(ref.options, sort_keys=True, default=str), str(root.resolve()),
-                  image.key())
+                  image.source_key())
     source = _memoized(source_key, lambda: DATASETS.get(ref.dataset)(root, image, **ref.options))
     if ref.parts is not None:
         parts_key = (*source_key, json.dumps(ref.parts, sort_keys=True, default=str), ref.seed)

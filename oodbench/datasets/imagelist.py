@@ -18,7 +18,8 @@
 
 ``imglist`` and ``image_folder`` take ``resize_crop: [256, 224]``: resize the short side,
 then center-crop, as ImageNet test transforms do (before the benchmark's own transform,
-which then has nothing left to do at ``image.size`` 224).
+which then has nothing left to do at ``image.size`` 224). A model with its own transform
+(timm's data config, torchvision weights: `ImageSpec.origin`) gets the original images.
 
 Every source takes ``limit``: keep the first N samples in the source's order. Images are
 decoded lazily; a missing or unreadable image is one error line naming the file.
@@ -112,6 +113,13 @@ def check_resize_crop(value: Sequence[int] | None) -> tuple[int, int] | None:
     return int(value[0]), int(value[1])
 
 
+def benchmark_crop(image: ImageSpec, resize_crop: Sequence[int] | None) -> tuple[int, int] | None:
+    """A source's ``resize_crop`` is part of the benchmark's transform: under a model's own
+    transform (``image.origin``) the source reads the original images instead."""
+    checked = check_resize_crop(resize_crop)
+    return None if image.origin else checked
+
+
 def resize_then_crop(image, resize: int, crop: int):
     """torchvision's Resize(resize) (short side, bilinear, PIL) then CenterCrop(crop): the
     ImageNet test transform (256 -> 224) that a single resize-and-crop to 224 is not."""
@@ -193,7 +201,7 @@ def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_
         paths.append(image_root / " ".join(fields[:-1]))
         targets.append(label)
     check_files_exist(paths, str(list_path))
-    return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)", resize_crop), limit)
+    return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)", benchmark_crop(image, resize_crop)), limit)
 
 
 def image_entries(folder: str, parts: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
@@ -241,7 +249,8 @@ def image_folder(data_root: Path, image: ImageSpec, path: str, classes: list[str
     paths, targets = folder_images(folder, classes)
     if not paths:
         raise DatasetMissing(f"no images ({', '.join(IMAGE_EXTENSIONS[:3])}...) under {folder}")
-    return first(ImageFiles(paths, targets, f"{path}/ ({len(paths)} images)", resize_crop), limit)
+    return first(ImageFiles(paths, targets, f"{path}/ ({len(paths)} images)", benchmark_crop(image, resize_crop)),
+                 limit)
 
 
 @register_dataset("tiny_imagenet", "tin")

@@ -21,7 +21,7 @@ from typing import Sequence
 from torch.utils.data import Dataset
 
 from oodbench.datasets.base import ImageSpec, register_dataset
-from oodbench.datasets.imagelist import IMAGE_EXTENSIONS, ImageFiles, first, folder_images, require
+from oodbench.datasets.imagelist import IMAGE_EXTENSIONS, ImageFiles, benchmark_crop, first, folder_images, require
 from oodbench.errors import DatasetMissing, OodbenchError
 
 WNID = re.compile(r"^n\d{8}$")
@@ -37,7 +37,7 @@ def imagenet_folder(data_root: Path, image: ImageSpec, split: str = "val", root:
     if split not in ("train", "val"):
         raise OodbenchError(f"imagenet_folder: split must be train or val, got '{split}'")
     folder = require(data_root / root / split, f"ImageNet {split} folder", IMAGENET_HINT)
-    return first(wnid_folder(folder, f"{root}/{split}", num_classes, resize_crop), limit)
+    return first(wnid_folder(folder, f"{root}/{split}", num_classes, benchmark_crop(image, resize_crop)), limit)
 
 
 @register_dataset("imagenet_c")
@@ -49,7 +49,8 @@ def imagenet_c(data_root: Path, image: ImageSpec, corruption: str, severity: int
         raise OodbenchError(f"imagenet_c: severity must be 1..5, got {severity!r}")
     folder = require(data_root / root / corruption / str(severity), f"ImageNet-C {corruption} severity {severity}",
                      f"extract ImageNet-C's tar files into <data root>/{root}/ (<corruption>/<severity>/<wnid>/)")
-    return first(wnid_folder(folder, f"{root}/{corruption}/{severity}", num_classes, resize_crop), limit)
+    return first(wnid_folder(folder, f"{root}/{corruption}/{severity}", num_classes,
+                             benchmark_crop(image, resize_crop)), limit)
 
 
 def wnid_folder(folder: Path, origin: str, num_classes: int, resize_crop: Sequence[int] | None) -> ImageFiles:

@@ -10,7 +10,10 @@ normalisation happens inside), and exposes:
 - ``forward_with_extras(x)``: (features, logits, extras), the extras being the auxiliary
   tensors named by ``extras`` (`oodbench.models.heads`);
 - ``fc``: the classifier's (W, b); ``num_classes``; ``identity`` and ``weights_hash`` for
-  the output cache.
+  the output cache;
+- ``preprocessing``: None (the benchmark's test transform), or the model's own as
+  ``{"size", "resize", "interpolation", "origin"}`` (`oodbench.datasets.base.ImageSpec.for_model`):
+  timm's data config, a torchvision weights entry's transforms, a RobustBench preprocessing.
 
 ``output`` selects the logits when the network returns a tuple, dict or dataclass
 (`oodbench.models.heads.select_output`). A network with **one output logit** z (a binary
@@ -39,6 +42,21 @@ from oodbench.registry import MODELS
 def register_model_source(*names: str) -> Callable:
     """Register ``fn(name, context, **options) -> ModelAdapter`` for ``"<source>:<name>"``."""
     return MODELS.register(*names)
+
+
+def own_preprocessing(size: int, resize: int, interpolation: str, origin: str) -> dict[str, Any]:
+    """A model's own test transform, as `ModelAdapter.preprocessing` holds it."""
+    return {"size": int(size), "resize": int(resize), "interpolation": interpolation, "origin": origin}
+
+
+PREPROCESSING_CHOICES = ("model", "benchmark")
+
+
+def check_preprocessing_choice(value: str, what: str) -> bool:
+    """A source's ``preprocessing`` option: True for the model's own transform, False for the benchmark's."""
+    if value not in PREPROCESSING_CHOICES:
+        raise OodbenchError(f"{what}: preprocessing must be one of {', '.join(PREPROCESSING_CHOICES)}, got {value!r}")
+    return value == "model"
 
 
 @dataclass
@@ -97,8 +115,10 @@ class ModelAdapter(nn.Module):
         weights_hash: str | None = None,
         output: Any = None,
         extras: dict[str, Any] | None = None,
+        preprocessing: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.preprocessing = preprocessing
         self.net = net.eval()
         for parameter in self.net.parameters():
             parameter.requires_grad_(False)

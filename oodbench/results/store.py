@@ -32,9 +32,11 @@ import numpy as np
 
 from oodbench.errors import NoSpaceLeft, OodbenchError, disk_full
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Schema 3 adds the cells' checkpoint (the short name of one checkpoint of a model entry that
 # lists several; '' otherwise) and the per-image test scores of each cell, for bootstrap intervals.
+# Schema 4 adds the cells' preprocessing: the test transform the model's images went through
+# ('' for cells stored before it was recorded), which table captions name.
 SCORES_TABLE = """
 CREATE TABLE IF NOT EXISTS scores (
     fingerprint TEXT NOT NULL, dataset TEXT NOT NULL, count INTEGER NOT NULL, sha256 TEXT NOT NULL, data BLOB NOT NULL,
@@ -48,7 +50,7 @@ CREATE TABLE IF NOT EXISTS cells (
     status TEXT NOT NULL, reason TEXT, params TEXT, tags TEXT,
     benchmark_version TEXT, oodbench_version TEXT, git_hash TEXT, config_hash TEXT,
     weights_hash TEXT, fpr_convention TEXT, search_limit INTEGER, seconds REAL, created REAL,
-    checkpoint TEXT NOT NULL DEFAULT '',
+    checkpoint TEXT NOT NULL DEFAULT '', preprocessing TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (benchmark, model, postprocessor, setting, fingerprint)
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -72,7 +74,7 @@ ALTER TABLE datasets RENAME TO datasets_v1;
 {schema}
 INSERT INTO cells SELECT benchmark, model, postprocessor, setting, 'legacy', 'legacy', status, reason, params, tags,
     benchmark_version, oodbench_version, git_hash, config_hash, weights_hash, fpr_convention, NULL, seconds, created,
-    '' FROM cells_v1;
+    '', '' FROM cells_v1;
 INSERT INTO results SELECT benchmark, model, postprocessor, setting, 'legacy', dataset, ood_group, metric, value
     FROM results_v1;
 INSERT INTO datasets SELECT benchmark, model, 'legacy', dataset, ood_group, NULL, status, reason, samples, samples,
@@ -84,7 +86,7 @@ DROP TABLE datasets_v1;
 TABLES = ("cells", "results", "datasets")
 CELL_COLUMNS = ("benchmark", "model", "postprocessor", "setting", "fingerprint", "data_fingerprint", "status",
                 "reason", "params", "tags", "benchmark_version", "oodbench_version", "git_hash", "config_hash",
-                "weights_hash", "fpr_convention", "search_limit", "seconds", "created", "checkpoint")
+                "weights_hash", "fpr_convention", "search_limit", "seconds", "created", "checkpoint", "preprocessing")
 
 
 def packed_scores(scores: np.ndarray) -> tuple[int, str, bytes]:
@@ -112,6 +114,7 @@ class Cell:
     groups: dict[str, str] = field(default_factory=dict)  # dataset -> near | far | id
     checkpoint: str = ""  # which checkpoint of a model entry listing several ('' otherwise)
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # id_test and each OOD set -> test scores
+    preprocessing: str = ""  # the test transform in words, and whose it is (the benchmark's or the model's)
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -215,9 +218,10 @@ class ResultStore:
         self.connection.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def _upgrade_v2(self, columns: set[str]) -> None:
-        """Give a store of schema 2 what schema 3 added, keeping every row."""
+        """Give a store of schema 2 or 3 what schemas 3 and 4 added, keeping every row."""
         tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        steps = [] if "checkpoint" in columns else ["ALTER TABLE cells ADD COLUMN checkpoint TEXT NOT NULL DEFAULT '';"]
+        steps = [f"ALTER TABLE cells ADD COLUMN {column} TEXT NOT NULL DEFAULT '';"
+                 for column in ("checkpoint", "preprocessing") if column not in columns]
         steps += [] if "scores" in tables else [SCORES_TABLE]
         if steps:
             self.connection.executescript(f"BEGIN IMMEDIATE;\n{''.join(steps)}\n"
@@ -249,7 +253,7 @@ class ResultStore:
                 (*cell.key, cell.data_fingerprint, cell.status, cell.reason, json.dumps(cell.params, sort_keys=True),
                  json.dumps(cell.tags), str(p.get("benchmark_version")), p.get("oodbench_version"),
                  p.get("git_hash"), p.get("config_hash"), p.get("weights_hash"), p.get("fpr_convention"),
-                 cell.search_limit, cell.seconds, time.time(), cell.checkpoint),
+                 cell.search_limit, cell.seconds, time.time(), cell.checkpoint, cell.preprocessing),
             )
             if cell.status == "done":  # the same fingerprint always has the same scores
                 db.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?)",
@@ -298,8 +302,9 @@ class ResultStore:
             frame = pd.read_sql_query(query, self.connection, params=values)
         except (sqlite3.Error, pd.errors.DatabaseError) as exc:
             raise OodbenchError(f"cannot read results store {self.path}: {exc}") from None
-        if table == "cells" and "checkpoint" not in frame.columns:  # a schema-2 store opened read-only
-            frame["checkpoint"] = ""
+        for column in ("checkpoint", "preprocessing"):  # a store of an older schema opened read-only
+            if table == "cells" and column not in frame.columns:
+                frame[column] = ""
         return frame
 
     def read_scores(self, fingerprints: Iterable[str]) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:

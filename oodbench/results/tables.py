@@ -95,7 +95,8 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
         row = {"model": cell.model, "checkpoint": cell.checkpoint, "postprocessor": cell.postprocessor, "label": label,
                "setting": cell.setting,
                "fingerprint": cell.fingerprint, "data_fingerprint": cell.data_fingerprint, "status": cell.status,
-               "reason": cell.reason, "params": cell.params, "tags": cell.tags}
+               "reason": cell.reason, "params": cell.params, "tags": cell.tags,
+               "preprocessing": cell.preprocessing}
         values = values_of.get((cell.model, cell.postprocessor, cell.setting, cell.fingerprint), {})
         row["acc"] = values.get(("id_test", "acc"), np.nan)
         for dataset in order:
@@ -132,6 +133,22 @@ def sampling_note(datasets: pd.DataFrame, cells: pd.DataFrame) -> str:
     if limits:
         parts.append(f"input-gradient searches on at most {limits[-1]:,} ID + {limits[-1]:,} OOD validation images")
     return "; ".join(parts)
+
+
+def transforms_note(frame: pd.DataFrame) -> str:
+    """Which test transform the rows' images went through, and whose (the benchmark's, or a
+    model's own: timm data config, torchvision weights, RobustBench); per model when they differ."""
+    if "preprocessing" not in frame:
+        return ""
+    models: dict[str, list[str]] = {}
+    for model, transform in zip(frame.model, frame.preprocessing):
+        if transform and model not in models.setdefault(transform, []):
+            models[transform].append(model)
+    if len(models) == 1:
+        return f" Test transform: {next(iter(models))}."
+    if models:
+        return " Test transforms: " + "; ".join(f"{t} for {', '.join(m)}" for t, m in models.items()) + "."
+    return ""
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -193,6 +210,7 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
         detail = "; ".join(f"{g}-OOD average over the sets present (missing: {', '.join(d)})"
                            for g, d in by_group.items() if d)
         text += f" MISSING datasets: {', '.join(missing)} — {detail}."
+    text += transforms_note(frame)
     if any(name.startswith("pro_") for name in frame.get("postprocessor", [])):
         text += " PRO eps is in [0,1]-pixel units (normalisation happens inside the model)."
     text += f" Sampled: {frame.attrs['sampling']}." if frame.attrs.get("sampling") else " All test images used."
