@@ -3,9 +3,9 @@
 Fit, per class c, on the fit (train) samples of class c that the model classifies
 correctly: the mean logit vector MAV_c, their Euclidean distances to it, and a Weibull
 fitted to the `tail_size` largest of those distances, as libMR's ``FitHigh`` does: the
-tail is shifted to t + 10000 - min(tail) and the two-parameter Weibull's maximum-
-likelihood (scale lambda_c, shape k_c) is fitted to it; the w-score of a distance d is
-the Weibull CDF w_c(d) = 1 - exp(-((d + 10000 - min(tail)) / lambda_c)^k_c).
+tail is shifted to t + 1 - min(tail) and the two-parameter Weibull's maximum-likelihood
+(scale lambda_c, shape k_c) is fitted to it; the w-score of a distance d is the Weibull
+CDF w_c(d) = 1 - exp(-((d + 1 - min(tail)) / lambda_c)^k_c).
 
 Score, for logits f of one sample: the `alpha` largest logits get weights
 omega = 1, (alpha-1)/alpha, ..., 1/alpha (the others 0); with w_c = w_c(||f - MAV_c||),
@@ -15,11 +15,12 @@ u = sum_c f_c omega_c w_c,
     p_unknown = exp(u) / (sum_c exp(s_c) + exp(u)),   score = -p_unknown.
 
 As in OpenOOD v1.5: one "channel" (the logits), Euclidean distances (the paper's ImageNet
-code mixes in a cosine term), alpha = 3, tail 20, libMR's shift of 10000. Differences:
-the MLE's root is found to 1e-12 (libMR stops at a relative 1e-6 on the scaled shape);
-a class with fewer correct samples than the tail fits on all of them (libMR reads past
-its data); a class with fewer than two distinct tail distances is an error (libMR's fit
-fails and its w-scores become -9999).
+code mixes in a cosine term), alpha = 3, tail 20 (a class with fewer correct samples
+fits on all of them), and the shift of 1 of libmr 0.1.9, the release OpenOOD installs
+(libMR's C++ sources elsewhere default to 10000). Differences: the MLE's root is found
+to 1e-12 (libMR stops at a relative 1e-6 on the scaled shape; w-scores agree with
+libmr 0.1.9's to about 1e-6); a class with fewer than two distinct tail distances is
+an error (libMR's fit fails and its w-scores become -9999).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from oodbench.postprocessors.base import Integer, InvalidHyperparameter, Outputs
 from oodbench.registry import register_postprocessor
 
 EXACT_DISTANCES = "donot_use_mm_for_euclid_dist"  # cdist without the |a|^2 + |b|^2 - 2ab shortcut
-LIBMR_SHIFT = 10000.0  # libMR's translate_amount: the tail is fitted as t + 10000 - min(tail)
+LIBMR_SHIFT = 1.0  # libmr 0.1.9's translate_amount: the tail is fitted as t + 1 - min(tail)
 
 
 def fit_weibull(tail: np.ndarray) -> tuple[float, float, float]:
-    """(scale, shape, shift): the maximum-likelihood Weibull of tail + shift, shift = 10000 - min(tail).
+    """(scale, shape, shift): the maximum-likelihood Weibull of tail + shift, shift = 1 - min(tail).
 
     The MLE in log space (a Gumbel for minima): with y = log(tail + shift) rescaled to
     x = (y - max y) / range y in [-1, 0], sigma solves sigma + mean(x) - sum_i w_i x_i = 0,
