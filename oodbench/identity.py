@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 EXTRACTOR_VERSION = 3  # 3: keys name the data content; entries store their key
+LAYERS_VERSION = 1  # bump when a reduction of `oodbench.models.layers` changes
 SCORE_VERSION = 2  # bump when the way a cell turns scores into metrics changes (2: cells store their scores)
 
 
@@ -245,6 +246,13 @@ def benchmark_fingerprint(definition: dict, splits: dict[str, str]) -> str:
 def output_key_text(model_identity: str, weights_hash: str, split: str) -> str:
     return key_text({"kind": "outputs", "model": model_identity, "weights": weights_hash, "split": split,
                      "extractor": EXTRACTOR_VERSION})
+
+
+def layer_key_text(output_key: str, statistic: str) -> str:
+    """Per-sample statistics of a model's intermediate layers (`oodbench.models.layers`) on one
+    split: the split's output key (model, weights, data) and the statistic's name (reduction,
+    its arguments, the layers)."""
+    return key_text({"kind": "layers", "outputs": output_key, "statistic": statistic, "version": LAYERS_VERSION})
 
 
 def fit_key_text(method: Any, output_keys: Iterable[str]) -> str:

@@ -9,6 +9,8 @@ key and a checksum of its tensors; the reader checks both, so a damaged file, or
 file copied over another key's path, is recomputed with one warning line naming it.
 Entries are written to a temporary file and renamed into place.
 
+`LayerCache` keeps per-sample statistics of intermediate layers (`oodbench.models.layers`)
+that GRAM or MDS-Ensemble read, one entry per (model, split, statistic).
 `FitStateCache` keeps what a postprocessor's `fit` computed under the same rules, keyed
 by the method, its code, its hyperparameters and the keys of the outputs it was fitted on.
 """
@@ -109,6 +111,22 @@ class OutputCache(VerifiedFiles):
         self.write(key, {"logits": outputs.logits, "features": outputs.features, "labels": outputs.labels,
                          "fc_weight": weight, "fc_bias": bias,
                          **{EXTRA + name: value for name, value in outputs.extras.items()}}, {"meta": outputs.meta})
+
+
+class LayerCache(VerifiedFiles):
+    """Per-sample statistics of intermediate layers per (model, split, statistic), under
+    ``<cache>/layers``; keys from `oodbench.identity.layer_key_text`, values one N x K
+    tensor per layer call (``"0"``, ``"1"``, ...)."""
+
+    kind = "layers"
+    what = "layer statistics cache entry"
+
+    def load(self, key: str) -> list[torch.Tensor] | None:
+        entry = self.read(key)
+        return None if entry is None else [entry[0][str(i)] for i in range(len(entry[0]))]
+
+    def save(self, key: str, values: list[torch.Tensor]) -> None:
+        self.write(key, {str(i): value for i, value in enumerate(values)}, {})
 
 
 def atomic_save(payload: dict, path: Path) -> None:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
 from oodbench.benchmark.config import ExperimentConfig
 from oodbench.benchmark.plan import SplitRef, split_state
+from oodbench.benchmark.reads import attach, ensure_statistics
 from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_scores, limit_validation,
                                       limited_sizes, search_hyperparameters, split_grid)
 from oodbench.datasets.base import ImageSpec, load_dataset
@@ -121,6 +122,7 @@ class ExtractJob:
     context: RunContext
     split: SplitRef
     key: str  # the output-cache key of (model, split)
+    statistics: tuple = ()  # layer statistics the pending cells read (`oodbench.benchmark.reads`)
 
     @property
     def label(self) -> str:
@@ -141,6 +143,10 @@ class ExtractJob:
             dataset = load_dataset(self.split.ref, ctx.data_root, ctx.image, ood=self.split.ood, memo=ctx.token)
             outputs = extract(model, dataset, ctx.batch_size, ctx.num_workers, ctx.model_context.device,
                               desc=self.label, cache=cache, key=self.key)
+        if self.statistics:
+            dataset = load_dataset(self.split.ref, ctx.data_root, ctx.image, ood=self.split.ood, memo=ctx.token)
+            ensure_statistics(get_model(ctx.model, ctx.model_context), dataset, self.key, self.statistics,
+                              ctx.model_context.cache_dir, ctx.batch_size, ctx.num_workers, ctx.model_context.device)
         result = {"split": self.split.name, "samples": len(outputs), "accuracy": None, "reason": None}
         bad = nonfinite_count(outputs.logits)
         if bad:
@@ -207,6 +213,8 @@ class ScoreJob:
     cell_base: dict[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
     search_limit: int | None = None  # input-gradient searches: validation images per side
+    statistics: tuple = ()  # the method's layer statistics, read from the layer cache
+    members: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> other checkpoint -> output key
 
     @property
     def label(self) -> str:
@@ -220,6 +228,8 @@ class ScoreJob:
 
     def _outputs(self, split: str, model=None, progress=None) -> Outputs:
         outputs = load_cached_outputs(self.context, self.splits[split], self.keys[split], model)
+        attach(outputs, self.context.model_context.cache_dir, self.keys[split], self.statistics,
+               self.members.get(split, {}))
         if progress is not None:
             outputs.meta["progress"] = progress.update
         return outputs

@@ -32,6 +32,8 @@ import oodbench
 from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.executors import Executor, make_executor
 from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
+from oodbench.benchmark.reads import (checkpoint_groups, group_weights, member_keys, required_statistics,
+                                     statistics_by_split)
 from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_placeholder, resolve_params,
                                    resolve_postprocessors, search_space_for)
 from oodbench.benchmark.spec import Benchmark, load_benchmark
@@ -180,21 +182,28 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
         contexts[display] = replace(contexts[display], image=benchmark.image.for_model(probe["preprocessing"]))
 
     # every cell by its fingerprint; those already in the store are done
+    # (an ensemble method has one cell per model entry, on its first checkpoint, named by all their weights)
     fingerprints = {}
+    groups = checkpoint_groups(config.models)
     for spec in config.models:
         probe = probes.get(spec.display)
         identity, weights = (probe["identity"], probe["weights_hash"]) if probe else (model_placeholder(spec), "")
-        image = contexts[spec.display].image
-        fingerprints[spec.display] = {n: plan.cell_fingerprint(n, identity, weights, image) for n in names}
+        image, group = contexts[spec.display].image, groups[spec.display]
+        ensembles = {n for n in names if plan.methods[n].cls.needs_checkpoints}
+        fingerprints[spec.display] = {
+            n: plan.cell_fingerprint(n, identity, group_weights(probes, group) if n in ensembles else weights, image)
+            for n in names if n not in ensembles or group[0] == spec.display}
     done = store.done_fingerprints(benchmark.name)
-    pending = {d: [n for n in names if fingerprints[d][n] not in done] for d in fingerprints}
+    pending = {d: [n for n in fingerprints[d] if fingerprints[d][n] not in done] for d in fingerprints}
     provenance = {"benchmark_version": benchmark.version, "oodbench_version": oodbench.__version__,
                   "git_hash": git_hash(), "config_hash": config.digest, "fpr_convention": config.fpr}
 
     def cell_base(display: str, name: str) -> dict[str, Any]:
         spec = contexts[display].model
         weights = probes[display]["weights_hash"] if display in probes else None
-        return dict(benchmark=benchmark.name, model=spec.model_label, checkpoint=spec.member or "", postprocessor=name,
+        members = groups[display] if plan.methods[name].cls.needs_checkpoints else [display]
+        checkpoint = "+".join(contexts[d].model.member or "" for d in members)
+        return dict(benchmark=benchmark.name, model=spec.model_label, checkpoint=checkpoint, postprocessor=name,
                     setting=plan.methods[name].setting, fingerprint=fingerprints[display][name],
                     data_fingerprint=plan.fingerprint, tags=list(spec.tags),
                     provenance={**provenance, "weights_hash": weights},
@@ -210,14 +219,19 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
 
     # extract what the pending cells read (each split once per model)
     extract_jobs = []
+    borrowed = {d: [plan.methods[n] for leader in group if leader in pending for n in pending[leader]
+                    if plan.methods[n].cls.needs_checkpoints and leader != d] for d, group in groups.items()}
     for display, names_left in pending.items():
         probe = probes.get(display)
-        if not names_left or probe is None:
+        if not (names_left or borrowed[display]) or probe is None:
             continue
-        needed = {s for n in names_left for s in [*plan.methods[n].splits, *ALWAYS] if plan.present(s)}
+        statistics = statistics_by_split([plan.methods[n] for n in names_left])
+        needed = {s for m in [*map(plan.methods.get, names_left), *borrowed[display]] for s in [*m.splits, *ALWAYS]
+                  if plan.present(s)}
         keys = {s: plan.output_key(s, probe["identity"], probe["weights_hash"], contexts[display].image)
                 for s in plan.splits if s in needed}
-        extract_jobs += [ExtractJob(contexts[display], plan.splits[s], key) for s, key in keys.items()]
+        extract_jobs += [ExtractJob(contexts[display], plan.splits[s], key, statistics.get(s, ()))
+                         for s, key in keys.items()]
         probe["keys"] = keys
     progress.total += len(extract_jobs) + sum(map(len, pending.values()))
     progress.refresh()
@@ -260,7 +274,10 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
                 context=contexts[display], postprocessor=name, params=method.params, space=method.space,
                 splits=plan.splits, keys={s: keys[s] for s in [*method.splits, "id:fit"] if s in keys},
                 groups={**{n: "near" for n in benchmark.near}, **{n: "far" for n in benchmark.far}},
-                plugins=tuple(config.plugins), cell_base=cell_base(display, name), search_limit=method.search_limit))
+                plugins=tuple(config.plugins), cell_base=cell_base(display, name), search_limit=method.search_limit,
+                statistics=required_statistics(method.cls, method.params, method.space),
+                members=member_keys(groups[display][1:], probes, {d: contexts[d].model.member for d in groups[display]},
+                                    method.splits) if method.cls.needs_checkpoints else {}))
     if missing_sets and not quiet:
         warnings.warn(f"missing datasets (marked missing in the table): {', '.join(missing_sets)}", stacklevel=2)
 

@@ -12,6 +12,12 @@ for it. Methods declare what they need as class attributes, which the runner rea
   (a latent Gaussian's ``("mu", "logvar")``); read them with ``self.required_extras``,
   which fails in one line (`MissingExtras`) when the model does not provide them, and
   the runner marks that cell missing;
+- ``needs_checkpoints``: scores the outputs of every checkpoint of its model entry together
+  (an ensemble): the runner scores one cell per entry, with the other checkpoints' logits in
+  ``outputs.extras["checkpoint:<name>"]``; a single checkpoint is an ensemble of one;
+- ``layer_statistics()``: per-sample statistics of intermediate layers the method reads
+  (`oodbench.models.layers.LayerStatistic`, for its hyperparameters); the runner extracts
+  them once per (model, split), caches them and puts them in ``outputs.extras``;
 - ``fit_params``: the hyperparameters that change what ``fit`` computes (None: all),
   so the fit-state cache fits once for the others' whole search range;
 - ``defaults``: hyperparameters and their default values;
@@ -180,6 +186,7 @@ class Postprocessor:
     needs_model: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
     needs_extras: ClassVar[tuple[str, ...]] = ()
+    needs_checkpoints: ClassVar[bool] = False
     fit_params: ClassVar[tuple[str, ...] | None] = None
     higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "other"
@@ -219,6 +226,10 @@ class Postprocessor:
         for key, values in space.items():
             for value in values:
                 cls.check_value(key, value, where)
+
+    def layer_statistics(self) -> tuple:
+        """The `oodbench.models.layers.LayerStatistic` s this method reads under its hyperparameters."""
+        return ()
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         """Fit state on ID outputs (train split, and the ID validation split)."""
