@@ -128,6 +128,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.shaping",
         "oodbench.postprocessors.gradnorm",
         "oodbench.postprocessors.pro",
+        "oodbench.postprocessors.react_gen",
         "oodbench.postprocessors.odin",
         "oodbench.postprocessors.sni",
         "oodbench.postprocessors.latent",

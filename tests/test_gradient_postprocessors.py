@@ -154,6 +154,9 @@ GRIDS = {
     "pro_msp_t": {"eps": [0.02, 0.005], "K": [2, 1], "temperature": [0.5, 10.0]},
     "pro_gen": {"eps": [0.02], "K": [3, 1], "gamma": [0.1, 2.0], "top_m": [3, 10, 100]},  # M >= 5 classes: one trajectory
     "odin": {"temperature": [1.0, 10.0, 1000.0], "eps": [0.0014, 0.0, 0.05]},
+    "pro_msp_last": {"eps": [0.02, 0.001], "K": [3, 0, 1], "statistic": ["last", "min"],
+                     "eps_units": ["pixel", "normalized"]},
+    "pro_ebo": {"eps": [0.02], "K": [2, 1], "temperature": [1.0, 3.0]},
 }
 
 
@@ -433,3 +436,133 @@ def test_pro_records_float64_scores_so_saturated_samples_keep_their_order(name):
     assert scores[0] > scores[1] > scores[2]
     expected = base_score_np(name, logits.flatten(1).double().numpy(), method.params)
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4)
+
+
+# --------------------------------------------- PRO variants: last step, energy, units, GEN-ReAct
+
+
+def energy_np(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(axis=1)
+    return m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+
+
+@pytest.mark.parametrize("name", ["pro_msp_last", "pro_ebo", "pro_ent_last"])
+def test_one_step_of_the_last_step_and_energy_variants_matches_the_closed_form(name):
+    """last: the score after the step (not the minimum); pro_ebo: Algorithm 1 on the energy,
+    whose gradient is p^T W on a linear model."""
+    net, W, b = linear_softmax_model(1)
+    model = ModelAdapter(net, num_classes=6, identity="test:linear")
+    x = images(count=16, size=4, seed=5)
+    eps = 0.05
+    x0 = x.flatten(1).double().numpy()
+    p = softmax_np(x0 @ W.T + b)
+    centred = W[None, :, :] - np.einsum("nk,kd->nd", p, W)[:, None, :]
+    if name == "pro_msp_last":
+        top = p.argmax(axis=1)
+        grad = p[np.arange(len(p)), top][:, None] * centred[np.arange(len(p)), top]
+        base = lambda f: softmax_np(f).max(axis=1)  # noqa: E731
+    elif name == "pro_ent_last":
+        grad = np.einsum("nc,ncd->nd", p * np.log(p), centred)
+        base = lambda f: (softmax_np(f) * np.log(softmax_np(f))).sum(axis=1)  # noqa: E731
+    else:
+        grad = p @ W
+        base = energy_np
+    x1 = x0 - eps * np.sign(grad)
+    after = base(x1 @ W.T + b)
+    expected = np.minimum(base(x0 @ W.T + b), after) if name == "pro_ebo" else after
+    score = create(name, K=1, eps=eps).score(outputs_for(model, x))
+    np.testing.assert_allclose(score.numpy(), expected, rtol=1e-5, atol=1e-6)
+    if name != "pro_ebo":
+        assert (after > base(x0 @ W.T + b)).any() or (after < base(x0 @ W.T + b)).any()
+
+
+def pro_reference_on_normalised_inputs(net: nn.Module, x: torch.Tensor, eps: float, steps: int,
+                                       statistic: str) -> np.ndarray:
+    """The PRO code's loop (pro2_msp / pro_msp), written out: the network takes the
+    normalised tensor, which is what the steps perturb."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    data = ((x - mean) / std).clone()
+    record = []
+    for _ in range(steps):
+        data.requires_grad_(True)
+        conf = torch.softmax(net(data), dim=1).max(dim=1).values
+        record.append(conf.detach().double())
+        (grad,) = torch.autograd.grad(conf.mean(), data)
+        data = data.detach() - eps * grad.sign()
+    with torch.no_grad():
+        record.append(torch.softmax(net(data).double(), dim=1).max(dim=1).values)
+    stacked = torch.stack(record)
+    return (stacked.min(dim=0).values if statistic == "min" else stacked[-1]).numpy()
+
+
+@pytest.mark.parametrize("statistic", ["min", "last"])
+def test_eps_in_normalised_units_follows_the_pro_code(statistic):
+    """eps_units: normalized steps eps * std_c on the [0,1] image: the PRO code's step of eps on
+    OpenOOD's normalised tensor (float32 model, so to float32 precision)."""
+    model = tiny_adapter()
+    x = images(count=10)
+    eps, steps = 0.01, 3
+    expected = pro_reference_on_normalised_inputs(tiny_net(), x, eps, steps, statistic)
+    score = create("pro_msp", K=steps, eps=eps, statistic=statistic, eps_units="normalized")
+    got = score.score(outputs_for(model, x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    pixel = create("pro_msp", K=steps, eps=eps, statistic=statistic).score(outputs_for(model, x)).numpy()
+    assert not np.allclose(pixel, got, rtol=1e-6, atol=0), "the two units must step differently here"
+
+
+def features_np(model: ModelAdapter, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        z, _ = model.features(x)
+    W, b = model.fc
+    return z.double().numpy(), W.double().numpy(), b.double().numpy()
+
+
+def gen_np(logits: np.ndarray, gamma: float, m: int) -> np.ndarray:
+    top = -np.sort(-softmax_np(logits), axis=1)[:, :m]
+    return -(top**gamma * (1 - top) ** gamma).sum(axis=1)
+
+
+def test_gen_react_matches_its_formula():
+    model = tiny_adapter()
+    train, test = images(count=30, seed=2), images(count=9, seed=3)
+    z_train, _, _ = features_np(model, train)
+    z, W, b = features_np(model, test)
+    threshold = np.percentile(z_train.ravel(), 85)
+    expected = gen_np(np.minimum(z, threshold) @ W.T + b, 0.5, 3)
+    method = create("gen_react", percentile=85, gamma=0.5, top_m=3)
+    fc = model.fc
+    fit = Outputs(logits=model(train).detach(), features=torch.from_numpy(z_train).float(), fc=fc)
+    method.fit(fit, fit)
+    assert method.threshold == pytest.approx(threshold)
+    got = method.score(Outputs(logits=model(test).detach(), features=torch.from_numpy(z).float(), fc=fc))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_pro_gen_react_steps_through_the_clipped_classifier():
+    """K=0 is GEN-ReAct; one step follows the gradient through min(z, t), written out in torch."""
+    model = tiny_adapter()
+    train, x = images(count=30, seed=2), images(count=9, seed=3)
+    z_train, _, _ = features_np(model, train)
+    fit = Outputs(logits=model(train).detach(), features=torch.from_numpy(z_train).float(), fc=model.fc)
+    threshold = float(np.percentile(z_train.ravel(), 90))
+    W, b = model.fc
+
+    def score_of(v):
+        z, _ = model.features(v)
+        probs = torch.softmax((z.clamp(max=threshold) @ W.T + b).double(), dim=1)
+        top = probs.topk(3, dim=1).values
+        return -(top**0.1 * (1 - top) ** 0.1).sum(dim=1)
+
+    v = x.clone().requires_grad_(True)
+    clean = score_of(v)
+    (grad,) = torch.autograd.grad(clean.sum(), v)
+    stepped = score_of(x - 0.05 * grad.sign()).detach()
+    expected = torch.minimum(clean.detach(), stepped).numpy()
+    results = []
+    for steps in (0, 1):
+        method = create("pro_gen_react", K=steps, eps=0.05, top_m=3)
+        method.fit(fit, fit)
+        results.append(method.score(outputs_for(model, x)).numpy())
+    np.testing.assert_allclose(results[0], clean.detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(results[1], expected, rtol=1e-4, atol=1e-6)
+    assert (results[1] < results[0]).any()
