@@ -102,7 +102,7 @@ def ref_openmax(d, alpha=3, tail_size=20):
             revised.append(f[c] * (1 - w * omega[c]))
             unknown.append(f[c] - revised[-1])
         total = np.exp(revised).sum() + np.exp(np.sum(unknown))
-        scores.append(-np.exp(np.sum(unknown)) / total)
+        scores.append(np.log(np.sum(np.exp(revised) / total)))  # log(1 - p_unknown), OpenOOD's -p_unknown
     return np.array(scores)
 
 

@@ -12,7 +12,12 @@ omega = 1, (alpha-1)/alpha, ..., 1/alpha (the others 0); with w_c = w_c(||f - MA
 revised logits s_c = f_c (1 - omega_c w_c) and the unknown-class logit
 u = sum_c f_c omega_c w_c,
 
-    p_unknown = exp(u) / (sum_c exp(s_c) + exp(u)),   score = -p_unknown.
+    p_unknown = exp(u) / (sum_c exp(s_c) + exp(u)),
+    score = log(1 - p_unknown) = logsumexp(s) - logsumexp(s, u).
+
+OpenOOD scores -p_unknown (in float64); log(1 - p_unknown) orders the samples the same
+way and keeps that order in float32, where -p_unknown rounds to -1 for every sample
+with p_unknown > 1 - 6e-8 (17 of 1,000 CIFAR-10 test images with ResNet-56).
 
 As in OpenOOD v1.5: one "channel" (the logits), Euclidean distances (the paper's ImageNet
 code mixes in a cosine term), alpha = 3, tail 20 (a class with fewer correct samples
@@ -105,8 +110,8 @@ class OpenMax(Postprocessor):
             omega = torch.zeros_like(f).scatter(1, f.topk(alpha, dim=1).indices, rank_weights.expand(len(f), -1))
             distances = torch.cdist(f, self.class_means, compute_mode=EXACT_DISTANCES)
             revision = omega * w_scores(distances, self.scale, self.shape, self.shift)
+            revised = f * (1 - revision)
             unknown = (f * revision).sum(dim=1, keepdim=True)
-            everything = torch.cat([f * (1 - revision), unknown], dim=1)
-            return -torch.exp(unknown[:, 0] - torch.logsumexp(everything, dim=1))
+            return torch.logsumexp(revised, dim=1) - torch.logsumexp(torch.cat([revised, unknown], dim=1), dim=1)
 
         return in_blocks(block, outputs.logits).float()
