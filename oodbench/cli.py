@@ -28,6 +28,9 @@ def _add_common_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="output cache folder (overrides the config and OODBENCH_CACHE)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num-workers", type=int, metavar="N",
+                        help="DataLoader worker processes decoding images (default: the config's, else 0: in the "
+                             "main process); pinned memory on a CUDA device")
     parser.add_argument("--trust-checkpoint", action="store_true", default=None,
                         help="allow checkpoints that need full unpickling (can run code: trusted files only)")
     parser.add_argument("--verify-data", action="store_true", default=None,
@@ -38,6 +41,7 @@ def _add_common_run_args(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     return {"plugins": args.plugin, "results": args.results, "data_root": args.data_root,
             "cache_dir": args.cache_dir, "device": args.device, "batch_size": args.batch_size,
+            "num_workers": args.num_workers,
             "trust_checkpoint": args.trust_checkpoint, "verify_data": args.verify_data}
 
 
@@ -227,6 +231,12 @@ def add_list(sub) -> None:
     parser = sub.add_parser("list", help="list registered postprocessors, models, datasets or benchmarks")
     parser.add_argument("kind", choices=["postprocessors", "models", "datasets", "benchmarks"])
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load this plugin file")
+    parser.add_argument("--model-dir", default="models",
+                        help="models: RobustBench's model_dir to look in (default: models)")
+    parser.add_argument("--openood-dir", default="results",
+                        help="models: OpenOOD v1.5's checkpoint folder to look in (default: results)")
+    parser.add_argument("--hf-cache", metavar="DIR",
+                        help="models: the Hugging Face hub cache to look in (default: the hub's, HF_HUB_CACHE)")
     parser.set_defaults(func=cmd_list)
 
 
@@ -254,9 +264,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 for entry in registry.MODELS.entries()]
         print(tabulate(rows, headers=["source", "origin", "description"]))
         print("\nbuilt-in models: " + ", ".join(BUILTIN_MODELS))
+        from oodbench.models.catalog import offline_rows
         from oodbench.models.robustbench_source import zoo_listing
 
         print("\n" + zoo_listing())
+        print("\nImageNet backbones available offline here (weights found, or the path where they are expected):")
+        print(tabulate(offline_rows(args.model_dir, args.openood_dir, args.hf_cache),
+                       headers=["model", "options", "weights", "path"]))
     elif args.kind == "datasets":
         rows = [[entry.name, ((entry.obj.__doc__ or "").strip().splitlines() or [""])[0]] for entry in registry.DATASETS.entries()]
         print(tabulate(rows, headers=["dataset source", "description"]))

@@ -150,6 +150,7 @@ MODELS: Registry[Any] = Registry("model", lazy_modules=(
     "oodbench.models.robustbench_source",
     "oodbench.models.timm_source",
     "oodbench.models.torch_source",
+    "oodbench.models.torchvision_source",
 ))
 DATASETS: Registry[Any] = Registry("dataset", lazy_modules=(
     "oodbench.datasets.builtin",

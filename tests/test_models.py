@@ -156,8 +156,8 @@ def test_timm_model_from_a_local_file(tmp_path, context):
 
 
 def test_timm_never_downloads(context):
-    with pytest.raises(OodbenchError, match="Hugging Face hub.*checkpoint"):
-        load_model(ModelSpec("timm:resnet18", options={"pretrained": True}), context)
+    with pytest.raises(OodbenchError, match="not in the local Hugging Face cache.*never downloads.*checkpoint"):
+        load_model(ModelSpec("timm:resnet18", options={"pretrained": True, "cache_dir": "empty-hub-cache"}), context)
     with pytest.raises(OodbenchError, match="did you mean: resnet18"):
         load_model(ModelSpec("timm:resnet18x", checkpoint="x.pth"), context)
 

@@ -222,6 +222,10 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
             desc: str = "extract", cache: OutputCache | None = None, key: str | None = None) -> Outputs:
     """One forward pass over `dataset`: logits, penultimate features, labels and (W, b).
 
+    Images are decoded batch by batch (by `num_workers` DataLoader processes, into pinned
+    memory for a CUDA device), so memory holds a few batches of images, never the split;
+    what accumulates is each image's outputs (features, logits).
+
     With `cache` and `key`, the entry is saved under `key`, and the work is written as it
     goes in shards (every `shard_seconds()`, at batch boundaries, each verified like an
     entry): a killed extraction resumes from its last complete shard, and the entry equals
@@ -237,7 +241,8 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
         chunks.append(entry[0])
         done, number = entry[1]["end"], number + 1
     rest = dataset if done == 0 else Subset(dataset, range(done, len(dataset)))
-    loader = DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    cuda = torch.device(device).type == "cuda"  # pinned batches copy to the GPU while the next ones decode
+    loader = DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda)
     pending: list[dict[str, torch.Tensor]] = []
     last_flush = time.monotonic()
     interval = shard_seconds()
@@ -252,10 +257,11 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
 
     for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", mininterval=1.0,
                                 disable=len(loader) < 20):
+        images = images.to(device, non_blocking=cuda)
         if hasattr(model, "forward_with_extras"):
-            feats, logit, extras = model.forward_with_extras(images.to(device))
+            feats, logit, extras = model.forward_with_extras(images)
         else:
-            (feats, logit), extras = model.features(images.to(device)), {}
+            (feats, logit), extras = model.features(images), {}
         pending.append({"features": feats.float().cpu(), "logits": logit.float().cpu(),
                         "labels": torch.as_tensor(targets).long(),
                         **{EXTRA + name: _stored(value) for name, value in extras.items()}})

@@ -114,6 +114,8 @@ def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
         raise OodbenchError(f"{source}: 'fit_split' must be one of {', '.join(FIT_SPLITS)}")
     if config.batch_size < 1:
         raise OodbenchError(f"{source}: 'batch_size' must be positive")
+    if config.num_workers < 0:
+        raise OodbenchError(f"{source}: 'num_workers' must be 0 (decode in the main process) or more")
     check_limit(config.limit, f"{source}: 'limit'")
     check_threads(config.threads, f"{source}: 'threads'")
     check_limit(config.search_limit, f"{source}: 'search_limit'")
@@ -217,6 +219,8 @@ def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> Experiment
             config.threads = check_threads(value, "--threads")
         elif key == "batch_size" and (isinstance(value, bool) or value < 1):
             raise OodbenchError(f"--batch-size must be a positive number of images, got {value}")
+        elif key == "num_workers" and (isinstance(value, bool) or value < 0):
+            raise OodbenchError(f"--num-workers must be 0 or a positive number of processes, got {value}")
         elif key == "plugins":
             config.plugins = list(config.plugins) + list(value)
         elif not hasattr(config, key):

@@ -52,11 +52,12 @@ def own_preprocessing(size: int, resize: int, interpolation: str, origin: str) -
 PREPROCESSING_CHOICES = ("model", "benchmark")
 
 
-def check_preprocessing_choice(value: str, what: str) -> bool:
-    """A source's ``preprocessing`` option: True for the model's own transform, False for the benchmark's."""
-    if value not in PREPROCESSING_CHOICES:
+def check_preprocessing_choice(value: str | None, what: str) -> bool | None:
+    """A source's ``preprocessing`` option: True for the model's own transform, False for the
+    benchmark's, None (not given) for the source's default."""
+    if value is not None and value not in PREPROCESSING_CHOICES:
         raise OodbenchError(f"{what}: preprocessing must be one of {', '.join(PREPROCESSING_CHOICES)}, got {value!r}")
-    return value == "model"
+    return None if value is None else value == "model"
 
 
 @dataclass

@@ -134,6 +134,23 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not trust)
 
 
+def read_state_dict(path: str | Path, trust: bool = False) -> Any:
+    """`read_checkpoint`, and ``.safetensors`` files (tensors only, nothing to unpickle) read
+    with safetensors; every failure is one line naming `path`."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        return read_checkpoint(path, trust)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
 def _first_line(exc: BaseException) -> str:
     """The reason in an exception's message: its first line, or first sentence when that line is long."""
     text = str(exc).strip()

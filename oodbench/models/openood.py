@@ -1,11 +1,16 @@
 """OpenOOD v1.5 architectures loading OpenOOD checkpoints (``best.ckpt``, plain state dicts),
-as ``openood:resnet18_32x32`` and ``openood:lenet``.
+as ``openood:resnet18_32x32``, ``openood:resnet18_224x224`` and ``openood:lenet``.
 
 - ``resnet18_32x32``: ResNet-18 (He et al. 2016) adapted to 32x32 inputs, as OpenOOD
   trains it on CIFAR: a 3x3 stride-1 stem with 64 filters and no max-pooling, four
   stages of two basic blocks (64, 128, 256, 512 filters; stride 2 from the second
   stage on), projection shortcuts (1x1 convolution + batch norm, ``shortcut.0/1``) where
   the shape changes, global average pooling and ``fc``.
+- ``resnet18_224x224``: the ImageNet ResNet-18 (torchvision's layout, which OpenOOD
+  subclasses): a 7x7 stride-2 stem with 64 filters, batch norm, ReLU, 3x3 stride-2
+  max-pooling, the same four stages with projection shortcuts named ``downsample.0/1``,
+  global average pooling and ``fc``; OpenOOD's ImageNet-200 checkpoints (200 classes)
+  and ImageNet-1K ones. It reads the benchmark's test transform (resize 256, crop 224).
 - ``lenet``: LeNet-5 (LeCun et al. 1998) for 28x28 digits: ``block1`` 5x5 convolution to
   6 maps with padding 2, ReLU, 2x2 max-pool; ``block2`` 5x5 to 16 maps, ReLU, max-pool;
   ``block3`` 5x5 to 120 maps (1x1), ReLU; ``classifier1`` 120 -> 84 + ReLU; ``fc``.
@@ -18,7 +23,7 @@ Input normalisation is OpenOOD's for the training set (``dataset`` option): CIFA
 is missing from OpenOOD's table, so it gets OpenOOD's fallback, 0.5 / 0.5 on every channel
 (not the usual 0.1307 / 0.3081, with which the MNIST LeNet checkpoint loses 11 points of
 accuracy). Without ``dataset``, LeNet means MNIST and ResNet-18 means CIFAR-10 or
-CIFAR-100 by its class count. The class count and LeNet's input channels are read from
+CIFAR-100 by its class count, and ResNet-18 224x224 ImageNet-200 or ImageNet by its class count. The class count and LeNet's input channels are read from
 the checkpoint.
 """
 
@@ -79,6 +84,45 @@ class ResNet18_32x32(nn.Module):
         return self.fc(self.avgpool(out).flatten(1))
 
 
+class ImageNetBlock(nn.Module):
+    """torchvision's BasicBlock: its parameter names, so OpenOOD's 224x224 checkpoints load."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18_224x224(nn.Module):
+    def __init__(self, num_classes: int = 200):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_planes, stages = 64, []
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(ImageNetBlock(in_planes, planes, stride), ImageNetBlock(planes, planes, 1)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(self.avgpool(out).flatten(1))
+
+
 class LeNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
@@ -99,6 +143,8 @@ class LeNet(nn.Module):
 def _default_dataset(name: str, num_classes: int) -> str:
     if name == "lenet":
         return "mnist"
+    if name == "resnet18_224x224" and num_classes in (200, 1000):
+        return "imagenet200" if num_classes == 200 else "imagenet"
     if num_classes in (10, 100):
         return f"cifar{num_classes}"
     raise OodbenchError(f"openood:{name} with {num_classes} classes: set the 'dataset' option "
@@ -112,16 +158,16 @@ def build(name: str, state: dict[str, torch.Tensor]) -> nn.Module:
     if name == "lenet":
         stem = state.get("block1.0.weight")
         return LeNet(num_classes, stem.shape[1] if stem is not None and stem.dim() == 4 else 3)
-    return ResNet18_32x32(num_classes)
+    return ResNet18_224x224(num_classes) if name == "resnet18_224x224" else ResNet18_32x32(num_classes)
 
 
-ARCHITECTURES = ("resnet18_32x32", "lenet")
+ARCHITECTURES = ("resnet18_32x32", "resnet18_224x224", "lenet")
 
 
 @register_model_source("openood")
 def openood(name: str, context: ModelContext, checkpoint: str | None = None,
             dataset: str | None = None) -> ModelAdapter:
-    """OpenOOD v1.5 checkpoints: resnet18_32x32 (CIFAR) or lenet (MNIST) + checkpoint (best.ckpt)."""
+    """OpenOOD v1.5 checkpoints: resnet18_32x32 (CIFAR), resnet18_224x224 (ImageNet-200) or lenet (MNIST)."""
     if name not in ARCHITECTURES:
         raise OodbenchError(f"unknown OpenOOD architecture '{name}'{did_you_mean(name, ARCHITECTURES)}; "
                             f"choose one of {', '.join(ARCHITECTURES)}")

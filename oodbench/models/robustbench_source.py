@@ -10,7 +10,16 @@ expected path rather than a download. RobustBench 1.1.1 imports ``autoattack``, 
 dependency installs as ``pyautoattack``: the module is aliased before the import.
 
 RobustBench models normalise inside and take [0,1] images, so the adapter adds no
-normalisation. Models that output probabilities instead of logits (ensembles averaging
+normalisation. ImageNet entries name their test transform (``preprocessing``:
+``Res256Crop224`` resize 256 bilinear + center crop 224, ``BicubicRes256Crop224``,
+``Res224``...): it is the model's own (`oodbench.datasets.base.ImageSpec`), so the
+corruptions models of the PRO paper's Figure 5 (``Hendrycks2020AugMix``,
+``Hendrycks2020Many``, ``Erichson2022NoisyMix``, ``Geirhos2018_SIN``, ``_SIN_IN``,
+``_SIN_IN_IN``) read ImageNet as RobustBench evaluates them (``preprocessing: benchmark``
+keeps the benchmark's transform). ``Standard_R50`` is torchvision's ResNet-50, which
+RobustBench downloads: use ``torchvision:resnet50``.
+
+Models that output probabilities instead of logits (ensembles averaging
 their members' softmax, such as the CARD decks of Diffenderfer et al. 2021) are
 recognised from their output on a probe batch and flagged ``outputs_probabilities``;
 the adapter's logits are then the log of the averaged probabilities.
@@ -37,11 +46,15 @@ import torch
 from torch import nn
 
 from oodbench.errors import OodbenchError, did_you_mean
-from oodbench.models.adapter import ModelAdapter, ModelContext, _find_classifier, register_model_source
+from oodbench.models.adapter import (ModelAdapter, ModelContext, _find_classifier, check_preprocessing_choice,
+                                     own_preprocessing, register_model_source)
 from oodbench.models.checkpoints import load_errors_as_one_line, reject_html
 
 INSTALL_HINT = "RobustBench is not installed: pip install 'oodbench[robust]' (robustbench 1.1.1)"
 PROBE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenet": 224}
+# RobustBench's ImageNet test transforms (robustbench.data.PREPROCESSINGS) that are a resize of
+# the short side and a center crop: name -> (crop, resize, interpolation)
+TRANSFORMS = {"Res256Crop224": (224, 256, "bilinear"), "BicubicRes256Crop224": (224, 256, "bicubic")}
 
 
 def import_robustbench() -> tuple[Any, Any]:
@@ -152,8 +165,9 @@ def _probe(net: nn.Module, size: int) -> tuple[int, bool]:
 
 @register_model_source("robustbench")
 def robustbench_model(name: str, context: ModelContext, dataset: str = "cifar10", threat_model: str = "Linf",
-                      model_dir: str = "models") -> ModelAdapter:
+                      model_dir: str = "models", preprocessing: str = "model") -> ModelAdapter:
     """RobustBench model zoo, offline from model_dir/<dataset>/<threat_model>/<name>.pt (oodbench[robust])."""
+    own = check_preprocessing_choice(preprocessing, f"robustbench:{name}")
     utils, zoo = import_robustbench()
     dataset_enum = _enum(zoo.enums.BenchmarkDataset, dataset, "dataset")
     threat_enum = _enum(zoo.enums.ThreatModel, threat_model, "threat model")
@@ -163,6 +177,9 @@ def robustbench_model(name: str, context: ModelContext, dataset: str = "cifar10"
         raise OodbenchError(f"robustbench: no model '{name}' for {dataset_enum.value}/{threat_folder.value}"
                             f"{did_you_mean(name, models)}; `oodbench list models` shows them")
     gdrive_ids = models[name]["gdrive_id"]
+    if gdrive_ids == "":  # built by RobustBench with pretrained=True: a torchvision download
+        raise OodbenchError(f"robustbench:{name} is torchvision's pretrained network, which RobustBench downloads; "
+                            "load it with the torchvision source and its local weights file instead")
     timm_name = f"{name.lower().replace('-', '_')}_{dataset_enum.value.lower()}_{threat_folder.value.lower()}"
     if gdrive_ids is None or importlib.import_module("timm").is_model(timm_name):
         raise OodbenchError(f"robustbench:{name} is distributed through the Hugging Face hub, not as a file in "
@@ -192,7 +209,19 @@ def robustbench_model(name: str, context: ModelContext, dataset: str = "cifar10"
     return ModelAdapter(net, num_classes=num_classes,
                         identity=f"robustbench:{dataset_enum.value}:{threat_enum.value}:{name}",
                         classifier=net.head if isinstance(net, EnsembleFeatures) else None,
-                        outputs_probabilities=outputs_probabilities)
+                        outputs_probabilities=outputs_probabilities,
+                        preprocessing=entry_transform(name, models[name].get("preprocessing")) if own else None)
+
+
+def entry_transform(name: str, preprocessing: str | None) -> dict[str, Any] | None:
+    """The test transform a RobustBench entry names (ImageNet entries), or None (the benchmark's)."""
+    if preprocessing is None:
+        return None
+    if preprocessing not in TRANSFORMS:
+        raise OodbenchError(f"robustbench:{name}: its test transform '{preprocessing}' is not a resize and center "
+                            f"crop oodbench reproduces ({', '.join(TRANSFORMS)}); set preprocessing: benchmark")
+    crop, resize, interpolation = TRANSFORMS[preprocessing]
+    return own_preprocessing(crop, resize, interpolation, f"RobustBench {preprocessing}")
 
 
 def zoo_listing() -> str:
