@@ -13,7 +13,8 @@ P_l), as `oodbench.postprocessors.distance`. With M_l(x, c) = -1/2 (z_l - mu_lc)
 
 ``noise`` is in [0,1]-pixel units, like ODIN's eps: the reference code divides the signed
 gradient by each channel's std on normalised inputs, which is this step. ``noise = 0``
-scores the unperturbed features (from the cache, without running the model). ``alpha``: one weight per layer (None: 1 each).
+scores the unperturbed features (from the cache, without running the model). ``alpha``:
+one weight per layer (None: 1 each).
 
 Layers: ``stages`` (default; every feature-map stage of the network, the paper's
 ensemble, found generically, `oodbench.models.layers`) or module names. The fit reads the
