@@ -12,7 +12,7 @@ into it (DESIGN.md, "Identity and reuse"):
 - **model**: its identity string and the bytes of its weights (`ModelAdapter.weights_hash`;
   built-in models also the training recipe, `model_weights_key`);
 - **cell**: model + the fingerprints of the splits it read + postprocessor, its code and
-  settings (`cell_fingerprint`).
+  settings + the convention profile (`cell_fingerprint`).
 
 Content hashes are remembered in ``<cache_dir>/state/hashes.sqlite`` keyed by (path, size,
 mtime, inode), as DVC's state cache does, so re-hashing an unchanged file is a lookup.
@@ -77,11 +77,16 @@ def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
 
 
 def code_digest(cls: type) -> str:
-    """Hash of the module defining `cls`: editing a method's code changes its keys."""
+    """Hash of the module defining `cls`: editing a method's code changes its keys. A method
+    that computes its scores one of two ways depending on what is installed (KNN: faiss or
+    torch) names the one in use with a ``backend()`` static method, which is hashed too."""
     try:
         text = inspect.getsource(sys.modules[cls.__module__])
     except (OSError, TypeError, KeyError):
         text = f"{cls.__module__}.{cls.__qualname__}"
+    backend = getattr(cls, "backend", None)
+    if callable(backend):
+        text += f"\0backend={backend()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -270,10 +275,16 @@ def model_weights_key_text(name: str, recipe: dict, recipe_version: int, data: s
 
 
 def cell_fingerprint(*, model_identity: str, weights_hash: str, postprocessor: type, setting: str,
-                     params: dict, search_space: dict, splits: dict[str, str]) -> str:
-    """One cell of the store: model, method (class, code, settings) and the splits it read."""
-    return digest({"model": model_identity, "weights": weights_hash,
-                   "postprocessor": f"{postprocessor.__module__}.{postprocessor.__qualname__}",
-                   "code": code_digest(postprocessor), "setting": setting, "params": params,
-                   "search_space": search_space, "splits": dict(sorted(splits.items())),
-                   "score_version": SCORE_VERSION}, 16)
+                     params: dict, search_space: dict, splits: dict[str, str],
+                     conventions: dict | None = None) -> str:
+    """One cell of the store: model, method (class, code, settings), the splits it read and the
+    convention profile (`oodbench.conventions`; the default ``paper`` profile adds nothing, so
+    its cells keep the keys they had before profiles existed)."""
+    payload = {"model": model_identity, "weights": weights_hash,
+               "postprocessor": f"{postprocessor.__module__}.{postprocessor.__qualname__}",
+               "code": code_digest(postprocessor), "setting": setting, "params": params,
+               "search_space": search_space, "splits": dict(sorted(splits.items())),
+               "score_version": SCORE_VERSION}
+    if conventions is not None and conventions.get("name") != "paper":
+        payload["conventions"] = conventions
+    return digest(payload, 16)

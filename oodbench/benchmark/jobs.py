@@ -32,6 +32,7 @@ from oodbench.benchmark.plan import SplitRef, split_state
 from oodbench.benchmark.reads import attach, ensure_statistics
 from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_scores, limit_validation,
                                       limited_sizes, search_hyperparameters, split_grid)
+from oodbench.conventions import load_conventions
 from oodbench.datasets.base import ImageSpec, load_dataset
 from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError
 from oodbench.evaluators.metrics import accuracy, ood_metrics
@@ -42,6 +43,7 @@ from oodbench.registry import POSTPROCESSORS, load_plugins
 from oodbench.results.store import Cell
 
 ID_TEST = "id_test"
+FS = "fs_"  # prefix of the full-spectrum metrics: ID test + covariate-shifted sets as ID (OpenOOD v1.5 fsood)
 
 _MODELS: dict[tuple, Any] = {}
 
@@ -209,10 +211,11 @@ class ScoreJob:
     space: dict[str, list[Any]]
     splits: dict[str, SplitRef]  # id:test, id:val, id:fit, ood_val:*, and every OOD test set
     keys: dict[str, str]  # split name -> output-cache key (present splits only)
-    groups: dict[str, str]  # OOD test name -> near | far
+    groups: dict[str, str]  # test set name -> csid | near | far (csid: covariate-shifted ID)
     cell_base: dict[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
     search_limit: int | None = None  # input-gradient searches: validation images per side
+    conventions: str = "paper"  # the profile: the AUPR rule and the search's order (`oodbench.conventions`)
     statistics: tuple = ()  # the method's layer statistics, read from the layer cache
     members: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> other checkpoint -> output key
 
@@ -295,7 +298,8 @@ class ScoreJob:
             if self.search_limit is not None:
                 search_val, ood_val = limit_validation(val_outputs, ood_val, self.search_limit)
                 cell.search_limit = self.search_limit
-            chosen, note = search_hyperparameters(cls, self.params, self.space, search_val, ood_val, fit)
+            chosen, note = search_hyperparameters(cls, self.params, self.space, search_val, ood_val, fit,
+                                                  load_conventions(self.conventions).combinations)
             if note:
                 cell.reason = note
                 warnings.warn(f"{self.label}: {note}", stacklevel=2)
@@ -311,12 +315,29 @@ class ScoreJob:
         cell.metrics[ID_TEST] = {"acc": accuracy(test.logits.numpy(), test.labels.numpy())}
         cell.scores[ID_TEST] = id_scores
         cell.groups[ID_TEST] = "id"
-        for name, group in self.groups.items():
+        shifted = [id_scores]  # ID test + each covariate-shifted set: the ID side of FS-OOD
+        hits = [correct_predictions(test)]
+        for name, group in sorted(self.groups.items(), key=lambda item: item[1] != "csid"):  # csid sets first
             split = f"{group}:{name}"
             if split not in self.keys:
                 continue
-            ood_outputs = load(split)
-            ood_scores = finite_scores(method.score(ood_outputs), name, len(ood_outputs))
-            cell.metrics[name] = ood_metrics(id_scores, ood_scores)
-            cell.scores[name] = ood_scores
-            cell.groups[name] = group
+            outputs = load(split)
+            scores = finite_scores(method.score(outputs), name, len(outputs))
+            cell.scores[name], cell.groups[name] = scores, group
+            if group == "csid":
+                hits.append(correct_predictions(outputs))
+                cell.metrics[name] = {"acc": float(hits[-1].mean())}
+                shifted.append(scores)
+                continue
+            aupr = load_conventions(self.conventions).aupr
+            cell.metrics[name] = ood_metrics(id_scores, scores, aupr)
+            if len(shifted) > 1:
+                cell.metrics[name].update({f"{FS}{metric}": value for metric, value
+                                           in ood_metrics(np.concatenate(shifted), scores, aupr).items()})
+        if len(shifted) > 1:  # OpenOOD's csid_acc: over the ID test and every shifted image together
+            cell.metrics[ID_TEST][f"{FS}acc"] = float(np.concatenate(hits).mean())
+
+
+def correct_predictions(outputs: Outputs) -> np.ndarray:
+    """Per sample: whether the argmax of its logits is its label."""
+    return outputs.logits.numpy().argmax(axis=1) == outputs.labels.numpy()

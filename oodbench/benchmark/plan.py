@@ -18,6 +18,8 @@ from typing import Any
 
 from oodbench.benchmark.config import ExperimentConfig
 from oodbench.benchmark.spec import CONFIG_DIR, Benchmark, read_yaml
+from oodbench.conventions import DEFAULT as CONVENTIONS
+from oodbench.conventions import Conventions, load_conventions
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, split_fingerprint_of
 from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean
 from oodbench.identity import FileState, benchmark_fingerprint, cell_fingerprint, digest, output_key_text
@@ -67,6 +69,8 @@ def benchmark_splits(benchmark: Benchmark, fit_split: str, limit: int | None = N
         splits[f"id:{name}"] = SplitRef(f"id:{name}", limited(ref), ood=False)
     if fit_split in benchmark.id_splits:
         splits["id:fit"] = splits[f"id:{fit_split}"]
+    for name, ref in benchmark.csid.items():
+        splits[f"csid:{name}"] = SplitRef(f"csid:{name}", limited(ref), ood=False)
     for name, ref in benchmark.ood_val.items():
         splits[f"ood_val:{name}"] = SplitRef(f"ood_val:{name}", limited(ref), ood=True)
     for group, sets in (("near", benchmark.near), ("far", benchmark.far)):
@@ -102,14 +106,21 @@ def resolve_params(names: list[str], params: dict[str, dict[str, Any]]) -> dict[
     return resolved
 
 
-def setting_of(search: bool, params: dict[str, Any]) -> str:
-    base = "search" if search else "default"
+def setting_of(search: bool, params: dict[str, Any], conventions: str = CONVENTIONS) -> str:
+    """``search`` / ``default``, then ``@<profile>`` unless the default profile, then the fixed params."""
+    base = ("search" if search else "default") + ("" if conventions == CONVENTIONS else f"@{conventions}")
     return base + (json.dumps(params, sort_keys=True) if params else "")
 
 
-def search_space_for(name: str, cls: type[Postprocessor]) -> dict[str, list[Any]]:
-    """The search lists of a postprocessor: configs/postprocessors/<name>.yaml, else the class's;
-    every value checked against the method's ranges."""
+def search_space_for(name: str, cls: type[Postprocessor], conventions: Conventions | None = None
+                     ) -> dict[str, list[Any]]:
+    """The search lists of a postprocessor: its conventions profile's, else
+    configs/postprocessors/<name>.yaml, else the class's; every value checked against the
+    method's ranges."""
+    if conventions is not None and (cls.name or name) in conventions.search:
+        space = dict(conventions.search[cls.name or name])
+        cls.check_search_space(space, source=f"the conventions profile '{conventions.name}'")
+        return space
     path = CONFIG_DIR / "postprocessors" / f"{cls.name or name}.yaml"
     if path.is_file():
         raw = read_yaml(path, "postprocessor config") or {}
@@ -133,6 +144,7 @@ class MethodPlan:
     space: dict[str, list[Any]]
     splits: list[str] = field(default_factory=list)
     search_limit: int | None = None  # validation images per side an input-gradient search uses
+    fit_split: str = "train"  # the ID split `fit` reads (the experiment's, or the profile's for this method)
 
 
 @dataclass
@@ -152,15 +164,17 @@ class Plan:
         of the benchmark, for readers of a finished run); each source is listed once."""
         splits = benchmark_splits(benchmark, config.fit_split, config.limit)
         params = resolve_params(names, config.params)
-        tests = ["id:test"] + [s for s in splits if s.split(":")[0] in ("near", "far")]
+        tests = ["id:test"] + [s for s in splits if s.split(":")[0] in ("csid", "near", "far")]
         ood_val = [s for s in splits if s.startswith("ood_val:")]
-        fit_split = f"id:{config.fit_split}"
+        conventions = load_conventions(config.conventions)
         methods = {}
         for name in names:
             method_cls = POSTPROCESSORS.get(name)
             fixed = params.get(name, {})
-            space = search_space_for(name, method_cls) if config.search else {}
+            space = search_space_for(name, method_cls, conventions) if config.search else {}
             space = {k: v for k, v in space.items() if k not in fixed}
+            method_fit = conventions.fit_split.get(method_cls.name or name, config.fit_split)
+            fit_split = f"id:{method_fit}"
             read = list(tests)
             if method_cls.needs_fit:
                 read += [fit_split, "id:val"]
@@ -168,8 +182,10 @@ class Plan:
                 read += ["id:val", *ood_val]
             read = [s for s in dict.fromkeys(read) if s in splits or s == fit_split]
             search_limit = config.search_limit if space and method_cls.needs_model else None
-            methods[name] = MethodPlan(name, method_cls, fixed, setting_of(config.search, fixed), space, read,
-                                       search_limit)
+            defaults = conventions.method_params(method_cls.name or name, benchmark.name)
+            methods[name] = MethodPlan(name, method_cls, {**defaults, **fixed},
+                                       setting_of(config.search, fixed, conventions.name), space, read, search_limit,
+                                       method_fit)
         token = uuid.uuid4().hex
         files = FileState(config.data_root, Path(config.cache_dir) / "state", verify=config.verify_data)
         states: dict[str, SplitState] = {}
@@ -219,7 +235,11 @@ class Plan:
         return cell_fingerprint(model_identity=model_identity, weights_hash=weights_hash, postprocessor=method.cls,
                                 setting=method.setting, params=method.params,
                                 search_space={**method.space, "search_limit": method.search_limit},
-                                splits={s: states[s].fingerprint for s in method.splits})
+                                conventions=self.conventions.key(), splits={s: states[s].fingerprint for s in method.splits})
+
+    @property
+    def conventions(self) -> Conventions:
+        return load_conventions(self.config.conventions)
 
     def output_key(self, split: str, model_identity: str, weights_hash: str, image: ImageSpec | None = None) -> str:
         return output_key_text(model_identity, weights_hash, self.states_for(image)[split].fingerprint)

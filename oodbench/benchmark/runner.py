@@ -37,6 +37,7 @@ from oodbench.benchmark.reads import (checkpoint_groups, group_weights, member_k
 from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_placeholder, resolve_params,
                                    resolve_postprocessors, search_space_for)
 from oodbench.benchmark.spec import Benchmark, load_benchmark
+from oodbench.conventions import load_conventions
 from oodbench.datasets.base import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
@@ -89,14 +90,15 @@ def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -
     (every fixed value and every searched one), model sources. Returns the postprocessors."""
     load_plugins(config.plugins, strict=True)
     if benchmark is None:
-        load_benchmark(config.benchmark)
+        benchmark = load_benchmark(config.benchmark)
     names = resolve_postprocessors(config.postprocessors)
     params = resolve_params(names, config.params)
+    conventions = load_conventions(config.conventions)
     for name in names:
         method = POSTPROCESSORS.get(name)
-        method(**params.get(name, {}))  # bad values fail before any work
-        if config.search:
-            search_space_for(name, method)  # and so do bad searched values
+        method(**conventions.method_params(method.name or name, benchmark.name), **params.get(name, {}))
+        if config.search:  # bad values fail before any work, and so do bad searched values
+            search_space_for(name, method, conventions)
     for spec in config.models:
         MODELS.get(spec.source)
     return names
@@ -251,7 +253,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
         raise next(iter(extract_failures.values()))  # no model left to score: stop with the first reason
     score_jobs = []
     missing_sets = sorted({s.split(":", 1)[1] for s, state in plan.states.items()
-                           if not state.present and s.split(":")[0] in ("near", "far", "ood_val")})
+                           if not state.present and s.split(":")[0] in ("csid", "near", "far", "ood_val")})
     for display, names_left in pending.items():
         if not names_left:
             continue
@@ -266,15 +268,19 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
              or state.reason, "samples": state.samples, "accuracy": report.get(split, {}).get("accuracy")}
             for split, state in plan.states_for(contexts[display].image).items()], plan.fingerprint)
         keys = dict(probes[display]["keys"])
-        if f"id:{config.fit_split}" in keys:
-            keys["id:fit"] = keys[f"id:{config.fit_split}"]
         for name in names_left:
             method = plan.methods[name]
+            if f"id:{method.fit_split}" in keys:  # the split its fit reads (the profile may name one)
+                keys["id:fit"] = keys[f"id:{method.fit_split}"]
+            else:
+                keys.pop("id:fit", None)
             score_jobs.append(ScoreJob(
                 context=contexts[display], postprocessor=name, params=method.params, space=method.space,
                 splits=plan.splits, keys={s: keys[s] for s in [*method.splits, "id:fit"] if s in keys},
-                groups={**{n: "near" for n in benchmark.near}, **{n: "far" for n in benchmark.far}},
+                groups={**{n: "csid" for n in benchmark.csid}, **{n: "near" for n in benchmark.near},
+                        **{n: "far" for n in benchmark.far}},
                 plugins=tuple(config.plugins), cell_base=cell_base(display, name), search_limit=method.search_limit,
+                conventions=config.conventions,
                 statistics=required_statistics(method.cls, method.params, method.space),
                 members=member_keys(groups[display][1:], probes, {d: contexts[d].model.member for d in groups[display]},
                                     method.splits) if method.cls.needs_checkpoints else {}))
@@ -293,6 +299,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
     progress.close()
     models = list(dict.fromkeys(context.model.model_label for context in contexts.values()))
     frame = leaderboard_frame(store, benchmark.name, models=models, postprocessors=names, fpr=config.fpr,
+                              conventions=config.conventions,
                               fingerprints=[fp for cells in fingerprints.values() for fp in cells.values()])
     store.close()
     timing = {d: t for d, t in timing.items() if t["extraction"] or t["scoring"]}

@@ -12,6 +12,16 @@ pseudo-novel. Their test samples stay in the split; the operating-point report c
 them as unseen (a deployed detector should call them novel) and reports the seen and
 unseen accuracy (`oodbench.evaluators.operating_point`). Keep them out of the training
 and validation data (the dataset's ``classes`` option) so that they really are unseen.
+
+``csid:`` (optional) names covariate-shifted copies of the ID test set (CIFAR-10-C,
+ImageNet-C/-R/-V2...): a full-spectrum (FS-OOD) benchmark. Each is scored like the ID
+test set and counted as ID: besides the plain metrics (ID test vs each OOD set) every cell
+stores the FS-OOD metrics (ID test + every shifted set vs each OOD set, OpenOOD v1.5's
+``fsood``) and the accuracy on each shifted set (`oodbench.benchmark.jobs`).
+
+``extends: <benchmark>`` starts from another benchmark's definition (a registered name or
+a path) and replaces the keys given here (the full-spectrum variants extend their plain
+benchmark with ``csid:``); the resolved definition is what the digest and results name.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 BENCHMARK_DIR = CONFIG_DIR / "benchmarks"
 
 REQUIRED = ("name", "version", "image", "num_classes", "id", "near", "far")
-OPTIONAL = ("description", "seed", "ood_val", "notes", "definitions")
+OPTIONAL = ("description", "seed", "ood_val", "notes", "definitions", "csid", "extends")
 ID_SPLITS = ("train", "val", "test")
 IMAGE_KEYS = ("size", "channels", "resize", "interpolation")
 
@@ -49,13 +59,14 @@ class Benchmark:
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     holdout_classes: list[int] = field(default_factory=list)  # ID test classes held out as pseudo-novel
+    csid: dict[str, DatasetRef] = field(default_factory=dict)  # covariate-shifted ID test sets (FS-OOD)
 
     @property
     def ood_test(self) -> dict[str, DatasetRef]:
         return {**self.near, **self.far}
 
     def group_of(self, dataset: str) -> str:
-        return "near" if dataset in self.near else "far"
+        return "near" if dataset in self.near else "csid" if dataset in self.csid else "far"
 
     @property
     def digest(self) -> str:
@@ -81,6 +92,7 @@ def read_yaml(path: Path, what: str) -> Any:
 def parse_benchmark(raw: Any, source: str) -> Benchmark:
     if not isinstance(raw, dict):
         raise OodbenchError(f"{source}: a benchmark is a YAML mapping")
+    raw = extended(raw, source)
     unknown = [key for key in raw if key not in REQUIRED + OPTIONAL]
     if unknown:
         raise OodbenchError(f"{source}: unknown key '{unknown[0]}'{did_you_mean(unknown[0], REQUIRED + OPTIONAL)}")
@@ -107,6 +119,11 @@ def parse_benchmark(raw: Any, source: str) -> Benchmark:
             raise OodbenchError(f"{source}: unknown ID split '{split}'{did_you_mean(split, ID_SPLITS)}")
     if "test" not in id_splits:
         raise OodbenchError(f"{source}: 'id' needs a 'test' split")
+    csid = refs("csid")
+    clash = sorted((set(csid) & (set(raw.get("near") or {}) | set(raw.get("far") or {}))) | set(csid) & {"id_test"})
+    if clash:
+        raise OodbenchError(f"{source}: csid.{clash[0]}: a covariate-shifted ID set needs a name of its own "
+                            "(not an OOD set's, not id_test)")
     image = raw["image"]
     if not isinstance(image, dict) or not {"size", "channels"} <= set(image) <= set(IMAGE_KEYS):
         raise OodbenchError(f"{source}: 'image' must be {{size: N, channels: 1|3}}, optionally with resize: N "
@@ -127,7 +144,32 @@ def parse_benchmark(raw: Any, source: str) -> Benchmark:
         source=source,
         raw=raw,
         holdout_classes=holdout,
+        csid=csid,
     )
+
+
+def extended(raw: dict, source: str, seen: tuple[str, ...] = ()) -> dict:
+    """`raw` with its ``extends:`` resolved: the base benchmark's definition (itself resolved),
+    then this file's keys in place of the base's. The base is a registered name, or a YAML path
+    (relative to the extending file)."""
+    if "extends" not in raw:
+        return raw
+    base_name = str(raw["extends"])
+    if base_name in seen:
+        raise OodbenchError(f"{source}: 'extends' loops ({' -> '.join([*seen, base_name])})")
+    path = Path(base_name).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        path = path if path.is_absolute() else Path(source).parent / path
+    else:
+        path = BENCHMARK_DIR / f"{base_name}.yaml"
+        if not path.is_file():
+            names = [p.stem for p in BENCHMARK_DIR.glob("*.yaml")]
+            raise OodbenchError(f"{source}: extends unknown benchmark '{base_name}'{did_you_mean(base_name, names)}")
+    base = read_yaml(path, "benchmark file")
+    if not isinstance(base, dict):
+        raise OodbenchError(f"{path}: a benchmark is a YAML mapping")
+    base = extended(base, str(path), (*seen, base_name))
+    return {**base, **{key: value for key, value in raw.items() if key != "extends"}}
 
 
 def holdout_classes(id_raw: Any, source: str) -> tuple[Any, list[int]]:

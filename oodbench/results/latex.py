@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from oodbench.results.render import COMPACT, marks_legend, rank_marks, ranked
-from oodbench.results.tables import caption, metric_columns
+from oodbench.results.render import accuracy_header, marks_legend, rank_marks, ranked
+from oodbench.results.tables import FS, FS_ACC, accuracy_columns, caption, compact_columns, metric_columns
 
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
@@ -59,24 +59,29 @@ def table(body: list[str], text: str, label: str, scaled: bool, packages: str) -
 
 
 def latex_leaderboard(rows: pd.DataFrame, wide: bool = False) -> str:
-    """Compact (ranked; near/far AUROC and FPR@95) or wide (every OOD set and the averages)."""
+    """Compact (ranked; near/far AUROC and FPR@95, FS-OOD ones for a full-spectrum benchmark) or
+    wide (every OOD set and the averages; and their FS-OOD columns, every accuracy)."""
     if wide:
         columns = [(c, m) for c in metric_columns(rows) for m in ("fpr", "auroc")]
         groups = metric_columns(rows)
+        accuracies = accuracy_columns(rows)
     else:
         rows = ranked(rows)
-        columns, groups = list(COMPACT), ["near-OOD", "far-OOD"]
+        columns = compact_columns(rows)
+        groups = list(dict.fromkeys(c for c, _ in columns))
+        accuracies = ["acc", FS_ACC] if rows.attrs.get("csid") else ["acc"]
     missing = set(rows.attrs["missing"])
     marks = {(c, m): rank_marks(rows, c, m) for c, m in columns}
     arrows = {"auroc": r"AUROC$\uparrow$", "fpr": r"FPR@95$\downarrow$"}
-    top = " & ".join(["", "", ""] + [rf"\multicolumn{{{sum(c == g for c, _ in columns)}}}{{c}}{{{escape(g)}}}"
+    top = " & ".join([""] * (2 + len(accuracies)) + [rf"\multicolumn{{{sum(c == g for c, _ in columns)}}}{{c}}{{{escape(g)}}}"
                                      for g in groups]) + r" \\"
-    rules, start = [], 4
+    rules, start = [], 3 + len(accuracies)
     for group in groups:
         width = sum(c == group for c, _ in columns)
         rules.append(rf"\cmidrule(lr){{{start}-{start + width - 1}}}")
         start += width
-    second = " & ".join(["Model", "Method", "ACC"] + [arrows[m] for _, m in columns]) + r" \\"
+    second = " & ".join(["Model", "Method"] + [escape(accuracy_header(a)) for a in accuracies]
+                        + [arrows[m] for _, m in columns]) + r" \\"
     blocks: list[list[list[str]]] = []
     previous = None
     for index, row in zip(rows.index, rows.to_dict("records")):
@@ -84,20 +89,20 @@ def latex_leaderboard(rows: pd.DataFrame, wide: bool = False) -> str:
             blocks.append([])
         cells = [escape(row["model"]) if row["model"] != previous else "", escape(row["label"])]
         previous = row["model"]
-        cells.append(_value(row, "acc", None) if row["status"] == "done" else "--")
+        cells += [_value(row, a, None) if row["status"] == "done" else "--" for a in accuracies]
         for column, metric in columns:
             if row["status"] != "done":
                 cells.append(escape(row["status"]))
-            elif column in missing:
+            elif column.removeprefix(FS) in missing:
                 cells.append("missing")
             else:
                 cells.append(_value(row, f"{column}|{metric}", marks[(column, metric)].get(index)))
         blocks[-1].append(cells)
     legend = marks_legend(rows, "in bold", "underlined", "†")
     if not wide:
-        legend = "Rows ranked by near-OOD AUROC within each model. " + legend
+        legend = f"Rows ranked by {columns[0][0]} AUROC within each model. " + legend
     text = caption(rows, legend)
-    body = tabular([top, " ".join(rules), second], "ll" + "r" * (len(columns) + 1), blocks)
+    body = tabular([top, " ".join(rules), second], "ll" + "r" * (len(columns) + len(accuracies)), blocks)
     label = f"tab:oodbench-{rows.attrs['benchmark']}" + ("-full" if wide else "")
     scaled = wide or bool(rows.attrs.get("ci"))  # too wide for a column otherwise
     return table(body, text, _safe_label(label), scaled=scaled, packages="booktabs,graphicx" if scaled else "booktabs")

@@ -25,19 +25,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oodbench.results.tables import aggregate_checkpoints, caption, metric_columns
+from oodbench.results.tables import (FS, FS_ACC, accuracy_columns, aggregate_checkpoints, caption, compact_columns,
+                                     metric_columns)
 
 WIDTH = 100
-COMPACT = (("near-OOD", "auroc"), ("near-OOD", "fpr"), ("far-OOD", "auroc"), ("far-OOD", "fpr"))
 HEADER = {"auroc": "AUROC", "fpr": "FPR@95"}
 
 
+def compact_header(column: str, metric: str) -> str:
+    """``near AUROC``, ``far FPR@95``; FS-OOD ones ``FS near AUROC``, ``FS far FPR`` (shorter, so
+    that the table with its extra FS ACC column still fits `WIDTH`)."""
+    name = f"{column.split('-')[0]} {HEADER[metric]}"
+    return name.replace("FPR@95", "FPR") if column.startswith(FS) else name
+
+
+def accuracy_header(column: str) -> str:
+    """``acc`` -> ``ACC``, ``FS|acc`` -> ``FS ACC``, ``<shifted set>|acc`` -> ``ACC <set>``."""
+    return "ACC" if column == "acc" else "FS ACC" if column == FS_ACC else f"ACC {column.split('|')[0]}"
+
+
 def ranked(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows by model (in their order), then by near-OOD AUROC, highest first (the overall
-    average breaks ties and ranks a benchmark without near-OOD sets); unscored rows last."""
+    """Rows by model (in their order), then by near-OOD AUROC (FS-OOD for a full-spectrum
+    benchmark), highest first (the overall average breaks ties and ranks a benchmark without
+    near-OOD sets); unscored rows last."""
     model_order = {m: i for i, m in enumerate(dict.fromkeys(rows.model))}
-    keys = pd.DataFrame({"model": rows.model.map(model_order), "near": -rows["near-OOD|auroc"].fillna(-np.inf),
-                         "all": -rows["average|auroc"].fillna(-np.inf)})
+    near = "|".join(compact_columns(rows)[0])
+    average = near.replace("near-OOD", "average")
+    keys = pd.DataFrame({"model": rows.model.map(model_order), "near": -rows[near].fillna(-np.inf),
+                         "all": -rows[average].fillna(-np.inf)})
     return rows.loc[keys.sort_values(["model", "near", "all"], kind="stable").index]
 
 
@@ -74,7 +89,8 @@ def marks_legend(rows: pd.DataFrame, best: str, second: str | None, tie: str) ->
         text += (f"; {tie} not significantly worse than the best (paired bootstrap, 95%); [low, high] is the 95% "
                  "interval")
     if "checkpoints" in rows and (rows.checkpoints > 1).any():
-        text += "; ± is the standard deviation over checkpoints" if not rows.attrs.get("ci") else (
+        over = "seeds" if rows.attrs.get("seeds") else "checkpoints"
+        text += f"; ± is the standard deviation over {over}" if not rows.attrs.get("ci") else (
             "; intervals are those of the mean over checkpoints")
     return text
 
@@ -85,10 +101,12 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
     that four values with their bounds still fit."""
     rows = ranked(rows)
     blocks = bool(rows.attrs.get("ci")) and not markdown
-    marks = {(c, m): rank_marks(rows, c, m) for c, m in COMPACT}
+    compact = compact_columns(rows)
+    accuracies = ["acc", FS_ACC] if rows.attrs.get("csid") else ["acc"]
+    marks = {(c, m): rank_marks(rows, c, m) for c, m in compact}
     symbol = {"best": "*", "tie": "~"}
     header = ([] if blocks else ["model"]) + ["postprocessor"] + (["params"] if show_params else []) + (
-        [] if blocks else ["ACC"]) + [f"{c.split('-')[0]} {HEADER[m]}" for c, m in COMPACT]
+        [] if blocks else [accuracy_header(a) for a in accuracies]) + [compact_header(c, m) for c, m in compact]
     body, titles, previous = [], {}, None
     for index, row in zip(rows.index, rows.to_dict("records")):
         first = row["model"] != previous
@@ -102,8 +120,8 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
         if show_params:
             line.append(", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-")
         if not blocks:
-            line.append(number(row, "acc") if row["status"] == "done" else "-")
-        for column, metric in COMPACT:
+            line += [number(row, a) if row["status"] == "done" else "-" for a in accuracies]
+        for column, metric in compact:
             done = row["status"] == "done"
             text = number(row, f"{column}|{metric}", decimals=1) if done else row["status"].upper()
             mark = marks[(column, metric)].get(index)
@@ -113,7 +131,7 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
                 text += symbol.get(mark, " ") if done and text != "-" else " "
             line.append(text)
         body.append(line)
-    legend = "Rows ranked by near-OOD AUROC within each model. " + marks_legend(
+    legend = f"Rows ranked by {compact[0][0]} AUROC within each model. " + marks_legend(
         rows, "in bold" if markdown else "marked *", None, "~")
     text = caption(rows, legend)
     notes = failure_notes(rows)
@@ -122,10 +140,12 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
         from tabulate import tabulate
 
         body = [[cell.replace("|", "\\|") for cell in line] for line in body]
+        numeric = len(compact) + len(accuracies)
         table = tabulate(body, headers=header, tablefmt="pipe", disable_numparse=True,
-                         colalign=["left"] * (len(header) - 5) + ["right"] * 5)
+                         colalign=["left"] * (len(header) - numeric) + ["right"] * numeric)
         return "\n".join([text, "", table, *notes, *([gap] if gap else [])])
-    lines = aligned(header, body, numeric=4 if blocks else 5, fit=not show_params, indent=2 if blocks else 0)
+    lines = aligned(header, body, numeric=len(compact) + (0 if blocks else len(accuracies)), fit=not show_params,
+                    indent=2 if blocks else 0)
     for position in sorted(titles, reverse=True):
         lines.insert(position + 2, titles[position])
     if blocks:  # the column header under the first model's line
@@ -135,9 +155,11 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
 
 
 def model_title(row: dict) -> str:
-    """A model's line above its rows: name, tags, ID ACC (and its checkpoints)."""
+    """A model's line above its rows: name, tags, ID ACC (and FS ACC; and its checkpoints)."""
     tags = json.loads(row.get("tags") or "[]")
     acc = number(row, "acc") if row["status"] == "done" else "-"
+    if FS_ACC in row:
+        acc += f", FS ACC {number(row, FS_ACC) if row['status'] == 'done' else '-'}"
     count = row.get("checkpoints", 1)
     return (f"{row['model']}" + (f" ({', '.join(tags)})" if tags else "") + f": ID ACC {acc}"
             + (f" over {count} checkpoints" if count > 1 else ""))
@@ -201,6 +223,7 @@ def wide_markdown(rows: pd.DataFrame, show_params: bool = False) -> str:
     from tabulate import tabulate
 
     columns = metric_columns(rows)
+    accuracies = accuracy_columns(rows)
     missing = set(rows.attrs["missing"])
     marks = {(c, m): rank_marks(rows, c, m) for c in columns for m in ("fpr", "auroc")}
     style = {"best": "**{}**", "second": "_{}_", "tie": "{}~"}
@@ -213,22 +236,24 @@ def wide_markdown(rows: pd.DataFrame, show_params: bool = False) -> str:
         line = [row["model"], row["label"]]
         if show_params:
             line.append(", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-")
-        line.append(number(row, "acc") if row["status"] == "done" else "-")
+        line += [number(row, a) if row["status"] == "done" else "-" for a in accuracies]
         for column in columns:
             if row["status"] != "done":
                 line.append(row["status"].upper())
-            elif column in missing:
+            elif column.removeprefix(FS) in missing:
                 line.append("missing")
             elif np.isnan(row[f"{column}|auroc"]):
                 line.append("-")
             else:
                 line.append(f"{value(index, row, column, 'fpr')} / {value(index, row, column, 'auroc')}")
         body.append(line)
-    headers = ["model", "postprocessor"] + (["params"] if show_params else []) + ["ACC"] + columns
+    headers = ["model", "postprocessor"] + (["params"] if show_params else []) + list(map(
+        accuracy_header, accuracies)) + columns
     text = caption(rows, "Each cell FPR@95 / AUROC. " + marks_legend(rows, "in bold", "in italics", "~"))
     body = [[cell.replace("|", "\\|") for cell in line] for line in body]  # a | would end the cell
     table = tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True,
-                     colalign=["left"] * (len(headers) - len(columns) - 1) + ["right"] * (len(columns) + 1))
+                     colalign=["left"] * (len(headers) - len(columns) - len(accuracies))
+                     + ["right"] * (len(columns) + len(accuracies)))
     return "\n".join([text, "", table, *failure_notes(rows)])
 
 

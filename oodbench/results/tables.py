@@ -7,6 +7,11 @@ deviation over the model's checkpoints (one row of one when it has one). The ren
 (`oodbench.results.render`, `.latex`, `.tidy`) turn these into text; `caption` says what a
 table holds. Missing sets and failed cells are shown as such, and an average over fewer
 sets than the benchmark names says so.
+
+A full-spectrum benchmark (``csid:`` sets, covariate-shifted ID) adds, per row, the accuracy on
+each shifted set (``<set>|acc``) and over the ID test and all shifted sets together (``FS|acc``),
+and an ``FS <column>`` for every OOD set and average: the FS-OOD metrics, with the shifted sets
+counted as ID, beside the plain ones (`fs_columns`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ import json
 import numpy as np
 import pandas as pd
 
+from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
+from oodbench.conventions import load_conventions
 from oodbench.results.store import ResultStore
 
 AVERAGES = {"near": "near-OOD", "far": "far-OOD", "all": "average"}
+FS = "FS "  # column prefix of the full-spectrum metrics (stored as fs_<metric>)
+FS_ACC = "FS|acc"
 FPR_METRIC = {"classic": "fpr95", "openood": "fpr95_openood"}
 FPR_CAPTION = {
     "classic": "FPR@95 with ID as positive (share of OOD accepted at 95% ID TPR)",
@@ -27,10 +36,13 @@ FPR_CAPTION = {
 
 
 def setting_label(setting: str) -> str:
-    """``search`` -> ``[searched]``, ``default`` -> ``[default]``, explicit params -> ``T=2``."""
+    """``search`` -> ``[searched]``, ``default`` -> ``[default]``, explicit params -> ``T=2``;
+    a convention profile other than the default is named: ``[searched, openood]``."""
     base, _, params = setting.partition("{")
+    base, _, profile = base.partition("@")
     fixed = ", ".join(f"{k}={v}" for k, v in json.loads("{" + params).items()) if params else ""
     mode = {"search": "[searched]", "default": "[default]"}.get(base, f"[{base}]")
+    mode = f"{mode[:-1]}, {profile}]" if profile else mode
     return f"{fixed} {mode}".strip() if fixed and base == "search" else (fixed or mode)
 
 
@@ -55,18 +67,27 @@ def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fin
     return cells.loc[sorted(latest.index)], len(cells) - len(latest)
 
 
+def conventions_of(setting: str) -> str:
+    """The convention profile a cell's setting names (``search@openood{...}``), else the default."""
+    return setting.partition("{")[0].partition("@")[2] or DEFAULT_CONVENTIONS
+
+
 def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | None = None,
                       postprocessors: list[str] | None = None, fpr: str = "classic",
                       fingerprints: list[str] | None = None, fingerprint: str | None = None,
-                      every: bool = False) -> pd.DataFrame:
+                      every: bool = False, conventions: str | None = None) -> pd.DataFrame:
     """One row per shown cell (see `select_cells`); columns ``<set>|fpr``, ``<set>|auroc``.
+    `conventions`: only cells computed under that profile (`oodbench.conventions`), named in
+    the caption; None: every profile's cells.
 
     ``label`` names the postprocessor, with its setting when the table holds more than one
     setting of it for a model (``msp [searched]``, ``ebo temperature=2``), and with the cell's
     fingerprint when `every` shows several versions of one setting.
     """
-    cells, hidden = select_cells(store.frame("cells", benchmark=benchmark, model=models, postprocessor=postprocessors),
-                                 fingerprints, fingerprint, every)
+    cells = store.frame("cells", benchmark=benchmark, model=models, postprocessor=postprocessors)
+    if conventions is not None:
+        cells = cells[cells.setting.map(conventions_of) == conventions]
+    cells, hidden = select_cells(cells, fingerprints, fingerprint, every)
     results = store.frame("results", benchmark=benchmark, model=models, postprocessor=postprocessors)
     results = results[results.fingerprint.isin(set(cells.fingerprint))]
     datasets = store.frame("datasets", benchmark=benchmark, model=models)
@@ -80,6 +101,9 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
             group_of[dataset] = group
             order.append(dataset)
     missing = sorted(set(ood[ood.status == "missing"].dataset) - set(ood[ood.status == "present"].dataset))
+    shifted = datasets[datasets.ood_group == "csid"]
+    csid = list(dict.fromkeys([*shifted.dataset, *results[results.ood_group == "csid"].dataset]))
+    csid_missing = sorted(set(shifted[shifted.status == "missing"].dataset) - set(shifted[shifted.status == "present"].dataset))
     values_of = {key: dict(zip(zip(group.dataset, group.metric), group.value))
                  for key, group in results.groupby(["model", "postprocessor", "setting", "fingerprint"])}
     settings = cells.groupby(["model", "postprocessor"]).setting.nunique()
@@ -99,15 +123,21 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
                "preprocessing": cell.preprocessing}
         values = values_of.get((cell.model, cell.postprocessor, cell.setting, cell.fingerprint), {})
         row["acc"] = values.get(("id_test", "acc"), np.nan)
-        for dataset in order:
-            row[f"{dataset}|fpr"] = values.get((dataset, fpr_metric), np.nan)
-            row[f"{dataset}|auroc"] = values.get((dataset, "auroc"), np.nan)
-        for key in AVERAGES:
-            members = [d for d in order if key == "all" or group_of[d] == key]
-            present = [d for d in members if not np.isnan(row[f"{d}|auroc"])]
-            for metric in ("fpr", "auroc"):
-                row[f"{AVERAGES[key]}|{metric}"] = (np.mean([row[f"{d}|{metric}"] for d in present])
-                                                    if present and cell.status == "done" else np.nan)
+        for dataset in csid:
+            row[f"{dataset}|acc"] = values.get((dataset, "acc"), np.nan)
+        for prefix, stored in [("", ""), *([(FS, "fs_")] if csid else [])]:
+            if csid and prefix:
+                row[FS_ACC] = values.get(("id_test", "fs_acc"), np.nan)
+            for dataset in order:
+                row[f"{prefix}{dataset}|fpr"] = values.get((dataset, stored + fpr_metric), np.nan)
+                row[f"{prefix}{dataset}|auroc"] = values.get((dataset, stored + "auroc"), np.nan)
+            for key in AVERAGES:
+                members = [d for d in order if key == "all" or group_of[d] == key]
+                present = [d for d in members if not np.isnan(row[f"{prefix}{d}|auroc"])]
+                for metric in ("fpr", "auroc"):
+                    row[f"{prefix}{AVERAGES[key]}|{metric}"] = (
+                        np.mean([row[f"{prefix}{d}|{metric}"] for d in present])
+                        if present and cell.status == "done" else np.nan)
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -116,7 +146,9 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
         frame = frame.sort_values(["model", "postprocessor", "checkpoint"], kind="stable", key=lambda s: s.map(
             model_rank if s.name == "model" else pp_rank).fillna(1e9) if s.name != "checkpoint" else s)
         frame = frame.reset_index(drop=True)
-    frame.attrs.update(benchmark=benchmark, fpr=fpr, datasets=order, groups=group_of, missing=missing,
+    profiles = sorted(set(cells.setting.map(conventions_of))) if conventions is None else [conventions]
+    frame.attrs.update(benchmark=benchmark, fpr=fpr, conventions=profiles, datasets=order, groups=group_of, missing=missing,
+                       csid=csid, csid_missing=csid_missing,
                        hidden=hidden, data_fingerprints=sorted(set(cells.data_fingerprint.dropna())),
                        sampling=sampling_note(datasets, cells))
     return frame
@@ -152,19 +184,42 @@ def transforms_note(frame: pd.DataFrame) -> str:
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
-    """The table's columns of FPR/AUROC pairs: every OOD set, then the averages."""
-    return list(frame.attrs["datasets"]) + list(AVERAGES.values())
+    """The table's columns of FPR/AUROC pairs: every OOD set, then the averages; for a
+    full-spectrum benchmark, then the same again as FS-OOD (`fs_columns`)."""
+    plain = list(frame.attrs["datasets"]) + list(AVERAGES.values())
+    return plain + fs_columns(frame)
+
+
+def fs_columns(frame: pd.DataFrame) -> list[str]:
+    """``FS <set>`` and ``FS <average>``: the FS-OOD columns (empty without shifted ID sets)."""
+    if not frame.attrs.get("csid"):
+        return []
+    return [FS + column for column in list(frame.attrs["datasets"]) + list(AVERAGES.values())]
+
+
+def accuracy_columns(frame: pd.DataFrame) -> list[str]:
+    """``acc`` (ID test), then for a full-spectrum benchmark ``<set>|acc`` per shifted set and
+    ``FS|acc`` (the ID test and every shifted set together, OpenOOD's csid accuracy)."""
+    csid = list(frame.attrs.get("csid", []))
+    return ["acc"] + [f"{name}|acc" for name in csid] + ([FS_ACC] if csid else [])
+
+
+def compact_columns(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """The compact table's four (column, metric) pairs, the first its ranking: near- and
+    far-OOD AUROC and FPR@95, FS-OOD ones for a full-spectrum benchmark (OpenOOD's layout)."""
+    prefix = FS if frame.attrs.get("csid") else ""
+    return [(prefix + column, metric) for column in ("near-OOD", "far-OOD") for metric in ("auroc", "fpr")]
 
 
 def aggregate_checkpoints(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, postprocessor label, setting): the mean of ACC and of every FPR and
-    AUROC column over the model's checkpoints that finished, their sample standard deviation
+    """One row per (model, postprocessor label, setting): the mean of each accuracy and of every FPR
+    and AUROC column over the model's checkpoints that finished, their sample standard deviation
     (``<column>|std``, ``acc|std``; NaN for one checkpoint), how many (``checkpoints``) and
     their fingerprints (``fingerprints``). A row none of whose checkpoints finished keeps
     the first one's status and reason; otherwise ``failed_checkpoints`` names those that failed."""
     if frame.empty:
         return frame.assign(checkpoints=pd.Series(dtype=int), fingerprints=pd.Series(dtype=object))
-    values = ["acc"] + [f"{c}|{m}" for c in metric_columns(frame) for m in ("fpr", "auroc")]
+    values = accuracy_columns(frame) + [f"{c}|{m}" for c in metric_columns(frame) for m in ("fpr", "auroc")]
     rows = []
     for _, group in frame.groupby(["model", "label", "setting"], sort=False):
         done = group[group.status == "done"]
@@ -194,8 +249,22 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
                for g in ("near", "far")}
     text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
             f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
+    text += " " + " ".join(load_conventions(name).caption() for name in frame.attrs.get("conventions", []))
+    if frame.attrs.get("csid"):
+        shifted = ", ".join(frame.attrs["csid"])
+        text += (f" FS columns are full-spectrum OOD detection (OpenOOD v1.5's FS-OOD): the ID test set and the "
+                 f"covariate-shifted ID sets ({shifted}) together count as ID; the plain columns compare the ID "
+                 f"test set alone with each OOD set. FS ACC is the accuracy over the ID test and shifted sets "
+                 f"together; the full tables (--wide) give the accuracy on each shifted set (ACC <set>).")
+        if frame.attrs.get("csid_missing"):
+            text += f" MISSING shifted ID sets: {', '.join(frame.attrs['csid_missing'])} (FS over those present)."
     counts = sorted(set(frame["checkpoints"])) if "checkpoints" in frame else []
-    if counts and counts[-1] > 1:
+    if frame.attrs.get("seeds"):
+        text += (f" Mean ± standard deviation over seeds {', '.join(map(str, frame.attrs['seeds']))} (each seed its "
+                 f"own class split and checkpoint; one seed: --benchmark {frame.attrs['benchmark']}_seed<N>).")
+        if counts and counts[0] < len(frame.attrs["seeds"]):
+            text += " A row with fewer finished seeds averages those it has."
+    elif counts and counts[-1] > 1:
         many = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
         text += f" Mean ± standard deviation over {many} checkpoints per model (n per row in the full tables)."
     ci = frame.attrs.get("ci")

@@ -14,6 +14,10 @@ as it is.
 - leaderboard: one row per cell (each checkpoint its own), dataset = ``id_test`` (ACC), each
   OOD set (AUROC, AUPR-In/Out, FPR@95 in both conventions), and group ``mean`` rows for the
   ``near-OOD``, ``far-OOD`` and ``average`` columns (unweighted means over the sets present);
+- full-spectrum benchmarks add ``acc`` on each covariate-shifted set (group ``csid``),
+  ``fs_acc`` on ``id_test`` (the ID test and shifted sets together), and per OOD set and mean
+  the FS-OOD metrics ``fs_auroc``, ``fs_aupr_in``, ``fs_aupr_out``, ``fs_fpr95`` (shifted sets
+  counted as ID, OpenOOD v1.5's FS-OOD) beside the plain ones;
 - compare and calibration: see `comparison_tidy` and `calibration_tidy`.
 """
 
@@ -22,13 +26,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from oodbench.results.tables import AVERAGES
+from oodbench.results.tables import AVERAGES, FS
 
 COLUMNS = ["benchmark", "fingerprint", "model", "checkpoint", "postprocessor", "setting", "dataset", "group",
            "metric", "value", "fpr_convention", "higher_is_better"]
 CI_COLUMNS = ["ci_low", "ci_high"]
 FPR_ROWS = {"fpr95": "classic", "fpr95_openood": "openood"}  # stored metric -> convention
-LOWER_IS_BETTER = {"fpr95", "ece", "nll"}
+LOWER_IS_BETTER = {"fpr95", "fs_fpr95", "ece", "nll"}
+OOD_STORED = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood")
 MEAN_GROUP = "mean"
 
 
@@ -53,23 +58,26 @@ def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, s
     for cell in cells.to_dict("records"):
         base = {k: cell[k] for k in ("model", "checkpoint", "postprocessor", "setting", "fingerprint")}
         base["benchmark"] = frame.attrs["benchmark"]
-        if (cell["fingerprint"], "id_test", "acc") in values:
-            rows.append(tidy_row(**base, dataset="id_test", group="id", metric="acc",
-                                 value=values[(cell["fingerprint"], "id_test", "acc")]))
+        for dataset, group, metric in [("id_test", "id", "acc"), ("id_test", "id", "fs_acc"),
+                                       *((c, "csid", "acc") for c in frame.attrs.get("csid", []))]:
+            if (cell["fingerprint"], dataset, metric) in values:
+                rows.append(tidy_row(**base, dataset=dataset, group=group, metric=metric,
+                                     value=values[(cell["fingerprint"], dataset, metric)]))
         present = [d for d in sets if (cell["fingerprint"], d, "auroc") in values]
         means = {label: [d for d in present if key == "all" or groups.get(d) == key] for key, label in AVERAGES.items()}
         for dataset, group in [(d, groups.get(d, "")) for d in present] + [(m, MEAN_GROUP) for m in means if means[m]]:
             members = means.get(dataset, [dataset]) if group == MEAN_GROUP else [dataset]
-            for stored in ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood"):
-                found = [values.get((cell["fingerprint"], d, stored)) for d in members]
+            for prefix, stored in [("", s) for s in OOD_STORED] + [("fs_", s) for s in OOD_STORED]:
+                found = [values.get((cell["fingerprint"], d, prefix + stored)) for d in members]
                 if any(v is None for v in found):
                     continue
-                metric = "fpr95" if stored in FPR_ROWS else stored
+                metric = prefix + ("fpr95" if stored in FPR_ROWS else stored)
                 row = tidy_row(**base, dataset=dataset, group=group, metric=metric, value=float(np.mean(found)),
                                fpr_convention=FPR_ROWS.get(stored, ""))
                 short = "auroc" if stored == "auroc" else "fpr" if FPR_ROWS.get(stored) == frame.attrs["fpr"] else None
                 if intervals and short:
-                    row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], dataset, short),
+                    column = (FS if prefix else "") + dataset
+                    row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], column, short),
                                                                   (np.nan, np.nan))
                 rows.append(row)
     tidy = pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else []))

@@ -1,0 +1,68 @@
+"""KNN's two exact searches: blocks of torch matrix products (always there) and faiss
+(an optional extra, installed by the test extra so that the equality is always checked):
+the same distances on a small bank, the torch path bit for bit as before, and the search
+in use named in the cell's key."""
+
+import numpy as np
+import pytest
+import torch
+
+from oodbench.identity import code_digest
+from oodbench.postprocessors import distance
+from oodbench.postprocessors.base import Outputs
+from oodbench.registry import POSTPROCESSORS
+
+KS = [1, 3, 17, 50]
+
+
+def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((rows, dim))).float()
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def numpy_kth(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """The k-th smallest Euclidean distance from each query to the bank, in float64."""
+    squared = ((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
+    return np.sqrt(np.sort(squared, axis=1)[:, k - 1])
+
+
+def test_torch_search_is_the_formula_and_unchanged(monkeypatch):
+    queries, bank = unit(40, 16, 0), unit(300, 16, 1)
+    monkeypatch.setattr(distance, "BANK_BLOCK_ELEMENTS", 7 * 300)  # 7 test rows per block
+    got = distance.kth_nearest_distances(queries, bank, KS, backend="torch")
+    for column, k in enumerate(KS):
+        np.testing.assert_allclose(got[:, column].numpy(), numpy_kth(queries.numpy(), bank.numpy(), k), atol=2e-6)
+        before = (2 - 2 * (queries @ bank.T).topk(k, dim=1).values[:, k - 1]).clamp_min(0).sqrt()
+        assert torch.equal(got[:, column], before)  # the scores of the torch path, bit for bit
+
+
+def test_faiss_search_gives_the_same_distances_as_torch(monkeypatch):
+    pytest.importorskip("faiss", reason="faiss is an optional extra (pip install 'oodbench[faiss]')")
+    queries, bank = unit(45, 16, 2), unit(500, 16, 3)
+    exact = distance.kth_nearest_distances(queries, bank, KS, backend="torch")
+    monkeypatch.setattr(distance, "BANK_BLOCK_ELEMENTS", 4 * max(KS))  # 4 test rows per faiss call
+    fast = distance.kth_nearest_distances(queries, bank, KS, backend="faiss")
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
+
+
+def test_knn_uses_faiss_when_installed_and_its_key_says_which(monkeypatch):
+    installed = distance.knn_backend()
+    try:
+        import faiss  # noqa: F401
+        assert installed == "faiss"
+    except ImportError:
+        assert installed == "torch"
+    knn = POSTPROCESSORS.get("knn")
+    train = Outputs(logits=torch.zeros(200, 3), features=unit(200, 8, 4) * 3, labels=torch.zeros(200, dtype=torch.long))
+    test = Outputs(logits=torch.zeros(30, 3), features=unit(30, 8, 5))
+    scores = {}
+    keys = {}
+    for backend in ("torch", "faiss") if installed == "faiss" else ("torch",):
+        monkeypatch.setattr(distance, "knn_backend", lambda backend=backend: backend)
+        method = knn(k=5)
+        method.fit(train, train)
+        scores[backend] = method.score(test)
+        keys[backend] = code_digest(knn)
+    assert len(set(keys.values())) == len(keys)  # a cell computed one way is not reused for the other
+    if len(scores) == 2:
+        torch.testing.assert_close(scores["faiss"], scores["torch"], rtol=0, atol=1e-6)
