@@ -1,0 +1,90 @@
+"""Extraction holds a few batches of decoded images, never a split: on image files read
+through the real source and transform, sharded into the output cache, the images alive at
+any moment stay within two batches whatever the split's size, with and without worker
+processes; what accumulates is each image's outputs."""
+
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from oodbench.benchmark.cache import OutputCache, extract
+from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset
+from oodbench.models.adapter import ModelAdapter
+
+BATCH = 4
+
+
+class LiveImages(Dataset):
+    """The split's items, counting the decoded image tensors alive (in this process)."""
+
+    def __init__(self, base: Dataset):
+        self.base, self.live, self.most, self.read = base, 0, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _gone(self) -> None:
+        self.live -= 1
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        self.live += 1
+        self.read += 1
+        self.most = max(self.most, self.live)
+        weakref.finalize(image, self._gone)
+        return image, label
+
+
+class CountedWrites(OutputCache):
+    writes = 0
+
+    def write(self, key, tensors, scalars) -> None:
+        self.writes += 1
+        super().write(key, tensors, scalars)
+
+
+class BatchesSeen(nn.Module):
+    """A tiny network that records the largest input batch it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.largest = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.largest = max(self.largest, x.shape[0])
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for index in range(48):
+        path = root / "photos" / f"c{index % 2}" / f"{index:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_extraction_holds_a_few_batches_of_images_not_the_split(folder, tmp_path, monkeypatch, workers):
+    monkeypatch.setenv("OODBENCH_SHARD_SECONDS", "0")  # a shard per batch: the sharded path, written as it goes
+    split = load_dataset(DatasetRef("image_folder", {"path": "photos"}), folder, ImageSpec(64, 3, 72, "bicubic", "x"))
+    images = LiveImages(split)
+    net = BatchesSeen()
+    cache = CountedWrites(tmp_path)
+    outputs = extract(ModelAdapter(net, num_classes=2, identity="tiny"), images, batch_size=BATCH,
+                      num_workers=workers, cache=cache, key="split")
+    assert len(outputs) == len(split) == 48 and outputs.features.shape == (48, 3)
+    assert net.largest == BATCH  # the model never sees more than a batch
+    if workers == 0:  # decoded in this process: count them
+        assert images.read == 48 and images.most <= 2 * BATCH
+    assert cache.writes == 48 // BATCH + 1  # a shard per batch, then the entry
+    assert OutputCache(tmp_path).load("split") is not None
+    assert len(list((tmp_path / "outputs").rglob("*.pt"))) == 1  # shards removed once the entry is whole
