@@ -126,7 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def add_leaderboard(sub) -> None:
     parser = sub.add_parser("leaderboard", help="rebuild leaderboard tables from the results store alone")
     parser.add_argument("--results", default=DEFAULT_STORE, help=f"results store (default {DEFAULT_STORE})")
-    parser.add_argument("--benchmark", help="only this benchmark (default: every benchmark in the store)")
+    parser.add_argument("--benchmark", help="only this benchmark (default: every benchmark in the store); a seed "
+                                            "family's name (osr_mnist6) averages its <name>_seed<N> benchmarks")
+    parser.add_argument("--average-seeds", action="store_true",
+                        help="one table per seed family (<name>_seed<N> benchmarks): mean ± std over the seeds")
     parser.add_argument("--model", action="append", help="only these models (repeatable)")
     parser.add_argument("--postprocessor", action="append", help="only these postprocessors (repeatable)")
     parser.add_argument("--fpr", choices=["classic", "openood"], default="classic",
@@ -146,14 +149,23 @@ def add_leaderboard(sub) -> None:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from oodbench.results.render import render_leaderboard, say_where, write_tables
+    from oodbench.results.seeds import average_frames, averaged_tidy, seed_families
     from oodbench.results.store import ResultStore
     from oodbench.results.tables import leaderboard_frame
     from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
     store = ResultStore(args.results, readonly=True)
-    benchmarks = [args.benchmark] if args.benchmark else sorted(set(store.frame("cells").benchmark))
+    stored = sorted(set(store.frame("cells").benchmark))
+    benchmarks = [args.benchmark] if args.benchmark else stored
+    family = seed_families(stored).get(args.benchmark) if args.benchmark not in stored else None
+    if family:
+        benchmarks = family
+    average = args.average_seeds or bool(family)
     if not benchmarks:
         raise OodbenchError(f"results store {args.results} holds no results yet")
+    if average and (args.ci or args.tables):
+        raise OodbenchError("--ci and --tables show one benchmark's cells; with seeds averaged, ask for one seed "
+                            "(--benchmark <family>_seed<N>)")
     resamples = args.resamples if args.ci else None
     frames = []
     for benchmark in benchmarks:
@@ -166,9 +178,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.format in ("csv", "json"):  # one tidy table, whatever the number of benchmarks
         import pandas as pd
 
-        text = render_tidy(pd.concat([leaderboard_tidy(f, store, resamples, args.ci_seed, args.show_params)
-                                      for f in frames]), args.format)
+        tidy = pd.concat([leaderboard_tidy(f, store, resamples, args.ci_seed, args.show_params) for f in frames])
+        if average:
+            seeded = tidy.benchmark.isin([n for names in seed_families(benchmarks).values() for n in names])
+            tidy = pd.concat([tidy[~seeded].assign(std=float("nan"), seeds=""), averaged_tidy(tidy[seeded])])
+        text = render_tidy(tidy, args.format)
     else:
+        frames = average_frames(frames) if average else frames
         text = "\n\n".join(render_leaderboard(f, args.format, args.wide, args.show_params, store, resamples,
                                                args.ci_seed) for f in frames)
     print(text.rstrip("\n"))

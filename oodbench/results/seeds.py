@@ -2,11 +2,16 @@
 
 OpenOOD v1.5 reports each OSR benchmark (``osr_mnist6`` ...) as the mean over five
 seeds, each seed a class split with its own checkpoint. oodbench keeps one benchmark
-per seed (``osr_mnist6_seed1`` .. ``_seed5``); this module folds the tidy rows of
-``oodbench leaderboard --format json`` (or ``csv``) of those runs into one row per
-benchmark family, model, postprocessor, dataset and metric, with the mean, the sample
-standard deviation and the seeds it averaged. A family average needs every seed's row:
-a missing seed leaves ``seeds`` short rather than silently averaging fewer.
+per seed (``osr_mnist6_seed1`` .. ``_seed5``). ``oodbench leaderboard --average-seeds``
+(or ``--benchmark osr_mnist6``, the family name) folds them:
+
+- `average_frames`: the leaderboard frames of a family's seeds into one frame whose rows
+  are each (model, postprocessor, setting) once per seed, as checkpoints ``seed<N>``; the
+  tables then show the mean ± sample standard deviation over the seeds, as over checkpoints;
+- `average_over_seeds`: tidy rows (``--format csv|json``) into one row per family, model,
+  postprocessor, dataset and metric, with the mean, the sample standard deviation and the
+  seeds it averaged. A family average needs every seed's row: a missing seed leaves
+  ``seeds`` short rather than silently averaging fewer.
 
     oodbench leaderboard --results r.sqlite --format json > rows.json
     python -m oodbench.results.seeds rows.json
@@ -22,6 +27,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+import pandas as pd
 
 SEEDED = re.compile(r"^(?P<family>.+)_seed(?P<seed>\d+)$")
 KEY = ("model", "postprocessor", "setting", "dataset", "group", "metric", "fpr_convention")
@@ -44,6 +51,63 @@ def average_over_seeds(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                          "mean": statistics.fmean(numbers),
                          "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0})
     return averaged
+
+
+def seed_families(benchmarks: Iterable[str]) -> dict[str, list[str]]:
+    """family -> its ``<family>_seed<N>`` benchmarks among `benchmarks`, by seed."""
+    families: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for name in benchmarks:
+        match = SEEDED.match(name)
+        if match:
+            families[match["family"]].append((int(match["seed"]), name))
+    return {family: [name for _, name in sorted(members)] for family, members in families.items()}
+
+
+def average_frames(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """Leaderboard frames with those of each seed family folded into one frame named after
+    the family (its rows are the seeds' cells, checkpoint ``seed<N>``; ``attrs["seeds"]``
+    lists the seeds); the frames of other benchmarks are returned as they are."""
+    by_name = {frame.attrs["benchmark"]: frame for frame in frames}
+    families = seed_families(by_name)
+    folded = {name: family for family, names in families.items() for name in names}
+    out, done = [], set()
+    for frame in frames:
+        family = folded.get(frame.attrs["benchmark"])
+        if family is None:
+            out.append(frame)
+        elif family not in done:
+            done.add(family)
+            out.append(_fold(family, [by_name[name] for name in families[family]]))
+    return out
+
+
+def _fold(family: str, frames: list[pd.DataFrame]) -> pd.DataFrame:
+    seeds = [int(SEEDED.match(frame.attrs["benchmark"])["seed"]) for frame in frames]
+    parts = [frame.assign(checkpoint=[f"seed{seed}" + (f"/{c}" if c else "") for c in frame.checkpoint])
+             for seed, frame in zip(seeds, frames)]
+    merged = pd.concat(parts, ignore_index=True)
+    first = frames[0].attrs
+
+    def union(key: str) -> list:
+        return list(dict.fromkeys(item for frame in frames for item in frame.attrs.get(key, [])))
+
+    merged.attrs.update({**first, "benchmark": family, "seeds": seeds, "datasets": union("datasets"),
+                         "groups": {k: v for frame in frames for k, v in frame.attrs["groups"].items()},
+                         "missing": union("missing"), "csid": union("csid"), "csid_missing": union("csid_missing"),
+                         "data_fingerprints": union("data_fingerprints"),
+                         "hidden": sum(frame.attrs.get("hidden", 0) for frame in frames),
+                         "sampling": "; ".join(f"seed {seed}: {frame.attrs['sampling']}"
+                                               for seed, frame in zip(seeds, frames) if frame.attrs.get("sampling"))})
+    return merged
+
+
+def averaged_tidy(tidy: pd.DataFrame) -> pd.DataFrame:
+    """The tidy rows of seed families averaged (`average_over_seeds`): ``value`` is the mean,
+    ``std`` the sample standard deviation, ``seeds`` the seeds averaged (``1,2,3,4,5``)."""
+    rows = average_over_seeds(tidy.to_dict("records"))
+    return pd.DataFrame([{**{k: row[k] for k in ("benchmark", *KEY)}, "value": row["mean"], "std": row["std"],
+                          "seeds": ",".join(map(str, row["seeds"]))} for row in rows],
+                        columns=["benchmark", *KEY, "value", "std", "seeds"])
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
