@@ -19,7 +19,8 @@ the full-spectrum benchmarks (`oodbench.benchmark.spec`).
   numbers, ImageNet-1K class indices.
 
 ``imagenet_c`` (ImageNet-C's folders) lives with the other wnid-folder sources in
-`oodbench.datasets.imagenet`. The ImageNet sources take ``resize_crop`` as ``image_folder``.
+`oodbench.datasets.imagenet`. The ImageNet sources take ``resize_crop`` as ``image_folder``
+(dropped under a model's own transform, which reads the original images).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from oodbench.datasets.base import ImageSpec, Selection, check_limit, register_dataset, stratified_parts
-from oodbench.datasets.imagelist import ArrayImages, ImageFiles, first, folder_images, require
+from oodbench.datasets.imagelist import ArrayImages, ImageFiles, benchmark_crop, first, folder_images, require
 from oodbench.datasets.imagenet import WNID
 from oodbench.errors import DatasetMissing, OodbenchError
 
@@ -124,7 +125,8 @@ def imagenet_r(data_root: Path, image: ImageSpec, root: str = "imagenet-r", wnid
     paths, targets = folder_images(folder, imagenet_wnids(data_root, wnids_from))
     if not paths:
         raise DatasetMissing(f"no images under {folder}")
-    return first(ImageFiles(paths, targets, f"{root}/ ({len(paths)} images)", resize_crop), limit)
+    return first(ImageFiles(paths, targets, f"{root}/ ({len(paths)} images)", benchmark_crop(image, resize_crop)),
+                 limit)
 
 
 @register_dataset("imagenet_v2")
@@ -142,4 +144,5 @@ def imagenet_v2(data_root: Path, image: ImageSpec, root: str = "imagenetv2-match
     paths, targets = folder_images(folder, classes)
     if not paths:
         raise DatasetMissing(f"no images under {folder}")
-    return first(ImageFiles(paths, targets, f"{root}/ ({len(paths)} images)", resize_crop), limit)
+    return first(ImageFiles(paths, targets, f"{root}/ ({len(paths)} images)", benchmark_crop(image, resize_crop)),
+                 limit)
