@@ -202,7 +202,7 @@ def statistic(outputs, stat: LayerStatistic, method: str) -> list[torch.Tensor]:
     if outputs.model is None or outputs.inputs is None:
         raise MissingExtras(f"postprocessor '{method}' needs the layer statistic {stat.key}; run it through "
                             "oodbench (which extracts and caches it) or give outputs.model and outputs.inputs")
-    device = next(iter(outputs.model.parameters())).device
+    device = next(iter([*outputs.model.parameters(), *outputs.model.buffers()]), torch.empty(0)).device
     values = extract_statistics(outputs.model, outputs.inputs, [stat], int(outputs.meta.get("batch_size", 256)),
                                 0, device)[stat.key]
     outputs.extras.update(as_extras(stat.key, values))
