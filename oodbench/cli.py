@@ -70,6 +70,10 @@ def add_run(sub) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads for this run's forward and backward passes (default: the config's, "
                              "else one per physical core; see the README)")
+    parser.add_argument("--conventions", metavar="PROFILE",
+                        help="convention profile (configs/conventions/): paper (the default: each method as its "
+                             "paper defines it), openood (OpenOOD v1.5's numbers) or pro (the PRO code's); "
+                             "default: the config's")
     _add_table_args(parser)
     parser.add_argument("--tables", metavar="DIR", help="write the full tables (Markdown, LaTeX, tidy CSV) to "
                         "DIR/<benchmark>/ (default: tables/ next to the results store)")
@@ -110,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         options["address"] = args.ray_address
     frame = run_experiment(args.config, executor=args.executor, executor_options=options, search=args.search,
                            limit=args.limit, postprocessors=args.postprocessors, models=args.models,
+                           conventions=args.conventions,
                            threads=args.threads, **_overrides(args))
     store = ResultStore(frame.attrs["store"], readonly=True)
     resamples = args.resamples if args.ci else None
@@ -132,8 +137,12 @@ def add_leaderboard(sub) -> None:
                         help="one table per seed family (<name>_seed<N> benchmarks): mean ± std over the seeds")
     parser.add_argument("--model", action="append", help="only these models (repeatable)")
     parser.add_argument("--postprocessor", action="append", help="only these postprocessors (repeatable)")
-    parser.add_argument("--fpr", choices=["classic", "openood"], default="classic",
-                        help="FPR@95 convention: classic (ID positive) or openood (OOD positive)")
+    parser.add_argument("--fpr", choices=["classic", "openood"],
+                        help="FPR@95 convention: classic (ID positive) or openood (OOD positive); default: "
+                             "the --conventions profile's, else classic")
+    parser.add_argument("--conventions", metavar="PROFILE",
+                        help="only cells computed under this convention profile (paper, openood, pro), named in "
+                             "the caption; default: every profile's cells")
     _add_table_args(parser)
     parser.add_argument("--output", help="also write the table to this file")
     parser.add_argument("--tables", metavar="DIR",
@@ -155,6 +164,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
     store = ResultStore(args.results, readonly=True)
+    from oodbench.conventions import load_conventions
+
+    fpr = args.fpr or (load_conventions(args.conventions).fpr if args.conventions else "classic")
     stored = sorted(set(store.frame("cells").benchmark))
     benchmarks = [args.benchmark] if args.benchmark else stored
     family = seed_families(stored).get(args.benchmark) if args.benchmark not in stored else None
@@ -169,8 +181,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     resamples = args.resamples if args.ci else None
     frames = []
     for benchmark in benchmarks:
-        frame = leaderboard_frame(store, benchmark, args.model, args.postprocessor, fpr=args.fpr,
-                                  fingerprint=args.fingerprint, every=args.every)
+        frame = leaderboard_frame(store, benchmark, args.model, args.postprocessor, fpr=fpr,
+                                  fingerprint=args.fingerprint, every=args.every, conventions=args.conventions)
         if frame.empty:
             which = f" with fingerprint {args.fingerprint}" if args.fingerprint else ""
             raise OodbenchError(f"no results for benchmark '{benchmark}'{which} in {args.results}")

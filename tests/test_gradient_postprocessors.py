@@ -227,10 +227,13 @@ def test_bad_pro_hyperparameters_are_user_errors(params):
 # ------------------------------------------------------------------------------ ODIN
 
 
-def odin_reference(net: nn.Module, x: torch.Tensor, temperature: float, eps: float) -> np.ndarray:
+def odin_reference(net: nn.Module, x: torch.Tensor, temperature: float, eps: float,
+                   table: tuple[float, ...] | None = None) -> np.ndarray:
     """The original ODIN procedure, one image at a time, on the *normalised* image: the
-    signed gradient (ge 0 -> +1) divided by the channel std, subtracted eps times."""
+    signed gradient (ge 0 -> +1) divided by the channel std, subtracted eps times; with `table`,
+    OpenOOD v1.5's: divided by its per-dataset table's std instead of the model's."""
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD)
+    divisor = std if table is None else torch.tensor(table)
     scores = []
     for image in x:
         normalised = ((image[None] - mean) / std.view(1, 3, 1, 1)).requires_grad_(True)
@@ -239,7 +242,7 @@ def odin_reference(net: nn.Module, x: torch.Tensor, temperature: float, eps: flo
         loss.backward()
         gradient = (torch.ge(normalised.grad, 0).float() - 0.5) * 2
         for channel in range(3):
-            gradient[0][channel] = gradient[0][channel] / std[channel]
+            gradient[0][channel] = gradient[0][channel] / divisor[channel]
         perturbed = normalised.detach() - eps * gradient
         out = net(perturbed).detach().double().numpy() / temperature
         scores.append(softmax_np(out).max())
@@ -255,6 +258,18 @@ def test_odin_matches_the_original_procedure(temperature, eps):
     np.testing.assert_allclose(score.numpy(), expected, rtol=1e-5, atol=1e-7)
     without_step = create("odin", temperature=temperature, eps=0.0).score(outputs_for(model, x))
     assert not torch.allclose(score, without_step, rtol=0, atol=1e-9), "the step must change scores"
+
+
+def test_odin_with_openoods_normalisation_table_matches_its_procedure():
+    """input_std: OpenOOD's ODIN divides by its table's std (here ImageNet's, for a model
+    normalised with CIFAR-10's), so the step on the [0,1] image is eps * std_c / table_c."""
+    table = (0.229, 0.224, 0.225)
+    model, x = tiny_adapter(), images()
+    expected = odin_reference(tiny_net(), x, 10.0, 0.01, table)
+    score = create("odin", temperature=10.0, eps=0.01, input_std=list(table)).score(outputs_for(model, x))
+    np.testing.assert_allclose(score.numpy(), expected, rtol=1e-5, atol=1e-7)
+    own = create("odin", temperature=10.0, eps=0.01).score(outputs_for(model, x))
+    assert not torch.allclose(score, own, rtol=0, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------- S&I

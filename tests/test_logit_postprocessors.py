@@ -192,3 +192,28 @@ def test_kl_matching_tells_saturated_samples_apart():
     assert len(set(scores.tolist())) == 3
     np.testing.assert_array_equal(np.argsort(scores), np.argsort(expected))
     np.testing.assert_allclose(scores, expected, rtol=1e-9)
+
+
+def test_openoods_temperature_fit_is_its_fifty_lbfgs_steps():
+    """fit: openood is OpenOOD v1.5's procedure (T from 1.5, LBFGS lr 0.01, max_iter 50, float32),
+    written out here; on over-confident logits it stops short of the exact optimum."""
+    from oodbench.postprocessors.calibrated import fit_temperature
+
+    logits, labels = calibration_case("over-confident")
+    temperature = torch.nn.Parameter(torch.ones(1) * 1.5)
+    optimizer = torch.optim.LBFGS([temperature], lr=0.01, max_iter=50)
+    criterion = torch.nn.CrossEntropyLoss()
+    data, target = torch.from_numpy(logits), torch.from_numpy(labels)
+
+    def evaluate():
+        optimizer.zero_grad()
+        loss = criterion(data / temperature, target)
+        loss.backward()
+        return loss
+
+    optimizer.step(evaluate)
+    method = create_postprocessor("temp_scaling", fit="openood")
+    method.fit(outputs(logits, labels), outputs(logits, labels))
+    assert method.temperature == pytest.approx(temperature.item(), rel=1e-6)
+    exact = fit_temperature(data, target)
+    assert nll_numpy(logits, labels, exact) < nll_numpy(logits, labels, method.temperature) - 1e-3

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from oodbench.evaluators import metrics
 
@@ -106,6 +106,22 @@ def test_one_pass_bundle_matches_sklearn(score, is_ood):
     }
     assert bundle == pytest.approx(expected, rel=0, abs=1e-12)
     assert all(type(value) is float for value in bundle.values())
+
+
+def openood_aupr(score, is_ood):
+    """OpenOOD v1.5's evaluators/metrics.py: auc(recall, precision) of precision_recall_curve."""
+    precision_in, recall_in, _ = precision_recall_curve(~is_ood, score)
+    precision_out, recall_out, _ = precision_recall_curve(is_ood, -score)
+    return auc(recall_in, precision_in), auc(recall_out, precision_out)
+
+
+@pytest.mark.parametrize("score,is_ood", CASES)
+def test_trapezoid_aupr_is_openoods_rule(score, is_ood):
+    expected_in, expected_out = openood_aupr(score, is_ood)
+    assert metrics.aupr_in_trapezoid(score, is_ood) == pytest.approx(expected_in, rel=0, abs=1e-12)
+    assert metrics.aupr_out_trapezoid(score, is_ood) == pytest.approx(expected_out, rel=0, abs=1e-12)
+    bundle = metrics.ood_metrics(score[~is_ood], score[is_ood], aupr="trapezoid")
+    assert (bundle["aupr_in"], bundle["aupr_out"]) == pytest.approx((expected_in, expected_out), rel=0, abs=1e-12)
 
 
 def test_paired_ties_make_the_dropped_roc_points_matter():

@@ -160,7 +160,7 @@ def test_single_element_space_equals_the_plain_run(tmp_path, session_cache, monk
     _, plain_results = _run(tmp_path, "plain", search=False, params=plain, results=str(tmp_path / "plain.sqlite"),
                             **common)
     spaces = {name: {key: [value] for key, value in params.items()} for name, params in plain.items()}
-    monkeypatch.setattr(plan, "search_space_for", lambda name, cls: spaces[name])
+    monkeypatch.setattr(plan, "search_space_for", lambda name, cls, conventions=None: spaces[name])
     searched_cells, searched_results = _run(tmp_path, "searched", search=True,
                                             results=str(tmp_path / "searched.sqlite"), **common)
     for row in searched_cells.itertuples():

@@ -15,6 +15,8 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from oodbench.benchmark.spec import read_yaml
+from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
+from oodbench.conventions import load_conventions
 from oodbench.datasets.base import check_limit
 from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.models.adapter import ModelSpec
@@ -31,7 +33,8 @@ class ExperimentConfig:
     data_root: str = "./data"
     search: bool = True
     fit_split: str = "train"
-    fpr: str = "classic"
+    fpr: str | None = None  # None: the conventions profile's (load_config resolves it)
+    conventions: str = "paper"
     plugins: list[str] = field(default_factory=list)
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     results: str = "results/oodbench.sqlite"
@@ -60,6 +63,8 @@ class ExperimentConfig:
             "limit": self.limit,
             "search_limit": self.search_limit,
         }
+        if self.conventions != DEFAULT_CONVENTIONS:  # the default leaves old digests as they were
+            payload["conventions"] = self.conventions
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -68,7 +73,7 @@ KEYS = {
     "search": bool, "fit_split": str, "fpr": str, "plugins": list, "params": dict,
     "results": str, "cache_dir": str, "device": str, "batch_size": int, "num_workers": int,
     "trust_checkpoint": bool, "verify_data": bool, "limit": int, "search_limit": int, "name": str,
-    "threads": int,
+    "threads": int, "conventions": str,
 }
 
 
@@ -108,8 +113,9 @@ def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
         benchmark=raw["benchmark"], models=models, postprocessors=[str(p) for p in postprocessors],
         source=source, **{k: v for k, v in raw.items() if k not in ("benchmark", "models", "postprocessors")},
     )
-    if config.fpr not in FPR_CONVENTIONS:
+    if config.fpr is not None and config.fpr not in FPR_CONVENTIONS:
         raise OodbenchError(f"{source}: 'fpr' must be one of {', '.join(FPR_CONVENTIONS)}")
+    load_conventions(config.conventions)  # an unknown profile fails here, with the close matches
     if config.fit_split not in FIT_SPLITS:
         raise OodbenchError(f"{source}: 'fit_split' must be one of {', '.join(FIT_SPLITS)}")
     if config.batch_size < 1:
@@ -227,6 +233,9 @@ def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> Experiment
             raise TypeError(f"unknown override {key}")
         else:
             setattr(config, key, value)
+    conventions = load_conventions(config.conventions)
+    if config.fpr is None:
+        config.fpr = conventions.fpr
     return config
 
 

@@ -10,7 +10,7 @@ scored on ID validation vs the pooled OOD validation sets; the best validation A
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -109,10 +109,14 @@ def limit_validation(val: Outputs, ood_val: list[Outputs], limit: int) -> tuple[
 
 
 def search_hyperparameters(cls: type[Postprocessor], params: dict[str, Any], space: dict[str, list[Any]],
-                           val: Outputs, ood_val: list[Outputs], fit) -> tuple[dict[str, Any], str | None]:
-    """The combination of `space` with the best validation AUROC (the first listed wins ties),
-    and a one-line note naming the combinations skipped as invalid on these outputs
-    (e.g. ViM's D >= the feature dimension), or None."""
+                           val: Outputs, ood_val: list[Outputs], fit,
+                           combinations: Callable[[dict[str, list[Any]]], Iterable[dict[str, Any]]] = grid
+                           ) -> tuple[dict[str, Any], str | None]:
+    """The combination of `space` with the best validation AUROC (the first in the order of
+    `combinations` wins ties: by default the listed order, first key slowest; a convention
+    profile's `Conventions.combinations` may visit them otherwise), and a one-line note naming
+    the combinations skipped as invalid on these outputs (e.g. ViM's D >= the feature
+    dimension), or None."""
     separate, together = split_grid(cls, space)
     found, skipped, reasons = {}, [], []
     for combo in grid(separate):
@@ -131,7 +135,7 @@ def search_hyperparameters(cls: type[Postprocessor], params: dict[str, Any], spa
             else:
                 found[_combo_key({**combo, **shared})] = value
     best, chosen = -np.inf, None
-    for combo in grid(space):
+    for combo in combinations(space):
         value = found.get(_combo_key(combo), -np.inf)
         if value > best:
             best, chosen = value, {**params, **combo}

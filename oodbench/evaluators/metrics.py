@@ -17,6 +17,13 @@ OpenOOD FPR@95 reads the ROC points that ``roc_curve`` keeps by default
 (``drop_intermediate=True``). `ood_metrics` sorts once for all five; the single-metric
 functions sort once each. The tests hold them to scikit-learn, which this module does not
 import.
+
+AUPR comes in two rules (`AUPR_RULES`; a convention profile picks one): ``average_precision``
+(the step-wise sum above, the area under the precision-recall step curve) and ``trapezoid``,
+OpenOOD v1.5's ``auc(recall, precision)`` of ``precision_recall_curve``: the trapezoid rule
+over the same points and the curve's end point (recall 0, precision 1). The trapezoid
+interpolates precision linearly between thresholds, which over-states it (Davis & Goadrich,
+ICML 2006), so ``average_precision`` is the default.
 """
 
 from __future__ import annotations
@@ -108,12 +115,26 @@ class ScoreCounts:
     def aupr_out(self) -> float:
         return _average_precision(self.ood_at_most, self.id_at_most)
 
+    def aupr_in_trapezoid(self) -> float:
+        id_at_least, ood_at_least = self.at_least()
+        return _trapezoid_precision(id_at_least, ood_at_least)
+
+    def aupr_out_trapezoid(self) -> float:
+        return _trapezoid_precision(self.ood_at_most, self.id_at_most)
+
 
 def _average_precision(positives: np.ndarray, negatives: np.ndarray) -> float:
     """sum_k (R_k - R_(k-1)) P_k over thresholds admitting more and more samples."""
     precision = positives / (positives + negatives)
     recall_step = np.diff(positives, prepend=0) / positives[-1]
     return float(np.dot(recall_step, precision))
+
+
+def _trapezoid_precision(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """The trapezoid rule over (recall, precision) at each threshold, from (0, 1) on."""
+    precision = np.concatenate([[1.0], positives / (positives + negatives)])
+    recall = np.concatenate([[0.0], positives / positives[-1]])
+    return float(np.dot(np.diff(recall), (precision[1:] + precision[:-1]) / 2))
 
 
 def kept_count(num_id: int, keep: float = 0.95) -> int:
@@ -182,6 +203,16 @@ def expected_calibration_error(probs, labels, bins: int = 15) -> float:
     return float(ece)
 
 
+def aupr_in_trapezoid(score, is_ood) -> float:
+    """OpenOOD v1.5's AUPR-In: ``auc(recall, precision)`` of ``precision_recall_curve(~is_ood, score)``."""
+    return ScoreCounts.of(score, is_ood).aupr_in_trapezoid()
+
+
+def aupr_out_trapezoid(score, is_ood) -> float:
+    """OpenOOD v1.5's AUPR-Out: ``auc(recall, precision)`` of ``precision_recall_curve(is_ood, -score)``."""
+    return ScoreCounts.of(score, is_ood).aupr_out_trapezoid()
+
+
 OOD_METRICS = {
     "fpr95": ScoreCounts.fpr_id_positive,
     "fpr95_openood": ScoreCounts.fpr_ood_positive,
@@ -189,16 +220,22 @@ OOD_METRICS = {
     "aupr_in": ScoreCounts.aupr_in,
     "aupr_out": ScoreCounts.aupr_out,
 }
+AUPR_RULES = {  # rule -> (AUPR-In, AUPR-Out), stored as aupr_in / aupr_out
+    "average_precision": (ScoreCounts.aupr_in, ScoreCounts.aupr_out),
+    "trapezoid": (ScoreCounts.aupr_in_trapezoid, ScoreCounts.aupr_out_trapezoid),
+}
 
 
-def ood_metrics(id_score, ood_score) -> dict[str, float]:
+def ood_metrics(id_score, ood_score, aupr: str = "average_precision") -> dict[str, float]:
     """Every metric of `OOD_METRICS` for one ID-vs-OOD pair of score arrays, from one sort.
 
     `id_score`: scores of the ID test samples, `ood_score`: of the OOD samples (higher =
-    more ID); each metric equals its single-metric function on the concatenation."""
+    more ID); each metric equals its single-metric function on the concatenation. `aupr`:
+    the AUPR rule of `AUPR_RULES` the ``aupr_in`` / ``aupr_out`` values follow."""
     id_score = np.asarray(id_score, dtype=np.float64).ravel()
     ood_score = np.asarray(ood_score, dtype=np.float64).ravel()
     score = np.concatenate([id_score, ood_score])
     is_ood = np.concatenate([np.zeros(id_score.size, bool), np.ones(ood_score.size, bool)])
     counts = ScoreCounts.of(score, is_ood)
-    return {name: float(metric(counts)) for name, metric in OOD_METRICS.items()}
+    metrics = {**OOD_METRICS, **dict(zip(("aupr_in", "aupr_out"), AUPR_RULES[aupr]))}
+    return {name: float(metric(counts)) for name, metric in metrics.items()}

@@ -15,6 +15,11 @@ normalise inside, so the step above is taken on the [0,1] image and eps is in
 As in the original, the sign of a zero gradient entry counts as +1 (``grad >= 0``), so
 every pixel moves by eps. For models that output probabilities f = log p.
 
+``input_std`` (OpenOOD's convention): OpenOOD v1.5 divides the signed gradient by the std of
+its per-dataset normalisation table whatever the model's own normalisation, so its step is
+eps * std_c / input_std_c on the [0,1] image (std_c the adapter's; the two cancel for a model
+normalised with the table's values). None (the default) is the original's rule above.
+
 The gradient depends on T but not on eps, and the clean logits on neither: a validation
 search (`ODIN.grid_batch`) runs one clean forward pass, one backward pass per T and one
 forward pass per (T, eps).
@@ -26,9 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from oodbench.postprocessors.base import Number
+from oodbench.postprocessors.base import Either, ListOf, Number, OneOf
 from oodbench.postprocessors.gradient import InputGradientPostprocessor
-from oodbench.postprocessors.pro import max_softmax
+from oodbench.postprocessors.pro import channel_std, max_softmax
 from oodbench.registry import register_postprocessor
 
 
@@ -42,12 +47,19 @@ def odin_step(logits: torch.Tensor, x: torch.Tensor, temperature: float, retain_
 
 @register_postprocessor("odin")
 class ODIN(InputGradientPostprocessor):
-    defaults = {"temperature": 1000.0, "eps": 0.0014}
-    ranges = {"temperature": Number(gt=0), "eps": Number(ge=0)}
+    defaults = {"temperature": 1000.0, "eps": 0.0014, "input_std": None}
+    ranges = {"temperature": Number(gt=0), "eps": Number(ge=0), "input_std": Either(OneOf(None), ListOf(Number(gt=0)))}
     grid_params = ("temperature", "eps")
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.grid_batch(model, x, [self])[0]
+
+    def step_size(self, model: nn.Module, x: torch.Tensor) -> float | torch.Tensor:
+        eps, table = float(self.params["eps"]), self.params["input_std"]
+        if table is None:
+            return eps
+        return eps * channel_std(model, x) / torch.tensor(table[: x.shape[1]], dtype=x.dtype, device=x.device).view(
+            1, -1, 1, 1)
 
     def grid_batch(self, model: nn.Module, x: torch.Tensor, methods: list["ODIN"]) -> list[torch.Tensor]:
         """max softmax(f(x - eps * step_T) / T) for each method's (T, eps)."""
@@ -61,6 +73,6 @@ class ODIN(InputGradientPostprocessor):
         with torch.no_grad():
             for method in methods:
                 temperature = float(method.params["temperature"])
-                perturbed = x.detach() - float(method.params["eps"]) * steps[temperature]
+                perturbed = x.detach() - method.step_size(model, x) * steps[temperature]
                 scores.append(max_softmax(model(perturbed), temperature))
         return scores

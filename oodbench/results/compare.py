@@ -54,7 +54,8 @@ def comparison_results(store: ResultStore, config: ExperimentConfig, fpr: str = 
     names = resolve_postprocessors(config.postprocessors)
     board = leaderboard_frame(store, benchmark, list(tag_of), names, fpr=fpr)
     if not board.empty:
-        settings = board.postprocessor.map(lambda n: setting_of(config.search, config.params.get(n, {})))
+        settings = board.postprocessor.map(
+            lambda n: setting_of(config.search, config.params.get(n, {}), config.conventions))
         attrs, board = board.attrs, board[(board.status == "done") & (board.setting == settings)]
         board.attrs.update(attrs)
     absent = [m for m in tag_of if board.empty or m not in set(board.model)]

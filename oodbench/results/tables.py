@@ -23,6 +23,8 @@ import pandas as pd
 
 from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
 from oodbench.conventions import load_conventions
+from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
+from oodbench.conventions import load_conventions
 from oodbench.results.store import ResultStore
 
 AVERAGES = {"near": "near-OOD", "far": "far-OOD", "all": "average"}
@@ -249,7 +251,10 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
                for g in ("near", "far")}
     text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
             f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
-    text += " " + " ".join(load_conventions(name).caption() for name in frame.attrs.get("conventions", []))
+    for name in frame.attrs.get("conventions", []):
+        text += " " + load_conventions(name).caption()
+    for name in frame.attrs.get("conventions", []):
+        text += " " + load_conventions(name).caption()
     if frame.attrs.get("csid"):
         shifted = ", ".join(frame.attrs["csid"])
         text += (f" FS columns are full-spectrum OOD detection (OpenOOD v1.5's FS-OOD): the ID test set and the "

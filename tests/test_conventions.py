@@ -1,0 +1,131 @@
+"""Convention profiles (oodbench.conventions): each OpenOOD rule against an independent
+implementation of OpenOOD v1.5's code on fixed inputs, and the profile through a real CLI run.
+
+The metric (trapezoid AUPR, OOD-positive FPR@95), temperature-fit, ODIN-table and PRO-units
+rules are tested beside their functions (test_metrics.py, test_logit_postprocessors.py,
+test_gradient_postprocessors.py); here: the profiles' data, the search order and its ties,
+which split ReAct fits on, and the run, table and store.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import torch
+
+from oodbench.benchmark import search
+from oodbench.benchmark.config import load_config
+from oodbench.benchmark.plan import Plan, search_space_for
+from oodbench.benchmark.spec import load_benchmark
+from oodbench.conventions import load_conventions
+from oodbench.errors import OodbenchError
+from oodbench.postprocessors.base import Outputs, Postprocessor, grid
+from oodbench.registry import POSTPROCESSORS
+from tests.conftest import digits_config
+
+
+def recursive_generator(lists, n):
+    """OpenOOD v1.5's evaluation_api/evaluator.py order, written out: the last list varies slowest."""
+    if n == 1:
+        return [[x] for x in lists[0]]
+    return [y + [x] for x in lists[n - 1] for y in recursive_generator(lists, n - 1)]
+
+
+def test_openood_visits_combinations_in_its_recursive_generator_order():
+    space = {"gamma": [0.01, 0.1, 0.5], "top_m": [10, 50], "eps": [1, 2]}
+    expected = [dict(zip(space, values)) for values in recursive_generator(list(space.values()), len(space))]
+    assert list(load_conventions("openood").combinations(space)) == expected
+    assert list(load_conventions("paper").combinations(space)) == list(grid(space))
+
+
+class TwoWayTie(Postprocessor):
+    """Feature 0 separates ID from OOD; the combinations (a=1, b=2) and (a=2, b=1) score with it
+    (a tie for the best validation AUROC), every other combination with noise."""
+
+    name = "two_way_tie"
+    defaults = {"a": 1, "b": 1}
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        column = 0 if {self.params["a"], self.params["b"]} == {1, 2} else 1
+        return outputs.features[:, column]
+
+
+def tie_case():
+    generator = torch.Generator().manual_seed(0)
+    def side(shift):
+        features = torch.randn(60, 2, generator=generator)
+        features[:, 0] += shift
+        return Outputs(logits=torch.zeros(60, 2), features=features, labels=torch.zeros(60, dtype=torch.long))
+    return side(3.0), [side(0.0)]
+
+
+@pytest.mark.parametrize("profile", ["paper", "openood"])
+def test_search_ties_go_to_the_first_combination_the_profile_visits(profile):
+    val, ood_val = tie_case()
+    space = {"a": [1, 2], "b": [1, 2]}
+    chosen, _ = search.search_hyperparameters(TwoWayTie, {}, space, val, ood_val, lambda method: None,
+                                              load_conventions(profile).combinations)
+    if profile == "openood":  # evaluator.hyperparam_search: `if auroc > max_auroc` over recursive_generator
+        best, final = 0, None
+        for values in recursive_generator(list(space.values()), len(space)):
+            auroc = search.validation_auroc(TwoWayTie(**dict(zip(space, values))), val, ood_val)
+            if auroc > best:
+                best, final = auroc, dict(zip(space, values))
+        assert chosen == final == {"a": 2, "b": 1}
+    else:
+        assert chosen == {"a": 1, "b": 2}  # itertools.product order: the first listed key slowest
+
+
+def test_profiles_are_data_with_their_facts():
+    openood, pro = load_conventions("openood"), load_conventions("pro")
+    assert (openood.fpr, openood.aupr, openood.search_order) == ("openood", "trapezoid", "last_slowest")
+    assert openood.method_params("odin", "cifar10") == {"input_std": [0.2470, 0.2435, 0.2616]}
+    assert openood.method_params("odin", "digits") == {"input_std": [0.5, 0.5, 0.5]}  # OpenOOD's KeyError fallback
+    assert openood.fit_split["react"] == "val" and openood.method_params("temp_scaling", "x") == {"fit": "openood"}
+    assert pro.fpr == "openood" and pro.fit_split == openood.fit_split  # it extends openood
+    assert search_space_for("pro_gen", POSTPROCESSORS.get("pro_gen"), pro) == {
+        "gamma": [0.01, 0.1, 0.3, 0.5], "top_m": [10, 50, 100], "eps": [3e-4, 5e-4, 8e-4, 1e-3], "K": [1, 2, 3, 5]}
+    assert pro.method_params("pro_ent", "cifar10") == {"eps_units": "normalized", "eps": 0.0014, "K": 2}
+    for name in {*openood.params, *pro.params, *pro.search}:  # every entry is a valid setting of its method
+        cls = POSTPROCESSORS.get(name)
+        cls(**pro.method_params(name, "cifar10"))
+        search_space_for(name, cls, pro)
+    with pytest.raises(OodbenchError, match="did you mean: openood"):
+        load_conventions("openod")
+
+
+def test_the_plan_fits_react_on_validation_and_keys_the_profile(tmp_path, session_cache):
+    def plan_of(profile):
+        config = load_config(digits_config(tmp_path, postprocessors=["react", "msp", "temp_scaling"]),
+                             conventions=profile, cache_dir=str(session_cache), data_root=str(session_cache))
+        return Plan.resolve(config, load_benchmark("digits"), ["react", "msp", "temp_scaling"])
+
+    paper, openood = plan_of("paper"), plan_of("openood")
+    assert paper.methods["react"].fit_split == "train" and openood.methods["react"].fit_split == "val"
+    assert "id:train" not in openood.methods["react"].splits
+    assert openood.methods["temp_scaling"].params == {"fit": "openood"}
+    assert openood.methods["msp"].setting == "default@openood" and paper.methods["msp"].setting == "default"
+    for name in ("react", "msp", "temp_scaling"):
+        assert paper.cell_fingerprint(name, "m", "w") != openood.cell_fingerprint(name, "m", "w")
+
+
+def test_cli_run_with_openood_conventions_names_them_and_keeps_its_own_cells(run_cli, tmp_path):
+    config = digits_config(tmp_path, postprocessors=["msp", "react"], fit_split="val", limit=200)
+    store = tmp_path / "results.sqlite"
+    paper = run_cli("run", config)
+    assert paper.returncode == 0, paper.stderr
+    openood = run_cli("run", config, "--conventions", "openood", "--format", "markdown")
+    assert openood.returncode == 0, openood.stderr
+    assert "Conventions: openood (OpenOOD v1.5's code" in openood.stdout
+    assert "Conventions: paper" in " ".join(paper.stdout.split())  # the text table wraps its caption
+    with sqlite3.connect(store) as db:
+        rows = db.execute("SELECT postprocessor, setting, fingerprint FROM cells").fetchall()
+    by_setting = {(name, setting): fingerprint for name, setting, fingerprint in rows}
+    assert set(by_setting) == {("msp", "default"), ("react", "default"), ("msp", "default@openood"),
+                               ("react", "default@openood")}
+    assert len(set(by_setting.values())) == 4  # every cell its own fingerprint
+    board = run_cli("leaderboard", "--results", store, "--conventions", "openood", "--format", "markdown")
+    assert board.returncode == 0, board.stderr
+    assert "Conventions: openood" in board.stdout and "Conventions: paper" not in board.stdout
+    assert "OOD as positive" in board.stdout  # the profile's FPR@95
