@@ -23,8 +23,6 @@ import pandas as pd
 
 from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
 from oodbench.conventions import load_conventions
-from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
-from oodbench.conventions import load_conventions
 from oodbench.results.store import ResultStore
 
 AVERAGES = {"near": "near-OOD", "far": "far-OOD", "all": "average"}
@@ -251,8 +249,6 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
                for g in ("near", "far")}
     text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
             f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
-    for name in frame.attrs.get("conventions", []):
-        text += " " + load_conventions(name).caption()
     for name in frame.attrs.get("conventions", []):
         text += " " + load_conventions(name).caption()
     if frame.attrs.get("csid"):
