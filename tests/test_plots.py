@@ -150,7 +150,7 @@ def test_pro_shift_is_one_pro_step_of_msp(run):
     experiment = CachedExperiment.open(run[0], cache_dir=str(run[1]))
     data = plots.pro_shift_data(experiment, eps=0.01, samples=30, seed=0)
     model = experiment.model(experiment.config.models[0])
-    images = plots._subsample(experiment, "id:test", 30, 0).requires_grad_(True)
+    images = plots._subsample(experiment, experiment.config.models[0], "id:test", 30, 0).requires_grad_(True)
     msp = torch.softmax(model(images), dim=1).max(dim=1).values
     (grad,) = torch.autograd.grad(msp.sum(), images)
     with torch.no_grad():

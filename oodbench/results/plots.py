@@ -382,19 +382,20 @@ def score_data(experiment: CachedExperiment, name: str) -> dict[str, dict[str, n
     return data
 
 
-def _images(experiment: CachedExperiment, split: str, indices: np.ndarray | None = None) -> torch.Tensor:
-    """[0,1] images of a split (the ones at `indices`), loaded from the data root."""
+def _images(experiment: CachedExperiment, spec, split: str, indices: np.ndarray | None = None) -> torch.Tensor:
+    """[0,1] images of a split (the ones at `indices`) as model `spec` reads them (its test
+    transform), loaded from the data root."""
     ref = experiment.splits[split]
-    dataset = load_dataset(ref.ref, experiment.config.data_root, experiment.benchmark.image, ood=ref.ood)
+    dataset = load_dataset(ref.ref, experiment.config.data_root, experiment.context(spec).image, ood=ref.ood)
     indices = np.arange(len(dataset)) if indices is None else indices
     return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in indices])
 
 
-def _subsample(experiment: CachedExperiment, split: str, samples: int, seed: int) -> torch.Tensor:
+def _subsample(experiment: CachedExperiment, spec, split: str, samples: int, seed: int) -> torch.Tensor:
     size = len(experiment.outputs(experiment.config.models[0], split))
     rng = np.random.default_rng(seed)
     indices = np.sort(rng.choice(size, size=min(samples, size), replace=False))
-    return _images(experiment, split, indices)
+    return _images(experiment, spec, split, indices)
 
 
 def pro_shift_data(experiment: CachedExperiment, eps: float, samples: int = 500,
@@ -406,7 +407,7 @@ def pro_shift_data(experiment: CachedExperiment, eps: float, samples: int = 500,
         device = model_device(model)
         data[spec.display] = {}
         for split in ["id:test", *experiment.ood_tests(spec)]:
-            images = _subsample(experiment, split, samples, seed)
+            images = _subsample(experiment, spec, split, samples, seed)
             shifts = [pro_trajectory(max_softmax, model, batch.to(device), eps, steps=1).diff(dim=1)[:, 0].cpu()
                       for batch in images.split(experiment.config.batch_size)]
             data[spec.display][ID_LABEL if split == "id:test" else _split_label(split)] = torch.cat(shifts).numpy()
@@ -441,16 +442,16 @@ def landscape_data(experiment: CachedExperiment, name: str, index: int = 0,
         raise OodbenchError(f"the landscape plot scores model outputs directly; '{name}' needs input gradients")
     first = experiment.config.models[0]
     splits = ["id:test", *experiment.ood_tests(first)]
-    images = {}
+    labels = {}
     for split in splits:
         size = len(experiment.outputs(first, split))
         if not 0 <= index < size:
             raise OodbenchError(f"--index {index} is out of range for {split} ({size} images)")
-        label = f"{ID_LABEL} #{index}" if split == "id:test" else f"{_split_label(split)} #{index}"
-        images[label] = _images(experiment, split, np.array([index]))[0]
-    d1, d2 = random_directions(tuple(next(iter(images.values())).shape), seed)
+        labels[split] = f"{ID_LABEL} #{index}" if split == "id:test" else f"{_split_label(split)} #{index}"
     data = {}
-    for spec in experiment.config.models:
+    for spec in experiment.config.models:  # each model's images through its own test transform
+        images = {label: _images(experiment, spec, split, np.array([index]))[0] for split, label in labels.items()}
+        d1, d2 = random_directions(tuple(next(iter(images.values())).shape), seed)
         method, model = experiment.fitted(spec, name), experiment.model(spec)
         data[spec.display] = {label: score_surface(method, model, image, d1, d2, radius, steps)
                               for label, image in images.items()}
