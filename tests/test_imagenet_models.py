@@ -68,6 +68,10 @@ def test_timm_from_the_local_hub_cache_with_timms_own_transform(tmp_path, monkey
         expected = reference(pipeline(image)[None])
         got = adapter(to_image_tensor(image, own_spec(adapter))[None])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    hub_cache(tmp_path / "other", TIMM_TAG, {"fc.weight": torch.zeros(3, 4)})  # another network's weights
+    with pytest.raises(OodbenchError, match="timm:test_efficientnet.r160_in1k: the cached weights do not fit"):
+        load_model(ModelSpec(f"timm:{TIMM_TAG}", options={"pretrained": True, "cache_dir": str(tmp_path / "other")}),
+                   context(tmp_path))
 
 
 def test_timm_checkpoint_and_transform_choice_through_the_cli(tmp_path, capsys):

@@ -128,8 +128,8 @@ def timm_model(name: str, context: ModelContext, checkpoint: str | None = None, 
     else:
         raise OodbenchError(f"timm:{name} needs weights: set 'checkpoint' to a local file, or pretrained: true to "
                             "read them from the local Hugging Face cache (random weights are not a model to benchmark)")
-    tagged = timm.models.get_pretrained_cfg(name)
-    own = own if own is not None else tagged is not None and net.num_classes == tagged.num_classes
+    tag_config = timm.models.get_pretrained_cfg(name)
+    own = own if own is not None else tag_config is not None and net.num_classes == tag_config.num_classes
     transform, own_mean, own_std = data_transform(net, name) if own else (None, *_config_normalisation(net))
     mean, std = (mean, std) if mean is not None else (own_mean, own_std)
     head = net.get_classifier()
@@ -149,6 +149,7 @@ def _create(timm: Any, name: str, kwargs: dict[str, Any], **options: Any) -> nn.
         return timm.create_model(name, **options, **kwargs)
     except TypeError as exc:
         raise OodbenchError(f"timm:{name}: bad model_kwargs {kwargs}: {exc}") from None
-    except RuntimeError as exc:  # timm's strict load of hub weights into the architecture
+    except RuntimeError as exc:  # with pretrained: timm's strict load of the cached weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OodbenchError(f"timm:{name}: the cached weights do not fit the architecture ({first})") from None
+        what = "the cached weights do not fit the architecture" if options.get("pretrained") else "cannot build it"
+        raise OodbenchError(f"timm:{name}: {what} ({first})") from None
