@@ -220,7 +220,8 @@ def test_osr_mnist6_five_seeds_through_cli(run_cli, tmp_path):
         assert auroc["seeds"] == "1,2,3,4,5" and auroc["benchmark"] == "osr_mnist6"
         values = [r["value"] for r in per_seed if r["postprocessor"] == method and r["metric"] == "auroc"
                   and r["dataset"] == "mnist4"]
-        assert auroc["value"] == pytest.approx(np.mean(values)) and auroc["std"] == pytest.approx(np.std(values, ddof=1))
+        assert auroc["value"] == pytest.approx(np.mean(values))
+        assert auroc["std"] == pytest.approx(np.std(values, ddof=1))
         assert 0.85 < auroc["value"] < 1.0 and 0 <= fpr["value"] < 0.5
         assert f"{100 * auroc['value']:.2f}±{100 * auroc['std']:.2f}" in table.stdout
     assert all(value > 0.97 for value in accuracy.values()), accuracy

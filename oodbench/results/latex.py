@@ -73,8 +73,8 @@ def latex_leaderboard(rows: pd.DataFrame, wide: bool = False) -> str:
     missing = set(rows.attrs["missing"])
     marks = {(c, m): rank_marks(rows, c, m) for c, m in columns}
     arrows = {"auroc": r"AUROC$\uparrow$", "fpr": r"FPR@95$\downarrow$"}
-    top = " & ".join([""] * (2 + len(accuracies)) + [rf"\multicolumn{{{sum(c == g for c, _ in columns)}}}{{c}}{{{escape(g)}}}"
-                                     for g in groups]) + r" \\"
+    top = " & ".join([""] * (2 + len(accuracies)) + [
+        rf"\multicolumn{{{sum(c == g for c, _ in columns)}}}{{c}}{{{escape(g)}}}" for g in groups]) + r" \\"
     rules, start = [], 3 + len(accuracies)
     for group in groups:
         width = sum(c == group for c, _ in columns)

@@ -103,7 +103,8 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     missing = sorted(set(ood[ood.status == "missing"].dataset) - set(ood[ood.status == "present"].dataset))
     shifted = datasets[datasets.ood_group == "csid"]
     csid = list(dict.fromkeys([*shifted.dataset, *results[results.ood_group == "csid"].dataset]))
-    csid_missing = sorted(set(shifted[shifted.status == "missing"].dataset) - set(shifted[shifted.status == "present"].dataset))
+    csid_missing = sorted(set(shifted[shifted.status == "missing"].dataset)
+                          - set(shifted[shifted.status == "present"].dataset))
     values_of = {key: dict(zip(zip(group.dataset, group.metric), group.value))
                  for key, group in results.groupby(["model", "postprocessor", "setting", "fingerprint"])}
     settings = cells.groupby(["model", "postprocessor"]).setting.nunique()
