@@ -311,8 +311,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = []
         for name in registry.BENCHMARKS.names():
             bench = load_benchmark(name)
-            rows.append([name, bench.version, ", ".join(bench.near), ", ".join(bench.far)])
-        print(tabulate(rows, headers=["benchmark", "version", "near-OOD", "far-OOD"]))
+            rows.append([name, bench.version, ", ".join(bench.near), ", ".join(bench.far), ", ".join(bench.csid)])
+        print(tabulate(rows, headers=["benchmark", "version", "near-OOD", "far-OOD", "shifted ID (FS-OOD)"]))
     return 0
 
 

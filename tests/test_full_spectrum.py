@@ -173,6 +173,9 @@ def test_shifted_sets_through_data_status(run_cli, imagenet_root):
     done = run_cli("data", "status", "imagenet200_fs", "--data-root", imagenet_root)
     line = next(line for line in done.stdout.splitlines() if line.startswith("csid:imagenet_r"))
     assert "present" in line and "test_imagenet200_r.txt (1 images)" in line
+    listed = run_cli("list", "benchmarks").stdout
+    assert "imagenet_v2, imagenet_c, imagenet_r, imagenet_es" in next(
+        line for line in listed.splitlines() if line.startswith("imagenet_fs "))
 
 
 def test_cifar_c_corruption_and_severity_lists(tmp_path, run_cli):

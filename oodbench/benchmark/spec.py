@@ -196,7 +196,7 @@ def holdout_classes(id_raw: Any, source: str) -> tuple[Any, list[int]]:
 def load_benchmark(name_or_path: str) -> Benchmark:
     """A registered benchmark name (configs/benchmarks/*.yaml) or a path to a YAML file."""
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # not a folder named like a benchmark (a data root's imagenet/)
         return parse_benchmark(read_yaml(path, "benchmark file"), str(path))
     return BENCHMARKS.get(name_or_path)()
 
