@@ -19,7 +19,7 @@ batched scores equal one-at-a-time scores.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -36,19 +36,6 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def input_gradient(objective: Callable[[torch.Tensor], torch.Tensor],
-                   x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(objective(x), d objective(x)_i / d x_i): one forward and one backward pass.
-
-    `objective` maps a batch to one value per sample; the gradient of their sum is taken
-    with respect to `x` alone."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        value = objective(x)
-        (grad,) = torch.autograd.grad(value.sum(), x)
-    return value.detach(), grad
 
 
 def input_batches(outputs: Outputs, method: str) -> Iterator[torch.Tensor]:
