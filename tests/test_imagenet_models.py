@@ -95,15 +95,19 @@ def test_timm_checkpoint_and_transform_choice_through_the_cli(tmp_path, capsys):
     torch.save(timm.create_model("test_efficientnet", num_classes=3).state_dict(), tmp_path / "net.pth")
     entry = {"name": "timm:test_efficientnet", "checkpoint": str(tmp_path / "net.pth")}
     config = {"benchmark": str(tmp_path / "tiny_in.yaml"), "data_root": str(root), "search": False,
-              "models": [{**entry, "label": "own", "options": {"preprocessing": "model"}}, {**entry, "label": "bench"}],
+              "models": [{**entry, "label": "bench"}, {**entry, "label": "own", "options": {"preprocessing": "model"}}],
               "postprocessors": ["msp"], "fit_split": "val", "results": str(tmp_path / "results.sqlite"),
               "cache_dir": str(tmp_path / "cache")}
     (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(tmp_path / "experiment.yaml"), "--num-workers", "1"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert ("Test transforms: resize 182 (bicubic), center crop 160 (timm data config of test_efficientnet: "
-            "crop_pct 0.875) for own; resize 72 (bilinear), center crop 64 (the benchmark's) for bench") in out
+    assert ("Test transforms: resize 72 (bilinear), center crop 64 (the benchmark's) for bench; resize 182 "
+            "(bicubic), center crop 160 (timm data config of test_efficientnet: crop_pct 0.875) for own") in out
     assert len(list((tmp_path / "cache" / "outputs").rglob("*.pt"))) == 2 * 2  # ID test + faces, per transform
+    assert main(["run", str(tmp_path / "experiment.yaml")]) == 0  # the data did not change: nothing said (the
+    # last model read it through its own transform: its outputs' keys differ, the data's do not), all reused
+    assert "changed since" not in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "outputs").rglob("*.pt"))) == 2 * 2
     assert main(["run", str(tmp_path / "experiment.yaml"), "--num-workers", "-1"]) == 2
     assert "--num-workers must be 0 or a positive" in capsys.readouterr().err
 

@@ -266,7 +266,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
              "group": split.split(":")[0], "fingerprint": state.fingerprint, "available": state.available,
              "status": "present" if state.present else "missing", "reason": report.get(split, {}).get("reason")
              or state.reason, "samples": state.samples, "accuracy": report.get(split, {}).get("accuracy")}
-            for split, state in plan.states_for(contexts[display].image).items()], plan.fingerprint)
+            for split, state in plan.states.items()], plan.fingerprint)  # the data as found (changed_splits)
         keys = dict(probes[display]["keys"])
         for name in names_left:
             method = plan.methods[name]
