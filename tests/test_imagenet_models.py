@@ -58,8 +58,8 @@ def test_timm_from_the_local_hub_cache_with_timms_own_transform(tmp_path, monkey
         load_model(ModelSpec(f"timm:{TIMM_TAG}", options={"pretrained": True, "cache_dir": str(tmp_path / "hub")}),
                    context(tmp_path))
     hub_cache(tmp_path / "hub", TIMM_TAG, reference.state_dict())
-    adapter = load_model(ModelSpec(f"timm:{TIMM_TAG}", options={"pretrained": True, "cache_dir": str(tmp_path / "hub")}),
-                         context(tmp_path))
+    hub = {"pretrained": True, "cache_dir": str(tmp_path / "hub")}
+    adapter = load_model(ModelSpec(f"timm:{TIMM_TAG}", options=hub), context(tmp_path))
     assert adapter.preprocessing["size"] == 160 and adapter.preprocessing["resize"] == 182  # floor(160 / 0.875)
     assert adapter.preprocessing["interpolation"] == "bicubic"
     image = photo()

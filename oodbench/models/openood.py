@@ -22,9 +22,9 @@ Input normalisation is OpenOOD's for the training set (``dataset`` option): CIFA
 (0.2675, 0.2565, 0.2761), ImageNet(-200) (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225); MNIST
 is missing from OpenOOD's table, so it gets OpenOOD's fallback, 0.5 / 0.5 on every channel
 (not the usual 0.1307 / 0.3081, with which the MNIST LeNet checkpoint loses 11 points of
-accuracy). Without ``dataset``, LeNet means MNIST and ResNet-18 means CIFAR-10 or
-CIFAR-100 by its class count, and ResNet-18 224x224 ImageNet-200 or ImageNet by its class count. The class count and LeNet's input channels are read from
-the checkpoint.
+accuracy). Without ``dataset``, LeNet means MNIST, ResNet-18 32x32 CIFAR-10 or CIFAR-100
+and ResNet-18 224x224 ImageNet-200 or ImageNet, by the class count. The class count and
+LeNet's input channels are read from the checkpoint.
 """
 
 from __future__ import annotations

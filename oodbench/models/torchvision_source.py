@@ -71,7 +71,7 @@ def entry_transform(arch: str, entry: Any) -> tuple[dict[str, Any], tuple, tuple
 @register_model_source("torchvision")
 def torchvision_model(name: str, context: ModelContext, checkpoint: str | None = None, weights: str | None = None,
                       num_classes: int | None = None, preprocessing: str | None = None) -> ModelAdapter:
-    """torchvision ImageNet architectures + a local weights file (checkpoint, or weights: ENTRY in torch's hub cache)."""
+    """torchvision ImageNet architectures + a local weights file (checkpoint, or weights: ENTRY in torch's cache)."""
     own = check_preprocessing_choice(preprocessing, f"torchvision:{name}")
     models = importlib.import_module("torchvision.models")
     architectures = models.list_models(module=models)
