@@ -110,6 +110,35 @@ def test_the_plan_fits_react_on_validation_and_keys_the_profile(tmp_path, sessio
         assert paper.cell_fingerprint(name, "m", "w") != openood.cell_fingerprint(name, "m", "w")
 
 
+def test_openood_react_clips_at_the_validation_percentile(tmp_path, session_cache):
+    """The run's ReAct under openood: ReactPostprocessor.setup's threshold (np.percentile of every
+    ID validation activation), written out in NumPy on the run's own cached outputs."""
+    import numpy as np
+
+    from oodbench.benchmark.jobs import RunContext, split_outputs
+    from oodbench.benchmark.plan import benchmark_splits
+    from oodbench.benchmark.runner import run_experiment
+    from oodbench.results.store import ResultStore
+
+    config = load_config(digits_config(tmp_path, postprocessors=["react"], limit=150), conventions="openood",
+                         cache_dir=str(session_cache), data_root=str(session_cache))
+    frame = run_experiment(config, quiet=True)
+    fingerprint = frame.fingerprint.iloc[0]
+    scores = ResultStore(config.results, readonly=True).read_scores([fingerprint])[0][fingerprint]["id_test"]
+    benchmark = load_benchmark("digits")
+    splits = benchmark_splits(benchmark, config.fit_split, config.limit)
+    context = RunContext.of(config, config.models[0], benchmark.image, "cpu")
+    val, test = (split_outputs(context, splits[name])[0] for name in ("id:val", "id:test"))
+    threshold = np.percentile(val.features.numpy().ravel(), 90)
+    weight, bias = (t.double().numpy() for t in test.fc)
+    logits = np.minimum(test.features.double().numpy(), threshold) @ weight.T + bias
+    top = logits.max(axis=1)
+    expected = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    train = split_outputs(context, splits["id:train"])[0]
+    assert np.percentile(train.features.numpy().ravel(), 90) != pytest.approx(threshold)  # train would differ
+
+
 def test_cli_run_with_openood_conventions_names_them_and_keeps_its_own_cells(run_cli, tmp_path):
     config = digits_config(tmp_path, postprocessors=["msp", "react"], fit_split="val", limit=200)
     store = tmp_path / "results.sqlite"
