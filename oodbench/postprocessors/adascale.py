@@ -3,7 +3,7 @@ arXiv 2025, github.com/sudarshanregmi/adascale): SCALE with a per-sample percent
 
 Per image x with penultimate features z (D units) and y = argmax f(x):
 
-1. g = grad_x f_y(x); x' = x + 0.5 * std_c * sign(g) on the round(o * CHW) input entries of
+1. g = grad_x f_y(x); x' = x + 0.5 * std_c * sign(g) on the int(o * CHW) input entries of
    *smallest* |g| * std_c (the reference code takes this step, 0.5, on normalised inputs and
    ranks entries by the gradient there; std_c = 1 for a model without normalisation);
 2. z' = features(x'), shift = |z - z'|;
@@ -21,6 +21,11 @@ one backward and two forward passes per batch (`grid_batch`) and fits once.
 
 Differences from OpenOOD's ``adascale_postprocessor.py``: its subset of ``num_samples``
 validation images is unseeded (``torch.randperm``), here seeded; the rest follows it.
+
+Measured on ../shared's CIFAR-10 ResNet-56 (fit on 300 ID validation JPEGs; 300 ID test vs
+300 TIN): OpenOOD's own code (its ECDF as a right-sided search) gives the same scores to
+6.6e-7 (relative) and the same AUROC (A 59.39, L 61.14). On the digits CNN vs Gaussian
+noise the default percentile [75, 85] gives AUROC 0.79 (A), [60, 65] 0.995.
 """
 
 from __future__ import annotations

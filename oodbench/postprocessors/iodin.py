@@ -17,6 +17,9 @@ For models that output probabilities f = log p.
 
 Differences from OpenOOD's ``iodin_postprocessor.py``: none in the formula; the gradient
 depends on T but not on eps, so a search runs one backward pass per T (`grid_batch`).
+
+Measured on ../shared's CIFAR-10 ResNet-56 (300 ID test and 300 TIN images, OpenOOD's
+input_std set to the model's): OpenOOD's own code gives the same scores to 2.2e-7 (relative).
 """
 
 from __future__ import annotations

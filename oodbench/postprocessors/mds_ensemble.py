@@ -28,6 +28,10 @@ signed gradient by 0.5 for every channel whatever the normalisation (a step of
 2 * noise * std_c in pixels); this follows the paper's code. No PCA/LDA reduction
 (OpenOOD's ``reduce_dim_list`` default is ``none``), and no logistic regression on OOD
 validation data to choose alpha (OpenOOD's default config gives alpha).
+
+Measured on ../shared's CIFAR-10 ResNet-56 (layers layer1..layer3, noise 0, fit on 300 ID
+validation JPEGs): OpenOOD's own code with the same three layers gives the same scores to
+6e-7 (relative). With the defaults, 500 images per split: near-OOD (TIN) AUROC 81.16, MNIST 100.0.
 """
 
 from __future__ import annotations

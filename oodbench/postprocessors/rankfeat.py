@@ -18,6 +18,10 @@ Differences from OpenOOD's ``rankfeat_postprocessor.py``: only the exact SVD (it
 default, ``accelerate: False``; the power-iteration variant draws unseeded random
 vectors). For the block-4 branch OpenOOD applies its own ``avgpool`` and ``fc`` to F'; here
 the network's own remaining modules run, the same for a ResNet.
+
+Measured on ../shared's CIFAR-10 ResNet-56 (its layer2 / layer3 as block 3 / 4, 300 ID test
+and 300 TIN images): OpenOOD's own code gives the same scores to 1.2e-7 (relative); with
+500 images per split, TIN AUROC 59.18 and MNIST 71.60 (this 64-unit network).
 """
 
 from __future__ import annotations
