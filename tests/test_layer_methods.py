@@ -373,3 +373,19 @@ def test_cached_statistics_are_not_extracted_again(tiny, tmp_path, monkeypatch):
     expected = head(tiny, x, "stage").mean(dim=(2, 3)).detach()
     torch.testing.assert_close(statistic(outputs, stats[0], "test")[1], expected)
     assert len(statistic(outputs, stats[1], "test")) == 4
+
+
+def test_a_cell_reading_layer_statistics_is_keyed_by_their_code(tmp_path, session_cache, monkeypatch):
+    """Changing how statistics are computed (LAYERS_VERSION) changes gram's cell key, not msp's."""
+    from oodbench.benchmark import plan as plan_module
+    from oodbench.benchmark.config import load_config
+    from oodbench.benchmark.spec import load_benchmark
+    from tests.conftest import digits_config
+
+    config = load_config(digits_config(tmp_path, postprocessors=["gram", "msp"]), cache_dir=str(session_cache),
+                         data_root=str(session_cache))
+    plan = plan_module.Plan.resolve(config, load_benchmark("digits"), ["gram", "msp"])
+    before = {name: plan.cell_fingerprint(name, "m", "w") for name in ("gram", "msp")}
+    monkeypatch.setattr(plan_module, "LAYERS_VERSION", plan_module.LAYERS_VERSION + 1)
+    assert plan.cell_fingerprint("gram", "m", "w") != before["gram"]
+    assert plan.cell_fingerprint("msp", "m", "w") == before["msp"]

@@ -22,7 +22,9 @@ from oodbench.conventions import DEFAULT as CONVENTIONS
 from oodbench.conventions import Conventions, load_conventions
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, split_fingerprint_of
 from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean
-from oodbench.identity import FileState, benchmark_fingerprint, cell_fingerprint, digest, output_key_text
+from oodbench.benchmark.reads import required_statistics
+from oodbench.identity import (LAYERS_VERSION, FileState, benchmark_fingerprint, cell_fingerprint, digest,
+                               output_key_text)
 from oodbench.postprocessors.base import Postprocessor
 from oodbench.registry import POSTPROCESSORS
 
@@ -232,9 +234,12 @@ class Plan:
                          image: ImageSpec | None = None) -> str:
         method = self.methods[name]
         states = self.states_for(image)
+        # a method reading intermediate layers: its values also depend on the statistics' code
+        layers = [stat.key for stat in required_statistics(method.cls, method.params, method.space)]
+        reads = {"layer_statistics": [LAYERS_VERSION, *layers]} if layers else {}
         return cell_fingerprint(model_identity=model_identity, weights_hash=weights_hash, postprocessor=method.cls,
                                 setting=method.setting, params=method.params,
-                                search_space={**method.space, "search_limit": method.search_limit},
+                                search_space={**method.space, "search_limit": method.search_limit, **reads},
                                 conventions=self.conventions.key(), splits={s: states[s].fingerprint for s in method.splits})
 
     @property
