@@ -240,7 +240,8 @@ class Plan:
         return cell_fingerprint(model_identity=model_identity, weights_hash=weights_hash, postprocessor=method.cls,
                                 setting=method.setting, params=method.params,
                                 search_space={**method.space, "search_limit": method.search_limit, **reads},
-                                conventions=self.conventions.key(), splits={s: states[s].fingerprint for s in method.splits})
+                                conventions=self.conventions.key(),
+                                splits={s: states[s].fingerprint for s in method.splits})
 
     @property
     def conventions(self) -> Conventions:
