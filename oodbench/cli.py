@@ -272,7 +272,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from oodbench import registry
-    from oodbench.postprocessors.base import Postprocessor
 
     if args.kind == "postprocessors":
         for line in registry.load_plugins(args.plugin, strict=False):
@@ -284,7 +283,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             needs = [need for need, flag in (("features", cls.needs_features), ("model gradients", cls.needs_model),
                                              ("fit", cls.needs_fit)) if flag]
             needs += [f"extras {'/'.join(cls.needs_extras)}"] if cls.needs_extras else []
-            needs += ["intermediate layers"] if cls.layer_statistics is not Postprocessor.layer_statistics else []
+            needs += ["intermediate layers"] if cls.needs_layers else []
             needs += ["every checkpoint"] if cls.needs_checkpoints else []
             rows.append([cls.name or entry.name, ", ".join(aliases), entry.origin, ", ".join(needs) or "logits"])
         print(tabulate(rows, headers=["name", "aliases", "origin", "needs"]))

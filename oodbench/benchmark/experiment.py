@@ -17,6 +17,7 @@ from oodbench.benchmark.cache import FitStateCache, OutputCache
 from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.jobs import RunContext, fit_cached, get_model, load_cached_outputs
 from oodbench.benchmark.plan import Plan, resolve_postprocessors
+from oodbench.benchmark.reads import attach
 from oodbench.benchmark.runner import resolve_device
 from oodbench.benchmark.spec import Benchmark, load_benchmark
 from oodbench.errors import OodbenchError
@@ -71,12 +72,14 @@ class CachedExperiment:
     def has(self, spec: ModelSpec, split: str) -> bool:
         return self.plan.present(split) and OutputCache(self.config.cache_dir).has(self.key(spec, split))
 
-    def outputs(self, spec: ModelSpec, split: str, with_model: bool = False) -> Outputs:
-        """Cached outputs of one split; `with_model` also attaches the model and the images."""
+    def outputs(self, spec: ModelSpec, split: str, with_model: bool = False, statistics: tuple = ()) -> Outputs:
+        """Cached outputs of one split; `with_model` also attaches the model and the images, and
+        `statistics` the cached layer statistics (`oodbench.benchmark.reads`)."""
         if split not in self.splits or not self.has(spec, split):
             raise OodbenchError(f"no cached outputs of {spec.display} on {split}; {self.run_first}")
-        return load_cached_outputs(self.context(spec), self.splits[split], self.key(spec, split),
-                                   self.model(spec) if with_model else None)
+        outputs = load_cached_outputs(self.context(spec), self.splits[split], self.key(spec, split),
+                                      self.model(spec) if with_model else None)
+        return attach(outputs, self.config.cache_dir, self.key(spec, split), statistics, {})
 
     def ood_tests(self, spec: ModelSpec) -> dict[str, str]:
         """OOD test split name -> near | far, for the sets cached for `spec` (a warning names the rest)."""
@@ -108,10 +111,11 @@ class CachedExperiment:
         if cls.needs_fit:
             fit_split = "id:fit" if "id:fit" in self.splits else "id:val"
             keys = [self.key(spec, s) for s in (fit_split, "id:val")]
-            fit_cached(method, self.outputs(spec, fit_split), self.outputs(spec, "id:val"),
+            read = dict(with_model=cls.needs_model, statistics=method.layer_statistics())
+            fit_cached(method, self.outputs(spec, fit_split, **read), self.outputs(spec, "id:val", **read),
                        FitStateCache(self.config.cache_dir), keys)
         return method
 
     def scores(self, method: Postprocessor, spec: ModelSpec, split: str) -> np.ndarray:
-        outputs = self.outputs(spec, split, with_model=method.needs_model)
+        outputs = self.outputs(spec, split, with_model=method.needs_model, statistics=method.layer_statistics())
         return method.score(outputs).detach().cpu().double().numpy()

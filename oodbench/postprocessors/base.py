@@ -15,9 +15,10 @@ for it. Methods declare what they need as class attributes, which the runner rea
 - ``needs_checkpoints``: scores the outputs of every checkpoint of its model entry together
   (an ensemble): the runner scores one cell per entry, with the other checkpoints' logits in
   ``outputs.extras["checkpoint:<name>"]``; a single checkpoint is an ensemble of one;
-- ``layer_statistics()``: per-sample statistics of intermediate layers the method reads
+- ``needs_layers``: reads per-sample statistics of intermediate layers, ``layer_statistics()``
   (`oodbench.models.layers.LayerStatistic`, for its hyperparameters); the runner extracts
-  them once per (model, split), caches them and puts them in ``outputs.extras``;
+  them once per (model, split), caches them and puts them in ``outputs.extras`` (without
+  them, `oodbench.models.layers.statistic` computes them from ``outputs.model``);
 - ``fit_params``: the hyperparameters that change what ``fit`` computes (None: all),
   so the fit-state cache fits once for the others' whole search range;
 - ``defaults``: hyperparameters and their default values;
@@ -187,6 +188,7 @@ class Postprocessor:
     needs_fit: ClassVar[bool] = False
     needs_extras: ClassVar[tuple[str, ...]] = ()
     needs_checkpoints: ClassVar[bool] = False
+    needs_layers: ClassVar[bool] = False
     fit_params: ClassVar[tuple[str, ...] | None] = None
     higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "other"

@@ -61,6 +61,7 @@ def holdout_split(labels: torch.Tensor, share: float = HOLDOUT, seed: int = 0) -
 class GRAM(Postprocessor):
     family = "feature"
     needs_fit = True
+    needs_layers = True
     defaults = {"powers": [1, 2, 3, 4, 5], "layers": "conv_relu"}
     ranges = {"powers": ListOf(Integer(ge=1, le=10)), "layers": Either(OneOf("conv_relu", "stages"), ListOf(Text()))}
 

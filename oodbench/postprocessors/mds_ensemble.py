@@ -51,6 +51,7 @@ from oodbench.registry import register_postprocessor
 class MDSEnsemble(InputGradientPostprocessor):
     family = "feature"
     needs_fit = True
+    needs_layers = True
     fit_params = ("feature", "layers")
     defaults = {"noise": 0.0014, "feature": "mean", "layers": "stages", "alpha": None}
     ranges = {"noise": Number(ge=0), "feature": OneOf("mean", "mean_var"),
