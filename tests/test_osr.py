@@ -191,13 +191,13 @@ def test_osr_lenets_predict_known_digits_in_split_order(tmp_path):
 @requires_shared
 def test_osr_mnist6_five_seeds_through_cli(run_cli, tmp_path):
     """The real check: osr_mnist6 seeds 1-5 with their checkpoints; ID accuracy per seed, and
-    MSP / ODIN averaged over the seeds by `leaderboard --benchmark osr_mnist6`. At most 2,000
+    MSP / ODIN averaged over the seeds by `leaderboard --benchmark osr_mnist6`. At most 1,000
     images per split (seeded, stratified): the full 10,000 add time, not evidence."""
     results = tmp_path / "osr.sqlite"
     for seed in range(1, 6):
         config = tmp_path / f"seed{seed}.yaml"
         config.write_text(yaml.safe_dump({
-            "benchmark": f"osr_mnist6_seed{seed}", "data_root": str(SHARED_DATA), "limit": 2000,
+            "benchmark": f"osr_mnist6_seed{seed}", "data_root": str(SHARED_DATA), "limit": 1000,
             "models": [{"name": "openood:lenet",
                         "checkpoint": str(SHARED_MODELS / "openood" / f"osr_mnist6_seed{seed}.ckpt")}],
             "postprocessors": ["msp", "odin"], "search": False, "fit_split": "val"}))
