@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.forked_cli import FORKED
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -39,13 +39,13 @@ def digits_models(session_cache):
 
 @pytest.fixture
 def run_cli(session_cache, tmp_path):
-    """Run `oodbench ARGS...` in a subprocess (cwd = a temp dir); returns CompletedProcess."""
+    """Run `oodbench ARGS...` in a process of its own (cwd = a temp dir; see forked_cli.py);
+    returns CompletedProcess."""
 
     def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600):
         environment = {**os.environ, "OODBENCH_CACHE": str(session_cache)}
         environment.update(env or {})
-        return subprocess.run([sys.executable, "-m", "oodbench", *map(str, args)], cwd=cwd or tmp_path,
-                              env=environment, capture_output=True, text=True, timeout=timeout)
+        return FORKED.run(args, cwd=cwd or tmp_path, env=environment, timeout=timeout)
 
     return run
 

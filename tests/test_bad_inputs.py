@@ -33,6 +33,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.forked_cli import FORKED
+
 PARALLEL = 4
 TRUST_HINT_END = "only if you trust its source"  # the end of the --trust-checkpoint hint: the line is whole
 BASE_CONFIG = {"benchmark": "digits", "models": ["digits-cnn"], "postprocessors": ["msp"], "search": False}
@@ -472,8 +474,7 @@ def run_case(case: Case, folder: Path, template: Path, session_cache: Path) -> O
     store = folder / "results.sqlite"
     before = store_fingerprint(store)
     with (case.during(folder) if case.during else nullcontext()):
-        done = subprocess.run([sys.executable, "-m", "oodbench", *args], cwd=folder, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = FORKED.run(args, cwd=folder, env=env, timeout=300)
     return Outcome(done.returncode, done.stdout, done.stderr, before, store_fingerprint(store), folder)
 
 
@@ -510,7 +511,7 @@ def trained_cache(session_cache) -> Path:
 def selected(request, needs_model: bool) -> list[Case]:
     """The cases of one batch that this pytest session runs (all, unless deselected)."""
     chosen = {item.callspec.params["case"].id for item in request.session.items
-              if hasattr(item, "callspec") and "case" in item.callspec.params}
+              if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})}
     return [c for c in CASES if c.needs_model == needs_model and c.id in chosen]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from oodbench.benchmark.runner import run_experiment
 from oodbench.models.adapter import ModelAdapter
@@ -31,12 +32,10 @@ def test_demo_run_prints_the_leaderboard(run_cli, tmp_path):
         assert name in table
     assert max(map(len, table.splitlines())) <= 100
     rows = compact_rows(table)
-    from oodbench.registry import POSTPROCESSORS
-
-    builtins = [e for e in POSTPROCESSORS.entries() if e.origin == "builtin"]  # this process may hold plugins
+    listed = yaml.safe_load((REPO / "configs/experiments/digits.yaml").read_text())["postprocessors"]
     for model in ("digits-cnn", "digits-cnn-robust"):
         block = [r for r in rows if r["model"] == model]
-        assert len(block) == len(builtins)
+        assert len(block) == len(listed)
         scored = [r for r in block if r["near AUROC"][:1].isdigit()]
         assert block[:len(scored)] == scored  # unscored (failed, missing) rows last
         near = [float(r["near AUROC"].rstrip("*")) for r in scored]
@@ -142,6 +141,11 @@ def test_plugin_file_is_listed_and_ranked(run_cli, tmp_path):
     run = run_cli("run", config, "--plugin", plugin)
     assert run.returncode == 0, run.stderr
     assert [r["postprocessor"] for r in compact_rows(run.stdout)].count("margin") == 1
+    # a plugin file's methods join a run whose list does not name them (README: `--plugin my_score.py`)
+    config = digits_config(tmp_path, postprocessors=["msp"], results=str(tmp_path / "unlisted.sqlite"))
+    run = run_cli("run", config, "--plugin", plugin)
+    assert run.returncode == 0, run.stderr
+    assert sorted(r["postprocessor"] for r in compact_rows(run.stdout)) == ["margin", "msp"]
 
 
 def test_broken_plugin_is_reported_and_the_others_work(run_cli):

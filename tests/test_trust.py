@@ -24,6 +24,7 @@ from PIL import Image
 
 from oodbench.benchmark.cache import FitStateCache
 from tests.conftest import SHARED_MODELS, compact_rows
+from tests.forked_cli import FORKED
 
 BENCH = {"name": "tinyfolders", "version": 1, "image": {"size": 8, "channels": 1}, "num_classes": 6, "seed": 0,
          "id": {"test": {"dataset": "image_folder", "options": {"path": "idset"}}},
@@ -57,12 +58,9 @@ def experiment(path: Path, benchmark: Path | str, root: Path | None, **extra) ->
 
 
 def cli(*args, cache: Path, prelude: str = "", env: dict | None = None, timeout: float = 600):
-    launcher = prelude + ("import runpy, sys\nsys.argv = ['oodbench', *sys.argv[1:]]\n"
-                          "runpy.run_module('oodbench', run_name='__main__', alter_sys=True)\n")
     environment = {**os.environ, "OODBENCH_CACHE": str(cache), **(env or {})}
     environment.pop("PYTHONWARNINGS", None)
-    return subprocess.run([sys.executable, "-c", launcher, *map(str, args)], env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return FORKED.run(args, cwd=Path.cwd(), env=environment, timeout=timeout, prelude=prelude)
 
 
 def board(store: Path, *args: str, cache: Path) -> pd.DataFrame:

@@ -40,7 +40,7 @@ class CachedExperiment:
         config = load_config(path, **overrides)
         load_plugins(config.plugins, strict=True)
         benchmark = load_benchmark(config.benchmark)
-        plan = Plan.resolve(config, benchmark, resolve_postprocessors(config.postprocessors), every_split=True)
+        plan = Plan.resolve(config, benchmark, resolve_postprocessors(config.postprocessors, config.plugins), every_split=True)
         return cls(config, benchmark, plan)
 
     @property

@@ -81,11 +81,14 @@ def benchmark_splits(benchmark: Benchmark, fit_split: str, limit: int | None = N
     return splits
 
 
-def resolve_postprocessors(names: list[str]) -> list[str]:
-    """The listed postprocessors (``all``: every registered one), each method once: an alias
-    of a method already listed (``energy`` after ``ebo``) is dropped."""
+def resolve_postprocessors(names: list[str], plugin_files: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The listed postprocessors (``all``: every registered one), then those registered by the
+    run's plugin files (``--plugin``, ``plugins:``) that the list does not name, each method
+    once: an alias of a method already listed (``energy`` after ``ebo``) is dropped."""
     if "all" in names:
         names = [entry.name for entry in POSTPROCESSORS.entries()]
+    origins = {f"file {Path(path).name}" for path in plugin_files}
+    names = list(names) + [entry.name for entry in POSTPROCESSORS.entries() if entry.origin in origins]
     seen, out = set(), []
     for name in names:
         cls = POSTPROCESSORS.get(name)  # unknown names fail here, with suggestions

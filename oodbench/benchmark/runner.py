@@ -91,7 +91,7 @@ def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -
     load_plugins(config.plugins, strict=True)
     if benchmark is None:
         benchmark = load_benchmark(config.benchmark)
-    names = resolve_postprocessors(config.postprocessors)
+    names = resolve_postprocessors(config.postprocessors, config.plugins)
     params = resolve_params(names, config.params)
     conventions = load_conventions(config.conventions)
     for name in names:

@@ -51,7 +51,7 @@ def comparison_results(store: ResultStore, config: ExperimentConfig, fpr: str = 
     tagged = tagged_models(config)
     tag_of = {m: tag for tag, models in tagged.items() for m in models}
     benchmark = load_benchmark(config.benchmark).name
-    names = resolve_postprocessors(config.postprocessors)
+    names = resolve_postprocessors(config.postprocessors, config.plugins)
     board = leaderboard_frame(store, benchmark, list(tag_of), names, fpr=fpr)
     if not board.empty:
         settings = board.postprocessor.map(

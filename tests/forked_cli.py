@@ -1,0 +1,148 @@
+"""`python -m oodbench ARGS` for the tests, without paying Python's and torch's start-up for
+every command (about 3 CPU seconds each, most of the suite's time).
+
+One helper process (the zygote) imports the heavy third-party modules once, never runs a
+torch operation, and forks a child per command. The child is a fresh process of its own as
+far as a command can tell: its own working directory, exactly the given environment
+(``PYTHONPATH`` entries added to ``sys.path``, as a new interpreter would), stdin from
+/dev/null, stdout and stderr to files, its own process group, ``oodbench`` imported anew,
+atexit handlers run, and its exit status passed back. A command that runs past its timeout
+is killed with its process group, and `subprocess.TimeoutExpired` raised as
+`subprocess.run` would. Tests that signal the CLI process or that check what a fresh
+interpreter imports keep starting real interpreters.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+# Modules oodbench imports on most commands; none reads the environment when imported in a
+# way a command could observe, and none starts threads.
+PRELOAD = ("torch", "numpy", "yaml", "PIL.Image", "tqdm", "pandas", "sqlite3", "scipy.special")
+
+ZYGOTE = r"""
+import json, os, signal, sys, time
+import importlib
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+requests, replies = sys.stdin, sys.stdout
+start_path = list(sys.path)
+
+
+def child(request):
+    os.setpgid(0, 0)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [start_path[0], *extra, *start_path[1:]]
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(stdin, 0), os.dup2(out, 1), os.dup2(err, 2)
+    code = 0
+    try:
+        sys.argv = ["oodbench", *request["args"]]
+        if request["prelude"]:
+            exec(compile(request["prelude"], "<prelude>", "exec"), {"__name__": "__prelude__"})
+        import runpy
+        runpy.run_module("oodbench", run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            code = exit.code or 0
+        else:
+            print(exit.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    try:
+        import atexit
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+
+
+for line in requests:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        child(request)
+    deadline = time.monotonic() + request["timeout"]
+    timed_out = False
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            status = 0
+            break
+        time.sleep(0.01)
+    try:  # what the command left running in its group (workers) goes with it
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    code = os.waitstatus_to_exitcode(status) if not timed_out else None
+    replies.write(json.dumps({"code": code, "timed_out": timed_out}) + "\n")
+    replies.flush()
+"""
+
+
+class ForkedCli:
+    """Runs oodbench commands in children of a preloaded zygote process, one zygote per
+    calling thread (a test may run several commands at once from a thread pool)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._zygotes: list[subprocess.Popen] = []
+        self._scratch = Path(tempfile.mkdtemp(prefix="oodbench-cli-"))
+        atexit.register(self.close)
+
+    def _start(self) -> subprocess.Popen:
+        zygote = getattr(self._local, "zygote", None)
+        if zygote is None or zygote.poll() is not None:
+            zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, *PRELOAD], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, cwd=self._scratch)
+            self._local.zygote = zygote
+            self._zygotes.append(zygote)
+        return zygote
+
+    def run(self, args, cwd: Path, env: dict | None = None, timeout: float = 600,
+            prelude: str = "") -> subprocess.CompletedProcess:
+        """Like ``subprocess.run([python, "-m", "oodbench", *args], capture_output=True, text=True)``."""
+        zygote = self._start()
+        out, err = (self._scratch / f"{threading.get_ident()}.{stream}" for stream in ("stdout", "stderr"))
+        request = {"args": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ if env is None else env),
+                   "out": str(out), "err": str(err), "timeout": timeout, "prelude": prelude}
+        zygote.stdin.write(json.dumps(request) + "\n")
+        zygote.stdin.flush()
+        reply = json.loads(zygote.stdout.readline())
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        command = [sys.executable, "-m", "oodbench", *request["args"]]
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
+        return subprocess.CompletedProcess(command, reply["code"], stdout, stderr)
+
+    def close(self) -> None:
+        for zygote in self._zygotes:
+            if zygote.poll() is None:
+                zygote.stdin.close()
+                zygote.wait(timeout=30)
+
+
+FORKED = ForkedCli()
