@@ -663,7 +663,7 @@ def test_the_notebook_example_runs(tmp_path):
      "groups.near: 'm' is not one of the OOD sets"),
     (lambda d, c: oodbench.evaluate("net", d.test, {"n": d.ood["gaussian"]}, cache_dir=c), "must be a torch nn.Module"),
     (lambda d, c: oodbench.evaluate(d.net, d.test, {"n": d.ood["gaussian"]}, ["vim"], cache_dir=c),
-     "'vim' is fitted on ID data: pass val="),
+     "'vim' is fitted on ID data and needs val= .ID validation images. even when fit= is given"),
     (lambda d, c: oodbench.evaluate(d.net, d.test, {"n": d.ood["gaussian"]}, ["nope"], cache_dir=c),
      "unknown postprocessor 'nope'"),
     (lambda d, c: oodbench.evaluate(d.net, d.test, {"n": d.ood["gaussian"]}, fpr="x", cache_dir=c), "fpr must be one of"),

@@ -132,8 +132,9 @@ class Session:
             cls = POSTPROCESSORS.get(name)
             lacking = [e for e in cls.needs_extras if not any(e in (m.extras or {}) for m in self.models)]
             if listed and cls.needs_fit and "val" not in self.id_splits:
-                raise OodbenchError(f"postprocessor '{name}' is fitted on ID data: pass val= (ID validation "
-                                    "images), and fit= (ID training images) to fit on those instead")
+                raise OodbenchError(f"postprocessor '{name}' is fitted on ID data and needs val= (ID validation "
+                                    "images) even when fit= is given: it fits on fit= (else on val=) and reads "
+                                    "val= for its validation statistics and search")
             if listed and lacking:
                 wanted = ", ".join(f"'{e}': ..." for e in cls.needs_extras)
                 raise OodbenchError(f"postprocessor '{name}' needs the model's extras {', '.join(lacking)}; name "
