@@ -25,14 +25,11 @@ the ratios last.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -48,7 +45,7 @@ from oodbench.evaluators.metrics import ood_metrics
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
 from oodbench.registry import POSTPROCESSORS
 
-from real_size import BATCH_SIZE, real_size_setup  # beside this script
+from real_size import BATCH_SIZE, benchmark_arguments  # beside this script
 
 
 def output_based() -> list[str]:
@@ -83,15 +80,7 @@ def per_method_inference(model, datasets: dict, methods: list[str], groups: dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--work-dir", help="where the synthetic data and the fresh caches go (default: a temp dir)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="oodbench-overhead-"))
-    setup = real_size_setup(work)
+    args, work, setup = benchmark_arguments(__doc__.split("\n\n")[0], "oodbench-overhead-")
     methods = output_based()
 
     benchmark = load_benchmark(str(setup.benchmark))

@@ -9,6 +9,8 @@ Feature-based methods fit on ID val (../shared has no CIFAR-10 train split).
 
 from __future__ import annotations
 
+import argparse
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +110,17 @@ def real_size_setup(work: Path) -> Setup:
     path = work / "benchmark.yaml"
     path.write_text(yaml.safe_dump(benchmark))
     return Setup(path, data_root, model, what)
+
+
+def benchmark_arguments(description: str, prefix: str) -> tuple[argparse.Namespace, Path, Setup]:
+    """The benchmark scripts' common command line (--rounds, --threads, --work-dir), torch's
+    threads set, and the real-size setup under the work folder (a fresh temp dir by default)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--work-dir", help="where the synthetic data and the fresh caches go (default: a temp dir)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix=prefix))
+    return args, work, real_size_setup(work)

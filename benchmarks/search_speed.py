@@ -22,11 +22,9 @@ rounds of total re-run / total cached last (goal >= 50).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
-import tempfile
 import time
 import uuid
 import warnings
@@ -47,7 +45,7 @@ from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, grid
 from oodbench.registry import POSTPROCESSORS
 
-from real_size import BATCH_SIZE, real_size_setup  # beside this script
+from real_size import BATCH_SIZE, benchmark_arguments  # beside this script
 
 METHODS = ("gen", "knn", "react")
 
@@ -108,15 +106,7 @@ def rerun_way(model, datasets: dict, spaces: dict) -> tuple[float, float, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--work-dir", help="where the synthetic data and the fresh caches go (default: a temp dir)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="oodbench-search-speed-"))
-    setup = real_size_setup(work)
+    args, work, setup = benchmark_arguments(__doc__.split("\n\n")[0], "oodbench-search-speed-")
     benchmark = load_benchmark(str(setup.benchmark))
     splits = benchmark_splits(benchmark, "val")
     needed = ["id:fit", "id:val", *(s for s in splits if s.startswith("ood_val:"))]

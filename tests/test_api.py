@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from scipy.special import expit, logsumexp, softmax
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -6,6 +6,7 @@ torchvision's."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def _openood_layout(root) -> dict[str, list[tuple[str, int]]]:
     return entries
 
 
-def _experiment(tmp_path, root, benchmark: str) -> "Path":
+def _experiment(tmp_path, root, benchmark: str) -> Path:
     (tmp_path / "tiny_net.py").write_text(TINY_NET)
     import importlib.util
 

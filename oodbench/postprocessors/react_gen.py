@@ -22,7 +22,7 @@ from torch import nn
 
 from oodbench.errors import OodbenchError
 from oodbench.postprocessors.base import Number, Outputs, Postprocessor, in_blocks
-from oodbench.postprocessors.pro import PRO, ProGEN
+from oodbench.postprocessors.pro import ProGEN
 from oodbench.postprocessors.shaping import percentile
 from oodbench.postprocessors.softmax import GEN, generalized_entropy
 from oodbench.registry import register_postprocessor
