@@ -8,8 +8,9 @@ far as a command can tell: its own working directory, exactly the given environm
 /dev/null, stdout and stderr to files, its own process group, ``oodbench`` imported anew,
 atexit handlers run, and its exit status passed back. A command that runs past its timeout
 is killed with its process group, and `subprocess.TimeoutExpired` raised as
-`subprocess.run` would. Tests that signal the CLI process or that check what a fresh
-interpreter imports keep starting real interpreters.
+`subprocess.run` would. `start` gives a test that signals the command, or watches its
+stderr, the child's pid while it runs. Tests that check what a fresh interpreter imports
+keep starting real interpreters.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 
 # Modules oodbench imports on most commands; none reads the environment when imported in a
 # way a command could observe, and none starts threads.
-PRELOAD = ("torch", "numpy", "yaml", "PIL.Image", "tqdm", "pandas", "sqlite3", "scipy.special")
+PRELOAD = ("torch", "numpy", "yaml", "PIL.Image", "tqdm", "pandas", "sqlite3", "scipy.special", "scipy.stats",
+           "scipy.optimize", "sklearn.datasets", "sklearn.metrics", "skimage.io")
 
 ZYGOTE = r"""
 import json, os, signal, sys, time
@@ -77,6 +79,9 @@ for line in requests:
     pid = os.fork()
     if pid == 0:
         child(request)
+    if request["started"]:  # the caller signals the child: it needs the pid now
+        replies.write(json.dumps({"pid": pid}) + "\n")
+        replies.flush()
     deadline = time.monotonic() + request["timeout"]
     timed_out = False
     while True:
@@ -122,18 +127,34 @@ class ForkedCli:
             self._zygotes.append(zygote)
         return zygote
 
+    def _send(self, args, cwd: Path, env: dict | None, timeout: float, prelude: str,
+              started: bool) -> tuple[subprocess.Popen, Path, Path]:
+        zygote = self._start()
+        out, err = (self._scratch / f"{threading.get_ident()}.{stream}" for stream in ("stdout", "stderr"))
+        for stale in (out, err):  # the last command's, which a watcher must not read as this one's
+            stale.unlink(missing_ok=True)
+        request = {"args": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ if env is None else env),
+                   "out": str(out), "err": str(err), "timeout": timeout, "prelude": prelude, "started": started}
+        zygote.stdin.write(json.dumps(request) + "\n")
+        zygote.stdin.flush()
+        return zygote, out, err
+
+    def start(self, args, cwd: Path, env: dict | None = None, timeout: float = 600,
+              prelude: str = "") -> ForkedProcess:
+        """Like ``subprocess.Popen([python, "-m", "oodbench", *args])``, for a test that signals the
+        command or watches its stderr while it runs. The calling thread runs no other command
+        until this one has ended."""
+        zygote, out, err = self._send(args, cwd, env, timeout, prelude, started=True)
+        pid = json.loads(zygote.stdout.readline())["pid"]
+        return ForkedProcess(zygote, pid, out, err, [sys.executable, "-m", "oodbench", *map(str, args)])
+
     def run(self, args, cwd: Path, env: dict | None = None, timeout: float = 600,
             prelude: str = "") -> subprocess.CompletedProcess:
         """Like ``subprocess.run([python, "-m", "oodbench", *args], capture_output=True, text=True)``."""
-        zygote = self._start()
-        out, err = (self._scratch / f"{threading.get_ident()}.{stream}" for stream in ("stdout", "stderr"))
-        request = {"args": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ if env is None else env),
-                   "out": str(out), "err": str(err), "timeout": timeout, "prelude": prelude}
-        zygote.stdin.write(json.dumps(request) + "\n")
-        zygote.stdin.flush()
+        zygote, out, err = self._send(args, cwd, env, timeout, prelude, started=False)
         reply = json.loads(zygote.stdout.readline())
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
-        command = [sys.executable, "-m", "oodbench", *request["args"]]
+        command = [sys.executable, "-m", "oodbench", *map(str, args)]
         if reply["timed_out"]:
             raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
         return subprocess.CompletedProcess(command, reply["code"], stdout, stderr)
@@ -143,6 +164,38 @@ class ForkedCli:
             if zygote.poll() is None:
                 zygote.stdin.close()
                 zygote.wait(timeout=30)
+
+
+class ForkedProcess:
+    """A command started by `ForkedCli.start`: the part of `subprocess.Popen` the tests use
+    (``pid``, ``args``, ``poll``, ``wait``, ``send_signal``, ``returncode``), with stdout and
+    stderr in files (``stderr_text()`` reads what the command has written so far)."""
+
+    def __init__(self, zygote: subprocess.Popen, pid: int, out: Path, err: Path, args: list[str]) -> None:
+        self.pid, self.args, self._out, self._err = pid, args, out, err
+        self.returncode: int | None = None
+        self._reply: dict = {}
+        self._waiter = threading.Thread(target=lambda: self._reply.update(json.loads(zygote.stdout.readline())),
+                                        daemon=True)
+        self._waiter.start()
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._waiter.is_alive():
+            self.returncode = self._reply["code"] if not self._reply["timed_out"] else -9
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._waiter.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def stderr_text(self) -> str:
+        return self._err.read_text(errors="replace") if self._err.exists() else ""
 
 
 FORKED = ForkedCli()

@@ -1,7 +1,8 @@
 """Faults through the real CLI: killed runs resume to the same results, concurrent writers
 share one store, and NaN scores fail their cell only.
 
-Every run is a real ``oodbench run`` subprocess. Kill points are seeded and bounded
+Every run is an ``oodbench`` process of its own: forked from the tests' preloaded zygote
+(tests/forked_cli.py), or a fresh interpreter where the test signals or watches it. Kill points are seeded and bounded
 (a few kills, each within the length of an uninterrupted run), and results are compared
 row by row in the store, not only as printed tables.
 """
@@ -18,7 +19,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from tests.forked_cli import FORKED
 
 SEED = 4
 # Where a run is killed: when a stderr marker shows (the progress bar appearing as
@@ -36,12 +38,9 @@ POSTPROCESSORS = ["msp", "ebo", "gen", "mds"]  # logits, a search, and a fitted 
 VOLATILE = {"seconds", "created"}  # the only columns allowed to differ between equal runs
 
 
-def cli_command(*args: str, prelude: str = "") -> list[str]:
-    if not prelude:
-        return [sys.executable, "-m", "oodbench", *args]
-    launcher = (f"{prelude}\nimport runpy, sys\nsys.argv = ['oodbench', *sys.argv[1:]]\n"
-                "runpy.run_module('oodbench', run_name='__main__', alter_sys=True)\n")
-    return [sys.executable, "-c", launcher, *args]
+def cli_command(*args: str) -> list[str]:
+    """A fresh interpreter's command line (concurrent writers are separate interpreters)."""
+    return [sys.executable, "-m", "oodbench", *args]
 
 
 def environment(cache: Path) -> dict[str, str]:
@@ -50,8 +49,9 @@ def environment(cache: Path) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cache: Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=environment(cache), capture_output=True, text=True, timeout=timeout)
+def run(args: tuple[str, ...], cache: Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`oodbench ARGS` in a process of its own (forked from the tests' preloaded zygote)."""
+    return FORKED.run(args, cwd=cwd, env=environment(cache), timeout=timeout)
 
 
 def fresh_cache(root: Path, trained: Path) -> Path:
@@ -100,27 +100,25 @@ def leftover_temporaries(cache: Path) -> list[str]:
 
 
 class Watched:
-    """A CLI subprocess whose stderr is collected while it runs (to kill it at a phase)."""
+    """A CLI process (forked, `FORKED.start`) whose stderr is read while it runs, to signal it
+    at a phase."""
 
-    def __init__(self, args: list[str], cache: Path, cwd: Path, env: dict[str, str] | None = None):
-        self.process = subprocess.Popen(args, cwd=cwd, env=env or environment(cache), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
-        self.stderr = b""
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+    def __init__(self, args: tuple[str, ...], cache: Path, cwd: Path, env: dict[str, str] | None = None,
+                 prelude: str = ""):
+        self.process = FORKED.start(args, cwd=cwd, env=env or environment(cache), prelude=prelude)
 
-    def _read(self) -> None:
-        for chunk in iter(lambda: self.process.stderr.read1(4096), b""):
-            self.stderr += chunk
+    @property
+    def stderr(self) -> str:
+        return self.process.stderr_text()
 
     def wait_for(self, marker: str, timeout: float) -> bool:
         """True once `marker` shows on stderr; False when the process ended or time ran out first."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if marker.encode() in self.stderr:
+            if marker in self.stderr:
                 return True
             if self.process.poll() is not None:
-                return marker.encode() in self.stderr
+                return marker in self.stderr
             time.sleep(0.05)
         return False
 
@@ -130,7 +128,6 @@ class Watched:
         if running:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=60)
-        self.reader.join(timeout=10)
         return running
 
 
@@ -151,7 +148,7 @@ def baseline(tmp_path_factory, trained):
     store = folder / "results.sqlite"
     config = write_config(folder, store)
     start = time.time()
-    done = run(cli_command("run", str(config)), cache, folder)
+    done = run(("run", str(config)), cache, folder)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = store_rows(store)
     assert len(rows["cells"]) == len(POSTPROCESSORS)
@@ -168,7 +165,7 @@ def test_killed_runs_resume_to_the_same_store(tmp_path, trained, baseline):
     killed = []
     for marker, spread in KILL_POINTS:
         delay = rng.uniform(0, spread) if marker else rng.uniform(1, baseline["seconds"])
-        watched = Watched(cli_command("run", str(config)), cache, tmp_path)
+        watched = Watched(("run", str(config)), cache, tmp_path)
         if marker is None or watched.wait_for(marker, timeout=baseline["seconds"]):
             time.sleep(delay)
         if watched.kill():
@@ -176,9 +173,9 @@ def test_killed_runs_resume_to_the_same_store(tmp_path, trained, baseline):
         elif watched.process.returncode == 0:
             break
         else:
-            pytest.fail(f"a run failed by itself: {watched.stderr.decode()[-3000:]}")
+            pytest.fail(f"a run failed by itself: {watched.stderr[-3000:]}")
     assert killed, "no run was killed: the kill points are all after the end of a run"
-    done = run(cli_command("run", str(config)), cache, tmp_path)
+    done = run(("run", str(config)), cache, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert store_rows(store) == baseline["rows"], f"kills at {killed} changed the results"
     assert len(cell_keys(store)) == len(set(cell_keys(store))) == len(POSTPROCESSORS)
@@ -204,12 +201,12 @@ def test_kill_inside_a_store_transaction(tmp_path, trained, baseline):
     """A cell half-written when the process dies is invisible, and the rerun completes it."""
     store = tmp_path / "results.sqlite"
     config = write_config(tmp_path, store)
-    watched = Watched(cli_command("run", str(config), prelude=PAUSE_IN_TRANSACTION), baseline["cache"], tmp_path)
-    assert watched.wait_for("IN-TRANSACTION", timeout=300), watched.stderr.decode()[-3000:]
+    watched = Watched(("run", str(config)), baseline["cache"], tmp_path, prelude=PAUSE_IN_TRANSACTION)
+    assert watched.wait_for("IN-TRANSACTION", timeout=300), watched.stderr[-3000:]
     assert cell_keys(store) == [], "a reader sees a cell whose transaction has not committed"
     assert watched.kill()
     assert cell_keys(store) == []
-    done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+    done = run(("run", str(config)), baseline["cache"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert store_rows(store) == baseline["rows"]
 
@@ -256,7 +253,7 @@ def test_nan_scores_fail_their_cell_only(tmp_path, baseline):
     store = tmp_path / "results.sqlite"
     config = write_config(tmp_path, store, postprocessors=["sometimes_nan", "msp"], search=False,
                           plugins=[str(tmp_path / "nan_plugin.py")])
-    done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+    done = run(("run", str(config)), baseline["cache"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     db = sqlite3.connect(store)
     cells = {name: (status, reason) for name, status, reason in
@@ -269,7 +266,7 @@ def test_nan_scores_fail_their_cell_only(tmp_path, baseline):
     assert "4 of" in cells["sometimes_nan"][1] and "NaN or infinite" in cells["sometimes_nan"][1]
     assert "sometimes_nan" not in results and results["msp"] > 0, "a failed cell left numbers behind"
 
-    board = run(cli_command("leaderboard", "--results", str(store)), baseline["cache"], tmp_path)
+    board = run(("leaderboard", "--results", str(store)), baseline["cache"], tmp_path)
     assert board.returncode == 0, board.stderr
     row = next(line for line in board.stdout.splitlines() if " sometimes_nan " in line and not line.startswith("- "))
     assert "FAILED" in row and not any(ch.isdigit() for ch in row.split("sometimes_nan", 1)[1])
@@ -337,7 +334,7 @@ def test_full_disk_under_the_cache_is_one_line_and_loses_nothing(tmp_path, train
                 shutil.copy(weights, cache / "models")
         store = tmp_path / "results.sqlite"
         config = write_config(tmp_path, store)
-        done = run(cli_command("run", str(config)), cache, tmp_path)
+        done = run(("run", str(config)), cache, tmp_path)
         line = assert_one_error_line(done, 2, "no space left on device", str(cache), "--cache-dir")
         assert line.startswith("oodbench: error: no space left on device: cannot write ")
 
@@ -350,7 +347,7 @@ def test_full_disk_under_the_cache_is_one_line_and_loses_nothing(tmp_path, train
         assert cell_keys(store) == [], "a cell was stored from a run that could not cache its outputs"
 
         remount(disk, "size=16m")  # room made: the same command resumes and gives the uninterrupted results
-        done = run(cli_command("run", str(config)), cache, tmp_path)
+        done = run(("run", str(config)), cache, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         assert store_rows(store) == baseline["rows"]
 
@@ -365,13 +362,13 @@ def test_full_disk_while_scoring_stops_the_run(tmp_path, baseline):
         filler = fill(disk, leave=16 << 10)
         store = tmp_path / "results.sqlite"
         config = write_config(tmp_path, store, postprocessors=["msp", "mds"], search=False)
-        done = run(cli_command("run", str(config)), cache, tmp_path)
+        done = run(("run", str(config)), cache, tmp_path)
         assert_one_error_line(done, 2, "no space left on device", str(cache / "fits"))
         assert [key[2] for key in cell_keys(store)] == ["msp"]
         assert leftover_temporaries(cache) == []
 
         filler.unlink()
-        done = run(cli_command("run", str(config)), cache, tmp_path)
+        done = run(("run", str(config)), cache, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         assert sorted(key[2] for key in cell_keys(store)) == ["mds", "msp"]
 
@@ -384,7 +381,7 @@ def test_full_disk_under_the_store_is_one_line_and_keeps_its_rows(tmp_path, base
         shutil.copy(baseline["store"], store)
         filler = fill(disk, leave=96 << 10)
         config = write_config(tmp_path, store, postprocessors=POSTPROCESSORS + more, search=False)
-        done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+        done = run(("run", str(config)), baseline["cache"], tmp_path)
         assert_one_error_line(done, 2, "no space left on device", str(store), "--results")
 
         rows = store_rows(store)  # the store is readable, and the finished cells are as they were
@@ -399,7 +396,7 @@ def test_full_disk_under_the_store_is_one_line_and_keeps_its_rows(tmp_path, base
         assert len(set(counts.values())) <= 1, f"a cell was half written: {counts}"
 
         filler.unlink()
-        done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+        done = run(("run", str(config)), baseline["cache"], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         assert len([key for key in cell_keys(store) if key[3] == "default"]) == len(POSTPROCESSORS + more)
 
@@ -410,11 +407,11 @@ def test_a_finished_store_on_a_read_only_filesystem_is_readable(tmp_path, baseli
                                                           "tags": ["robust"]}]
     store = tmp_path / "results.sqlite"
     config = write_config(tmp_path, store, models=two, postprocessors=["msp", "ebo", "pro_msp"], search=False)
-    assert run(cli_command("run", str(config)), baseline["cache"], tmp_path).returncode == 0
+    assert run(("run", str(config)), baseline["cache"], tmp_path).returncode == 0
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    writable = {"leaderboard": run(cli_command("leaderboard", "--results", str(store)), baseline["cache"], tmp_path),
-                "compare": run(cli_command("compare", str(config), "--output", str(tmp_path / "plots")),
+    writable = {"leaderboard": run(("leaderboard", "--results", str(store)), baseline["cache"], tmp_path),
+                "compare": run(("compare", str(config), "--output", str(tmp_path / "plots")),
                                baseline["cache"], tmp_path)}
     assert all(done.returncode == 0 for done in writable.values()), [d.stderr for d in writable.values()]
     with small_filesystem(tmp_path / "ro", "1m") as folder:
@@ -422,10 +419,10 @@ def test_a_finished_store_on_a_read_only_filesystem_is_readable(tmp_path, baseli
         remount(folder, "ro")
         assert not os.access(folder, os.W_OK)
         copy = folder / "results.sqlite"
-        board = run(cli_command("leaderboard", "--results", str(copy)), baseline["cache"], tmp_path)
+        board = run(("leaderboard", "--results", str(copy)), baseline["cache"], tmp_path)
         assert board.returncode == 0, board.stderr
         assert board.stdout == writable["leaderboard"].stdout
-        compared = run(cli_command("compare", str(config), "--results", str(copy), "--output",
+        compared = run(("compare", str(config), "--results", str(copy), "--output",
                                    str(tmp_path / "plots-ro")), baseline["cache"], tmp_path)
         assert compared.returncode == 0, compared.stderr
         assert compared.stdout == writable["compare"].stdout
@@ -453,11 +450,10 @@ _store.time = _Clock()
 
 def assert_terminated_like_an_interrupt(watched: Watched, store: Path, baseline) -> None:
     """SIGTERM mid-transaction: one line, exit 143, the first cell kept whole, the second rolled back."""
-    assert watched.wait_for(MARKER, timeout=300), watched.stderr.decode()[-3000:]
+    assert watched.wait_for(MARKER, timeout=300), watched.stderr[-3000:]
     watched.process.send_signal(signal.SIGTERM)
     watched.process.wait(timeout=60)
-    watched.reader.join(timeout=10)
-    done = subprocess.CompletedProcess(watched.process.args, watched.process.returncode, "", watched.stderr.decode())
+    done = subprocess.CompletedProcess(watched.process.args, watched.process.returncode, "", watched.stderr)
     assert_one_error_line(done, 143, "oodbench: terminated; rerun the same command to resume")
     with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -471,9 +467,9 @@ def assert_terminated_like_an_interrupt(watched: Watched, store: Path, baseline)
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, baseline):
     store = tmp_path / "results.sqlite"
     config = write_config(tmp_path, store)
-    watched = Watched(cli_command("run", str(config), prelude=PAUSE_IN_SECOND_CELL), baseline["cache"], tmp_path)
+    watched = Watched(("run", str(config)), baseline["cache"], tmp_path, prelude=PAUSE_IN_SECOND_CELL)
     assert_terminated_like_an_interrupt(watched, store, baseline)
-    done = run(cli_command("run", str(config)), baseline["cache"], tmp_path)
+    done = run(("run", str(config)), baseline["cache"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert store_rows(store) == baseline["rows"]
 
@@ -517,8 +513,8 @@ def test_sigterm_with_the_ray_executor(tmp_path, baseline, ray_tmpdir):
     store = tmp_path / "results.sqlite"
     config = write_config(tmp_path, store)
     env = {**environment(baseline["cache"]), "RAY_TMPDIR": str(ray_tmpdir)}
-    watched = Watched(cli_command("run", str(config), "--executor", "ray", prelude=PAUSE_IN_SECOND_CELL),
-                      baseline["cache"], tmp_path, env=env)
+    watched = Watched(("run", str(config), "--executor", "ray"), baseline["cache"], tmp_path, env=env,
+                      prelude=PAUSE_IN_SECOND_CELL)
     assert_terminated_like_an_interrupt(watched, store, baseline)
 
 
@@ -527,7 +523,7 @@ def test_unreachable_ray_address_fails_fast(tmp_path, baseline):
     store = tmp_path / "results.sqlite"
     config = write_config(tmp_path, store)
     started = time.time()
-    done = run(cli_command("run", str(config), "--executor", "ray", "--ray-address", "127.0.0.1:1"),
+    done = run(("run", str(config), "--executor", "ray", "--ray-address", "127.0.0.1:1"),
                baseline["cache"], tmp_path, timeout=60)
     assert time.time() - started < 30
     assert_one_error_line(done, 2, "cannot reach the Ray cluster at 127.0.0.1:1", "connection refused")
@@ -540,8 +536,7 @@ def test_a_local_ray_start_that_times_out_fails_in_one_line(tmp_path, baseline, 
     config = write_config(tmp_path, store)
     env = {**environment(baseline["cache"]), "RAY_TMPDIR": str(ray_tmpdir), "OODBENCH_RAY_TIMEOUT": "1"}
     started = time.time()
-    done = subprocess.run(cli_command("run", str(config), "--executor", "ray"), cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = FORKED.run(("run", str(config), "--executor", "ray"), cwd=tmp_path, env=env, timeout=60)
     assert time.time() - started < 30
     assert_one_error_line(done, 2, "the local Ray instance did not start within 1 s", "OODBENCH_RAY_TIMEOUT")
     assert not store.exists()

@@ -356,9 +356,7 @@ def test_a_killed_extraction_resumes_from_its_shards_bit_for_bit(tmp_path, bench
     config = experiment(tmp_path / "k.yaml", bench, root, batch_size=4, models=[
         {"name": f"torch:{tmp_path / 'slow.pt'}", "options": {"module": f"{slow}:Slow"}, "label": "slow"}])
     env = {**os.environ, "OODBENCH_CACHE": str(tmp_path / "killed"), "OODBENCH_SHARD_SECONDS": "0"}
-    process = subprocess.Popen([sys.executable, "-m", "oodbench", "run", str(config), "--results",
-                                str(tmp_path / "k.sqlite")], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = FORKED.start(("run", config, "--results", tmp_path / "k.sqlite"), cwd=tmp_path, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "killed" / "outputs").rglob("*.pt"))) < 5:
         time.sleep(0.05)

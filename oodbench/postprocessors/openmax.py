@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import brentq
 from scipy.special import logsumexp, softmax
 
 from oodbench.errors import OodbenchError
@@ -59,6 +58,8 @@ def fit_weibull(tail: np.ndarray) -> tuple[float, float, float]:
 
     def slope(sigma: float) -> float:
         return sigma + x.mean() - float(softmax(x / sigma) @ x)
+
+    from scipy.optimize import brentq  # here, not at import: scipy.optimize costs every command 0.6 s
 
     upper = 1.0
     while slope(upper) < 0:
