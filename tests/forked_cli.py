@@ -1,12 +1,13 @@
 """`python -m oodbench ARGS` for the tests, without paying Python's and torch's start-up for
 every command (about 3 CPU seconds each, most of the suite's time).
 
-One helper process (the zygote) imports the heavy third-party modules once, never runs a
-torch operation, and forks a child per command. The child is a fresh process of its own as
-far as a command can tell: its own working directory, exactly the given environment
-(``PYTHONPATH`` entries added to ``sys.path``, as a new interpreter would), stdin from
-/dev/null, stdout and stderr to files, its own process group, ``oodbench`` imported anew,
-atexit handlers run, and its exit status passed back. A command that runs past its timeout
+A helper process (a zygote) imports the heavy third-party modules once, never runs a torch
+operation, and forks a child per command; idle zygotes are reused by later commands, from any
+thread. The child is a fresh process of its own as far as a command can tell: its own
+working directory, exactly the given environment (``PYTHONPATH`` entries added to
+``sys.path``, as a new interpreter would), stdin from /dev/null, stdout and stderr to files,
+its own process group, ``oodbench`` imported anew, atexit handlers run, and its exit status
+passed back. A command that runs past its timeout
 is killed with its process group, and `subprocess.TimeoutExpired` raised as
 `subprocess.run` would. `start` gives a test that signals the command, or watches its
 stderr, the child's pid while it runs. Tests that check what a fresh interpreter imports
@@ -16,6 +17,7 @@ keep starting real interpreters.
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import subprocess
@@ -109,30 +111,38 @@ for line in requests:
 
 
 class ForkedCli:
-    """Runs oodbench commands in children of a preloaded zygote process, one zygote per
-    calling thread (a test may run several commands at once from a thread pool)."""
+    """Runs oodbench commands in children of preloaded zygote processes. A zygote serves one
+    command at a time; idle ones are reused by any thread, so tests that run several commands
+    at once (from a thread pool) start only as many zygotes as they run at once."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._idle: list[subprocess.Popen] = []
         self._zygotes: list[subprocess.Popen] = []
+        self._commands = itertools.count()
         self._scratch = Path(tempfile.mkdtemp(prefix="oodbench-cli-"))
         atexit.register(self.close)
 
-    def _start(self) -> subprocess.Popen:
-        zygote = getattr(self._local, "zygote", None)
-        if zygote is None or zygote.poll() is not None:
+    def _acquire(self) -> subprocess.Popen:
+        with self._lock:
+            while self._idle:
+                zygote = self._idle.pop()
+                if zygote.poll() is None:
+                    return zygote
             zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, *PRELOAD], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, cwd=self._scratch)
-            self._local.zygote = zygote
             self._zygotes.append(zygote)
-        return zygote
+            return zygote
+
+    def _release(self, zygote: subprocess.Popen) -> None:
+        with self._lock:
+            self._idle.append(zygote)
 
     def _send(self, args, cwd: Path, env: dict | None, timeout: float, prelude: str,
               started: bool) -> tuple[subprocess.Popen, Path, Path]:
-        zygote = self._start()
-        out, err = (self._scratch / f"{threading.get_ident()}.{stream}" for stream in ("stdout", "stderr"))
-        for stale in (out, err):  # the last command's, which a watcher must not read as this one's
-            stale.unlink(missing_ok=True)
+        zygote = self._acquire()
+        number = next(self._commands)
+        out, err = (self._scratch / f"{number}.{stream}" for stream in ("stdout", "stderr"))
         request = {"args": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ if env is None else env),
                    "out": str(out), "err": str(err), "timeout": timeout, "prelude": prelude, "started": started}
         zygote.stdin.write(json.dumps(request) + "\n")
@@ -142,18 +152,19 @@ class ForkedCli:
     def start(self, args, cwd: Path, env: dict | None = None, timeout: float = 600,
               prelude: str = "") -> ForkedProcess:
         """Like ``subprocess.Popen([python, "-m", "oodbench", *args])``, for a test that signals the
-        command or watches its stderr while it runs. The calling thread runs no other command
-        until this one has ended."""
+        command or watches its stderr while it runs."""
         zygote, out, err = self._send(args, cwd, env, timeout, prelude, started=True)
         pid = json.loads(zygote.stdout.readline())["pid"]
-        return ForkedProcess(zygote, pid, out, err, [sys.executable, "-m", "oodbench", *map(str, args)])
+        return ForkedProcess(self, zygote, pid, out, err, [sys.executable, "-m", "oodbench", *map(str, args)])
 
     def run(self, args, cwd: Path, env: dict | None = None, timeout: float = 600,
             prelude: str = "") -> subprocess.CompletedProcess:
         """Like ``subprocess.run([python, "-m", "oodbench", *args], capture_output=True, text=True)``."""
         zygote, out, err = self._send(args, cwd, env, timeout, prelude, started=False)
         reply = json.loads(zygote.stdout.readline())
+        self._release(zygote)
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        out.unlink(), err.unlink()
         command = [sys.executable, "-m", "oodbench", *map(str, args)]
         if reply["timed_out"]:
             raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
@@ -171,12 +182,17 @@ class ForkedProcess:
     (``pid``, ``args``, ``poll``, ``wait``, ``send_signal``, ``returncode``), with stdout and
     stderr in files (``stderr_text()`` reads what the command has written so far)."""
 
-    def __init__(self, zygote: subprocess.Popen, pid: int, out: Path, err: Path, args: list[str]) -> None:
+    def __init__(self, cli: ForkedCli, zygote: subprocess.Popen, pid: int, out: Path, err: Path,
+                 args: list[str]) -> None:
         self.pid, self.args, self._out, self._err = pid, args, out, err
         self.returncode: int | None = None
         self._reply: dict = {}
-        self._waiter = threading.Thread(target=lambda: self._reply.update(json.loads(zygote.stdout.readline())),
-                                        daemon=True)
+
+        def finished() -> None:
+            self._reply.update(json.loads(zygote.stdout.readline()))
+            cli._release(zygote)
+
+        self._waiter = threading.Thread(target=finished, daemon=True)
         self._waiter.start()
 
     def poll(self) -> int | None:

@@ -17,7 +17,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager, suppress
@@ -36,11 +35,6 @@ SEED = 4
 KILL_POINTS = (("grid:", 2.0), ("far:uniform", 1.0), (None, None))
 POSTPROCESSORS = ["msp", "ebo", "gen", "mds"]  # logits, a search, and a fitted feature method
 VOLATILE = {"seconds", "created"}  # the only columns allowed to differ between equal runs
-
-
-def cli_command(*args: str) -> list[str]:
-    """A fresh interpreter's command line (concurrent writers are separate interpreters)."""
-    return [sys.executable, "-m", "oodbench", *args]
 
 
 def environment(cache: Path) -> dict[str, str]:
@@ -218,11 +212,9 @@ def test_concurrent_writers(tmp_path, baseline):
     second = write_config(tmp_path, store, postprocessors=["entropy", "gen", "temp_scaling"], search=False)
     same = write_config(tmp_path, store)
     for configs in ((first, second), (same, same)):
-        processes = [subprocess.Popen(cli_command("run", str(c)), cwd=tmp_path, env=environment(baseline["cache"]),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in configs]
+        processes = [FORKED.start(("run", c), cwd=tmp_path, env=environment(baseline["cache"])) for c in configs]
         for process in processes:
-            _, stderr = process.communicate(timeout=300)
-            assert process.returncode == 0, stderr[-3000:]
+            assert process.wait(timeout=300) == 0, process.stderr_text()[-3000:]
     keys = cell_keys(store)
     assert len(keys) == len(set(keys)) == 3 + 3 + len(POSTPROCESSORS)
     rows = store_rows(store)
