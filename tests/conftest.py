@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.forked_cli import FORKED
+
+# The tests' own process runs small networks and many small tensor operations: on a 2-core
+# machine a second torch thread costs about 60% more CPU for the same wall time. CLI
+# commands (tests/forked_cli.py) keep the default, one thread per core, as a user's would.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -35,6 +42,28 @@ def digits_models(session_cache):
 
     context = ModelContext(cache_dir=session_cache, data_root=session_cache)
     return {name: load_model(ModelSpec(name), context) for name in ("digits-cnn", "digits-cnn-robust")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_runs(request, tmp_path_factory, session_cache):
+    """Long commands started in the background before the first test, so that they run on
+    the core the rest of the suite leaves free. A selected test function with a
+    ``start_early(folder, cache) -> ForkedProcess | None`` attribute has it called with a
+    folder of its own and the session's output cache; the test reads its process from here
+    by the test's name (None: nothing to start, the test skips). Any still running when the
+    session ends are killed."""
+    runs = {}
+    for item in request.session.items:
+        start = getattr(getattr(item, "function", None), "start_early", None)
+        if start is not None and item.name not in runs:
+            process = start(tmp_path_factory.mktemp("early"), session_cache)
+            if process is not None:
+                runs[item.name] = process
+    yield runs
+    for process in runs.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
 
 
 @pytest.fixture

@@ -31,6 +31,12 @@ from pathlib import Path
 PRELOAD = ("torch", "numpy", "yaml", "PIL.Image", "tqdm", "pandas", "sqlite3", "scipy.special", "scipy.stats",
            "scipy.optimize", "sklearn.datasets", "sklearn.metrics", "skimage.io")
 
+# A command's torch starts with one thread (a user's starts with one per core): the suite's
+# commands run small networks, where a second thread costs CPU for no time, and the machine's
+# other core is busy with the rest of the suite. `--threads` / `threads:` still set it (the
+# thread count never changes a number: README, "--threads").
+THREADS = 1
+
 ZYGOTE = r"""
 import json, os, signal, sys, time
 import importlib
@@ -47,6 +53,8 @@ def child(request):
     os.environ.update(request["env"])
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [start_path[0], *extra, *start_path[1:]]
+    import torch
+    torch.set_num_threads(request["threads"])
     stdin = os.open(os.devnull, os.O_RDONLY)
     out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -144,7 +152,8 @@ class ForkedCli:
         number = next(self._commands)
         out, err = (self._scratch / f"{number}.{stream}" for stream in ("stdout", "stderr"))
         request = {"args": [str(a) for a in args], "cwd": str(cwd), "env": dict(os.environ if env is None else env),
-                   "out": str(out), "err": str(err), "timeout": timeout, "prelude": prelude, "started": started}
+                   "out": str(out), "err": str(err), "timeout": timeout, "prelude": prelude, "started": started,
+                   "threads": THREADS}
         zygote.stdin.write(json.dumps(request) + "\n")
         zygote.stdin.flush()
         return zygote, out, err
@@ -212,6 +221,9 @@ class ForkedProcess:
 
     def stderr_text(self) -> str:
         return self._err.read_text(errors="replace") if self._err.exists() else ""
+
+    def stdout_text(self) -> str:
+        return self._out.read_text(errors="replace") if self._out.exists() else ""
 
 
 FORKED = ForkedCli()

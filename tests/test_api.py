@@ -51,15 +51,6 @@ from tests.conftest import REPO, digits_config
 NEAR, FAR = ["digits_6_9"], ["textures", "gaussian", "uniform"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks on a shared machine: one thread is fastest and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits(session_cache):
     """The built-in digits-cnn's network and every split of the digits benchmark as tensors."""
