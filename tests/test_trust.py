@@ -378,3 +378,31 @@ def test_a_killed_extraction_resumes_from_its_shards_bit_for_bit(tmp_path, bench
     for name, entry in uninterrupted.items():
         for tensor, value in entry["tensors"].items():
             assert torch.equal(killed[name]["tensors"][tensor], value), (name, tensor)
+
+
+def test_a_sampled_run_neither_hides_nor_overwrites_a_full_one(tmp_path, cache):
+    """A quick `--limit` run after a full one: the leaderboard keeps the full run's rows (and
+    shows the sampled run's where no full one exists), and the full tables stay as written."""
+    store = tmp_path / "s.sqlite"
+    full_config = experiment(tmp_path / "full.yaml", "digits", None)  # msp, mls
+    assert cli("run", full_config, "--results", store, cache=cache).returncode == 0
+    full = board(store, cache=cache)
+    full_tables = tmp_path / "tables" / "digits" / "leaderboard.csv"
+    written = full_tables.read_text()
+
+    quick_config = experiment(tmp_path / "quick.yaml", "digits", None, postprocessors=["msp", "ebo"])
+    quick = cli("run", quick_config, "--results", store, "--limit", "50", cache=cache)
+    assert quick.returncode == 0, quick.stderr
+    assert "ID test 50 of " in quick.stdout, "the run's own table says what it sampled"
+    assert sorted(r["postprocessor"] for r in compact_rows(quick.stdout)) == ["ebo", "msp"]
+    assert full_tables.read_text() == written
+    assert "ID test 50 of " in (tmp_path / "tables" / "digits-limit50" / "leaderboard.md").read_text()
+
+    shown = board(store, cache=cache)
+    assert len(shown) == 3 and set(full.fingerprint) < set(shown.fingerprint)
+    kept = shown[shown.fingerprint.isin(full.fingerprint)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, full)
+    assert len(board(store, "--all", cache=cache)) == 4
+    table = cli("leaderboard", "--results", store, cache=cache)
+    assert sorted(r["postprocessor"] for r in compact_rows(table.stdout)) == ["ebo", "mls", "msp"]
+    assert "1 other result(s)" in table.stdout and "ID test 50 of " in table.stdout

@@ -305,6 +305,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
     timing = {d: t for d, t in timing.items() if t["extraction"] or t["scoring"]}
     frame.attrs["timing"] = timing
     frame.attrs["store"] = str(store.path)
+    frame.attrs["limit"] = config.limit
     if timing and not quiet:
         print(time_summary(timing, time.time() - started), file=sys.stderr)
     return frame

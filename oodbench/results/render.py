@@ -288,13 +288,16 @@ def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = Fals
 
 def write_tables(frame: pd.DataFrame, folder: str | Path, store=None, resamples: int | None = None,
                  seed: int = 0) -> list[Path]:
-    """The full tables of `frame` under `folder`/<benchmark>/: leaderboard.md (wide Markdown),
-    leaderboard.tex (wide LaTeX) and leaderboard.csv (tidy); returns their paths."""
+    """The full tables of `frame` under `folder`/<benchmark>/ (a run with ``limit`` N:
+    `folder`/<benchmark>-limitN/, so a quick sampled run never overwrites a full run's
+    tables): leaderboard.md (wide Markdown), leaderboard.tex (wide LaTeX) and
+    leaderboard.csv (tidy); returns their paths."""
     from oodbench.errors import OodbenchError
     from oodbench.results.latex import latex_leaderboard
     from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
-    target = Path(folder) / frame.attrs["benchmark"]
+    limit = frame.attrs.get("limit")
+    target = Path(folder) / (frame.attrs["benchmark"] + (f"-limit{limit}" if limit else ""))
     rows = leaderboard_rows(frame, store, resamples, seed)
     texts = {"leaderboard.md": wide_markdown(rows), "leaderboard.tex": latex_leaderboard(rows, wide=True),
              "leaderboard.csv": render_tidy(leaderboard_tidy(frame, store, resamples, seed), "csv")}

@@ -46,14 +46,23 @@ def setting_label(setting: str) -> str:
     return f"{fixed} {mode}".strip() if fixed and base == "search" else (fixed or mode)
 
 
+def sampled_data(datasets: pd.DataFrame) -> set[tuple[str, str]]:
+    """(model, data fingerprint) pairs of runs that sampled a split (``limit``: fewer images
+    than the split holds)."""
+    limited = datasets[datasets.samples.notna() & datasets.available.notna() & (datasets.available > datasets.samples)]
+    return set(zip(limited.model, limited.data_fingerprint))
+
+
 def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fingerprint: str | None = None,
-                 every: bool = False) -> tuple[pd.DataFrame, int]:
+                 every: bool = False, sampled: set[tuple[str, str]] = frozenset()) -> tuple[pd.DataFrame, int]:
     """The cells a table shows, and how many other stored versions it leaves out.
 
     `fingerprints`: exactly these cells (a run's own). `fingerprint`: cells whose data or cell
-    fingerprint starts with it. Otherwise, and unless `every`, the latest cell of each
-    (model, checkpoint, postprocessor, setting): rows computed from other data or weights
-    stay stored.
+    fingerprint starts with it. Otherwise, and unless `every`, one cell of each (model,
+    checkpoint, postprocessor, setting): the latest computed on whole splits, or where it
+    has none, the latest of a sampled run (`sampled`: (model, data fingerprint) pairs, see
+    `sampled_data`), so a quick ``--limit`` run never hides a full one. Rows computed from
+    other data or weights stay stored.
     """
     if fingerprints is not None:
         return cells[cells.fingerprint.isin(list(fingerprints))], 0
@@ -62,9 +71,10 @@ def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fin
         cells = cells[chosen]
     if every or cells.empty:
         return cells, 0
-    latest = cells.sort_values("created", kind="stable").groupby(["model", "checkpoint", "postprocessor",
-                                                                   "setting"]).tail(1)
-    return cells.loc[sorted(latest.index)], len(cells) - len(latest)
+    whole = [(model, data) not in sampled for model, data in zip(cells.model, cells.data_fingerprint)]
+    chosen = (cells.assign(whole=whole).sort_values(["whole", "created"], kind="stable")
+              .groupby(["model", "checkpoint", "postprocessor", "setting"]).tail(1))
+    return cells.loc[sorted(chosen.index)], len(cells) - len(chosen)
 
 
 def conventions_of(setting: str) -> str:
@@ -87,10 +97,10 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     cells = store.frame("cells", benchmark=benchmark, model=models, postprocessor=postprocessors)
     if conventions is not None:
         cells = cells[cells.setting.map(conventions_of) == conventions]
-    cells, hidden = select_cells(cells, fingerprints, fingerprint, every)
+    datasets = store.frame("datasets", benchmark=benchmark, model=models)
+    cells, hidden = select_cells(cells, fingerprints, fingerprint, every, sampled_data(datasets))
     results = store.frame("results", benchmark=benchmark, model=models, postprocessor=postprocessors)
     results = results[results.fingerprint.isin(set(cells.fingerprint))]
-    datasets = store.frame("datasets", benchmark=benchmark, model=models)
     datasets = datasets[datasets.data_fingerprint.isin(set(cells.data_fingerprint))]
     fpr_metric = FPR_METRIC[fpr]
     ood = datasets[datasets.ood_group.isin(["near", "far"])]
@@ -291,6 +301,7 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
     elif fingerprints:
         text += f" Rows from {len(fingerprints)} data fingerprints (runs of different data or definitions)."
     if frame.attrs.get("hidden"):
-        text += (f" {frame.attrs['hidden']} older result(s) of the same settings under other fingerprints are not "
-                 "shown (leaderboard --all shows every stored version).")
+        text += (f" {frame.attrs['hidden']} other result(s) of the same settings under other fingerprints are not "
+                 "shown: each row is the latest on whole splits, or of a sampled run where no whole one exists "
+                 "(leaderboard --all shows every stored version).")
     return text
