@@ -5,7 +5,7 @@ CIFAR-10 test JPEGs, 1,000 val + 2,000 test; OOD val: 1,000 Tiny ImageNet val im
 test: 1,000 each of other Tiny ImageNet val images, MNIST and LSUN resize). Without
 ../shared: a randomly initialised torchvision ResNet-18 (10 classes) on synthetic 32x32
 PNG images in the same split sizes (say so when quoting). Every output-based built-in
-postprocessor (those that read cached outputs alone: 16 today) with its search lists,
+postprocessor (those that read cached outputs alone: 27 today) with its search lists,
 fit on ID val. Three ways, each over exactly the same images, in the same process:
 
 - bare: decode every image of every split and run the network forward over it once, in
@@ -49,8 +49,11 @@ from real_size import BATCH_SIZE, benchmark_arguments  # beside this script
 
 
 def output_based() -> list[str]:
+    """Built-in methods that read the cached outputs alone (not the model, intermediate
+    layers, extra inputs or several checkpoints)."""
     return [entry.name for entry in POSTPROCESSORS.entries()
-            if not entry.obj.needs_model and not entry.obj.needs_extras]
+            if not (entry.obj.needs_model or entry.obj.needs_extras or entry.obj.needs_layers
+                    or entry.obj.needs_checkpoints)]
 
 
 def bare(model, datasets: dict) -> None:
