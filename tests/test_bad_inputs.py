@@ -35,7 +35,7 @@ import yaml
 
 from tests.forked_cli import FORKED
 
-PARALLEL = 4
+PARALLEL = 2  # the machine's cores; each concurrent command holds a zygote (~6 CPU s to start)
 TRUST_HINT_END = "only if you trust its source"  # the end of the --trust-checkpoint hint: the line is whole
 BASE_CONFIG = {"benchmark": "digits", "models": ["digits-cnn"], "postprocessors": ["msp"], "search": False}
 PROGRESS = re.compile(r"^[^|]*:\s*\d+%\|")  # a tqdm bar
