@@ -144,6 +144,10 @@ def add_leaderboard(sub) -> None:
                         help="only cells computed under this convention profile (paper, openood, pro), named in "
                              "the caption; default: every profile's cells")
     _add_table_args(parser)
+    parser.add_argument("--reference", metavar="NAME",
+                        help="beside each row, a published ledger's value for the same benchmark and method "
+                             "(oodbench list references; e.g. openood-v1.5), the difference and whether it lies in "
+                             "the row's interval; compared only for rows run under the source's conventions")
     parser.add_argument("--output", help="also write the table to this file")
     parser.add_argument("--tables", metavar="DIR",
                         help="also write the full tables (Markdown, LaTeX, tidy CSV) to DIR/<benchmark>/")
@@ -179,6 +183,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise OodbenchError("--ci and --tables show one benchmark's cells; with seeds averaged, ask for one seed "
                             "(--benchmark <family>_seed<N>)")
     resamples = args.resamples if args.ci else None
+    if args.reference:
+        from oodbench.results.ledger import load_ledger
+
+        ledger = load_ledger(args.reference)  # an unknown or broken ledger fails before any table is built
     frames = []
     for benchmark in benchmarks:
         frame = leaderboard_frame(store, benchmark, args.model, args.postprocessor, fpr=fpr,
@@ -190,7 +198,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.format in ("csv", "json"):  # one tidy table, whatever the number of benchmarks
         import pandas as pd
 
-        tidy = pd.concat([leaderboard_tidy(f, store, resamples, args.ci_seed, args.show_params) for f in frames])
+        tidies = [leaderboard_tidy(f, store, resamples, args.ci_seed, args.show_params) for f in frames]
+        if args.reference:
+            from oodbench.results.reference import tidy_reference
+
+            tidies = [tidy_reference(t, f, ledger) for t, f in zip(tidies, frames)]
+        tidy = pd.concat(tidies)
         if average:
             seeded = tidy.benchmark.isin([n for names in seed_families(benchmarks).values() for n in names])
             tidy = pd.concat([tidy[~seeded].assign(std=float("nan"), seeds=""), averaged_tidy(tidy[seeded])])
@@ -198,7 +211,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         frames = average_frames(frames) if average else frames
         text = "\n\n".join(render_leaderboard(f, args.format, args.wide, args.show_params, store, resamples,
-                                               args.ci_seed) for f in frames)
+                                               args.ci_seed, args.reference) for f in frames)
     print(text.rstrip("\n"))
     for frame in frames if args.tables else []:
         say_where(write_tables(frame, args.tables, store, resamples, args.ci_seed))
@@ -256,8 +269,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def add_list(sub) -> None:
-    parser = sub.add_parser("list", help="list registered postprocessors, models, datasets or benchmarks")
-    parser.add_argument("kind", choices=["postprocessors", "models", "datasets", "benchmarks"])
+    parser = sub.add_parser("list", help="list registered postprocessors, models, datasets, benchmarks or the "
+                                         "published references (ledgers) tables can be compared with")
+    parser.add_argument("kind", choices=["postprocessors", "models", "datasets", "benchmarks", "references"])
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load this plugin file")
     parser.add_argument("--model-dir", default="models",
                         help="models: RobustBench's model_dir to look in (default: models)")
@@ -304,6 +318,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.kind == "datasets":
         rows = [[entry.name, ((entry.obj.__doc__ or "").strip().splitlines() or [""])[0]] for entry in registry.DATASETS.entries()]
         print(tabulate(rows, headers=["dataset source", "description"]))
+    elif args.kind == "references":
+        from oodbench.results.ledger import available, load_ledger
+
+        rows = []
+        for name in available():
+            ledger = load_ledger(name)
+            rows.append([name, len(ledger), ", ".join(dict.fromkeys(ledger.benchmark)),
+                         ", ".join(sorted(set(ledger.date))), ", ".join(dict.fromkeys(ledger.table))])
+        print(tabulate(rows, headers=["reference", "values", "benchmarks", "dates", "tables"]))
     else:
         from oodbench.benchmark.spec import load_benchmark
 

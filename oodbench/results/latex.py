@@ -20,7 +20,8 @@ from oodbench.results.tables import FS, FS_ACC, accuracy_columns, caption, compa
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
            ">": r"\textgreater{}", "|": r"\textbar{}", "±": r"$\pm$", "—": "---", "–": "--", "≥": r"$\geq$",
-           "≤": r"$\leq$", "×": r"$\times$", "†": r"\dag{}"}
+           "≤": r"$\leq$", "×": r"$\times$", "†": r"\dag{}",
+           "Δ": r"$\Delta$"}
 STYLE = {"best": r"\textbf{{{}}}", "second": r"\underline{{{}}}", "tie": r"{}\textsuperscript{{\dag}}"}
 
 

@@ -268,22 +268,41 @@ def leaderboard_rows(frame: pd.DataFrame, store=None, resamples: int | None = No
 
 
 def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = False, show_params: bool = False,
-                       store=None, resamples: int | None = None, seed: int = 0) -> str:
-    """`frame` (`leaderboard_frame`) in one of `FORMATS`; intervals need the store."""
+                       store=None, resamples: int | None = None, seed: int = 0, reference: str | None = None) -> str:
+    """`frame` (`leaderboard_frame`) in one of `FORMATS`; intervals need the store. `reference`: a
+    published ledger (``configs/reference/<name>.csv``, `oodbench.results.reference`) shown beside
+    the rows: a block below the table, or published columns in CSV/JSON."""
     if frame.empty:
         return f"(no results for benchmark '{frame.attrs.get('benchmark')}')"
+    ledger = None
+    if reference:
+        from oodbench.results.ledger import load_ledger
+
+        ledger = load_ledger(reference)
     if fmt in ("csv", "json"):
         from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
-        return render_tidy(leaderboard_tidy(frame, store, resamples, seed, show_params), fmt)
+        tidy = leaderboard_tidy(frame, store, resamples, seed, show_params)
+        if ledger is not None:
+            from oodbench.results.reference import tidy_reference
+
+            tidy = tidy_reference(tidy, frame, ledger)
+        return render_tidy(tidy, fmt)
     rows = leaderboard_rows(frame, store, resamples, seed)
     if fmt == "latex":
         from oodbench.results.latex import latex_leaderboard
 
-        return latex_leaderboard(rows, wide)
-    if wide:
-        return wide_markdown(rows, show_params)
-    return compact_text(rows, markdown=fmt == "markdown", show_params=show_params)
+        text = latex_leaderboard(rows, wide)
+    elif wide:
+        text = wide_markdown(rows, show_params)
+    else:
+        text = compact_text(rows, markdown=fmt == "markdown", show_params=show_params)
+    if ledger is not None:
+        from oodbench.results.reference import reference_block
+
+        kind = "latex" if fmt == "latex" else "markdown" if wide or fmt == "markdown" else "text"
+        text += "\n\n" + reference_block(rows if wide else ranked(rows), ledger, kind)
+    return text
 
 
 def write_tables(frame: pd.DataFrame, folder: str | Path, store=None, resamples: int | None = None,
