@@ -1,0 +1,229 @@
+"""The published-reference ledger (configs/reference/*.csv) and `leaderboard --reference`:
+the values it must hold, its checks on load, the converter that writes it, and the published
+column beside a store's rows (difference, inside the seed spread or bootstrap interval, and
+why a row is not compared)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from oodbench import registry
+from oodbench.cli import main
+from oodbench.errors import OodbenchError
+from oodbench.evaluators.metrics import ood_metrics
+from oodbench.results.ledger import COLUMNS, REFERENCE_DIR, architecture_pattern, load_ledger, published_entry
+from oodbench.results.render import leaderboard_rows
+from oodbench.results.store import Cell, ResultStore
+from oodbench.results.tables import leaderboard_frame
+from tests.conftest import REPO, SHARED
+
+OPENOOD_CSVS = SHARED / "reference" / "openood-v1.5"
+SETS = {"cifar100": "near", "tin": "near", "mnist": "far", "svhn": "far"}
+MODELS = ("openood:cifar10_resnet18_32x32", "cifar_resnet:resnet56")
+METHODS = {"msp": ("default@openood", 1.7), "ebo": ("default@openood", 1.6), "knn": ("default", 1.9),
+           "mc_dropout": ("default@openood", 1.0)}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def cifar10_store(tmp_path_factory):
+    """A cifar10 store of synthetic scores: two models, three checkpoints each, msp/ebo/mc_dropout
+    under the openood profile and knn under paper; returns (path, {(model, method): [metrics]})."""
+    path = tmp_path_factory.mktemp("reference") / "cifar10.sqlite"
+    rng = np.random.default_rng(0)
+    store, written = ResultStore(path), {}
+    oods = {name: rng.normal(0, 1, 300) for name in SETS}
+    for model in MODELS:
+        store.write_datasets("cifar10", model, [{"dataset": d, "group": g, "status": "present", "samples": 300}
+                                                for d, g in SETS.items()], "data1")
+        for method, (setting, shift) in METHODS.items():
+            for checkpoint in ("s0", "s1", "s2"):
+                scores = rng.normal(shift, 1, 400)
+                metrics = {d: ood_metrics(scores, o) for d, o in oods.items()}
+                metrics["id_test"] = {"acc": 0.95 + 0.002 * rng.standard_normal()}
+                fingerprint = hashlib.sha256(f"{model}{method}{checkpoint}".encode()).hexdigest()[:16]
+                store.write_cell(Cell("cifar10", model, method, setting, fingerprint=fingerprint,
+                                      data_fingerprint="data1", metrics=metrics, checkpoint=checkpoint,
+                                      groups={**SETS, "id_test": "id"}, tags=["standard"],
+                                      scores={"id_test": scores, **oods}))
+                written.setdefault((model, method), []).append(metrics)
+    store.close()
+    return path, written
+
+
+# --------------------------------------------------------------------------- the data
+
+
+@pytest.mark.parametrize("method, near, far", [("msp", 88.03, 90.73), ("ebo", 87.58, 91.21), ("knn", 90.64, 92.96),
+                                               ("vim", 88.68, 93.48)])
+def test_the_openood_ledger_holds_the_published_cifar10_resnet18_values(method, near, far):
+    ledger = load_ledger("openood-v1.5")
+    entry = published_entry(ledger, "cifar10", method, "openood:cifar10_resnet18")
+    assert entry.architecture == "ResNet18" and entry.training == "CrossEntropy" and entry.same_architecture
+    assert entry.values["near_auroc"][0] == near and entry.values["far_auroc"][0] == far
+    assert entry.values["acc"] == (95.06, 0.30)
+    assert entry.conventions == "openood" and entry.date == "2025-07-19"
+    assert entry.source.endswith("/results/cifar10.csv") and "zjysteven/OpenOOD" in entry.source
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower().replace("+", "plus"))
+
+
+def test_every_published_method_oodbench_registers_is_under_its_registry_name():
+    ledger = load_ledger("openood-v1.5")
+    registered = {_normal(n): registry.POSTPROCESSORS.get(n) for n in registry.POSTPROCESSORS.names()}
+    canonical = {cls: entry.name for entry in registry.POSTPROCESSORS.entries() for cls in [entry.obj]}
+    for published, method in set(zip(ledger.published_method, ledger.method)):
+        if _normal(published) in registered:  # e.g. MDSEns (alias mdsens), i-ODIN, NNGuide, AdaSCALE-A
+            assert method == canonical[registered[_normal(published)]], published
+        if method != published:
+            assert method in registry.POSTPROCESSORS.names(), (published, method)
+    mapped = set(ledger[ledger.method != ledger.published_method].method)
+    assert {"temp_scaling", "mds_ensemble", "iodin", "vim", "adascale_a", "nnguide"} <= mapped
+    assert "OpenGAN" in set(ledger.method)  # not registered: kept under its published name
+
+
+def test_every_benchmark_of_the_leaderboard_is_in_the_ledger_under_its_oodbench_name():
+    ledger = load_ledger("openood-v1.5")
+    assert set(ledger.benchmark) == {"cifar10", "cifar100", "imagenet200", "imagenet200_fs", "imagenet",
+                                     "imagenet_fs"}
+    entry = published_entry(ledger, "imagenet", "msp", "torchvision:resnet50")
+    assert (entry.architecture, entry.values["near_auroc"][0], entry.values["acc"][0]) == ("ResNet50", 76.02, 76.18)
+    assert published_entry(ledger, "imagenet", "msp", "torchvision:vit_b_16").architecture == "ViT-B/16"
+    other = published_entry(ledger, "imagenet", "msp", "timm:convnext_tiny")
+    assert other.architecture == "ResNet50" and not other.same_architecture
+    assert np.isnan(published_entry(ledger, "imagenet", "msp", "torchvision:resnet50").values["acc"][1])
+
+
+@pytest.mark.skipif(not OPENOOD_CSVS.is_dir(), reason=f"the published leaderboard files are not at {OPENOOD_CSVS}")
+def test_the_converter_rewrites_the_committed_ledger_from_the_published_files():
+    written = subprocess.run([sys.executable, str(REPO / "tools" / "openood_ledger.py"), str(OPENOOD_CSVS)],
+                             capture_output=True, text=True, check=True).stdout
+    assert written == (REFERENCE_DIR / "openood-v1.5.csv").read_text()
+    published = pd.read_csv(OPENOOD_CSVS / "cifar10.csv", dtype=str)
+    assert len(pd.read_csv(io.StringIO(written)).query("benchmark == 'cifar10'")) == sum(
+        (published[c] != "/").sum() for c in ("Near-OOD_AUROC", "Far-OOD_AUROC", "ID_Accuracy"))
+
+
+@pytest.mark.parametrize("model, architecture, named", [
+    ("openood:cifar10_resnet18_32x32", "ResNet18", True), ("cifar_resnet:resnet56", "ResNet18", False),
+    ("torchvision:resnet50", "ResNet50", True), ("torchvision:wide_resnet50_2", "ResNet50", False),
+    ("torchvision:resnet101", "ResNet18", False), ("torchvision:swin_t", "Swin-T", True),
+    ("torchvision:vit_b_16", "ViT-B/16", True), ("torchvision:regnet_y_16gf", "RegNet_Y_16GF", True)])
+def test_a_model_name_names_an_architecture(model, architecture, named):
+    assert bool(architecture_pattern(architecture).search(model)) is named
+
+
+# --------------------------------------------------------------------------- checks on load
+
+
+GOOD = ("cifar10,msp,MSP,CrossEntropy,ResNet18,100 epochs,no,near_auroc,88.03,0.25,,openood,"
+        "https://example.org/t.csv,leaderboard,2025-07-19")
+
+
+@pytest.mark.parametrize("header, line, message", [
+    (",".join(COLUMNS) + ",extra", GOOD + ",1", "unknown column 'extra'"),
+    (",".join(COLUMNS[:-1]), GOOD.rsplit(",", 1)[0], "missing column(s) date"),
+    (None, GOOD.replace("88.03", "high"), "line 2: 'value' must be a number"),
+    (None, GOOD.replace("88.03", "880.3"), "line 2: 'value' must lie in [0, 100]"),
+    (None, GOOD.replace("near_auroc", "near_aurco"), "did you mean: near_auroc"),
+    (None, GOOD.replace("cifar10,", "cifar11,", 1), "unknown benchmark 'cifar11'"),
+    (None, GOOD.replace("near_auroc", "near_fpr95"), "needs fpr_convention classic or openood"),
+    (None, GOOD.replace("2025-07-19", "19.07.2025"), "date must be YYYY-MM-DD"),
+    (None, GOOD.replace(",openood,", ",openod,"), "unknown conventions 'openod'"),
+    (None, GOOD + "\n" + GOOD, "is given 2 times"),
+])
+def test_a_bad_ledger_is_one_line_naming_file_and_line(tmp_path, capsys, header, line, message):
+    path = tmp_path / "bad.csv"
+    path.write_text((header or ",".join(COLUMNS)) + "\n" + line + "\n")
+    with pytest.raises(OodbenchError) as error:
+        load_ledger(str(path))
+    assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_unknown_reference_is_one_line_and_exit_2(cifar10_store, capsys):
+    code, out, err = cli(capsys, "leaderboard", "--results", cifar10_store[0], "--reference", "openood-v15")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "unknown reference 'openood-v15'" in err and "openood-v1.5" in err
+
+
+def test_list_references_names_the_ledger(capsys):
+    code, out, _ = cli(capsys, "list", "references")
+    assert code == 0 and "openood-v1.5" in out and "2025-07-19" in out and "imagenet200_fs" in out
+
+
+# --------------------------------------------------------------------------- the published column
+
+
+def _block(out: str) -> list[str]:
+    return out[out.index("Published reference openood-v1.5"):].splitlines()
+
+
+def test_leaderboard_reference_gives_published_value_difference_and_seed_spread(cifar10_store, capsys):
+    path, written = cifar10_store
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5")
+    assert code == 0
+    block = _block(out)
+    assert any(line.startswith(f"{MODELS[0]}: published for ResNet18") for line in block)
+    assert any(line.startswith(f"{MODELS[1]}: published for ResNet18 (not this model's)") for line in block)
+    published = {"msp": (88.03, 90.73), "ebo": (87.58, 91.21)}
+    for model in MODELS:
+        start = next(i for i, line in enumerate(block) if line.startswith(f"{model}:"))
+        for method, values in published.items():
+            line = next(l for l in block[start:] if l.split() and l.split()[0] == method).split()
+            for column, (group, value) in enumerate(zip(("near", "far"), values)):
+                means = [np.mean([m[d]["auroc"] for d, g in SETS.items() if g == group])
+                         for m in written[(model, method)]]
+                mean, std = 100 * np.mean(means), 100 * np.std(means, ddof=1)
+                assert line[1 + 3 * column].startswith(f"{value:.2f}±")
+                assert line[2 + 3 * column] == f"{mean - value:+.2f}"
+                assert line[3 + 3 * column] == ("yes" if abs(mean - value) <= std else "no")
+    notes = " ".join(block[block.index(next(l for l in block if l.startswith("- not compared"))):])
+    assert "ran under the paper conventions" in notes and f"{MODELS[0]} / knn" in notes
+    assert "no CrossEntropy value for mc_dropout on cifar10" in notes
+    assert all(len(line) <= 100 for line in out.splitlines())
+
+
+def test_leaderboard_reference_with_intervals_says_whether_the_published_value_is_inside(cifar10_store, capsys):
+    path, _ = cifar10_store
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5", "--ci",
+                       "--resamples", "200", "--model", MODELS[0], "--postprocessor", "msp")
+    assert code == 0
+    store = ResultStore(path, readonly=True)
+    frame = leaderboard_frame(store, "cifar10", [MODELS[0]], ["msp"])
+    row = leaderboard_rows(frame, store, 200, 0).iloc[0]  # the same resamples as the command's
+    line = next(l for l in _block(out) if l.split() and l.split()[0] == "msp").split()
+    for column, value in ((3, 88.03), (6, 90.73)):
+        name = "near-OOD|auroc" if column == 3 else "far-OOD|auroc"
+        assert line[column] == ("yes" if row[f"{name}|low"] <= value / 100 <= row[f"{name}|high"] else "no")
+    assert "95% bootstrap interval" in " ".join(_block(out))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_tidy_reference_columns_on_the_published_metrics(cifar10_store, capsys, fmt):
+    path, written = cifar10_store
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5", "--format", fmt)
+    assert code == 0
+    tidy = pd.read_csv(io.StringIO(out)) if fmt == "csv" else pd.read_json(io.StringIO(out))
+    rows = tidy[(tidy.model == MODELS[0]) & (tidy.postprocessor == "ebo") & (tidy.dataset == "far-OOD")
+                & (tidy.metric == "auroc")]
+    assert len(rows) == 3 and np.allclose(rows.published, 0.9121) and np.allclose(rows.published_std, 0.0092)
+    assert np.allclose(rows.published_difference, rows.value - 0.9121)
+    assert (rows.published_architecture == "ResNet18").all()
+    knn = tidy[(tidy.postprocessor == "knn") & (tidy.dataset == "near-OOD") & (tidy.metric == "auroc")]
+    assert knn.published_difference.isna().all() and knn.published_note.str.contains("paper conventions").all()
+    assert tidy[tidy.dataset == "mnist"].published.isna().all()
