@@ -138,8 +138,9 @@ def add_leaderboard(sub) -> None:
     parser.add_argument("--model", action="append", help="only these models (repeatable)")
     parser.add_argument("--postprocessor", action="append", help="only these postprocessors (repeatable)")
     parser.add_argument("--fpr", choices=["classic", "openood"],
-                        help="FPR@95 convention: classic (ID positive) or openood (OOD positive); default: "
-                             "the --conventions profile's, else classic")
+                        help="show every row's FPR@95 in this convention: classic (ID positive) or openood (OOD "
+                             "positive); default: each cell's in the convention it was run under, as `run` printed "
+                             "it (cells run under different ones: one table per convention)")
     parser.add_argument("--conventions", metavar="PROFILE",
                         help="only cells computed under this convention profile (paper, openood, pro), named in "
                              "the caption; default: every profile's cells")
@@ -164,13 +165,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from oodbench.results.render import render_leaderboard, say_where, write_tables
     from oodbench.results.seeds import average_frames, averaged_tidy, seed_families
     from oodbench.results.store import ResultStore
-    from oodbench.results.tables import leaderboard_frame
+    from oodbench.results.tables import leaderboard_frames
     from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
     store = ResultStore(args.results, readonly=True)
-    from oodbench.conventions import load_conventions
-
-    fpr = args.fpr or (load_conventions(args.conventions).fpr if args.conventions else "classic")
     stored = sorted(set(store.frame("cells").benchmark))
     benchmarks = [args.benchmark] if args.benchmark else stored
     family = seed_families(stored).get(args.benchmark) if args.benchmark not in stored else None
@@ -189,12 +187,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         ledger = load_ledger(args.reference)  # an unknown or broken ledger fails before any table is built
     frames = []
     for benchmark in benchmarks:
-        frame = leaderboard_frame(store, benchmark, args.model, args.postprocessor, fpr=fpr,
-                                  fingerprint=args.fingerprint, every=args.every, conventions=args.conventions)
-        if frame.empty:
+        found = leaderboard_frames(store, benchmark, args.model, args.postprocessor, fpr=args.fpr,
+                                   fingerprint=args.fingerprint, every=args.every, conventions=args.conventions)
+        if found[0].empty:
             which = f" with fingerprint {args.fingerprint}" if args.fingerprint else ""
             raise OodbenchError(f"no results for benchmark '{benchmark}'{which} in {args.results}")
-        frames.append(frame)
+        frames += found
+    if average and any(frame.attrs.get("fpr_others") for frame in frames):
+        raise OodbenchError("these seeds' cells were run under different FPR@95 conventions; average them in one "
+                            "with --fpr classic or --fpr openood")
     if args.format in ("csv", "json"):  # one tidy table, whatever the number of benchmarks
         import pandas as pd
 

@@ -157,9 +157,14 @@ def test_compact_table_fits_100_columns_and_ranks_within_each_model(tmp_path, ca
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_tidy_leaderboard_loads_with_pandas_and_matches_the_store(tmp_path, capsys, fmt):
     write_weird_store(tmp_path / "weird.sqlite", checkpoints=("s0", "s1"))
-    code, out, _ = cli(capsys, "leaderboard", "--results", tmp_path / "weird.sqlite", "--format", fmt)
+    read = (lambda out: pd.read_csv(io.StringIO(out))) if fmt == "csv" else (  # noqa: E731
+        lambda out: pd.read_json(io.StringIO(out)))
+    for fpr in ("classic", "openood"):  # the leaderboard: one convention, --fpr's
+        code, out, _ = cli(capsys, "leaderboard", "--results", tmp_path / "weird.sqlite", "--format", fmt, "--fpr", fpr)
+        assert code == 0 and set(read(out).fpr_convention.dropna()) - {""} == {fpr}
+    code, out, _ = cli(capsys, "results", tmp_path / "weird.sqlite", "export", "--format", fmt)  # every number
     assert code == 0
-    tidy = pd.read_csv(io.StringIO(out)) if fmt == "csv" else pd.read_json(io.StringIO(out))
+    tidy = read(out)
     assert list(tidy.columns) == TIDY_COLUMNS and tidy.value.dtype == float
     stored = pd.DataFrame(sqlite3.connect(tmp_path / "weird.sqlite").execute(
         "SELECT fingerprint, dataset, metric, value FROM results").fetchall(),
@@ -317,7 +322,10 @@ def test_results_command_lists_what_the_store_holds(tmp_path, capsys):
     assert failed.startswith("1 cell(s) did not finish") and "my_score&co" not in failed
     code, exported, _ = cli(capsys, "results", tmp_path / "weird.sqlite", "export")
     _, board, _ = cli(capsys, "leaderboard", "--results", tmp_path / "weird.sqlite", "--format", "csv")
-    assert exported == board
+    every, shown = pd.read_csv(io.StringIO(exported)), pd.read_csv(io.StringIO(board))
+    # the export holds every number; the leaderboard the FPR@95 its cells were run under (classic)
+    assert every[every.fpr_convention != "openood"].reset_index(drop=True).equals(shown)
+    assert len(every[every.fpr_convention == "openood"]) == len(shown[shown.fpr_convention == "classic"]) > 0
     assert main(["results", str(tmp_path / "weird.sqlite"), "--benchmark", "cifar"]) == 2
     assert "no benchmark 'cifar'" in capsys.readouterr().err
 

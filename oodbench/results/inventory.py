@@ -67,9 +67,10 @@ def failures(store: ResultStore, benchmarks: list[str]) -> str:
 
 
 def export(store: ResultStore, benchmarks: list[str], every: bool = False, fmt: str = "csv") -> str:
-    """The tidy table of every benchmark: each latest cell, or with `every` each stored version."""
+    """The tidy table of every benchmark: each latest cell, or with `every` each stored version;
+    every stored number, FPR@95 in both conventions (each row naming its own)."""
     from oodbench.results.tidy import COLUMNS, leaderboard_tidy, render_tidy
 
-    frames = [leaderboard_tidy(frame, store) for frame in
+    frames = [leaderboard_tidy(frame, store, every_fpr=True) for frame in
               (leaderboard_frame(store, b, every=every) for b in benchmarks) if not frame.empty]
     return render_tidy(pd.concat(frames) if frames else pd.DataFrame(columns=COLUMNS), fmt)

@@ -309,14 +309,16 @@ def write_tables(frame: pd.DataFrame, folder: str | Path, store=None, resamples:
                  seed: int = 0) -> list[Path]:
     """The full tables of `frame` under `folder`/<benchmark>/ (a run with ``limit`` N:
     `folder`/<benchmark>-limitN/, so a quick sampled run never overwrites a full run's
-    tables): leaderboard.md (wide Markdown), leaderboard.tex (wide LaTeX) and
+    tables; a store whose cells were run under two FPR@95 conventions: `folder`/<benchmark>-fpr-<convention>/
+    per convention): leaderboard.md (wide Markdown), leaderboard.tex (wide LaTeX) and
     leaderboard.csv (tidy); returns their paths."""
     from oodbench.errors import OodbenchError
     from oodbench.results.latex import latex_leaderboard
     from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
     limit = frame.attrs.get("limit")
-    target = Path(folder) / (frame.attrs["benchmark"] + (f"-limit{limit}" if limit else ""))
+    split = f"-fpr-{frame.attrs['fpr']}" if frame.attrs.get("fpr_others") else ""  # one table per convention
+    target = Path(folder) / (frame.attrs["benchmark"] + (f"-limit{limit}" if limit else "") + split)
     rows = leaderboard_rows(frame, store, resamples, seed)
     texts = {"leaderboard.md": wide_markdown(rows), "leaderboard.tex": latex_leaderboard(rows, wide=True),
              "leaderboard.csv": render_tidy(leaderboard_tidy(frame, store, resamples, seed), "csv")}

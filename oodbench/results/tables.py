@@ -23,6 +23,7 @@ import pandas as pd
 
 from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
 from oodbench.conventions import load_conventions
+from oodbench.errors import OodbenchError
 from oodbench.results.store import ResultStore
 
 AVERAGES = {"near": "near-OOD", "far": "far-OOD", "all": "average"}
@@ -80,6 +81,50 @@ def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fin
 def conventions_of(setting: str) -> str:
     """The convention profile a cell's setting names (``search@openood{...}``), else the default."""
     return setting.partition("{")[0].partition("@")[2] or DEFAULT_CONVENTIONS
+
+
+def run_fpr(cells: pd.DataFrame) -> pd.Series:
+    """Per cell, the FPR@95 convention it was run under: the one its run stored, else (a store
+    written before runs stored it) its convention profile's."""
+    stored = cells.fpr_convention if "fpr_convention" in cells else pd.Series(None, index=cells.index, dtype=object)
+    return stored.where(stored.isin(list(FPR_METRIC)), cells.setting.map(_profile_fpr))
+
+
+def _profile_fpr(setting: str) -> str:
+    try:
+        return load_conventions(conventions_of(setting)).fpr
+    except OodbenchError:  # a profile this oodbench no longer ships
+        return "classic"
+
+
+def leaderboard_frames(store: ResultStore, benchmark: str, models: list[str] | None = None,
+                       postprocessors: list[str] | None = None, fpr: str | None = None,
+                       fingerprint: str | None = None, every: bool = False,
+                       conventions: str | None = None) -> list[pd.DataFrame]:
+    """The leaderboard of `benchmark` as one frame per FPR@95 convention: with `fpr` None, each
+    cell's FPR@95 in the convention it was run under (`run_fpr`), so that a table shows the numbers
+    its run printed; cells run under different conventions make one frame each, whose
+    ``attrs["fpr_others"]`` counts the shown cells of the other conventions (the caption says so).
+    An explicit `fpr` shows every cell in that one convention (``attrs["fpr_asked"]``). Other
+    arguments as `leaderboard_frame`."""
+    frame = leaderboard_frame(store, benchmark, models, postprocessors, fpr=fpr or "classic",
+                              fingerprint=fingerprint, every=every, conventions=conventions)
+    if frame.empty:
+        return [frame]
+    cells = store.frame("cells", benchmark=benchmark).set_index("fingerprint").loc[list(frame.fingerprint)]
+    convention = run_fpr(cells.reset_index())
+    used = list(dict.fromkeys(convention))
+    if fpr is not None:
+        frame.attrs["fpr_asked"] = any(c != fpr for c in used)
+        return [frame]
+    frames = []
+    for name in used:
+        chosen = [fp for fp, c in zip(frame.fingerprint, convention) if c == name]
+        part = leaderboard_frame(store, benchmark, models, postprocessors, fpr=name, fingerprints=chosen)
+        part.attrs.update(hidden=frame.attrs["hidden"] if not frames else 0,
+                          fpr_others={c: int((convention == c).sum()) for c in used if c != name})
+        frames.append(part)
+    return frames
 
 
 def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | None = None,
@@ -250,6 +295,19 @@ def aggregate_checkpoints(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def fpr_note(frame: pd.DataFrame) -> str:
+    """Where the table's FPR@95 convention is not simply the one its cells were run under."""
+    if frame.attrs.get("fpr_asked"):
+        return ", as asked (--fpr), for every row, whichever convention its cells were run under"
+    others = frame.attrs.get("fpr_others")
+    if others:
+        count = sum(others.values())
+        return (f", the convention these cells were run under; {count} other cell(s) of this benchmark were run "
+                "under the other one and are shown in a table of their own (--fpr shows every cell in one "
+                "convention)")
+    return ""
+
+
 def caption(frame: pd.DataFrame, marks: str) -> str:
     """What a table holds, for every format: the metrics, the FPR@95 convention, how rows are
     marked (`marks`, the renderer's own words), checkpoints, intervals, missing sets, what was
@@ -259,7 +317,8 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
     members = {g: ", ".join(d for d in frame.attrs["datasets"] if groups.get(d) == g) or "none"
                for g in ("near", "far")}
     text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
-            f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}. {marks}.")
+            f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}"
+            f"{fpr_note(frame)}. {marks}.")
     for name in frame.attrs.get("conventions", []):
         text += " " + load_conventions(name).caption()
     if frame.attrs.get("csid"):

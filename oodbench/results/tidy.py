@@ -12,7 +12,8 @@ exactly the same rows; no prose, no comment lines, so ``pandas.read_csv`` loads 
 as it is.
 
 - leaderboard: one row per cell (each checkpoint its own), dataset = ``id_test`` (ACC), each
-  OOD set (AUROC, AUPR-In/Out, FPR@95 in both conventions), and group ``mean`` rows for the
+  OOD set (AUROC, AUPR-In/Out, FPR@95 in the table's convention: the one the cells were run
+  under, or ``--fpr``'s; ``results export`` gives both), and group ``mean`` rows for the
   ``near-OOD``, ``far-OOD`` and ``average`` columns (unweighted means over the sets present);
 - full-spectrum benchmarks add ``acc`` on each covariate-shifted set (group ``csid``),
   ``fs_acc`` on ``id_test`` (the ID test and shifted sets together), and per OOD set and mean
@@ -45,8 +46,9 @@ def tidy_row(**values) -> dict:
 
 
 def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, seed: int = 0,
-                     show_params: bool = False) -> pd.DataFrame:
-    """Every stored metric of the frame's finished cells, plus the group means; with
+                     show_params: bool = False, every_fpr: bool = False) -> pd.DataFrame:
+    """Every stored metric of the frame's finished cells, plus the group means, with FPR@95 in
+    the frame's convention (the one its table shows), or with `every_fpr` in both; with
     `show_params`, a ``params`` column holds each cell's hyperparameters (JSON)."""
     cells = frame[frame.status == "done"]
     results = store.frame("results", benchmark=frame.attrs["benchmark"])
@@ -68,6 +70,8 @@ def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, s
         for dataset, group in [(d, groups.get(d, "")) for d in present] + [(m, MEAN_GROUP) for m in means if means[m]]:
             members = means.get(dataset, [dataset]) if group == MEAN_GROUP else [dataset]
             for prefix, stored in [("", s) for s in OOD_STORED] + [("fs_", s) for s in OOD_STORED]:
+                if not every_fpr and FPR_ROWS.get(stored, frame.attrs["fpr"]) != frame.attrs["fpr"]:
+                    continue
                 found = [values.get((cell["fingerprint"], d, prefix + stored)) for d in members]
                 if any(v is None for v in found):
                     continue
