@@ -68,9 +68,9 @@ def test_temperature_scaling_fits_the_nll_minimum():
     method = create_postprocessor("temp_scaling")
     method.fit(outputs(VAL_LOGITS, VAL_LABELS), outputs(VAL_LOGITS, VAL_LABELS))
     assert method.temperature == pytest.approx(t, rel=1e-3)
-    # reported as log max softmax(f / T): monotone in the MSP, so every metric is the same
-    expected = np.log(softmax(LOGITS.astype(np.float64) / t).max(axis=1))
-    np.testing.assert_allclose(score("temp_scaling"), expected, rtol=1e-3, atol=1e-6)
+    # reported as the log-odds of max softmax(f / T): monotone in the MSP, so every metric is the same
+    msp = softmax(LOGITS.astype(np.float64) / t).max(axis=1)
+    np.testing.assert_allclose(score("temp_scaling"), np.log(msp / (1 - msp)), rtol=1e-3, atol=1e-6)
 
 
 def nll_numpy(logits, labels, t):
@@ -128,6 +128,37 @@ def test_temperature_scaling_keeps_ranks_when_the_softmax_saturates():
     assert (softmax(logits / method.temperature).max(axis=1).astype(np.float32) == 1).all()  # MSP ties
     scores = method.score(outputs(logits)).numpy()
     assert scores[0] > scores[1] > scores[2]
+
+
+def test_temperature_scaling_orders_scaled_margins_far_past_float_precision():
+    """Scaled margins 30..80 (float64 MSP is 1.0 from ~37 on) at T = 1 and, at the smallest fitted
+    T, raw margins 30..80 (scaled 600..1600, where even log MSP underflows to 0 past ~745): every
+    score distinct, increasing with the margin, and the log-odds -log(sum_{j != top} exp(-d_j / T))."""
+    from oodbench.postprocessors.calibrated import T_RANGE
+
+    margins = np.linspace(30, 80, 401)
+    gaps = margins[:, None] + np.linspace(0, 2, 9)  # the other 9 classes lie d_j below the top
+    logits = np.concatenate([np.zeros((len(margins), 1)), -gaps], axis=1)
+    for temperature in (1.0, T_RANGE[0]):
+        method = create_postprocessor("temp_scaling")
+        method.temperature = temperature
+        scores = method.score(outputs(logits)).numpy()
+        scaled = gaps / temperature
+        expected = scaled[:, 0] - np.log(np.exp(-(scaled - scaled[:, :1])).sum(axis=1))
+        assert (np.diff(scores) > 0).all()
+        np.testing.assert_allclose(scores, expected, rtol=1e-12)
+
+
+def test_temperature_scaling_ranks_ordinary_scores_as_the_msp():
+    """Where the float64 MSP is not saturated, the log-odds orders samples exactly as max softmax(f / T)
+    (rank-identical) and equals log(p / (1 - p)) to 1e-9 (relative)."""
+    method = create_postprocessor("temp_scaling")
+    method.fit(outputs(VAL_LOGITS, VAL_LABELS), outputs(VAL_LOGITS, VAL_LABELS))
+    scores = method.score(outputs(LOGITS)).numpy()
+    msp = softmax(LOGITS.astype(np.float64) / method.temperature).max(axis=1)
+    assert msp.max() < 1 - 1e-6 and len(np.unique(msp)) == len(msp)
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(msp))
+    np.testing.assert_allclose(scores, np.log(msp) - np.log1p(-msp), rtol=1e-9)
 
 
 def test_kl_matching():

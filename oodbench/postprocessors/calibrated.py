@@ -4,10 +4,14 @@
   minimise the negative log-likelihood of the ID validation labels, exactly within
   [0.05, 100] (`fit_temperature`; OpenOOD and Guo et al.'s code run a fixed number of
   L-BFGS steps instead, which can stop short of the optimum; ``fit: openood`` runs
-  OpenOOD v1.5's fit, `openood_temperature`). The score
-  is returned as log max softmax(f / T) in float64: a monotone transform, so every
-  metric is unchanged, but a small fitted T (a perfectly accurate validation split drives
-  T to its lower bound) would otherwise saturate every softmax to 1.0 and tie all scores.
+  OpenOOD v1.5's fit, `openood_temperature`). The score is returned as the log-odds of
+  the max softmax, log(p / (1 - p)) with p = max softmax(f / T), in float64: a strictly
+  monotone transform of p, so every metric is the MSP's, but it never saturates. A small
+  fitted T (a perfectly accurate validation split drives T to its lower bound 0.05)
+  scales the margins 20-fold: p rounds to 1.0 once the scaled margin passes ~37 and even
+  log p = -log(1 + (1 - p) / p) underflows to 0 past ~745, tying the most confident
+  samples; the log-odds is -logsumexp_{j != top}(f_j - f_top) / T, finite and ordered at
+  every margin (`log_odds_max_softmax`).
 - KL matching (Hendrycks et al., ICML 2022): -min_c KL(p || d_c), where d_c is the mean
   validation softmax of the samples predicted as class c (classes never predicted on
   validation have no template and are skipped). Computed and returned in float64, as the
@@ -96,12 +100,13 @@ def openood_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 TEMPERATURE_FITS = {"exact": fit_temperature, "openood": openood_temperature}
 
 
-def log_max_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """log max softmax, exact even where 1 - MSP is below float precision:
-    -log(1 + sum_{j != top} exp(f_j - f_top)) = -softplus(logsumexp_{j != top}(f_j - f_top))."""
+def log_odds_max_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """N x C logits -> N: log(p / (1 - p)) of p = max softmax(logits), computed as
+    -logsumexp_{j != top}(f_j - f_top), which neither rounds nor underflows at any margin
+    (p itself is 1.0 in float64 past a margin of ~37). A single class has 1 - p = 0: +inf."""
     top = logits.max(dim=1, keepdim=True)
     others = (logits - top.values).scatter(1, top.indices, float("-inf"))
-    return -torch.nn.functional.softplus(torch.logsumexp(others, dim=1))
+    return -torch.logsumexp(others, dim=1)
 
 
 def _labelled(val: Outputs, method: str) -> torch.Tensor:
@@ -121,7 +126,7 @@ class TemperatureScaling(Postprocessor):
         self.temperature = TEMPERATURE_FITS[self.params["fit"]](val.logits, _labelled(val, self.name))
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        return log_max_softmax(outputs.logits.double() / self.temperature)
+        return log_odds_max_softmax(outputs.logits.double() / self.temperature)
 
 
 @register_postprocessor("klm", "kl_matching")
