@@ -9,7 +9,13 @@ adapter's network), or a rule:
   forward pass that return an N x C x H x W map, the module that returns *last* with
   each distinct (C, H, W), in the order they return. A ResNet gives its stages
   (``layer1`` .. ``layer4``) and the pooled 1 x 1 map; the digits CNN its ReLUs and max-pool.
+- ``"stem"``: the input of the first stage (``<name>:input``), i.e. what the network computes
+  before its stages: a ResNet's relu(bn1(conv1(x))) whether that ReLU is a module or a
+  function call (OpenOOD's ResNets return it as their first feature, MDS-Ensemble's default).
 - ``"conv_relu"``: every ``nn.Conv2d`` and ``nn.ReLU`` module (GRAM's choice in OpenOOD).
+
+A module name with the suffix ``:input`` reads that module's input (its first argument)
+instead of its output.
 
 Every call of a chosen module counts (in the order calls return), so a module called
 twice contributes two maps.
@@ -44,7 +50,8 @@ from torch.utils.data import DataLoader
 
 from oodbench.errors import MissingExtras, OodbenchError, did_you_mean
 
-RULES = ("stages", "conv_relu")
+RULES = ("stages", "stem", "conv_relu")
+INPUT_OF = ":input"  # <module name>:input reads the module's input
 EXTRA_PREFIX = "layer:"
 
 
@@ -104,14 +111,15 @@ def layer_names(model: nn.Module, layers: str | Sequence[str], x: torch.Tensor) 
     modules = dict(net.named_modules())
     if not isinstance(layers, str):
         for name in layers:
-            if name not in modules:
+            if name.removesuffix(INPUT_OF) not in modules:
                 raise OodbenchError(f"the model has no layer named '{name}'{did_you_mean(name, modules)}")
         return list(layers)
     if layers == "conv_relu":
         return [name for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.ReLU))]
-    if layers != "stages":
+    if layers not in ("stages", "stem"):
         raise OodbenchError(f"unknown layer rule '{layers}'; rules: {', '.join(RULES)}, or a list of layer names")
-    return [name for name, _ in stages(model, x)]
+    found = [name for name, _ in stages(model, x)]
+    return found if layers == "stages" else [found[0] + INPUT_OF]
 
 
 def stages(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
@@ -143,9 +151,17 @@ def stages(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]
 def hooked(model: nn.Module, names: Sequence[str], on_output: Callable[[str, torch.Tensor], torch.Tensor | None]
            ) -> Iterator[None]:
     """Forward hooks on the named modules of the backbone: ``on_output(name, output)`` on every
-    call; a tensor it returns replaces the module's output (a generic split of the network)."""
+    call; a tensor it returns replaces the module's output (a generic split of the network).
+    For a name ``<module>:input`` it gets (and may replace) the module's first input."""
     modules = dict(backbone(model).named_modules())
-    handles = [modules[name].register_forward_hook(lambda m, i, out, name=name: on_output(name, out))
+
+    def on_input(name: str, args: tuple) -> tuple | None:
+        replaced = on_output(name, args[0])
+        return None if replaced is None else (replaced, *args[1:])
+
+    handles = [modules[name.removesuffix(INPUT_OF)].register_forward_pre_hook(
+                   lambda m, args, name=name: on_input(name, args)) if name.endswith(INPUT_OF)
+               else modules[name].register_forward_hook(lambda m, i, out, name=name: on_output(name, out))
                for name in dict.fromkeys(names)]
     try:
         yield

@@ -10,13 +10,17 @@ one pixel) with the largest gradient magnitude moves:
     score(x) = max softmax(f(x') / T)
 
 eps is in [0,1]-pixel units, as ODIN's: the reference code steps the normalised input by
-eps * sign / std_c, which is eps in pixels. The entry is chosen by the magnitude of the
+eps * sign / std_c, which is eps in pixels. ``input_std`` is ODIN's (OpenOOD's convention):
+OpenOOD's I-ODIN inherits ODIN's per-dataset table std and divides its signed gradient by
+it whatever the model's normalisation, a step of eps * std_c / input_std_c in pixels
+(`oodbench.postprocessors.odin.table_step`); None (the default) is the rule above. The entry is chosen by the magnitude of the
 gradient with respect to the *normalised* input (|g| * std_c), as the reference code
 computes it on normalised inputs; for a model without input normalisation std_c = 1.
 For models that output probabilities f = log p.
 
-Differences from OpenOOD's ``iodin_postprocessor.py``: none in the formula; the gradient
-depends on T but not on eps, so a search runs one backward pass per T (`grid_batch`).
+Differences from OpenOOD's ``iodin_postprocessor.py``: none in the formula (with its
+``input_std`` from the ``openood`` profile); the gradient depends on T but not on eps, so a
+search runs one backward pass per T (`grid_batch`).
 
 Measured on ../shared's CIFAR-10 ResNet-56 (300 ID test and 300 TIN images, OpenOOD's
 input_std set to the model's): OpenOOD's own code gives the same scores to 2.2e-7 (relative).
@@ -30,6 +34,7 @@ from torch.nn import functional as F
 
 from oodbench.postprocessors.base import Number
 from oodbench.postprocessors.gradient import InputGradientPostprocessor
+from oodbench.postprocessors.odin import INPUT_STD, table_step
 from oodbench.postprocessors.pro import max_softmax
 from oodbench.registry import register_postprocessor
 
@@ -49,8 +54,8 @@ def one_entry_step(grad: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 @register_postprocessor("iodin")
 class IODIN(InputGradientPostprocessor):
-    defaults = {"temperature": 1000.0, "eps": 0.0014}
-    ranges = {"temperature": Number(gt=0), "eps": Number(ge=0)}
+    defaults = {"temperature": 1000.0, "eps": 0.0014, "input_std": None}
+    ranges = {"temperature": Number(gt=0), "eps": Number(ge=0), "input_std": INPUT_STD}
     grid_params = ("temperature", "eps")
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -69,5 +74,6 @@ class IODIN(InputGradientPostprocessor):
                 (grad,) = torch.autograd.grad(loss, x0, retain_graph=i < len(temperatures) - 1)
                 steps[t] = one_entry_step(grad, std)
         with torch.no_grad():
-            return [max_softmax(model(x.detach() - float(m.params["eps"]) * steps[float(m.params["temperature"])]),
-                                float(m.params["temperature"])) for m in methods]
+            return [max_softmax(model(x.detach() - table_step(float(m.params["eps"]), m.params["input_std"], model, x)
+                                      * steps[float(m.params["temperature"])]), float(m.params["temperature"]))
+                    for m in methods]

@@ -12,22 +12,26 @@ P_l), as `oodbench.postprocessors.distance`. With M_l(x, c) = -1/2 (z_l - mu_lc)
     score(x) = sum_l alpha_l * max_c M_l(x', c)
 
 ``noise`` is in [0,1]-pixel units, like ODIN's eps: the reference code divides the signed
-gradient by each channel's std on normalised inputs, which is this step. ``noise = 0``
-scores the unperturbed features (from the cache, without running the model). ``alpha``:
-one weight per layer (None: 1 each).
+gradient by each channel's std on normalised inputs, which is this step. ``input_std``
+(OpenOOD's convention, as ODIN's): the reference divides the signed gradient by these
+values instead, whatever the model's normalisation, a step of noise * std_c / input_std_c
+in pixels (`oodbench.postprocessors.odin.table_step`); None (the default) is the step
+above. ``noise = 0`` scores the unperturbed features (from the cache, without running the
+model). ``alpha``: one weight per layer (None: 1 each).
 
 Layers: ``stages`` (default; every feature-map stage of the network, the paper's
-ensemble, found generically, `oodbench.models.layers`) or module names. The fit reads the
-per-sample channel means once per (model, split) from the layer cache; scoring with
-``noise > 0`` runs the model (one backward and one perturbed forward pass per layer).
+ensemble, found generically, `oodbench.models.layers`), ``stem`` (the input of the first
+stage: a ResNet's relu(bn1(conv1(x)))) or module names. The fit reads the per-sample
+channel means once per (model, split) from the layer cache; scoring with ``noise > 0``
+runs the model (one backward and one perturbed forward pass per layer).
 
-Differences from OpenOOD's ``mds_ensemble_postprocessor.py``: its default config reads
-only its feature list's first entry (the stem's output, ``feature_type_list: [mean]``,
-``alpha_list: [1]``); name that layer in ``layers`` to reproduce it. It divides the
-signed gradient by 0.5 for every channel whatever the normalisation (a step of
-2 * noise * std_c in pixels); this follows the paper's code. No PCA/LDA reduction
-(OpenOOD's ``reduce_dim_list`` default is ``none``), and no logistic regression on OOD
-validation data to choose alpha (OpenOOD's default config gives alpha).
+OpenOOD's ``mds_ensemble_postprocessor.py`` (the ``openood`` profile sets both): its default
+config reads only its feature list's first entry, the stem's output (``feature_type_list:
+[mean]``, ``alpha_list: [1]``): ``layers: stem``; it divides the signed gradient by 0.5 for
+every channel whatever the normalisation (a step of 2 * noise * std_c in pixels):
+``input_std: [0.5, 0.5, 0.5]``. Not reproduced: a PCA/LDA reduction (OpenOOD's
+``reduce_dim_list`` default is ``none``) and the logistic regression on OOD validation data
+that chooses alpha when none is given (its default config gives alpha).
 
 Measured on ../shared's CIFAR-10 ResNet-56 (layers layer1..layer3, noise 0, fit on 300 ID
 validation JPEGs): OpenOOD's own code with the same three layers gives the same scores to
@@ -44,6 +48,7 @@ from oodbench.models.layers import LayerStatistic, forward_statistics, statistic
 from oodbench.postprocessors.base import Either, ListOf, Number, OneOf, Outputs, Text
 from oodbench.postprocessors.distance import class_means, mahalanobis, precision
 from oodbench.postprocessors.gradient import InputGradientPostprocessor
+from oodbench.postprocessors.odin import INPUT_STD, table_step
 from oodbench.registry import register_postprocessor
 
 
@@ -53,9 +58,10 @@ class MDSEnsemble(InputGradientPostprocessor):
     needs_fit = True
     needs_layers = True
     fit_params = ("feature", "layers")
-    defaults = {"noise": 0.0014, "feature": "mean", "layers": "stages", "alpha": None}
+    defaults = {"noise": 0.0014, "feature": "mean", "layers": "stages", "alpha": None, "input_std": None}
     ranges = {"noise": Number(ge=0), "feature": OneOf("mean", "mean_var"),
-              "layers": Either(OneOf("stages"), ListOf(Text())), "alpha": Either(OneOf(None), ListOf(Number()))}
+              "layers": Either(OneOf("stages", "stem"), ListOf(Text())), "alpha": Either(OneOf(None), ListOf(Number())),
+              "input_std": INPUT_STD}
 
     def layer_statistics(self) -> tuple[LayerStatistic, ...]:
         layers = self.params["layers"]
@@ -92,7 +98,7 @@ class MDSEnsemble(InputGradientPostprocessor):
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         stat = self.layer_statistics()[0]
-        noise = float(self.params["noise"])
+        noise = table_step(float(self.params["noise"]), self.params["input_std"], model, x)
         alpha = self.weights().to(x.device)
         with torch.enable_grad():
             x0 = x.detach().requires_grad_(True)

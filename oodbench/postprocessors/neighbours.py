@@ -4,14 +4,17 @@ z = penultimate features, u = z / ||z|| (unit features), f = logits, p = softmax
 e = logsumexp(f) (energy). Banks hold fit-split (train) samples, in the split's order.
 
 - NNGuide, nearest-neighbour guidance (Park et al., ICCV 2023, arXiv:2309.14888): the
-  bank is the first ceil(alpha N) fit samples, each guide g_j = e_j u_j; with the test
-  sample's K largest inner products u . g_j,
-  score = e * mean(top-K of u . g_j). OpenOOD fills its bank with whole loader batches
-  until more than int(alpha N) are in (600 samples of CIFAR-10 train at batch size 200
-  and alpha = 0.01, against 500 here), adds 1e-10 to every normalised coordinate, and
-  searches with faiss's inner-product index (exact, like this one). The bank holds at
-  least K samples (min(N, max(ceil(alpha N), K))), so that small fit splits work; OpenOOD
-  would average faiss's empty slots. K above N is an `InvalidHyperparameter`.
+  bank is the first B fit samples, each guide g_j = e_j u_j; with the test sample's K
+  largest inner products u . g_j, score = e * mean(top-K of u . g_j). B = ceil(alpha N)
+  (``bank_batch: null``, the paper's alpha N), or, with ``bank_batch: b``, OpenOOD v1.5's
+  rule: its setup adds whole loader batches of b train samples, in the image list's order
+  (the evaluator's loader, batch_size 200, shuffle False), and stops after the first batch
+  that brings the count above int(alpha N): B = min(N, b (int(alpha N) // b + 1)) (600 of
+  CIFAR-10's 50,000 at b = 200 and alpha = 0.01, against 500). The bank holds at least K
+  samples (max(B, K), at most N), so that small fit splits work; OpenOOD would average
+  faiss's empty slots. K above N is an `InvalidHyperparameter`. OpenOOD also adds 1e-10
+  to every normalised coordinate (a change of ~1e-9 relative) and searches with faiss's
+  exact inner-product index, like this one.
 - Relation, neural relation graph (Kim et al., NeurIPS 2023, arXiv:2301.12321): every
   fit sample j is joined to the test sample by r_j = max(0, u . u_j) * (p . p_j);
   score = sum_j [r_j > 0.03] r_j^pow (the edges are non-negative, so OpenOOD's
@@ -39,8 +42,8 @@ import math
 import numpy as np
 import torch
 
-from oodbench.postprocessors.base import (Integer, InvalidHyperparameter, Number, Outputs, Postprocessor,
-                                          in_blocks)
+from oodbench.postprocessors.base import (Either, Integer, InvalidHyperparameter, Number, OneOf, Outputs,
+                                          Postprocessor, in_blocks)
 from oodbench.postprocessors.distance import BANK_BLOCK_ELEMENTS
 from oodbench.registry import register_postprocessor
 
@@ -57,17 +60,26 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.double(), dim=1)
 
 
+def nnguide_bank_size(samples: int, alpha: float, batch: int | None) -> int:
+    """Fit samples in NNGuide's bank before its K floor: ceil(alpha N), or with `batch` OpenOOD's
+    whole batches until more than int(alpha N) are in (at most N)."""
+    if batch is None:
+        return math.ceil(alpha * samples)
+    return min(samples, batch * (int(alpha * samples) // batch + 1))
+
+
 @register_postprocessor("nnguide")
 class NNGuide(Postprocessor):
     family = "feature"
     needs_features = True
     needs_fit = True
-    defaults = {"k": 100, "alpha": 0.01}
-    ranges = {"k": Integer(ge=1), "alpha": Number(gt=0, le=1)}  # k at most the fit samples, checked on the data
-    fit_params = ("alpha", "k")
+    defaults = {"k": 100, "alpha": 0.01, "bank_batch": None}
+    # k at most the fit samples, checked on the data
+    ranges = {"k": Integer(ge=1), "alpha": Number(gt=0, le=1), "bank_batch": Either(OneOf(None), Integer(ge=1))}
+    fit_params = ("alpha", "k", "bank_batch")
 
     def fit(self, train: Outputs, val: Outputs) -> None:
-        size = max(math.ceil(self.params["alpha"] * len(train)), self.params["k"])
+        size = max(nnguide_bank_size(len(train), self.params["alpha"], self.params["bank_batch"]), self.params["k"])
         unit = torch.nn.functional.normalize(train.features[:size].double(), dim=1)
         self.guides = unit * energy(train.logits[:size])[:, None]
 

@@ -45,21 +45,32 @@ def odin_step(logits: torch.Tensor, x: torch.Tensor, temperature: float, retain_
     return torch.where(grad >= 0, 1.0, -1.0)
 
 
+INPUT_STD = Either(OneOf(None), ListOf(Number(gt=0)))  # the ``input_std`` hyperparameter's range
+
+
+def table_step(eps: float, table: list[float] | None, model: nn.Module, x: torch.Tensor) -> float | torch.Tensor:
+    """The [0,1]-pixel step of a signed-gradient perturbation of size `eps`: `eps` itself
+    (`table` None), or the step of a reference that divides the signed gradient of the
+    normalised input by `table` (one std per channel) whatever the model's normalisation:
+    eps * std_c / table_c, 1 x C x 1 x 1 (OpenOOD v1.5's ODIN and I-ODIN with its
+    per-dataset table, its MDS-Ensemble with 0.5 for every channel)."""
+    if table is None:
+        return eps
+    return eps * channel_std(model, x) / torch.tensor(table[: x.shape[1]], dtype=x.dtype, device=x.device).view(
+        1, -1, 1, 1)
+
+
 @register_postprocessor("odin")
 class ODIN(InputGradientPostprocessor):
     defaults = {"temperature": 1000.0, "eps": 0.0014, "input_std": None}
-    ranges = {"temperature": Number(gt=0), "eps": Number(ge=0), "input_std": Either(OneOf(None), ListOf(Number(gt=0)))}
+    ranges = {"temperature": Number(gt=0), "eps": Number(ge=0), "input_std": INPUT_STD}
     grid_params = ("temperature", "eps")
 
     def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.grid_batch(model, x, [self])[0]
 
     def step_size(self, model: nn.Module, x: torch.Tensor) -> float | torch.Tensor:
-        eps, table = float(self.params["eps"]), self.params["input_std"]
-        if table is None:
-            return eps
-        return eps * channel_std(model, x) / torch.tensor(table[: x.shape[1]], dtype=x.dtype, device=x.device).view(
-            1, -1, 1, 1)
+        return table_step(float(self.params["eps"]), self.params["input_std"], model, x)
 
     def grid_batch(self, model: nn.Module, x: torch.Tensor, methods: list["ODIN"]) -> list[torch.Tensor]:
         """max softmax(f(x - eps * step_T) / T) for each method's (T, eps)."""
