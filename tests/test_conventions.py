@@ -95,6 +95,54 @@ def test_profiles_are_data_with_their_facts():
         load_conventions("openod")
 
 
+# OpenOOD v1.5's preprocessors/transform.py normalization_dict std, by the evaluator's id_name
+OPENOOD_STD = {"cifar10": [0.2470, 0.2435, 0.2616], "cifar100": [0.2675, 0.2565, 0.2761],
+               "imagenet": [0.229, 0.224, 0.225], "imagenet200": [0.229, 0.224, 0.225]}
+
+
+def test_odin_and_iodin_read_the_id_datasets_std_on_every_benchmark():
+    """OpenOOD's ODINPostprocessor looks its std up by config.dataset.name, the ID dataset's name (a
+    full-spectrum run keeps it: fsood=True), else [0.5] * 3; IODINPostprocessor inherits it. Every
+    built-in benchmark's ID dataset is itself, or for *_fs the benchmark it extends."""
+    import yaml
+
+    from oodbench.benchmark.spec import BENCHMARK_DIR
+
+    openood = load_conventions("openood")
+    benchmarks = sorted(BENCHMARK_DIR.glob("*.yaml"))
+    assert {"cifar10_fs", "cifar100_fs", "imagenet_fs", "imagenet200_fs"} <= {p.stem for p in benchmarks}
+    for path in benchmarks:
+        id_name = yaml.safe_load(path.read_text()).get("extends", path.stem)
+        expected = {"input_std": OPENOOD_STD.get(id_name, [0.5, 0.5, 0.5])}
+        assert openood.method_params("odin", path.stem) == expected, path.stem
+        assert openood.method_params("iodin", path.stem) == expected, path.stem
+    assert load_conventions("paper").method_params("iodin", "cifar10") == {}  # the model's own std
+
+
+def test_openood_profile_fixes_cfood_and_nnguide_and_sets_mds_ensembles_rules(tmp_path, session_cache):
+    """cfood.yml and nnguide.yml have APS_mode: false (their postprocessor_args, no search);
+    MDS-Ensemble reads the stem and divides the signed gradient by 0.5; NNGuide's bank is whole
+    batches of the evaluator's 200; VRA fits on ID validation."""
+    names = ["cfood", "nnguide", "mds_ensemble", "vra"]
+
+    def plan_of(profile):
+        config = load_config(digits_config(tmp_path, postprocessors=names, search=True), conventions=profile,
+                             cache_dir=str(session_cache), data_root=str(session_cache))
+        return Plan.resolve(config, load_benchmark("digits"), names)
+
+    paper, openood = plan_of("paper"), plan_of("openood")
+    assert paper.methods["cfood"].space == {"alpha": [0.1, 0.5, 1], "k": [0.001, 0.005, 0.01, 0.05]}
+    assert openood.methods["cfood"].space == {} and openood.methods["nnguide"].space == {}
+    cfood = POSTPROCESSORS.get("cfood")(**openood.methods["cfood"].params)
+    assert (cfood.params["alpha"], cfood.params["k"]) == (0.1, 0.01)
+    assert openood.methods["nnguide"].params == {"bank_batch": 200}
+    assert paper.methods["nnguide"].params == {}  # the exact ceil(alpha N) bank
+    assert openood.methods["mds_ensemble"].params == {"layers": "stem", "input_std": [0.5, 0.5, 0.5]}
+    assert paper.methods["vra"].fit_split == "train" and openood.methods["vra"].fit_split == "val"
+    for name in names:
+        assert paper.cell_fingerprint(name, "m", "w") != openood.cell_fingerprint(name, "m", "w")
+
+
 def test_the_plan_fits_react_on_validation_and_keys_the_profile(tmp_path, session_cache):
     def plan_of(profile):
         config = load_config(digits_config(tmp_path, postprocessors=["react", "msp", "temp_scaling"]),
@@ -110,9 +158,56 @@ def test_the_plan_fits_react_on_validation_and_keys_the_profile(tmp_path, sessio
         assert paper.cell_fingerprint(name, "m", "w") != openood.cell_fingerprint(name, "m", "w")
 
 
-def test_openood_react_clips_at_the_validation_percentile(tmp_path, session_cache):
-    """The run's ReAct under openood: ReactPostprocessor.setup's threshold (np.percentile of every
-    ID validation activation), written out in NumPy on the run's own cached outputs."""
+def logsumexp_rows(logits):
+    import numpy as np
+
+    top = logits.max(axis=1)
+    return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+
+
+def openood_react(train, val, test):
+    """ReactPostprocessor: clip at np.percentile of every ID validation activation (90), energy."""
+    import numpy as np
+
+    threshold = np.percentile(val.features.numpy().ravel(), 90)
+    weight, bias = (t.double().numpy() for t in test.fc)
+    return logsumexp_rows(np.minimum(test.features.double().numpy(), threshold) @ weight.T + bias)
+
+
+def openood_vra(train, val, test):
+    """VRAPostprocessor.setup: percentiles 10 and 90 of every ID validation activation; clip, energy."""
+    import numpy as np
+
+    activations = val.features.numpy().ravel()
+    low, high = np.percentile(activations, 10), np.percentile(activations, 90)
+    weight, bias = (t.double().numpy() for t in test.fc)
+    return logsumexp_rows(np.clip(test.features.double().numpy(), low, high) @ weight.T + bias)
+
+
+def openood_nnguide(train, val, test):
+    """NNGuidePostprocessor.setup: train batches of 200 (the evaluator's), in order, until more
+    than int(0.01 N) samples; x / ||x|| + 1e-10; mean of the 100 largest inner products x energy."""
+    import numpy as np
+
+    normalizer = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10  # noqa: E731
+    features, logits = train.features.double().numpy(), train.logits.double().numpy()
+    bank, bank_logits = [], []
+    for start in range(0, len(features), 200):
+        bank.append(normalizer(features[start:start + 200]))
+        bank_logits.append(logits[start:start + 200])
+        if len(bank) * 200 > int(len(features) * 0.01):
+            break
+    guides = np.concatenate(bank) * logsumexp_rows(np.concatenate(bank_logits))[:, None]
+    similarities = np.sort(normalizer(test.features.double().numpy()) @ guides.T, axis=1)[:, ::-1]
+    return similarities[:, :100].mean(axis=1) * logsumexp_rows(test.logits.double().numpy())
+
+
+@pytest.mark.parametrize("name, reference", [("react", openood_react), ("vra", openood_vra),
+                                             ("nnguide", openood_nnguide)])
+def test_openood_profile_scores_the_run_as_openoods_code(tmp_path, session_cache, name, reference):
+    """A digits run under openood scores its own cached outputs as OpenOOD's postprocessor,
+    written out here in NumPy: ReAct and VRA fitted on ID validation, NNGuide's bank of whole
+    train batches (200 of the 300 train samples where the exact share floors at K = 100)."""
     import numpy as np
 
     from oodbench.benchmark.jobs import RunContext, split_outputs
@@ -120,7 +215,7 @@ def test_openood_react_clips_at_the_validation_percentile(tmp_path, session_cach
     from oodbench.benchmark.runner import run_experiment
     from oodbench.results.store import ResultStore
 
-    config = load_config(digits_config(tmp_path, postprocessors=["react"], limit=150), conventions="openood",
+    config = load_config(digits_config(tmp_path, postprocessors=[name], limit=300), conventions="openood",
                          cache_dir=str(session_cache), data_root=str(session_cache))
     frame = run_experiment(config, quiet=True)
     fingerprint = frame.fingerprint.iloc[0]
@@ -128,15 +223,11 @@ def test_openood_react_clips_at_the_validation_percentile(tmp_path, session_cach
     benchmark = load_benchmark("digits")
     splits = benchmark_splits(benchmark, config.fit_split, config.limit)
     context = RunContext.of(config, config.models[0], benchmark.image, "cpu")
-    val, test = (split_outputs(context, splits[name])[0] for name in ("id:val", "id:test"))
-    threshold = np.percentile(val.features.numpy().ravel(), 90)
-    weight, bias = (t.double().numpy() for t in test.fc)
-    logits = np.minimum(test.features.double().numpy(), threshold) @ weight.T + bias
-    top = logits.max(axis=1)
-    expected = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-    np.testing.assert_allclose(scores, expected, rtol=1e-5)
-    train = split_outputs(context, splits["id:train"])[0]
-    assert np.percentile(train.features.numpy().ravel(), 90) != pytest.approx(threshold)  # train would differ
+    train, val, test = (split_outputs(context, splits[split])[0] for split in ("id:train", "id:val", "id:test"))
+    np.testing.assert_allclose(scores, reference(train, val, test), rtol=1e-5)
+    paper = POSTPROCESSORS.get(name)()  # the paper profile's fit (train; NNGuide's exact bank) differs
+    paper.fit(train, val)
+    assert not np.allclose(paper.score(test).double().numpy(), scores, rtol=1e-4)
 
 
 def test_cli_run_with_openood_conventions_names_them_and_keeps_its_own_cells(run_cli, tmp_path):

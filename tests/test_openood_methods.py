@@ -149,6 +149,22 @@ def ref_nnguide(d, k=100, alpha=0.01):
     return np.array(scores)
 
 
+def ref_nnguide_openood(d, k=100, alpha=0.01, bank_batch=200):
+    """NNGuidePostprocessor.setup and postprocess: the train loader's batches (in order) are added
+    to the bank until len(batches) * batch_size > int(N * alpha); features normalised as
+    x / ||x|| + 1e-10; the mean of faiss's k largest inner products (exact) times the energy."""
+    normalizer = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10  # noqa: E731
+    feats, logits = [], []
+    for start in range(0, N_TRAIN, bank_batch):
+        feats.append(normalizer(d["train"][start:start + bank_batch]))
+        logits.append(d["train_logits"][start:start + bank_batch])
+        if len(feats) * bank_batch > int(N_TRAIN * alpha):
+            break
+    guides = np.concatenate(feats) * logsumexp(np.concatenate(logits), axis=-1)[:, None]
+    similarities = np.sort(normalizer(d["test"]) @ guides.T, axis=1)[:, ::-1]
+    return similarities[:, :k].mean(axis=1) * logsumexp(d["test_logits"], axis=-1)
+
+
 def ref_relation(d, pow=1):
     unit = lambda z: z / np.sqrt((z ** 2).sum(axis=-1, keepdims=True) + 1e-10)  # noqa: E731
     bank, bank_p = unit(d["train"]), softmax(d["train_logits"], axis=1)
@@ -215,6 +231,11 @@ CASES = [
     ("vra", {"percentile_high": 99, "percentile_low": 1}, ref_vra),
     ("nnguide", {}, ref_nnguide),
     ("nnguide", {"k": 10, "alpha": 0.5}, ref_nnguide),
+    # OpenOOD's bank: 150 rows (3 batches of 50 pass int(120)); 200 (one batch passes int(2.4));
+    # all 240 (the loop ends on the partial second batch before passing int(216))
+    ("nnguide", {"k": 10, "alpha": 0.5, "bank_batch": 50}, ref_nnguide_openood),
+    ("nnguide", {"k": 100, "alpha": 0.01, "bank_batch": 200}, ref_nnguide_openood),
+    ("nnguide", {"k": 30, "alpha": 0.9, "bank_batch": 200}, ref_nnguide_openood),
     ("relation", {}, ref_relation),
     ("relation", {"pow": 4}, ref_relation),
     ("cfood", {"alpha": 1}, ref_cfood),
@@ -225,8 +246,22 @@ CASES = [
 
 @pytest.mark.parametrize("name,params,reference", CASES, ids=[f"{name}-{params}" for name, params, _ in CASES])
 def test_matches_its_reference_formula(data, name, params, reference):
-    """Scores are float32: equal to the float64 reference up to float32 rounding."""
+    """Scores are float32: equal to the float64 reference up to float32 rounding (OpenOOD's NNGuide
+    adds 1e-10 to each unit coordinate: a change of ~1e-9 relative)."""
     np.testing.assert_allclose(run(name, data, **params), reference(data, **params), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("alpha, bank_batch, rows", [(0.5, 50, 150), (0.01, 200, 200), (0.9, 200, 240),
+                                                     (0.5, None, 120), (0.01, None, 100)])
+def test_nnguide_bank_holds_openoods_whole_batches_or_the_exact_share(data, alpha, bank_batch, rows):
+    """OpenOOD's rule (bank_batch, the openood profile's 200) against ceil(alpha N) (null, the
+    paper's, floored at K = 100); the bank sizes differ, so do the scores."""
+    method = POSTPROCESSORS.get("nnguide")(alpha=alpha, bank_batch=bank_batch, k=min(100, rows))
+    method.fit(data["train_out"], data["train_out"])
+    assert len(method.guides) == rows
+    if bank_batch is not None:
+        exact = run("nnguide", data, alpha=alpha, k=min(100, rows))
+        assert not np.allclose(method.score(data["test_out"]).double().numpy(), exact, rtol=1e-4)
 
 
 def test_the_cases_cover_every_method():

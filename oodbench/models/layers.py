@@ -9,9 +9,12 @@ adapter's network), or a rule:
   forward pass that return an N x C x H x W map, the module that returns *last* with
   each distinct (C, H, W), in the order they return. A ResNet gives its stages
   (``layer1`` .. ``layer4``) and the pooled 1 x 1 map; the digits CNN its ReLUs and max-pool.
-- ``"stem"``: the input of the first stage (``<name>:input``), i.e. what the network computes
-  before its stages: a ResNet's relu(bn1(conv1(x))) whether that ReLU is a module or a
-  function call (OpenOOD's ResNets return it as their first feature, MDS-Ensemble's default).
+- ``"stem"``: what the network computes before its first block: the input of the first
+  stage that is a container module (``<name>:input``), or that stage's output when no layer
+  runs before it. A CIFAR ResNet's relu(bn1(conv1(x))) (whether that ReLU is a module or a
+  function call), an ImageNet ResNet's maxpool output, a LeNet's first conv block: the
+  first entry of OpenOOD's ``return_feature_list`` for its ResNets and LeNet (MDS-Ensemble's
+  default layer there).
 - ``"conv_relu"``: every ``nn.Conv2d`` and ``nn.ReLU`` module (GRAM's choice in OpenOOD).
 
 A module name with the suffix ``:input`` reads that module's input (its first argument)
@@ -118,8 +121,7 @@ def layer_names(model: nn.Module, layers: str | Sequence[str], x: torch.Tensor) 
         return [name for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.ReLU))]
     if layers not in ("stages", "stem"):
         raise OodbenchError(f"unknown layer rule '{layers}'; rules: {', '.join(RULES)}, or a list of layer names")
-    found = [name for name, _ in stages(model, x)]
-    return found if layers == "stages" else [found[0] + INPUT_OF]
+    return [name for name, _ in stages(model, x)] if layers == "stages" else [stem(model, x)]
 
 
 def stages(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
@@ -145,6 +147,33 @@ def stages(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]
         if not memo[shape]:
             raise OodbenchError("the model has no layer with a feature-map (N x C x H x W) output; name its layers")
     return list(memo[shape])
+
+
+def stem(model: nn.Module, x: torch.Tensor) -> str:
+    """The layer name (rule ``stem``) on inputs shaped like `x`: one forward pass, remembered
+    per model and input shape. Raises OodbenchError when no stage is a container module."""
+    net = backbone(model)
+    memo = _RESOLVED.setdefault(net, {})
+    key = ("stem", tuple(x.shape[1:]))
+    if key not in memo:
+        modules = dict(net.named_modules())
+        first = next((name for name, _ in stages(model, x) if any(True for _ in modules[name].children())), None)
+        if first is None:
+            raise OodbenchError("the model has no stage made of layers (a block); name the stem's layer")
+        maps_before: list[int] = []
+        returned: list[str] = []
+        handles = [m.register_forward_hook(lambda m, i, out: returned.append("map")
+                                           if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
+                   for name, m in modules.items() if name]
+        handles.append(modules[first].register_forward_pre_hook(lambda m, args: maps_before.append(len(returned))))
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+        memo[key] = first + INPUT_OF if maps_before[0] else first
+    return memo[key]
 
 
 @contextmanager
