@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from oodbench.benchmark import reads
@@ -192,6 +193,85 @@ def test_mds_ensemble_against_numpy(tiny, noise):
     np.testing.assert_allclose(method.score(outputs_of(tiny, x)).numpy(), total, rtol=1e-4)
 
 
+class OpenOODStyleResNet(nn.Module):
+    """OpenOOD's ResNet18_32x32 layout: the stem's ReLU is a function call, not a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.layer1 = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(6, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(12, 5)
+
+    def stem(self, x):
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def forward(self, x):
+        return self.fc(self.layer2(self.layer1(self.stem(x))).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def openood_style():
+    torch.manual_seed(1)
+    net = OpenOODStyleResNet()
+    with torch.no_grad():  # a BatchNorm with running statistics of its own, so the stem is not trivial
+        net.bn1.running_mean.uniform_(-0.2, 0.2)
+        net.bn1.running_var.uniform_(0.5, 2.0)
+    return ModelAdapter(net.eval(), num_classes=5, identity="openood-style", mean=MEAN, std=STD)
+
+
+def test_stem_rule_reads_what_runs_before_the_first_block(openood_style, tiny):
+    """A ResNet's stem is the first block's input (its functional ReLU included); when no layer
+    runs before the first block (a LeNet's block1, the tiny net's stem) it is that block's output."""
+    x = images(6, 1)
+    assert layer_names(openood_style, "stem", x) == ["layer1:input"]
+    assert layer_names(tiny, "stem", x) == ["stem"]
+    (value,) = extract_statistics(openood_style, TensorDataset(x, torch.zeros(6)), [LayerStatistic("mean", "stem")],
+                                  4)["mean@stem"]
+    normalised = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    expected = openood_style.net.stem(normalised).mean(dim=(2, 3))
+    np.testing.assert_allclose(value.numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.01])
+def test_mds_ensemble_with_openoods_defaults_follows_its_code(openood_style, noise):
+    """The openood profile's MDS-Ensemble (layers: stem, input_std 0.5) against OpenOOD's
+    get_Mahalanobis_scores written out on the normalised input: feature_list[0] = relu(bn1(conv1)),
+    channel means, sign of the gradient of mean(-M(x, c*)), divided by 0.5, data - noise * that."""
+    params = load_conventions_params("mds_ensemble")
+    assert params == {"layers": "stem", "input_std": [0.5, 0.5, 0.5]}
+    net = openood_style.net
+    x_train, x = images(60, 3), torch.cat([images(8, 4), images(8, 5, 2.0)])
+    train = outputs_of(openood_style, x_train)
+    method = fitted("mds_ensemble", train, train, noise=noise, **params)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    z = net.stem((x_train - mean) / std).mean(dim=(2, 3)).detach().double().numpy()
+    labels = train.labels.numpy()
+    mu = np.stack([z[labels == c].mean(axis=0) for c in range(5)])
+    centred = z - mu[labels]
+    precision, mu = torch.from_numpy(np.linalg.pinv(centred.T @ centred / len(z))), torch.from_numpy(mu)
+
+    def gaussian(data):
+        d = net.stem(data).mean(dim=(2, 3)).double()[:, None, :] - mu[None]
+        return -0.5 * torch.einsum("nkd,de,nke->nk", d, precision, d)
+
+    data = ((x - mean) / std).requires_grad_(True)
+    closest = gaussian(data).max(dim=1).values
+    (grad,) = torch.autograd.grad(torch.mean(-closest), data)
+    gradient = (torch.ge(grad, 0).float() - 0.5) * 2 / 0.5
+    expected = gaussian(data.detach() - noise * gradient).max(dim=1).values.detach().numpy()
+    np.testing.assert_allclose(method.score(outputs_of(openood_style, x)).numpy(), expected, rtol=1e-4)
+    if noise:  # the paper's step (noise in pixels, the stages) differs
+        paper = fitted("mds_ensemble", train, train, noise=noise, layers="stem")
+        assert not np.allclose(paper.score(outputs_of(openood_style, x)).numpy(), expected, rtol=1e-4)
+
+
+def load_conventions_params(name: str) -> dict:
+    from oodbench.conventions import load_conventions
+
+    return load_conventions("openood").method_params(name, "cifar10")
+
+
 # ---------------------------------------------------------------- RankFeat
 
 
@@ -233,6 +313,31 @@ def test_iodin_against_numpy(tiny):
         expected = softmax_np(moved / temperature).max(axis=1)
         got = POSTPROCESSORS.get("iodin")(temperature=temperature, eps=eps).score(outputs_of(tiny, x))
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_iodin_with_openoods_std_follows_its_code(tiny):
+    """The openood profile's I-ODIN (ODIN's table std, here CIFAR-10's for a model normalised
+    otherwise) against IODINPostprocessor.postprocess on the normalised input: the entry of
+    largest |grad|, its sign divided by the table's std, data - noise * that."""
+    table = load_conventions_params("iodin")["input_std"]
+    assert table == [0.2470, 0.2435, 0.2616]
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    x = torch.cat([images(6, 4), images(6, 5, 2.0)])
+    for temperature, eps in ((1000.0, 0.0014), (10.0, 0.05)):
+        data = ((x - mean) / std).requires_grad_(True)
+        output = tiny.net(data)
+        loss = nn.functional.cross_entropy(output / temperature, output.detach().argmax(dim=1))
+        (grad,) = torch.autograd.grad(loss, data)
+        flat = grad.abs().view(len(x), -1)
+        mask = torch.zeros_like(flat).scatter_(1, flat.argmax(dim=1, keepdim=True), 1).view(grad.shape)
+        gradient = (torch.ge(grad, 0).float() - 0.5) * 2 / torch.tensor(table).view(1, 3, 1, 1)
+        with torch.no_grad():
+            moved = tiny.net(data.detach() - eps * gradient * mask).double().numpy()
+        expected = softmax_np(moved / temperature).max(axis=1)
+        got = POSTPROCESSORS.get("iodin")(temperature=temperature, eps=eps, input_std=table).score(outputs_of(tiny, x))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+        own = POSTPROCESSORS.get("iodin")(temperature=temperature, eps=eps).score(outputs_of(tiny, x))
+        assert not np.allclose(own.numpy(), expected, rtol=1e-7, atol=0)
 
 
 # ---------------------------------------------------------------- AdaScale
