@@ -143,6 +143,19 @@ def test_openood_profile_fixes_cfood_and_nnguide_and_sets_mds_ensembles_rules(tm
         assert paper.cell_fingerprint(name, "m", "w") != openood.cell_fingerprint(name, "m", "w")
 
 
+def test_an_experiments_params_replace_the_profiles(tmp_path, session_cache):
+    """A value the experiment fixes replaces the profile's default for that method (no clash)."""
+    from oodbench.benchmark.runner import check_config
+
+    path = digits_config(tmp_path, postprocessors=["mds_ensemble", "odin"],
+                         params={"mds_ensemble": {"layers": "stages"}, "odin": {"input_std": [0.3, 0.3, 0.3]}})
+    config = load_config(path, conventions="openood", cache_dir=str(session_cache), data_root=str(session_cache))
+    assert check_config(config) == ["mds_ensemble", "odin"]
+    plan = Plan.resolve(config, load_benchmark("digits"), ["mds_ensemble", "odin"])
+    assert plan.methods["mds_ensemble"].params == {"layers": "stages", "input_std": [0.5, 0.5, 0.5]}
+    assert plan.methods["odin"].params == {"input_std": [0.3, 0.3, 0.3]}
+
+
 def test_the_plan_fits_react_on_validation_and_keys_the_profile(tmp_path, session_cache):
     def plan_of(profile):
         config = load_config(digits_config(tmp_path, postprocessors=["react", "msp", "temp_scaling"]),

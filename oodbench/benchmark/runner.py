@@ -96,7 +96,7 @@ def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -
     conventions = load_conventions(config.conventions)
     for name in names:
         method = POSTPROCESSORS.get(name)
-        method(**conventions.method_params(method.name or name, benchmark.name), **params.get(name, {}))
+        method(**{**conventions.method_params(method.name or name, benchmark.name), **params.get(name, {})})
         if config.search:  # bad values fail before any work, and so do bad searched values
             search_space_for(name, method, conventions)
     for spec in config.models:

@@ -124,56 +124,55 @@ def layer_names(model: nn.Module, layers: str | Sequence[str], x: torch.Tensor) 
     return [name for name, _ in stages(model, x)] if layers == "stages" else [stem(model, x)]
 
 
-def stages(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, (C, H, W)) of the feature-map stages (rule ``stages``) on inputs shaped like `x`:
-    one forward pass, remembered per model and input shape."""
+def _trace(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, tuple]], dict[str, int]]:
+    """One forward pass on inputs shaped like `x`, remembered per model and input shape: the
+    (name, (C, H, W)) of every feature map a module returns, in return order, and per module
+    how many maps had returned when it was first called."""
     net = backbone(model)
     memo = _RESOLVED.setdefault(net, {})
     shape = tuple(x.shape[1:])
     if shape not in memo:
         returned: list[tuple[str, tuple]] = []
-        handles = [m.register_forward_hook(
-            lambda m, i, out, name=name: returned.append((name, tuple(out.shape[1:])))
-            if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
-            for name, m in net.named_modules() if name]
+        started: dict[str, int] = {}
+        handles = []
+
+        def on_start(name: str) -> None:  # a pre-hook's return value would replace the input
+            started.setdefault(name, len(returned))
+
+        for name, m in net.named_modules():
+            if name:
+                handles.append(m.register_forward_pre_hook(lambda m, args, name=name: on_start(name)))
+                handles.append(m.register_forward_hook(
+                    lambda m, i, out, name=name: returned.append((name, tuple(out.shape[1:])))
+                    if isinstance(out, torch.Tensor) and out.ndim == 4 else None))
         try:
             with torch.no_grad():
                 model(x[:1])
         finally:
             for handle in handles:
                 handle.remove()
-        last = {map_shape: (order, name) for order, (name, map_shape) in enumerate(returned)}
-        memo[shape] = [(name, map_shape) for map_shape, (_, name) in sorted(last.items(), key=lambda kv: kv[1][0])]
-        if not memo[shape]:
-            raise OodbenchError("the model has no layer with a feature-map (N x C x H x W) output; name its layers")
-    return list(memo[shape])
+        memo[shape] = (returned, started)
+    return memo[shape]
+
+
+def stages(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, (C, H, W)) of the feature-map stages (rule ``stages``) on inputs shaped like `x`."""
+    returned, _ = _trace(model, x)
+    last = {map_shape: (order, name) for order, (name, map_shape) in enumerate(returned)}
+    found = [(name, map_shape) for map_shape, (_, name) in sorted(last.items(), key=lambda kv: kv[1][0])]
+    if not found:
+        raise OodbenchError("the model has no layer with a feature-map (N x C x H x W) output; name its layers")
+    return found
 
 
 def stem(model: nn.Module, x: torch.Tensor) -> str:
-    """The layer name (rule ``stem``) on inputs shaped like `x`: one forward pass, remembered
-    per model and input shape. Raises OodbenchError when no stage is a container module."""
-    net = backbone(model)
-    memo = _RESOLVED.setdefault(net, {})
-    key = ("stem", tuple(x.shape[1:]))
-    if key not in memo:
-        modules = dict(net.named_modules())
-        first = next((name for name, _ in stages(model, x) if any(True for _ in modules[name].children())), None)
-        if first is None:
-            raise OodbenchError("the model has no stage made of layers (a block); name the stem's layer")
-        maps_before: list[int] = []
-        returned: list[str] = []
-        handles = [m.register_forward_hook(lambda m, i, out: returned.append("map")
-                                           if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
-                   for name, m in modules.items() if name]
-        handles.append(modules[first].register_forward_pre_hook(lambda m, args: maps_before.append(len(returned))))
-        try:
-            with torch.no_grad():
-                model(x[:1])
-        finally:
-            for handle in handles:
-                handle.remove()
-        memo[key] = first + INPUT_OF if maps_before[0] else first
-    return memo[key]
+    """The layer name of rule ``stem`` on inputs shaped like `x`. Raises OodbenchError when no
+    stage is a container module."""
+    modules = dict(backbone(model).named_modules())
+    first = next((name for name, _ in stages(model, x) if any(True for _ in modules[name].children())), None)
+    if first is None:
+        raise OodbenchError("the model has no stage made of layers (a block); name the stem's layer")
+    return first + INPUT_OF if _trace(model, x)[1][first] else first
 
 
 @contextmanager
