@@ -91,3 +91,58 @@ def test_openood_osr_lenets_load_with_six_classes(tmp_path):
         model = load_model(ModelSpec("openood:lenet", checkpoint=str(checkpoint)), _context(tmp_path))
         assert model.num_classes == 6
         assert model(torch.rand(2, 1, 28, 28)).shape == (2, 6)
+
+
+def test_openood_mds_ensemble_on_the_openood_lenet_follows_its_code(mnist_test, tmp_path):
+    """The openood profile's MDS-Ensemble on OpenOOD's own MNIST LeNet (real weights, real MNIST
+    test images as RGB, as OpenOOD reads them) against get_MDS_stat / get_Mahalanobis_scores
+    written out: feature_list[0] = block1(x), its channel means, class means and tied precision
+    on the fit images; sign of the gradient of mean(-M(x, c*)) on the normalised input, / 0.5,
+    data - 0.0014 * that. The stem rule finds block1."""
+    from torch.utils.data import TensorDataset
+
+    from oodbench.conventions import load_conventions
+    from oodbench.models.layers import layer_names
+    from oodbench.postprocessors.base import Outputs
+    from oodbench.registry import POSTPROCESSORS
+
+    images, labels = mnist_test
+    rgb = images.expand(-1, 3, -1, -1).contiguous()
+    fit_x, fit_y = rgb[:400], labels[:400]
+    test_x = torch.cat([rgb[400:480], 1 - rgb[480:560]])  # ID digits and inverted (shifted) ones
+    checkpoint = SHARED_MODELS / "openood" / "mnist_lenet_acc99.60.ckpt"
+    model = load_model(ModelSpec("openood:lenet", checkpoint=str(checkpoint)), _context(tmp_path))
+    assert layer_names(model, "stem", test_x) == ["block1"]
+    params = load_conventions("openood").method_params("mds_ensemble", "mnist")
+    method = POSTPROCESSORS.get("mds_ensemble")(**params)
+
+    def outputs(x, y):
+        with torch.no_grad():
+            features, logits = model.features(x)
+        return Outputs(logits=logits, features=features, labels=y, fc=model.fc, model=model,
+                       inputs=TensorDataset(x, y), meta={"batch_size": 64})
+
+    method.fit(outputs(fit_x, fit_y), outputs(fit_x, fit_y))
+    got = method.score(outputs(test_x, torch.zeros(len(test_x), dtype=torch.long))).double().numpy()
+
+    block1 = model.net.block1
+    with torch.no_grad():
+        z = block1(model.normalize(fit_x)).mean(dim=(2, 3)).double().numpy()
+    y = fit_y.numpy()
+    classes = np.unique(y)
+    mu = np.stack([z[y == c].mean(axis=0) for c in classes])
+    centred = z - mu[np.searchsorted(classes, y)]
+    precision = torch.from_numpy(np.linalg.pinv(centred.T @ centred / len(z)))
+    mu = torch.from_numpy(mu)
+
+    def gaussian(data):
+        d = block1(data).mean(dim=(2, 3)).double()[:, None, :] - mu[None]
+        return -0.5 * torch.einsum("nkd,de,nke->nk", d, precision, d)
+
+    data = model.normalize(test_x).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.mean(-gaussian(data).max(dim=1).values), data)
+    gradient = (torch.ge(grad, 0).float() - 0.5) * 2 / 0.5
+    with torch.no_grad():
+        expected = gaussian(data.detach() - 0.0014 * gradient).max(dim=1).values.numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert got[:80].mean() > got[80:].mean()  # the digits score as more ID than their inversions

@@ -13,9 +13,11 @@ eps is in [0,1]-pixel units, as ODIN's: the reference code steps the normalised 
 eps * sign / std_c, which is eps in pixels. ``input_std`` is ODIN's (OpenOOD's convention):
 OpenOOD's I-ODIN inherits ODIN's per-dataset table std and divides its signed gradient by
 it whatever the model's normalisation, a step of eps * std_c / input_std_c in pixels
-(`oodbench.postprocessors.odin.table_step`); None (the default) is the rule above. The entry is chosen by the magnitude of the
-gradient with respect to the *normalised* input (|g| * std_c), as the reference code
-computes it on normalised inputs; for a model without input normalisation std_c = 1.
+(`oodbench.postprocessors.odin.table_step`); None (the default) is the rule above.
+
+The entry is chosen by the magnitude of the gradient with respect to the *normalised* input
+(|g| * std_c), as the reference code computes it on normalised inputs; for a model without
+input normalisation std_c = 1.
 For models that output probabilities f = log p.
 
 Differences from OpenOOD's ``iodin_postprocessor.py``: none in the formula (with its
