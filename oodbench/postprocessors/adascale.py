@@ -38,7 +38,7 @@ from torch import nn
 from oodbench.errors import OodbenchError
 from oodbench.postprocessors.base import Integer, ListOf, Number, Outputs
 from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_batches
-from oodbench.postprocessors.iodin import channel_std
+from oodbench.postprocessors.pro import channel_std
 from oodbench.postprocessors.shaping import safe_ratio
 from oodbench.registry import register_postprocessor
 

@@ -37,14 +37,8 @@ from torch.nn import functional as F
 from oodbench.postprocessors.base import Number
 from oodbench.postprocessors.gradient import InputGradientPostprocessor
 from oodbench.postprocessors.odin import INPUT_STD, table_step
-from oodbench.postprocessors.pro import max_softmax
+from oodbench.postprocessors.pro import channel_std, max_softmax
 from oodbench.registry import register_postprocessor
-
-
-def channel_std(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The std the model divides each input channel by, shaped to broadcast over `x` (ones when none)."""
-    std = model.input_std if hasattr(model, "input_std") else torch.ones(1)
-    return std.to(x.device, x.dtype).reshape(1, -1, *([1] * (x.ndim - 2)))
 
 
 def one_entry_step(grad: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
