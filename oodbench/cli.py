@@ -372,11 +372,18 @@ def add_data(sub) -> None:
     status.add_argument("benchmark", nargs="?", help="benchmark name or YAML (default: every registered benchmark)")
     status.add_argument("--data-root", help="data root (default: OODBENCH_DATA, else ./data)")
     status.set_defaults(func=cmd_data_status)
-    fetch = actions.add_parser("fetch", help="download a dataset torchvision can download (CIFAR, SVHN, MNIST family) "
-                                             "into the data root; for the others, print where to get them")
-    fetch.add_argument("name", help="cifar10, cifar100, svhn, mnist, fashion_mnist, kmnist, emnist, qmnist; "
-                                    "instructions only: tin, textures, places365, openood, odin")
+    fetch = actions.add_parser("fetch", help="the one command that downloads: a published release's lists, images "
+                                             "and checkpoints (verified, resumable), or what torchvision can download")
+    fetch.add_argument("name", nargs="+",
+                       help="openood-v1.5:<table> (everything OpenOOD v1.5's table needs: cifar10, cifar100, "
+                            "imagenet200, imagenet, cifar10_fs, cifar100_fs, imagenet200_fs, imagenet_fs, osr_mnist6), "
+                            "openood-v1.5/<asset> (one archive: tin, texture, cifar10_res18_v1.5, ...); torchvision: "
+                            "cifar10, cifar100, svhn, mnist, fashion_mnist, kmnist, emnist, qmnist; instructions only: "
+                            "tin, textures, places365, openood, odin")
     fetch.add_argument("--data-root", help="data root (default: OODBENCH_DATA, else ./data)")
+    fetch.add_argument("--from", dest="source_dir", metavar="DIR",
+                       help="import the release's archives from DIR (downloaded elsewhere, e.g. for an offline "
+                            "cluster) instead of downloading them; verified the same way")
     fetch.set_defaults(func=cmd_data_fetch)
 
 
@@ -403,7 +410,9 @@ def cmd_data_status(args: argparse.Namespace) -> int:
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     from oodbench.datasets.fetch import fetch, resolve_data_root
 
-    fetch(args.name, resolve_data_root(args.data_root))
+    root = resolve_data_root(args.data_root)
+    for name in args.name:
+        fetch(name, root, source_dir=Path(args.source_dir) if args.source_dir else None)
     return 0
 
 

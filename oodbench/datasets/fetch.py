@@ -1,10 +1,11 @@
 """`oodbench data status` and `oodbench data fetch`: what a benchmark needs, what is there,
 and the one place oodbench downloads anything.
 
-``fetch`` downloads what torchvision can (CIFAR-10/100, SVHN, the MNIST family) into the
-data root in the layouts the loaders read; for the sets torchvision cannot download
-(Tiny ImageNet, Textures, Places365, OpenOOD's image lists, the ODIN sets) it prints
-where to get them and where to put them.
+``fetch`` downloads a published release's assets (``openood-v1.5:cifar10``: OpenOOD v1.5's
+lists, images and checkpoints for its CIFAR-10 table; ``openood-v1.5/tin``: one asset; see
+`oodbench.datasets.release` and `oodbench.datasets.download`), or what torchvision can
+(CIFAR-10/100, SVHN, the MNIST family) in the layouts the loaders read; for the raw releases
+nobody packs (Tiny ImageNet, Textures, the ODIN sets) it prints where to get them.
 """
 
 from __future__ import annotations
@@ -96,19 +97,19 @@ DOWNLOADS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "qmnist": ("QMNIST test -> QMNIST/raw/", _torchvision("QMNIST", what="test")),
 }
 
-OPENOOD = ("OpenOOD v1.5's image lists and images: run `python scripts/download/download.py --contents datasets "
-           "--datasets ood_v1.5 --save_dir <data root> --dataset_mode benchmark` from "
-           "https://github.com/Jingkang50/OpenOOD; it creates <data root>/benchmark_imglist/ and "
-           "<data root>/images_classic/, which the cifar10/cifar100 benchmarks read first")
+OPENOOD = ("OpenOOD v1.5's image lists, images and checkpoints: `oodbench data fetch openood-v1.5:<table>` "
+           "(cifar10, cifar100, imagenet200, imagenet, their _fs forms, osr_mnist6) gets what a table needs into "
+           "{root}/benchmark_imglist/, images_classic/, images_largescale/ and openood_results/; "
+           "`oodbench data fetch openood-v1.5/<asset>` one asset")
 INSTRUCTIONS: dict[str, str] = {
     "tin": ("Tiny ImageNet: download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it as "
             "{root}/tin (so that {root}/tin/val/val_annotations.txt exists); or use OpenOOD's filtered lists "
-            "(`oodbench data fetch openood`)"),
+            "(`oodbench data fetch openood-v1.5/tin`)"),
     "textures": ("Textures (DTD): download https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz "
                  "and put the images of dtd/images/<class>/ under {root}/textures/<class>/; or use OpenOOD's "
-                 "lists (`oodbench data fetch openood`)"),
+                 "lists (`oodbench data fetch openood-v1.5/texture`)"),
     "places365": ("Places365: OpenOOD's filtered 35,195 images come with its lists (`oodbench data fetch "
-                  "openood`); or put your own Places365 images under {root}/places365/ (any depth)"),
+                  "openood-v1.5/places365`); or put your own Places365 images under {root}/places365/ (any depth)"),
     "openood": OPENOOD,
     "odin": ("ODIN's resized sets (LSUN_resize, Imagenet_resize, ...): download the tarballs linked from "
              "https://github.com/facebookresearch/odin and unpack them as {root}/odin/LSUN_resize/, "
@@ -116,15 +117,29 @@ INSTRUCTIONS: dict[str, str] = {
 }
 
 
-def fetch(name: str, data_root: Path, echo: Callable[[str], None] = print) -> None:
-    """Download `name` into `data_root` when torchvision can, else print how to get it."""
+def fetch(name: str, data_root: Path, echo: Callable[[str], None] = print, source_dir: Path | None = None) -> None:
+    """Get `name` into `data_root`: a release's assets (``<release>:<table>``, ``<release>/<asset>``;
+    `source_dir` imports archives already downloaded), a torchvision download, or instructions."""
+    from oodbench.datasets.release import release_names
+
+    if ":" in name or "/" in name or name in release_names():
+        from oodbench.datasets.download import install
+        from oodbench.datasets.release import find_assets
+
+        release, assets = find_assets(name)
+        for asset in assets:
+            install(release, asset, data_root, source_dir, echo)
+        return
+    if source_dir is not None:
+        raise OodbenchError(f"--from imports a release's archives (e.g. openood-v1.5:cifar10), not '{name}'")
     if name in INSTRUCTIONS:
         echo(INSTRUCTIONS[name].format(root=data_root))
         return
     if name not in DOWNLOADS:
         known = sorted(DOWNLOADS) + sorted(INSTRUCTIONS)
         raise OodbenchError(f"nothing to fetch named '{name}'{did_you_mean(name, known)}; "
-                            f"known: {', '.join(known)}")
+                            f"known: {', '.join(known)}, or a release's table or asset (openood-v1.5:cifar10, "
+                            "openood-v1.5/tin)")
     what, download = DOWNLOADS[name]
     echo(f"downloading {what} into {data_root}")
     data_root.mkdir(parents=True, exist_ok=True)

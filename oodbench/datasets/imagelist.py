@@ -40,7 +40,8 @@ from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.identity import FileState, array_digest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-OPENOOD_HINT = "`oodbench data fetch openood` says how to get OpenOOD v1.5's lists and images"
+OPENOOD_HINT = ("`oodbench data fetch openood-v1.5:<table>` gets OpenOOD v1.5's lists and images for a table "
+                "(`oodbench data fetch openood` names the tables)")
 TIN_HINT = "`oodbench data fetch tin` says how to get Tiny ImageNet"
 
 

@@ -1,0 +1,309 @@
+"""Downloading, verifying and unpacking a release's assets: the one module of oodbench that
+opens a network connection (``oodbench data fetch``; ``run`` never imports it).
+
+For each `Asset` (see `oodbench.datasets.release`), `install`:
+
+1. skips it when the lock file says it is installed and its ``provides`` path exists (a
+   single weight file is re-hashed each time instead);
+2. takes the archive from ``--from DIR`` (read where it is, never moved), or downloads it to
+   ``<data root>/.oodbench/downloads/``: a Google Drive id's address is resolved with gdown
+   (the confirmation page Drive shows for large files), then the file is streamed with
+   requests and a tqdm bar into ``<file>.part``, which an interrupted download leaves behind
+   and the next run resumes with an HTTP Range request;
+3. verifies it: the SHA-256 shipped in the release file, else the one recorded in the data
+   root's lock file (``oodbench.lock``, JSON) at the first download, which it records then.
+   A downloaded file that does not match is moved to ``.oodbench/quarantine/`` (never used)
+   and reported in one line; an imported one is refused where it is;
+4. unpacks it into ``into`` member by member (each written to a temporary name, then
+   renamed), refusing, before writing anything, to overwrite an existing file whose contents
+   differ; identical files are kept. The downloaded archive is then deleted (as OpenOOD's
+   script does); its hash stays in the lock file to verify any later copy.
+
+Failures are one line (`FetchError`, exit 2): no network or a refused host, an HTTP error,
+an interrupted transfer (rerun to resume), a full disk (partial files removed).
+pooch computes the hashes; its own downloaders cannot resume, so streaming is done here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from oodbench.datasets.release import Asset, Release
+from oodbench.errors import OodbenchError
+
+LOCK_FILE = "oodbench.lock"
+WORK_DIR = ".oodbench"
+MIRROR_ENV = "OODBENCH_MIRROR"
+TIMEOUT_S = 60
+CHUNK = 1 << 20
+
+
+class FetchError(OodbenchError):
+    """A download, verification or unpacking step that failed; one line naming the file."""
+
+
+class Lock:
+    """``<data root>/oodbench.lock``: per asset, the SHA-256 and size recorded at its first
+    download, and whether it is installed. Written atomically after every change."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK_FILE
+        try:
+            self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FetchError(f"{self.path} is not a JSON lock file; move it aside to record the hashes again") from None
+
+    def key(self, release: Release, asset: Asset) -> str:
+        return f"{release.name}/{asset.name}"
+
+    def get(self, release: Release, asset: Asset) -> dict:
+        return self.entries.get(self.key(release, asset), {})
+
+    def update(self, release: Release, asset: Asset, **values) -> None:
+        self.entries.setdefault(self.key(release, asset), {}).update(values)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
+        os.replace(temporary, self.path)
+
+
+def installed(release: Release, asset: Asset, root: Path, lock: Lock | None = None) -> bool:
+    """Whether `asset` is in place under `root` (the lock says so and its path exists)."""
+    lock = lock or Lock(root)
+    return (root / asset.provides).exists() and lock.get(release, asset).get("installed", False)
+
+
+def install(release: Release, asset: Asset, root: Path, source_dir: Path | None = None,
+            echo: Callable[[str], None] = print) -> None:
+    """Get, verify and unpack `asset` into `root` (see the module docstring); FetchError on failure."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = Lock(root)
+    target = root / asset.into / asset.file if not asset.unpack else root / WORK_DIR / "downloads" / asset.file
+    if installed(release, asset, root, lock) and (asset.unpack or _matches(release, asset, target, root, lock, echo)):
+        echo(f"{asset.name}: present ({root / asset.provides})")
+        return
+    if source_dir is not None:
+        archive = Path(source_dir).expanduser() / asset.file
+        if not archive.is_file():
+            raise FetchError(f"{archive} not found: --from needs {asset.file} (the file {release.name}/{asset.name} "
+                             "downloads as)")
+        digest = _verify(release, asset, archive, lock)
+        if digest is None:
+            raise FetchError(f"{archive} does not match the SHA-256 of {release.name}/{asset.name} "
+                             f"({_expected(release, asset, lock)[:16]}...): not used")
+        if not asset.unpack:
+            _copy(archive, target)
+    else:
+        if target.exists():
+            _matches(release, asset, target, root, lock, echo)  # a file that does not match is moved aside
+        if not target.exists():
+            _download(resolve_url(release, asset), target, asset)
+            if not _matches(release, asset, target, root, lock, echo):
+                raise FetchError(f"the download of {release.name}/{asset.name} does not match its SHA-256; "
+                                 "it was quarantined (the source changed, or the transfer was corrupted)")
+        archive = target
+    if asset.unpack:
+        _unpack(archive, root / asset.into, echo)
+        if source_dir is None:
+            archive.unlink()
+    lock.update(release, asset, installed=True)
+    echo(f"{asset.name}: installed ({root / asset.provides})")
+
+
+def _expected(release: Release, asset: Asset, lock: Lock) -> str:
+    return asset.sha256 or lock.get(release, asset).get("sha256", "")
+
+
+def _verify(release: Release, asset: Asset, path: Path, lock: Lock) -> str | None:
+    """The file's SHA-256 when it matches what is known of `asset` (recording it when nothing
+    is), else None."""
+    import pooch
+
+    digest = pooch.file_hash(str(path), alg="sha256")
+    size = path.stat().st_size
+    expected = _expected(release, asset, lock)
+    if (expected and digest != expected) or (asset.sha256_prefix and not digest.startswith(asset.sha256_prefix)) \
+            or (asset.size is not None and size != asset.size):
+        return None
+    if not expected:
+        lock.update(release, asset, sha256=digest, size=size, recorded=time.strftime("%Y-%m-%d"),
+                    source=asset.url or f"drive:{asset.drive}")
+    return digest
+
+
+def _matches(release: Release, asset: Asset, path: Path, root: Path, lock: Lock, echo: Callable[[str], None]) -> bool:
+    """Verify a downloaded file; one that does not match is quarantined (and said so)."""
+    if _verify(release, asset, path, lock) is not None:
+        return True
+    quarantine = root / WORK_DIR / "quarantine"
+    quarantine.mkdir(parents=True, exist_ok=True)
+    moved = quarantine / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, moved)
+    lock.update(release, asset, installed=False)
+    echo(f"{asset.name}: {path} does not match its SHA-256 ({_expected(release, asset, lock)[:16]}...); "
+         f"quarantined as {moved}")
+    return False
+
+
+def resolve_url(release: Release, asset: Asset) -> str:
+    """The address to stream `asset` from: OODBENCH_MIRROR/<file>, the asset's URL, or its Google
+    Drive file resolved through gdown's reading of Drive's confirmation page."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        return f"{mirror.rstrip('/')}/{asset.file}"
+    if asset.url:
+        return asset.url
+    url = release.drive_url.format(id=asset.drive)
+    with _get(url, {}, asset) as response:
+        if not response.headers.get("Content-Type", "").startswith("text/html"):
+            return url  # Drive served the file itself
+        from gdown.download import get_url_from_gdrive_confirmation
+        from gdown.exceptions import FileURLRetrievalError
+
+        try:
+            return get_url_from_gdrive_confirmation(response.text)
+        except FileURLRetrievalError as exc:
+            raise FetchError(f"Google Drive did not give {asset.file} (id {asset.drive}): {exc}") from None
+
+
+def _get(url: str, headers: dict, asset: Asset):
+    import requests
+
+    try:
+        response = _session().get(url, headers=headers, stream=True, timeout=TIMEOUT_S)
+    except requests.exceptions.ConnectionError as exc:
+        host = requests.utils.urlparse(url).netloc
+        raise FetchError(f"cannot reach {host} for {asset.file}: no network, or the host refused the connection "
+                         f"({_reason(exc)})") from None
+    except requests.exceptions.RequestException as exc:
+        raise FetchError(f"cannot download {asset.file} from {url}: {_reason(exc)}") from None
+    if response.status_code >= 400 and response.status_code != 416:
+        response.close()
+        raise FetchError(f"{url} answered HTTP {response.status_code} ({response.reason}) for {asset.file}")
+    return response
+
+
+_SESSION = None
+
+
+def _session():
+    """One requests session per process: Drive's confirmation cookies carry to the download."""
+    global _SESSION
+    if _SESSION is None:
+        import requests
+
+        _SESSION = requests.Session()
+    return _SESSION
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc.args[0] if exc.args else exc)
+    return text.split("(Caused by ")[-1].rstrip(")") if "Caused by" in text else text
+
+
+def _download(url: str, target: Path, asset: Asset) -> None:
+    """Stream `url` into `target`, resuming ``<target>.part`` when the server honours Range."""
+    import requests
+    from tqdm import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    with _get(url, {"Range": f"bytes={offset}-"} if offset else {}, asset) as response:
+        if response.status_code == 416:  # the part holds the whole file already
+            os.replace(part, target)
+            return
+        if response.status_code != 206:
+            offset = 0  # the server sent the whole file: start again
+        length = int(response.headers.get("Content-Length", 0))
+        total = offset + length if length else None
+        try:
+            with open(part, "ab" if offset else "wb") as out, \
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=asset.file) as bar:
+                for chunk in response.iter_content(CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        except OSError as exc:
+            if isinstance(exc, requests.exceptions.RequestException):
+                raise _interrupted(asset, part, total, exc) from None
+            part.unlink(missing_ok=True)
+            what = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            raise FetchError(f"cannot write {part}: {what}; the partial file was removed") from None
+        except requests.exceptions.RequestException as exc:
+            raise _interrupted(asset, part, total, exc) from None
+    if total is not None and part.stat().st_size != total:
+        raise _interrupted(asset, part, total, None)
+    os.replace(part, target)
+
+
+def _interrupted(asset: Asset, part: Path, total: int | None, exc: Exception | None) -> FetchError:
+    got = part.stat().st_size if part.exists() else 0
+    of = f" of {total:,}" if total else ""
+    why = f" ({_reason(exc)})" if exc is not None else ""
+    return FetchError(f"the download of {asset.file} was interrupted after {got:,}{of} bytes{why}; "
+                      "rerun the same command to resume it")
+
+
+def _unpack(archive: Path, into: Path, echo: Callable[[str], None]) -> None:
+    """Extract every member of the zip `archive` under `into`, refusing to replace a differing file."""
+    from tqdm import tqdm
+
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = [m for m in zipped.infolist() if not m.is_dir()]
+            todo = []
+            for member in members:
+                relative = PurePosixPath(member.filename)
+                if relative.is_absolute() or ".." in relative.parts:
+                    raise FetchError(f"{archive} holds a path outside its folder ({member.filename}); not unpacked")
+                destination = into / relative
+                if not destination.exists():
+                    todo.append((member, destination))
+                elif destination.stat().st_size != member.file_size or _crc32(destination) != member.CRC:
+                    raise FetchError(f"{destination} exists and differs from {member.filename} in {archive.name}; "
+                                     "refusing to overwrite it (move it aside and rerun)")
+            for member, destination in tqdm(todo, desc=f"unpacking {archive.name}", unit="file"):
+                _extract(zipped, member, destination)
+    except zipfile.BadZipFile as exc:
+        raise FetchError(f"{archive} is not a readable zip archive ({exc})") from None
+    echo(f"unpacked {len(todo):,} of {len(members):,} files into {into} ({len(members) - len(todo):,} already there)")
+
+
+def _extract(zipped: zipfile.ZipFile, member: zipfile.ZipInfo, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(destination.name + ".part")
+    try:
+        with zipped.open(member) as source, open(temporary, "wb") as out:
+            shutil.copyfileobj(source, out, CHUNK)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise FetchError(f"cannot write {destination}: {what}; the partial file was removed (rerun to continue)") from None
+    os.replace(temporary, destination)
+
+
+def _copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(destination.name + ".part")
+    try:
+        shutil.copyfile(source, temporary)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise FetchError(f"cannot write {destination}: {exc.strerror or exc}; the partial file was removed") from None
+    os.replace(temporary, destination)
+
+
+def _crc32(path: Path) -> int:
+    import zlib
+
+    value = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            value = zlib.crc32(block, value)
+    return value
