@@ -42,7 +42,7 @@ LOCK_FILE = "oodbench.lock"
 WORK_DIR = ".oodbench"
 MIRROR_ENV = "OODBENCH_MIRROR"
 TIMEOUT_S = 60
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # what a dropped connection can lose; a resumed download asks from the last whole chunk
 
 
 class FetchError(OodbenchError):

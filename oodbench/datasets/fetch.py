@@ -127,8 +127,19 @@ def fetch(name: str, data_root: Path, echo: Callable[[str], None] = print, sourc
         from oodbench.datasets.release import find_assets
 
         release, assets = find_assets(name)
+        if len(assets) == 1:
+            install(release, assets[0], data_root, source_dir, echo)
+            return
+        failed = []  # one asset's failure does not stop the others
         for asset in assets:
-            install(release, asset, data_root, source_dir, echo)
+            try:
+                install(release, asset, data_root, source_dir, echo)
+            except OodbenchError as exc:
+                echo(f"{asset.name}: not fetched: {exc}")
+                failed.append(asset.name)
+        if failed:
+            raise OodbenchError(f"{len(failed)} of {len(assets)} assets of {name} not fetched ({', '.join(failed)}: "
+                                "the lines above say why); rerun the same command to get them")
         return
     if source_dir is not None:
         raise OodbenchError(f"--from imports a release's archives (e.g. openood-v1.5:cifar10), not '{name}'")
