@@ -343,8 +343,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def add_validate(sub) -> None:
-    parser = sub.add_parser("validate", help="check an experiment config without running it")
+    parser = sub.add_parser("validate", help="check an experiment config without running it (names, values, "
+                                             "model sources, checkpoint files)")
     parser.add_argument("config")
+    parser.add_argument("--data-root", help="data root (overrides the config and OODBENCH_DATA)")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE")
     parser.set_defaults(func=cmd_validate)
 
@@ -354,9 +356,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from oodbench.benchmark.runner import check_config
     from oodbench.benchmark.spec import load_benchmark
 
-    config = load_config(args.config, plugins=args.plugin)
+    from oodbench.models.adapter import missing_checkpoint
+
+    config = load_config(args.config, plugins=args.plugin, data_root=args.data_root)
     names = check_config(config)
     benchmark = load_benchmark(config.benchmark)
+    missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
+    if missing:
+        for line in missing[:-1]:
+            print(line, file=sys.stderr)
+        raise OodbenchError(missing[-1] + (f" ({len(missing)} checkpoints missing, listed above)" if len(missing) > 1 else ""))
     print(f"ok: {benchmark.name} v{benchmark.version}, {len(config.models)} model(s), "
           f"{len(names)} postprocessor(s), {len(benchmark.near)} near + {len(benchmark.far)} far OOD sets")
     return 0

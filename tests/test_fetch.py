@@ -333,3 +333,24 @@ def test_a_full_disk_removes_the_partial_file(server, tmp_path, monkeypatch):
     with pytest.raises(OodbenchError, match="no space left on the device; the partial file was removed"):
         download.install(release, release.assets["cifar10"], tmp_path / "data", echo=lambda line: None)
     assert not list((tmp_path / "data/.oodbench/downloads").iterdir())
+
+
+def test_validate_is_not_ok_while_a_checkpoint_is_missing(run_cli, tmp_path):
+    import yaml
+
+    config = tmp_path / "official.yaml"
+    config.write_text(yaml.safe_dump({"benchmark": "cifar10", "models": ["openood:cifar10_resnet18"],
+                                      "postprocessors": ["msp"]}))
+    root = tmp_path / "data"
+    result = run_cli("validate", str(config), "--data-root", str(root))
+    assert result.returncode == 2
+    line = error_line(result.stderr)
+    assert "s2/best.ckpt (needed by openood:cifar10_resnet18 [s2])" in line and "3 checkpoints missing" in line
+    assert f"`oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root {root}`" in line
+    assert result.stderr.count("checkpoint not found") == 3
+    folder = root / f"openood_results/{CKPT_FOLDER}"
+    for seed in range(3):
+        (folder / f"s{seed}").mkdir(parents=True)
+        (folder / f"s{seed}/best.ckpt").write_bytes(tiny_checkpoint(seed))  # validate reads no weights
+    ok = run_cli("validate", str(config), "--data-root", str(root))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: cifar10") and "3 model(s)" in ok.stdout

@@ -137,6 +137,62 @@ def test_openood_unknown_architecture_and_dataset(tmp_path, context):
                              options={"dataset": "mnsit"}), context)
 
 
+
+def test_official_release_is_one_model_per_seed_read_from_the_fetched_layout(tmp_path, context):
+    """`openood:cifar10_resnet18` = OpenOOD's cifar10_res18_v1.5 release: seeds s0, s1, s2 from
+    <data root>/openood_results/cifar10_resnet18_32x32_base_e100_lr0.1_default/s<N>/best.ckpt, a
+    ResNet-18 32x32 with CIFAR-10's normalisation (the class count alone would also say CIFAR-10;
+    the release says it for CIFAR-100's too)."""
+    from oodbench.benchmark.config import load_config
+
+    config = load_config({"benchmark": "cifar10", "models": ["openood:cifar10_resnet18"], "postprocessors": ["msp"]})
+    assert [(m.display, m.model_label, m.member, m.options) for m in config.models] == [
+        (f"openood:cifar10_resnet18 [s{n}]", "openood:cifar10_resnet18", f"s{n}", {"seed": f"s{n}"}) for n in range(3)]
+    torch.manual_seed(3)
+    net = randomize_batch_norm(openood.ResNet18_32x32(num_classes=10))
+    run = context.data_root / "openood_results/cifar10_resnet18_32x32_base_e100_lr0.1_default/s1"
+    run.mkdir(parents=True)
+    torch.save(net.state_dict(), run / "best.ckpt")
+    adapter = load_model(config.models[1], context)
+    with torch.no_grad():
+        reference = net(normalized(X32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    assert_adapter_matches(adapter, reference, X32)
+    with pytest.raises(OodbenchError) as missing:
+        load_model(config.models[0], context)
+    assert str(missing.value) == (
+        f"checkpoint not found: {run.parent / 's0' / 'best.ckpt'} (needed by openood:cifar10_resnet18 seed s0); get it "
+        f"with `oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root {context.data_root}`")
+
+
+def test_single_checkpoint_releases_and_explicit_checkpoints_stay_one_model(tmp_path, context):
+    from oodbench.benchmark.config import load_config
+
+    config = load_config({"benchmark": "cifar10", "postprocessors": ["msp"], "models": [
+        "openood:mnist_lenet", {"name": "openood:cifar10_resnet18", "checkpoint": "mine.ckpt", "label": "mine"},
+        {"name": "openood:cifar10_resnet18", "options": {"seed": "s2"}, "label": "s2"}]})
+    assert [(m.member, m.checkpoint, m.options) for m in config.models] == [
+        (None, None, {}), (None, "mine.ckpt", {}), (None, None, {"seed": "s2"})]
+    with pytest.raises(OodbenchError, match="has no seed 's3'"):
+        load_model(ModelSpec("openood:cifar10_resnet18", options={"seed": "s3"}), context)
+    with pytest.raises(OodbenchError, match="'seed' picks a seed of an official release"):
+        load_model(ModelSpec("openood:lenet", checkpoint="x.ckpt", options={"seed": "s0"}), context)
+    with pytest.raises(OodbenchError, match="openood-v1.5/mnist_lenet"):
+        load_model(ModelSpec("openood:mnist_lenet"), context)
+
+
+def test_openood_resnet50_is_torchvisions(context, tmp_path):
+    """OpenOOD's ImageNet-1K model is torchvision's ResNet-50 (IMAGENET1K_V1), ImageNet normalisation."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(4)
+    net = resnet50(num_classes=1000).eval()
+    torch.save(net.state_dict(), tmp_path / "resnet50.pth")
+    adapter = load_model(ModelSpec("openood:resnet50", checkpoint=str(tmp_path / "resnet50.pth")), context)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = net(normalized(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert_adapter_matches(adapter, reference, x)
+
 # ------------------------------------------------------------------ timm
 
 

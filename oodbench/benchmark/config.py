@@ -20,6 +20,7 @@ from oodbench.conventions import load_conventions
 from oodbench.datasets.base import check_limit
 from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.models.adapter import ModelSpec
+from oodbench.registry import MODELS
 
 FPR_CONVENTIONS = ("classic", "openood")
 FIT_SPLITS = ("train", "val")
@@ -160,7 +161,7 @@ def _relative_to(base: Path, path: str) -> Path:
 def _parse_model(entry: Any, where: str) -> list[ModelSpec]:
     """One model entry; an entry with ``checkpoints: [...]`` is one model per checkpoint."""
     if isinstance(entry, str):
-        return [ModelSpec(name=entry)]
+        entry = {"name": entry}
     if not isinstance(entry, dict) or "name" not in entry:
         raise OodbenchError(f"{where}: a model is a name or a mapping with 'name'")
     for key in entry:
@@ -174,6 +175,9 @@ def _parse_model(entry: Any, where: str) -> list[ModelSpec]:
         raise OodbenchError(f"{where}: 'options' must be a mapping")
     common = dict(name=str(entry["name"]), tags=[str(t) for t in tags], options=options, label=entry.get("label"))
     if "checkpoints" not in entry:
+        seeds = [] if "checkpoint" in entry or "seed" in options else _released_seeds(common["name"])
+        if seeds:  # an official release with training seeds: one model per seed
+            return [ModelSpec(member=seed, **{**common, "options": {**options, "seed": seed}}) for seed in seeds]
         return [ModelSpec(checkpoint=entry.get("checkpoint"), **common)]
     checkpoints = entry["checkpoints"]
     if "checkpoint" in entry:
@@ -185,6 +189,15 @@ def _parse_model(entry: Any, where: str) -> list[ModelSpec]:
         raise OodbenchError(f"{where}: checkpoint '{_first_duplicate(normalised)}' is listed twice")
     return [ModelSpec(checkpoint=path, member=member, **common)
             for path, member in zip(checkpoints, checkpoint_names(normalised))]
+
+
+def _released_seeds(name: str) -> list[str]:
+    """The seeds a source releases for `name` (OpenOOD's s0, s1, s2), [] when it names none."""
+    if ":" not in name:
+        return []
+    source, model = name.split(":", 1)
+    members = getattr(MODELS.get(source), "members", None) if source in MODELS else None
+    return members(model) if members else []
 
 
 def checkpoint_names(paths: list[str]) -> list[str]:

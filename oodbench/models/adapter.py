@@ -239,6 +239,20 @@ def load_model(spec: ModelSpec, context: ModelContext) -> ModelAdapter:
     return adapter.to(context.device)
 
 
+def missing_checkpoint(spec: ModelSpec, data_root: Path) -> str | None:
+    """One line naming the checkpoint file `spec` reads when it is absent (with the command that
+    fetches it, for a source that knows one: ``locate(name, data_root, seed)``), else None. Sources
+    that find their weights elsewhere (hub caches, model_dir) are checked when loaded."""
+    locate = getattr(MODELS.get(spec.source), "locate", None)
+    found = locate(spec.model_name, data_root, spec.options.get("seed")) if locate and not spec.checkpoint else None
+    if found is not None:
+        path, command = found
+        return None if path.is_file() else f"checkpoint not found: {path} (needed by {spec.display}); get it with `{command}`"
+    if spec.checkpoint and not Path(spec.checkpoint).expanduser().is_file():
+        return f"checkpoint not found: {Path(spec.checkpoint).expanduser()} (needed by {spec.display})"
+    return None
+
+
 def _check_options(spec: ModelSpec, factory: Callable, options: dict[str, Any]) -> None:
     """Unknown options fail in one line with the accepted ones, not a TypeError from the source."""
     parameters = inspect.signature(factory).parameters

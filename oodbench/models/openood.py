@@ -1,5 +1,12 @@
 """OpenOOD v1.5 architectures loading OpenOOD checkpoints (``best.ckpt``, plain state dicts),
-as ``openood:resnet18_32x32``, ``openood:resnet18_224x224`` and ``openood:lenet``.
+as ``openood:resnet18_32x32``, ``openood:resnet18_224x224``, ``openood:resnet50`` and
+``openood:lenet`` with a ``checkpoint``; and OpenOOD's official checkpoints by name, as
+``configs/releases/openood-v1.5.yaml`` lists them (``openood:cifar10_resnet18``,
+``cifar100_resnet18``, ``imagenet200_resnet18``, ``imagenet_resnet50``, ``mnist_lenet``,
+``osr_mnist6_seed<N>``), read from where ``oodbench data fetch`` unpacks them under the data
+root. A release with training seeds (s0, s1, s2) is one model entry per seed (`members`:
+one cell each, tables show mean ± std over them, OpenOOD's published form); a missing file
+names the fetch command that gets it.
 
 - ``resnet18_32x32``: ResNet-18 (He et al. 2016) adapted to 32x32 inputs, as OpenOOD
   trains it on CIFAR: a 3x3 stride-1 stem with 64 filters and no max-pooling, four
@@ -11,6 +18,8 @@ as ``openood:resnet18_32x32``, ``openood:resnet18_224x224`` and ``openood:lenet`
   max-pooling, the same four stages with projection shortcuts named ``downsample.0/1``,
   global average pooling and ``fc``; OpenOOD's ImageNet-200 checkpoints (200 classes)
   and ImageNet-1K ones. It reads the benchmark's test transform (resize 256, crop 224).
+- ``resnet50``: torchvision's ResNet-50 (OpenOOD's ImageNet-1K model is torchvision's
+  IMAGENET1K_V1 weights, ``resnet50-0676ba61.pth``).
 - ``lenet``: LeNet-5 (LeCun et al. 1998) for 28x28 digits: ``block1`` 5x5 convolution to
   6 maps with padding 2, ReLU, 2x2 max-pool; ``block2`` 5x5 to 16 maps, ReLU, max-pool;
   ``block3`` 5x5 to 120 maps (1x1), ReLU; ``classifier1`` 120 -> 84 + ReLU; ``fc``.
@@ -29,13 +38,16 @@ LeNet's input channels are read from the checkpoint.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.models.adapter import ModelAdapter, ModelContext, register_model_source
-from oodbench.models.checkpoints import checkpoint_path, extract_state_dict, load_weights, read_checkpoint
+from oodbench.models.checkpoints import (CheckpointError, checkpoint_path, extract_state_dict, load_weights,
+                                         read_checkpoint)
 
 NORMALIZATION = {
     "mnist": ((0.5,), (0.5,)),
@@ -143,6 +155,8 @@ class LeNet(nn.Module):
 def _default_dataset(name: str, num_classes: int) -> str:
     if name == "lenet":
         return "mnist"
+    if name == "resnet50" and num_classes == 1000:
+        return "imagenet"
     if name == "resnet18_224x224" and num_classes in (200, 1000):
         return "imagenet200" if num_classes == 200 else "imagenet"
     if num_classes in (10, 100):
@@ -158,27 +172,78 @@ def build(name: str, state: dict[str, torch.Tensor]) -> nn.Module:
     if name == "lenet":
         stem = state.get("block1.0.weight")
         return LeNet(num_classes, stem.shape[1] if stem is not None and stem.dim() == 4 else 3)
+    if name == "resnet50":
+        from torchvision.models import resnet50
+
+        return resnet50(num_classes=num_classes)
     return ResNet18_224x224(num_classes) if name == "resnet18_224x224" else ResNet18_32x32(num_classes)
 
 
-ARCHITECTURES = ("resnet18_32x32", "resnet18_224x224", "lenet")
+ARCHITECTURES = ("resnet18_32x32", "resnet18_224x224", "resnet50", "lenet")
+RELEASE = "openood-v1.5"
+
+
+def _released():
+    from oodbench.datasets.release import load_release
+
+    return load_release(RELEASE)
+
+
+def members(name: str) -> list[str]:
+    """The training seeds of the official release `name` (one model entry each); [] otherwise."""
+    model = _released().models.get(name)
+    return list(model.seeds) if model else []
+
+
+def locate(name: str, data_root: Path, seed: str | None = None) -> tuple[Path, str] | None:
+    """(checkpoint file, the command that fetches it) of the official release `name` (and seed),
+    or None for an architecture name (its checkpoint is the entry's own)."""
+    release = _released()
+    model = release.models.get(name)
+    if model is None:
+        return None
+    files = model.checkpoints(data_root)
+    if (seed or "") not in files:
+        raise OodbenchError(f"openood:{name} has no seed '{seed}'{did_you_mean(str(seed), files)}; its seeds: "
+                            f"{', '.join(files) or 'none (one checkpoint)'}")
+    from oodbench.datasets.release import asset_spec
+
+    return files[seed or ""], (f"oodbench data fetch {asset_spec(release, release.assets[model.asset])} "
+                               f"--data-root {data_root}")
 
 
 @register_model_source("openood")
 def openood(name: str, context: ModelContext, checkpoint: str | None = None,
-            dataset: str | None = None) -> ModelAdapter:
-    """OpenOOD v1.5 checkpoints: resnet18_32x32 (CIFAR), resnet18_224x224 (ImageNet-200) or lenet (MNIST)."""
-    if name not in ARCHITECTURES:
-        raise OodbenchError(f"unknown OpenOOD architecture '{name}'{did_you_mean(name, ARCHITECTURES)}; "
-                            f"choose one of {', '.join(ARCHITECTURES)}")
+            dataset: str | None = None, seed: str | None = None) -> ModelAdapter:
+    """OpenOOD v1.5: an architecture + checkpoint (resnet18_32x32, resnet18_224x224, resnet50, lenet), or an
+    official release by name (cifar10_resnet18, imagenet200_resnet18, ...; `oodbench data fetch openood-v1.5`)."""
+    release = _released().models.get(name)
+    if release is None and name not in ARCHITECTURES:
+        known = [*ARCHITECTURES, *_released().models]
+        raise OodbenchError(f"unknown OpenOOD architecture or release '{name}'{did_you_mean(name, known)}; "
+                            f"choose one of {', '.join(known)}")
     if dataset is not None and dataset not in NORMALIZATION:
         raise OodbenchError(f"openood:{name}: unknown dataset '{dataset}'{did_you_mean(dataset, NORMALIZATION)}; "
                             f"choose one of {', '.join(NORMALIZATION)}")
-    path = checkpoint_path(checkpoint, f"openood:{name}")
+    if release is None and seed is not None:
+        raise OodbenchError(f"openood:{name}: 'seed' picks a seed of an official release (e.g. "
+                            f"openood:cifar10_resnet18); give this architecture its 'checkpoint'")
+    what = f"openood:{name}" + (f" seed {seed}" if seed else "")
+    if release is not None and checkpoint is None:
+        path, command = locate(name, context.data_root, seed)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path} (needed by {what}); get it with `{command}`")
+        checkpoint, dataset = str(path), dataset or release.dataset
+    arch = release.architecture if release is not None else name
+    path = checkpoint_path(checkpoint, what)
     state = extract_state_dict(read_checkpoint(path, trust=context.trust_checkpoint), path)
-    net = load_weights(build(name, state), state, path, f"openood:{name}")
+    net = load_weights(build(arch, state), state, path, what)
     num_classes = net.fc.out_features
-    dataset = dataset or _default_dataset(name, num_classes)
+    dataset = dataset or _default_dataset(arch, num_classes)
     mean, std = NORMALIZATION[dataset]
-    return ModelAdapter(net, num_classes=num_classes, identity=f"openood:{name}:{num_classes}:{dataset}",
+    return ModelAdapter(net, num_classes=num_classes, identity=f"openood:{arch}:{num_classes}:{dataset}",
                         mean=mean, std=std)
+
+
+openood.members = members  # read by the config (one model entry per seed) and validate/reproduce
+openood.locate = locate
