@@ -425,6 +425,61 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ reproduce
+
+
+def add_reproduce(sub) -> None:
+    parser = sub.add_parser("reproduce", help="regenerate a published table (OpenOOD v1.5's) with its official "
+                                              "checkpoints and print it")
+    parser.add_argument("release", help="the publication: openood-v1.5")
+    parser.add_argument("table", help="its table: cifar10, cifar100, imagenet200, imagenet, cifar10_fs, cifar100_fs, "
+                                      "imagenet200_fs, imagenet_fs, osr_mnist6")
+    parser.add_argument("--fetch", action="store_true",
+                        help="download what is missing first (`oodbench data fetch <release>:<table>`); without it "
+                             "nothing is downloaded, and what is missing is named with the command that gets it")
+    parser.add_argument("--from", dest="source_dir", metavar="DIR",
+                        help="with --fetch: import the archives from DIR instead of downloading them")
+    parser.add_argument("--data-root", help="data root (default: OODBENCH_DATA, else ./data)")
+    parser.add_argument("--results", help="results store (default: results/<release>.sqlite)")
+    parser.add_argument("--cache-dir", help="output cache folder (default: OODBENCH_CACHE, else .oodbench_cache)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num-workers", type=int, metavar="N", help="DataLoader worker processes decoding images")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads for the forward and backward passes")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="at most N images per split (a seeded stratified subset, named in the caption)")
+    parser.add_argument("--postprocessors", type=_names, metavar="A,B",
+                        help="only these methods (default: the release's methods its tables report)")
+    parser.add_argument("--no-search", dest="search", action="store_false", default=None,
+                        help="default hyperparameters instead of the release's search on the validation splits")
+    parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json"], default="text")
+    parser.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from oodbench.benchmark.reproduce import reproduce
+    from oodbench.datasets.fetch import resolve_data_root
+    from oodbench.results.seeds import seed_families
+
+    if args.source_dir and not args.fetch:
+        raise OodbenchError("--from imports archives for --fetch; add --fetch")
+    results = args.results or f"results/{args.release}.sqlite"
+    release, ran, labels = reproduce(
+        args.release, args.table, resolve_data_root(args.data_root), fetch=args.fetch,
+        source_dir=Path(args.source_dir) if args.source_dir else None, postprocessors=args.postprocessors,
+        warn=lambda line: print(f"warning: {line}", file=sys.stderr),
+        results=results, cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+        num_workers=args.num_workers, threads=args.threads, limit=args.limit, search=args.search)
+    # the table: `oodbench leaderboard` on the store, its cells of this release's models and profile
+    tables = sorted(seed_families(ran)) if len(ran) > 1 else ran
+    for benchmark in tables:
+        argv = ["leaderboard", "--results", results, "--benchmark", benchmark, "--conventions", release.conventions,
+                "--format", args.format, *[arg for label in labels for arg in ("--model", label)]]
+        leaderboard = build_parser().parse_args(argv)
+        leaderboard.func(leaderboard)
+    return 0
+
+
 # ------------------------------------------------------------------------ compare, calibration, report, plot
 
 DEFAULT_PLOTS = "results/plots"
@@ -570,7 +625,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ main
 
-COMMANDS: list[Callable] = [add_run, add_leaderboard, add_results, add_list, add_validate, add_data,
+COMMANDS: list[Callable] = [add_run, add_leaderboard, add_reproduce, add_results, add_list, add_validate, add_data,
                             add_compare, add_calibration, add_report, add_plot]
 
 

@@ -64,6 +64,7 @@ class Target:
     name: str
     benchmarks: dict[str, str]  # benchmark -> released model name
     data: tuple[str, ...]
+    label: str | None = None  # the models' common name in the tables (a seed family's checkpoints)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Release:
     assets: dict[str, Asset]
     models: dict[str, ReleasedModel]
     targets: dict[str, Target] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()  # the postprocessors of its tables (reproduce's default)
+    conventions: str = "paper"  # the profile that reproduces its numbers
 
     def asset(self, name: str) -> Asset:
         if name not in self.assets:
@@ -122,13 +125,14 @@ def parse_release(raw: dict[str, Any], where: str) -> Release:
         models[name] = model
     targets = {}
     for name, spec in raw.get("targets", {}).items():
-        target = Target(name=name, benchmarks=dict(spec["benchmarks"]), data=tuple(spec["data"]))
+        target = Target(name=name, benchmarks=dict(spec["benchmarks"]), data=tuple(spec["data"]), label=spec.get("label"))
         for unknown in [m for m in target.benchmarks.values() if m not in models] + \
                        [a for a in target.data if a not in assets]:
             raise OodbenchError(f"{where}: target {name} names '{unknown}', which the release does not define")
         targets[name] = target
     return Release(name=raw["name"], title=raw.get("title", raw["name"]), source=raw.get("source", ""),
-                   drive_url=raw["drive_url"], assets=assets, models=models, targets=targets)
+                   drive_url=raw["drive_url"], assets=assets, models=models, targets=targets,
+                   methods=tuple(raw.get("methods", ())), conventions=raw.get("conventions", "paper"))
 
 
 def _asset(name: str, spec: dict[str, Any], where: str) -> Asset:
