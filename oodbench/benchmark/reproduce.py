@@ -73,7 +73,9 @@ def reproduce(release_name: str, table: str, root: Path, fetch: bool = False, so
     ran, labels = [], []
     for benchmark, name in target.benchmarks.items():
         if ready.absent[benchmark]:
-            warn(f"{benchmark}: checkpoint(s) not found: {', '.join(map(str, ready.absent[benchmark]))}")
+            asset = release.assets[release.models[name].asset]
+            warn(f"{benchmark}: checkpoint(s) not found: {', '.join(map(str, ready.absent[benchmark]))}; "
+                 f"`oodbench data fetch {asset_spec(release, asset)} --data-root {root}` gets them")
         if not ready.seeds[benchmark]:
             warn(f"{benchmark}: not run (no checkpoint of openood:{name})")
             continue
