@@ -300,39 +300,15 @@ def test_a_google_drive_id_is_resolved_through_its_confirmation_page(server, tmp
     assert [path.split("?")[0] for path, _ in server.requests] == ["/uc", "/files/cifar10.zip"]
 
 
-def test_a_full_disk_removes_the_partial_file(server, tmp_path, monkeypatch):
-    import errno
+def test_a_full_disk_removes_the_partial_file(fetch):
+    """A real filesystem (a 128 KiB tmpfs as the data root) fills up in the middle of the download."""
+    from tests.test_faults import small_filesystem
 
-    from oodbench.datasets import download
-    from oodbench.errors import OodbenchError
-    from oodbench.datasets.release import load_release
-
-    monkeypatch.setenv(download.MIRROR_ENV, f"{server.url}/files")
-
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    real_open = open
-
-    def full_disk_open(path, mode="r", *args, **kwargs):
-        handle = real_open(path, mode, *args, **kwargs)
-        return FullDisk(handle) if "b" in mode and mode[0] in "wa" else handle
-
-    monkeypatch.setattr(download, "open", full_disk_open, raising=False)
-    release = load_release("openood-v1.5")
-    with pytest.raises(OodbenchError, match="no space left on the device; the partial file was removed"):
-        download.install(release, release.assets["cifar10"], tmp_path / "data", echo=lambda line: None)
-    assert not list((tmp_path / "data/.oodbench/downloads").iterdir())
+    with small_filesystem(fetch.root, "128k"):
+        result = fetch("openood-v1.5/cifar10")
+        assert result.returncode == 2
+        assert "no space left on the device; the partial file was removed" in error_line(result.stderr)
+        assert not list(fetch.root.rglob("*.part"))
 
 
 def test_validate_is_not_ok_while_a_checkpoint_is_missing(run_cli, tmp_path):
