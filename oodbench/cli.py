@@ -430,7 +430,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 def add_reproduce(sub) -> None:
     parser = sub.add_parser("reproduce", help="regenerate a published table (OpenOOD v1.5's) with its official "
-                                              "checkpoints and print it")
+                                              "checkpoints and print it beside the published values")
     parser.add_argument("release", help="the publication: openood-v1.5")
     parser.add_argument("table", help="its table: cifar10, cifar100, imagenet200, imagenet, cifar10_fs, cifar100_fs, "
                                       "imagenet200_fs, imagenet_fs, osr_mnist6")
@@ -470,11 +470,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         warn=lambda line: print(f"warning: {line}", file=sys.stderr),
         results=results, cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, threads=args.threads, limit=args.limit, search=args.search)
-    # the table: `oodbench leaderboard` on the store, its cells of this release's models and profile
+    # the table: `oodbench leaderboard` on the store, its cells of this release's models and profile, with the
+    # release's published values beside them when a ledger holds them (configs/reference/<release>.csv)
+    from oodbench.results.ledger import available
+
+    reference = ["--reference", release.name] if release.name in available() else []
     tables = sorted(seed_families(ran)) if len(ran) > 1 else ran
     for benchmark in tables:
         argv = ["leaderboard", "--results", results, "--benchmark", benchmark, "--conventions", release.conventions,
-                "--format", args.format, *[arg for label in labels for arg in ("--model", label)]]
+                "--format", args.format, *reference, *[arg for label in labels for arg in ("--model", label)]]
         leaderboard = build_parser().parse_args(argv)
         leaderboard.func(leaderboard)
     return 0
