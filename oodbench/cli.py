@@ -278,6 +278,8 @@ def add_list(sub) -> None:
                         help="models: RobustBench's model_dir to look in (default: models)")
     parser.add_argument("--openood-dir", default="results",
                         help="models: OpenOOD v1.5's checkpoint folder to look in (default: results)")
+    parser.add_argument("--data-root", help="models: the data root OpenOOD's official checkpoints are fetched into "
+                                            "(default: OODBENCH_DATA, else ./data)")
     parser.add_argument("--hf-cache", metavar="DIR",
                         help="models: the Hugging Face hub cache to look in (default: the hub's, HF_HUB_CACHE)")
     parser.set_defaults(func=cmd_list)
@@ -316,6 +318,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("\nImageNet backbones available offline here (weights found, or the path where they are expected):")
         print(tabulate(offline_rows(args.model_dir, args.openood_dir, args.hf_cache),
                        headers=["model", "options", "weights", "path"]))
+        from oodbench.datasets.fetch import resolve_data_root
+        from oodbench.models.catalog import release_rows
+
+        print("\nOpenOOD v1.5's official checkpoints, by name (each seed one model; under the data root, where "
+              "`oodbench data fetch` puts them):")
+        print(tabulate(release_rows(resolve_data_root(args.data_root)),
+                       headers=["model", "seeds", "checkpoints", "path", "get it with"]))
     elif args.kind == "datasets":
         rows = [[entry.name, ((entry.obj.__doc__ or "").strip().splitlines() or [""])[0]] for entry in registry.DATASETS.entries()]
         print(tabulate(rows, headers=["dataset source", "description"]))

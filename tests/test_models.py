@@ -180,6 +180,21 @@ def test_single_checkpoint_releases_and_explicit_checkpoints_stay_one_model(tmp_
         load_model(ModelSpec("openood:mnist_lenet"), context)
 
 
+def test_list_models_names_each_official_release_its_files_and_fetch_command(tmp_path):
+    from oodbench.models.catalog import release_rows
+
+    folder = tmp_path / "openood_results/cifar10_resnet18_32x32_base_e100_lr0.1_default"
+    for seed in ("s0", "s1"):
+        (folder / seed).mkdir(parents=True)
+        (folder / seed / "best.ckpt").write_bytes(b"x")
+    rows = {row[0]: row for row in release_rows(tmp_path)}
+    assert rows["openood:cifar10_resnet18"] == [
+        "openood:cifar10_resnet18", "s0, s1, s2", "2 of 3 found", f"{folder}/s*/best.ckpt",
+        "oodbench data fetch openood-v1.5/cifar10_res18_v1.5"]
+    assert rows["openood:imagenet_resnet50"][2:] == [
+        "not found", f"{tmp_path}/openood_results/pretrained_weights/resnet50-0676ba61.pth",
+        "oodbench data fetch openood-v1.5/resnet50_imagenet1k_v1"]
+
 def test_openood_resnet50_is_torchvisions(context, tmp_path):
     """OpenOOD's ImageNet-1K model is torchvision's ResNet-50 (IMAGENET1K_V1), ImageNet normalisation."""
     from torchvision.models import resnet50

@@ -90,3 +90,21 @@ def offline_rows(model_dir: str = "models", openood_dir: str = "results", cache_
                  ) -> list[list[str]]:
     """[model entry, options, found | not found, path] for every catalogued ImageNet backbone."""
     return [*timm_rows(cache_dir), *torchvision_rows(), *robustbench_rows(model_dir), *openood_rows(openood_dir)]
+
+
+def release_rows(data_root: Path, release_name: str = "openood-v1.5") -> list[list[str]]:
+    """[model entry, seeds, found | not found, path, fetch command] for each official checkpoint
+    release of `release_name`, under the data root where `oodbench data fetch` unpacks it."""
+    from oodbench.datasets.release import asset_spec, load_release
+
+    release = load_release(release_name)
+    rows = []
+    for name, model in release.models.items():
+        files = model.checkpoints(data_root)
+        found = [seed for seed, path in files.items() if path.is_file()]
+        status = "found" if len(found) == len(files) else f"{len(found)} of {len(files)} found" if found else "not found"
+        rows.append([f"openood:{name}", ", ".join(model.seeds) or "-", status,
+                     str(data_root / model.file.format(seed="s*")) if model.seeds else str(files[""]),
+                     f"oodbench data fetch {asset_spec(release, release.assets[model.asset])}"])
+    return rows
+
