@@ -330,3 +330,24 @@ def test_validate_is_not_ok_while_a_checkpoint_is_missing(run_cli, tmp_path):
         (folder / f"s{seed}/best.ckpt").write_bytes(tiny_checkpoint(seed))  # validate reads no weights
     ok = run_cli("validate", str(config), "--data-root", str(root))
     assert ok.returncode == 0 and ok.stdout.startswith("ok: cifar10") and "3 model(s)" in ok.stdout
+
+
+def test_the_release_file_resolves_and_refuses_dangling_names():
+    from oodbench.datasets.release import load_release, parse_release
+    from oodbench.errors import OodbenchError
+
+    release = load_release("openood-v1.5")
+    # facts from OpenOOD's scripts/download/download.py
+    assert release.assets["benchmark_imglist"].drive == "1lI1j0_fDDvjIt9JlWAw09X8ks-yrR_H1"
+    assert release.assets["cifar10_res18_v1.5"].drive == "1byGeYxM_PlLjT72wZsMQvP6popJeWBgt"
+    assert release.assets["tin"].into == "images_classic/tin" and release.assets["ninco"].into == "images_largescale/ninco"
+    assert [a.name for a in release.target_assets(release.targets["cifar10"])] == [
+        "benchmark_imglist", "cifar10", "cifar100", "tin", "mnist", "svhn", "texture", "places365", "cifar10_res18_v1.5"]
+    raw = {"name": "x", "drive_url": "u{id}", "assets": {"a": {"drive": "1", "file": "a.zip", "into": "a"}},
+           "models": {"m": {"architecture": "lenet", "dataset": "mnist", "asset": "a", "file": "m.ckpt"}},
+           "targets": {"t": {"benchmarks": {"mnist": "m"}, "data": ["a", "b"]}}}
+    with pytest.raises(OodbenchError, match="target t names 'b', which the release does not define"):
+        parse_release(raw, "x.yaml")
+    raw["assets"]["a"]["url"] = "http://x/a.zip"
+    with pytest.raises(OodbenchError, match="asset a needs exactly one of 'drive' and 'url'"):
+        parse_release(raw, "x.yaml")
