@@ -112,3 +112,16 @@ def latex_leaderboard(rows: pd.DataFrame, wide: bool = False) -> str:
 def _safe_label(label: str) -> str:
     """A \\label key: letters, digits and - : . only."""
     return "".join(c if c.isalnum() or c in "-:." else "-" for c in label)
+
+
+def latex_reference(block, benchmark: str, reference: str) -> str:
+    """The published block (`oodbench.results.reference.Block`) as a second booktabs table; the
+    legend and the reasons rows are not compared make its caption."""
+    body = [[escape(model if model != previous else ""), escape(label), escape(architecture),
+             *map(escape, cells)] for (model, label, architecture, cells), previous
+            in zip(block.lines, [None, *(line[0] for line in block.lines)])]
+    head = ["model", "postprocessor", "published for", *block.header]
+    lines = tabular([" & ".join(map(escape, head)) + r" \\"], "lll" + "r" * len(block.header), [body])
+    text = " ".join([block.legend, *("N" + note.removeprefix("- n") + "." for note in block.notes)])
+    return table(lines, text, _safe_label(f"tab:oodbench-{benchmark}-{reference}"), scaled=True,
+                 packages="booktabs,graphicx")

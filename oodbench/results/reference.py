@@ -8,11 +8,14 @@ whether the published value lies inside the row's 95% bootstrap interval (``--ci
 inside the row's mean ± one standard deviation over its checkpoints (seeds). A row is compared
 only under the conventions the source used (its ``conventions`` column): otherwise, and for an
 FPR@95 the table shows in another convention than the published one, the row says why not.
-`reference_block` renders that as text, Markdown or LaTeX below the table; `tidy_reference`
-adds the same as columns to the CSV/JSON rows.
+`reference_block` lays that out for the block the renderers print below the table (text and
+Markdown: `oodbench.results.render`, LaTeX: `oodbench.results.latex`); `tidy_reference` adds
+the same as columns to the CSV/JSON rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -118,6 +121,7 @@ def reference_table(rows: pd.DataFrame, ledger: pd.DataFrame) -> tuple[pd.DataFr
     notes = [f"- not compared, {reason}: {', '.join(labels)}" for reason, labels in reasons.items()]
     sources = sorted(set(found.source.dropna()))
     bases = set(found.basis.dropna()) - {""}
+    compared = bool(((found.reason == "") & (found.metric != "")).any())
     legend = (f"Published reference {ledger.attrs['name']}: {'; '.join(sources) or 'no matching value'}. "
               f"Values x100 as published (pub; ± the published standard deviation over training seeds), for "
               f"{STANDARD_TRAINING} training and the architecture named. Δ = this row minus published; in: "
@@ -126,7 +130,8 @@ def reference_table(rows: pd.DataFrame, ledger: pd.DataFrame) -> tuple[pd.DataFr
               + (", or where the row has none, " if len(bases) == 2 else "")
               + (f"{'' if len(bases) == 2 else 'yes/no, whether the published value lies '}within the row's mean "
                  "± 1 standard deviation over checkpoints" if "sd" in bases else "")
-              + ("no interval to place it in (--ci, or several checkpoints)" if not bases else "") + ".")
+              + ("" if bases else "no interval to place it in (--ci, or several checkpoints)" if compared
+                 else "-, no row here is compared") + ".")
     return found, shown, legend, notes
 
 
@@ -139,53 +144,27 @@ def _cells(found: pd.DataFrame, index: int, shown: list[str]) -> list[str]:
     return cells
 
 
-def reference_block(rows: pd.DataFrame, ledger: pd.DataFrame, fmt: str = "text") -> str:
-    """The published block below a table, its rows in `rows`' order: plain text (each model on a
-    line of its own naming the published architecture, within 100 columns), a Markdown table or a
-    LaTeX table."""
+@dataclass
+class Block:
+    """The published block below a table, for the renderers (`oodbench.results.render` for text
+    and Markdown, `oodbench.results.latex`): per row of `rows` in order, its model, label,
+    published architecture and cells (published, Δ and inside per metric of ``header``)."""
+    header: list[str]
+    lines: list[tuple[str, str, str, list[str]]]
+    legend: str
+    notes: list[str]
+
+
+def reference_block(rows: pd.DataFrame, ledger: pd.DataFrame) -> Block:
+    """The published block of `rows` (`oodbench.results.render.leaderboard_rows`) against `ledger`."""
     found, shown, legend, notes = reference_table(rows, ledger)
     full_spectrum = bool(rows.attrs.get("csid"))
-    head = []
-    for metric in shown:
-        head += [f"{header(metric, full_spectrum)} pub", "Δ, in"]
-    first = {i: found[found.row == i].iloc[0].to_dict() for i in rows.index}
-    if fmt in ("markdown", "latex"):
-        body, previous = [], None
-        for index, row in zip(rows.index, rows.to_dict("records")):
-            body.append([row["model"] if row["model"] != previous else "", row["label"],
-                         architecture_text(first[index]), *_cells(found, index, shown)])
-            previous = row["model"]
-        head = ["model", "postprocessor", "published for", *head]
-        if fmt == "markdown":
-            from tabulate import tabulate
-
-            return "\n".join([legend, "", tabulate(body, headers=head, tablefmt="pipe", disable_numparse=True),
-                              *notes])
-        from oodbench.results.latex import _safe_label, escape, table, tabular
-
-        lines = tabular([" & ".join(map(escape, head)) + r" \\"], "lll" + "r" * (len(head) - 3),
-                        [[[escape(cell) for cell in line] for line in body]])
-        text = " ".join([legend, *("N" + note.removeprefix("- n") + "." for note in notes)])
-        return table(lines, text, _safe_label(f"tab:oodbench-{rows.attrs['benchmark']}-{ledger.attrs['name']}"),
-                     scaled=True, packages="booktabs,graphicx")
-    import textwrap
-
-    from oodbench.results.render import WIDTH, aligned
-
-    body, titles, previous = [], {}, None
+    head = [name for metric in shown for name in (f"{header(metric, full_spectrum)} pub", "Δ, in")]
+    lines = []
     for index, row in zip(rows.index, rows.to_dict("records")):
-        if row["model"] != previous:
-            models = [first[i] for i in rows.index[rows.model == row["model"]]]
-            names = list(dict.fromkeys(architecture_text(m) for m in models if not pd.isna(m["architecture"])))
-            titles[len(body)] = f"{row['model']}: published for {', '.join(names) or '-'}"
-            previous = row["model"]
-        body.append([row["label"], *_cells(found, index, shown)])
-    lines = aligned(["postprocessor", *head], body, numeric=len(head), fit=True, indent=2)
-    for position in sorted(titles, reverse=True):
-        lines.insert(position + 2, titles[position])
-    lines = [lines[2], *lines[:2], *lines[3:]]  # the first model's line above the column header
-    wrap = lambda line: textwrap.fill(line, WIDTH, subsequent_indent="  ")  # noqa: E731
-    return "\n".join([wrap(legend), "", *lines, *map(wrap, notes)])
+        lines.append((row["model"], row["label"], architecture_text(found[found.row == index].iloc[0].to_dict()),
+                      _cells(found, index, shown)))
+    return Block(head, lines, legend, notes)
 
 
 def tidy_reference(tidy: pd.DataFrame, frame: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:

@@ -300,9 +300,41 @@ def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = Fals
     if ledger is not None:
         from oodbench.results.reference import reference_block
 
-        kind = "latex" if fmt == "latex" else "markdown" if wide or fmt == "markdown" else "text"
-        text += "\n\n" + reference_block(rows if wide else ranked(rows), ledger, kind)
+        block = reference_block(rows if wide else ranked(rows), ledger)
+        if fmt == "latex":
+            from oodbench.results.latex import latex_reference
+
+            text += "\n\n" + latex_reference(block, rows.attrs["benchmark"], ledger.attrs["name"])
+        else:
+            text += "\n\n" + reference_text(block, markdown=wide or fmt == "markdown")
     return text
+
+
+def reference_text(block, markdown: bool = False) -> str:
+    """The published block (`oodbench.results.reference.Block`) as a Markdown table, or as text
+    within `WIDTH` columns: each model on a line of its own naming the published architecture
+    (one per model, or each used), its rows indented below it."""
+    if markdown:
+        from tabulate import tabulate
+
+        body = [[model if model != previous else "", label, architecture, *cells] for (model, label, architecture,
+                cells), previous in zip(block.lines, [None, *(line[0] for line in block.lines)])]
+        table = tabulate(body, headers=["model", "postprocessor", "published for", *block.header], tablefmt="pipe",
+                         disable_numparse=True)
+        return "\n".join([block.legend, "", table, *block.notes])
+    body, titles, previous = [], {}, None
+    for model, label, _, cells in block.lines:
+        if model != previous:
+            used = dict.fromkeys(a for m, _, a, _ in block.lines if m == model and a != "-")
+            titles[len(body)] = f"{model}: published for {', '.join(used) or '-'}"
+            previous = model
+        body.append([label, *cells])
+    lines = aligned(["postprocessor", *block.header], body, numeric=len(block.header), fit=True, indent=2)
+    for position in sorted(titles, reverse=True):
+        lines.insert(position + 2, titles[position])
+    lines = [lines[2], *lines[:2], *lines[3:]]  # the first model's line above the column header
+    wrap = lambda line: textwrap.fill(line, WIDTH, subsequent_indent="  ")  # noqa: E731
+    return "\n".join([wrap(block.legend), "", *lines, *map(wrap, block.notes)])
 
 
 def write_tables(frame: pd.DataFrame, folder: str | Path, store=None, resamples: int | None = None,
