@@ -265,6 +265,8 @@ CASES = [
     Case("unknown-list-kind", ("invalid choice: 'modelz'", "models"), config=None, args=("list", "modelz")),
     Case("unknown-fpr-convention", ("--fpr", "invalid choice: 'openod'", "openood"), config=None,
          args=("leaderboard", "--results", "{store}", "--fpr", "openod")),
+    Case("unknown-reference", ("unknown reference 'openood-v15'", "did you mean: openood-v1.5"), config=None,
+         args=("leaderboard", "--results", "{store}", "--reference", "openood-v15")),
     Case("unknown-device", ("unknown device 'banana'",), args=RUN + ("--device", "banana")),
     # YAML syntax, wrong types
     Case("yaml-syntax-error", ("invalid yaml", "line 3"), "benchmark: digits\nmodels: [digits-cnn\npostprocessors: [msp]\n"),
