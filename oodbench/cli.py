@@ -93,6 +93,10 @@ def _add_table_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resamples", type=at_least(1), default=1000, metavar="N",
                         help="bootstrap resamples for --ci (default 1000)")
     parser.add_argument("--ci-seed", type=int, default=0, metavar="SEED", help="seed of the --ci resamples (default 0)")
+    parser.add_argument("--reference", metavar="NAME",
+                        help="beside each row, a published ledger's value for the same benchmark and method "
+                             "(oodbench list references; e.g. openood-v1.5), the difference and whether it lies in "
+                             "the row's interval; compared only for rows run under the source's conventions")
 
 
 def _names(text: str) -> list[str]:
@@ -118,7 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                            threads=args.threads, **_overrides(args))
     store = ResultStore(frame.attrs["store"], readonly=True)
     resamples = args.resamples if args.ci else None
-    print(render_leaderboard(frame, args.format, args.wide, args.show_params, store, resamples, args.ci_seed))
+    print(render_leaderboard(frame, args.format, args.wide, args.show_params, store, resamples, args.ci_seed,
+                             args.reference))
     if not frame.empty:
         folder = args.tables or store.path.parent / "tables"
         say_where(write_tables(frame, folder, store, resamples, args.ci_seed))
@@ -145,10 +150,6 @@ def add_leaderboard(sub) -> None:
                         help="only cells computed under this convention profile (paper, openood, pro), named in "
                              "the caption; default: every profile's cells")
     _add_table_args(parser)
-    parser.add_argument("--reference", metavar="NAME",
-                        help="beside each row, a published ledger's value for the same benchmark and method "
-                             "(oodbench list references; e.g. openood-v1.5), the difference and whether it lies in "
-                             "the row's interval; compared only for rows run under the source's conventions")
     parser.add_argument("--output", help="also write the table to this file")
     parser.add_argument("--tables", metavar="DIR",
                         help="also write the full tables (Markdown, LaTeX, tidy CSV) to DIR/<benchmark>/")
@@ -235,6 +236,9 @@ def add_results(sub) -> None:
     parser.add_argument("--all", dest="every", action="store_true",
                         help="export: every stored version of each cell (default: the latest of each)")
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="export: csv (default) or json")
+    parser.add_argument("--fpr", choices=["classic", "openood", "both"],
+                        help="export: FPR@95 rows in this convention, or both (every stored number); default: each "
+                             "cell's in the convention it was run under, as `run` and `leaderboard` show it")
     parser.add_argument("--output", metavar="FILE", help="export: write to FILE (default: print)")
     parser.set_defaults(func=cmd_results)
 
@@ -253,7 +257,7 @@ def cmd_results(args: argparse.Namespace) -> int:
                                 f"it holds: {', '.join(known) or 'nothing yet'}")
     benchmarks = args.benchmark or known
     if args.action == "export":
-        text = inventory.export(store, benchmarks, args.every, args.format)
+        text = inventory.export(store, benchmarks, args.every, args.format, args.fpr)
         if args.output:
             try:
                 Path(args.output).write_text(text)

@@ -90,7 +90,9 @@ def test_tidy_exports_hold_the_printed_numbers_only(openood_run, capsys, fmt):
             value = mine[(mine.dataset == f"{group}-OOD") & (mine.metric == ("fpr95" if "FPR" in metric else
                                                                              "auroc"))].value.item()
             assert row[header].rstrip("*") == f"{100 * value:.2f}"
-    code, out, _ = cli(capsys, "results", store, "export")  # every stored number: both conventions, labelled
+    code, out, _ = cli(capsys, "results", store, "export", "--format", fmt)  # as run, like the leaderboard
+    assert code == 0 and out == cli(capsys, "leaderboard", "--results", store, "--format", fmt)[1]
+    code, out, _ = cli(capsys, "results", store, "export", "--fpr", "both")  # every stored number, labelled
     assert code == 0 and set(pd.read_csv(io.StringIO(out)).fpr_convention.dropna()) == {"classic", "openood"}
 
 
@@ -151,3 +153,12 @@ def test_a_store_of_two_conventions_shows_each_under_its_own(openood_run, capsys
     by_setting = tidy[tidy.metric == "fpr95"].groupby(tidy.setting.str.contains("openood")).fpr_convention
     assert {k: set(v) for k, v in by_setting} == {True: {"openood"}, False: {"classic"}}
     assert np.isfinite(tidy.value).all()
+
+
+def test_run_prints_the_published_block_and_says_why_nothing_is_compared(openood_run, capsys, session_cache):
+    config, _, _ = openood_run
+    code, out, _ = cli(capsys, "run", config, "--cache-dir", session_cache, "--threads", "1", "--reference",
+                       "openood-v1.5")
+    assert code == 0 and "Published reference openood-v1.5: no matching value" in out
+    assert "openood-v1.5 has no CrossEntropy value for msp on digits" in " ".join(out.split())
+

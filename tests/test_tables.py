@@ -162,7 +162,7 @@ def test_tidy_leaderboard_loads_with_pandas_and_matches_the_store(tmp_path, caps
     for fpr in ("classic", "openood"):  # the leaderboard: one convention, --fpr's
         code, out, _ = cli(capsys, "leaderboard", "--results", tmp_path / "weird.sqlite", "--format", fmt, "--fpr", fpr)
         assert code == 0 and set(read(out).fpr_convention.dropna()) - {""} == {fpr}
-    code, out, _ = cli(capsys, "results", tmp_path / "weird.sqlite", "export", "--format", fmt)  # every number
+    code, out, _ = cli(capsys, "results", tmp_path / "weird.sqlite", "export", "--format", fmt, "--fpr", "both")
     assert code == 0
     tidy = read(out)
     assert list(tidy.columns) == TIDY_COLUMNS and tidy.value.dtype == float
@@ -322,8 +322,9 @@ def test_results_command_lists_what_the_store_holds(tmp_path, capsys):
     assert failed.startswith("1 cell(s) did not finish") and "my_score&co" not in failed
     code, exported, _ = cli(capsys, "results", tmp_path / "weird.sqlite", "export")
     _, board, _ = cli(capsys, "leaderboard", "--results", tmp_path / "weird.sqlite", "--format", "csv")
+    assert exported == board  # FPR@95 as the cells were run (classic), as the leaderboard shows it
+    code, exported, _ = cli(capsys, "results", tmp_path / "weird.sqlite", "export", "--fpr", "both")
     every, shown = pd.read_csv(io.StringIO(exported)), pd.read_csv(io.StringIO(board))
-    # the export holds every number; the leaderboard the FPR@95 its cells were run under (classic)
     assert every[every.fpr_convention != "openood"].reset_index(drop=True).equals(shown)
     assert len(every[every.fpr_convention == "openood"]) == len(shown[shown.fpr_convention == "classic"]) > 0
     assert main(["results", str(tmp_path / "weird.sqlite"), "--benchmark", "cifar"]) == 2

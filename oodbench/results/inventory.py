@@ -4,7 +4,8 @@ Per benchmark: its data fingerprints (the benchmark as each run found it, newest
 with their cell counts), then one line per (model, checkpoint, setting) with its cells
 done, failed and missing, how many cell fingerprints (stored versions) it has and when it
 last ran; then the cells that did not finish, with their reasons. ``--failed`` prints
-only those; ``export`` writes every number as the tidy CSV (`oodbench.results.tidy`).
+only those; ``export`` writes the tidy CSV (`oodbench.results.tidy`): FPR@95 in the convention
+each cell was run under unless ``--fpr`` names one, or ``both``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 
 from oodbench.results.render import WIDTH, aligned
 from oodbench.results.store import ResultStore
-from oodbench.results.tables import leaderboard_frame, setting_label
+from oodbench.results.tables import leaderboard_frames, setting_label
 
 
 def _when(seconds: float) -> str:
@@ -66,11 +67,14 @@ def failures(store: ResultStore, benchmarks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def export(store: ResultStore, benchmarks: list[str], every: bool = False, fmt: str = "csv") -> str:
+def export(store: ResultStore, benchmarks: list[str], every: bool = False, fmt: str = "csv",
+           fpr: str | None = None) -> str:
     """The tidy table of every benchmark: each latest cell, or with `every` each stored version;
-    every stored number, FPR@95 in both conventions (each row naming its own)."""
+    FPR@95 rows in the convention each cell was run under, in `fpr`'s, or with ``both`` in both
+    conventions (every stored number, each row naming its own)."""
     from oodbench.results.tidy import COLUMNS, leaderboard_tidy, render_tidy
 
-    frames = [leaderboard_tidy(frame, store, every_fpr=True) for frame in
-              (leaderboard_frame(store, b, every=every) for b in benchmarks) if not frame.empty]
-    return render_tidy(pd.concat(frames) if frames else pd.DataFrame(columns=COLUMNS), fmt)
+    frames = [frame for b in benchmarks for frame in
+              leaderboard_frames(store, b, every=every, fpr=None if fpr == "both" else fpr) if not frame.empty]
+    tidy = [leaderboard_tidy(frame, store, every_fpr=fpr == "both") for frame in frames]
+    return render_tidy(pd.concat(tidy) if tidy else pd.DataFrame(columns=COLUMNS), fmt)
