@@ -20,6 +20,7 @@ from oodbench.cli import main
 from oodbench.errors import OodbenchError
 from oodbench.evaluators.metrics import ood_metrics
 from oodbench.results.ledger import COLUMNS, REFERENCE_DIR, architecture_pattern, load_ledger, published_entry
+from oodbench.results.reference import comparisons
 from oodbench.results.render import leaderboard_rows
 from oodbench.results.store import Cell, ResultStore
 from oodbench.results.tables import leaderboard_frame
@@ -227,3 +228,34 @@ def test_tidy_reference_columns_on_the_published_metrics(cifar10_store, capsys, 
     knn = tidy[(tidy.postprocessor == "knn") & (tidy.dataset == "near-OOD") & (tidy.metric == "auroc")]
     assert knn.published_difference.isna().all() and knn.published_note.str.contains("paper conventions").all()
     assert tidy[tidy.dataset == "mnist"].published.isna().all()
+
+
+def _rows(benchmark: str, columns: dict, fpr: str = "openood", csid: tuple = ()) -> pd.DataFrame:
+    rows = pd.DataFrame([{"model": "openood:imagenet200_resnet18", "label": "msp", "postprocessor": "msp",
+                          "setting": "default@openood", "status": "done", **columns}])
+    rows.attrs.update(benchmark=benchmark, fpr=fpr, csid=list(csid))
+    return rows
+
+
+def test_a_full_spectrum_row_is_compared_on_its_fs_columns():
+    ledger = load_ledger("openood-v1.5")
+    rows = _rows("imagenet200_fs", {"FS near-OOD|auroc": 0.55, "FS far-OOD|auroc": 0.66, "FS|acc": 0.44,
+                                    "near-OOD|auroc": 0.80, "acc": 0.86}, csid=("imagenet_c",))
+    found = comparisons(rows, ledger).set_index("metric")
+    assert found.loc["near_auroc", "published"] == 54.35 and found.loc["acc", "published"] == 43.92
+    assert found.loc["near_auroc", "difference"] == pytest.approx(55 - 54.35)
+    assert found.loc["far_auroc", "difference"] == pytest.approx(66 - 66.11)
+    assert found.loc["acc", "difference"] == pytest.approx(44 - 43.92)
+    assert set(found.inside) == {"-"}  # no interval, no seeds
+
+
+def test_an_fpr_is_compared_only_in_the_convention_it_was_published_in(tmp_path):
+    rows = [GOOD, GOOD.replace("near_auroc,88.03,0.25,", "near_fpr95,40.00,,openood")]
+    (tmp_path / "mine.csv").write_text(",".join(COLUMNS) + "\n" + "\n".join(rows) + "\n")
+    ledger = load_ledger(str(tmp_path / "mine.csv"))
+    columns = {"near-OOD|auroc": 0.88, "near-OOD|fpr": 0.41, "near-OOD|fpr|std": 0.02}
+    shown = comparisons(_rows("cifar10", columns, fpr="openood"), ledger).set_index("metric")
+    assert shown.loc["near_fpr95", "difference"] == pytest.approx(1.0) and shown.loc["near_fpr95", "inside"] == "yes"
+    other = comparisons(_rows("cifar10", columns, fpr="classic"), ledger).set_index("metric")
+    assert "published in the openood convention, shown here in the classic one" in other.loc["near_fpr95", "reason"]
+    assert np.isnan(other.loc["near_fpr95", "difference"]) and other.loc["near_auroc", "reason"] == ""
