@@ -25,6 +25,7 @@ from oodbench.results.render import leaderboard_rows
 from oodbench.results.store import Cell, ResultStore
 from oodbench.results.tables import leaderboard_frame
 from tests.conftest import REPO, SHARED
+from tests.test_tables import compile_latex, requires_pdflatex
 
 OPENOOD_CSVS = SHARED / "reference" / "openood-v1.5"
 SETS = {"cifar100": "near", "tin": "near", "mnist": "far", "svhn": "far"}
@@ -259,3 +260,11 @@ def test_an_fpr_is_compared_only_in_the_convention_it_was_published_in(tmp_path)
     other = comparisons(_rows("cifar10", columns, fpr="classic"), ledger).set_index("metric")
     assert "published in the openood convention, shown here in the classic one" in other.loc["near_fpr95", "reason"]
     assert np.isnan(other.loc["near_fpr95", "difference"]) and other.loc["near_auroc", "reason"] == ""
+
+
+@requires_pdflatex
+def test_the_latex_published_table_compiles(cifar10_store, tmp_path, capsys):
+    code, out, _ = cli(capsys, "leaderboard", "--results", cifar10_store[0], "--reference", "openood-v1.5",
+                       "--format", "latex", "--model", MODELS[1], "--conventions", "openood")
+    assert code == 0 and out.count(r"\begin{table}") == 2 and r"$\Delta$" in out and "(not this model's)" in out
+    compile_latex(tmp_path, "reference", out)
