@@ -162,3 +162,25 @@ def test_run_prints_the_published_block_and_says_why_nothing_is_compared(openood
     assert code == 0 and "Published reference openood-v1.5: no matching value" in out
     assert "openood-v1.5 has no CrossEntropy value for msp on digits" in " ".join(out.split())
 
+
+
+def test_seeds_run_under_two_conventions_are_averaged_only_in_one_asked_for(tmp_path, capsys):
+    from oodbench.evaluators.metrics import ood_metrics
+    from oodbench.results.store import Cell
+
+    rng = np.random.default_rng(0)
+    store = ResultStore(tmp_path / "seeds.sqlite")
+    for seed, setting in ((1, "default"), (2, "default@openood")):
+        benchmark = f"osr_toy_seed{seed}"
+        store.write_datasets(benchmark, "lenet", [{"dataset": "unseen", "group": "near", "status": "present",
+                                                   "samples": 50}], "data")
+        scores, ood = rng.normal(1, 1, 60), rng.normal(0, 1, 50)
+        store.write_cell(Cell(benchmark, "lenet", "msp", setting, fingerprint=f"{seed:016d}", data_fingerprint="data",
+                              metrics={"unseen": ood_metrics(scores, ood), "id_test": {"acc": 0.9}},
+                              groups={"unseen": "near", "id_test": "id"}, scores={"id_test": scores, "unseen": ood}))
+    store.close()
+    code, _, err = cli(capsys, "leaderboard", "--results", tmp_path / "seeds.sqlite", "--benchmark", "osr_toy")
+    assert code == 2 and "different FPR@95 conventions" in err and "--fpr" in err and len(err.splitlines()) == 1
+    code, out, _ = cli(capsys, "leaderboard", "--results", tmp_path / "seeds.sqlite", "--benchmark", "osr_toy",
+                       "--fpr", "openood")
+    assert code == 0 and "over seeds 1, 2" in out and conventions_named(out.split("\n\n")[0]) == {"openood"}
