@@ -164,7 +164,7 @@ def add_leaderboard(sub) -> None:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from oodbench.results.render import render_leaderboard, say_where, write_tables
-    from oodbench.results.seeds import SEEDED, average_frames, averaged_tidy, seed_families
+    from oodbench.results.seeds import average_frames, averaged_tidy, mixed_fpr, seed_families
     from oodbench.results.store import ResultStore
     from oodbench.results.tables import leaderboard_frames
     from oodbench.results.tidy import leaderboard_tidy, render_tidy
@@ -194,15 +194,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             which = f" with fingerprint {args.fingerprint}" if args.fingerprint else ""
             raise OodbenchError(f"no results for benchmark '{benchmark}'{which} in {args.results}")
         frames += found
-    if average:
-        conventions = {}
-        for frame in frames:
-            match = SEEDED.match(frame.attrs["benchmark"])
-            conventions.setdefault(match["family"] if match else frame.attrs["benchmark"], set()).add(frame.attrs["fpr"])
-        mixed = sorted(family for family, used in conventions.items() if len(used) > 1)
-        if mixed:
-            raise OodbenchError(f"the seeds of {', '.join(mixed)} were run under different FPR@95 conventions; "
-                                "average them in one with --fpr classic or --fpr openood")
+    mixed = mixed_fpr(frames) if average else []
+    if mixed:
+        raise OodbenchError(f"the seeds of {', '.join(mixed)} were run under different FPR@95 conventions; "
+                            "average them in one with --fpr classic or --fpr openood")
     if args.format in ("csv", "json"):  # one tidy table, whatever the number of benchmarks
         import pandas as pd
 

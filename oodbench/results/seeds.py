@@ -63,6 +63,17 @@ def seed_families(benchmarks: Iterable[str]) -> dict[str, list[str]]:
     return {family: [name for _, name in sorted(members)] for family, members in families.items()}
 
 
+def mixed_fpr(frames: list[pd.DataFrame]) -> list[str]:
+    """The seed families among the leaderboard `frames` whose seeds' tables show FPR@95 in
+    different conventions (cells run under different ones): their mean would mix two metrics."""
+    used: dict[str, set[str]] = defaultdict(set)
+    for frame in frames:
+        match = SEEDED.match(frame.attrs["benchmark"])
+        if match:
+            used[match["family"]].add(frame.attrs["fpr"])
+    return sorted(family for family, conventions in used.items() if len(conventions) > 1)
+
+
 def average_frames(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
     """Leaderboard frames with those of each seed family folded into one frame named after
     the family (its rows are the seeds' cells, checkpoint ``seed<N>``; ``attrs["seeds"]``
