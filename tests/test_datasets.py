@@ -395,6 +395,36 @@ def test_a_selection_of_image_files_is_named_by_the_listing_and_its_own_files(tm
     assert fingerprint()[0] != changed  # the listing its indices refer to
 
 
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """Jupyter's .ipynb_checkpoints/ beside class folders, and macOS's ._ files beside images:
+    skipped, so the classes are cats 0 and dogs 1 (issue 23, item 1)."""
+    images = random_images(4, 21)
+    write_png_folder(tmp_path / "mine", images, [0, 1, 0, 1], ["cats", "dogs"])
+    write_png_folder(tmp_path / "mine", random_images(1, 22), [0], [".ipynb_checkpoints"])
+    (tmp_path / "mine" / "cats" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
+    (tmp_path / "mine" / ".hidden.png").write_bytes(b"not a PNG either")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no empty-class warning either
+        dataset = load(tmp_path, "image_folder", path="mine")
+        tensors, labels = all_items(dataset)
+    assert labels.tolist() == [0, 0, 1, 1] and tensors.shape[0] == 4
+    assert [p.relative_to(tmp_path / "mine").as_posix() for p in dataset.base.paths] == [
+        "cats/0000.png", "cats/0002.png", "dogs/0001.png", "dogs/0003.png"]
+
+
+def test_an_empty_class_folder_keeps_its_index_and_is_named_in_one_warning(tmp_path):
+    """birds/ (empty) sorts before cats/ and dogs/: cats stay 1 and dogs 2, as torchvision's
+    ImageFolder numbers them, and one warning line names the empty folder."""
+    write_png_folder(tmp_path / "mine", random_images(4, 23), [1, 2, 1, 2], ["birds", "cats", "dogs"])
+    (tmp_path / "mine" / "birds").mkdir()
+    with pytest.warns(UserWarning) as caught:
+        labels = all_items(load(tmp_path, "image_folder", path="mine"))[1]
+    assert labels.tolist() == [1, 1, 2, 2]
+    lines = [str(w.message) for w in caught]
+    assert len(lines) == 1 and "1 of the 3 class folders hold no images (birds)" in lines[0], lines
+    assert "\n" not in lines[0]
+
+
 def test_unreadable_image_names_the_file(tmp_path):
     folder = tmp_path / "textures" / "banded"
     folder.mkdir(parents=True)

@@ -70,6 +70,18 @@ def test_imagenet_folder_labels_are_sorted_wnid_indices(tmp_path):
         load_source(DatasetRef("imagenet_folder"), tmp_path, SPEC)
 
 
+def test_imagenet_folder_skips_hidden_folders_like_every_folder_source(tmp_path):
+    """A .ipynb_checkpoints/ (or any dot-folder) beside the 1,000 wnid folders is skipped, not
+    refused and not a class: the same rule as image_folder's (issue 23, item 1)."""
+    for wnid in WNIDS:
+        (tmp_path / "imagenet" / "val" / wnid).mkdir(parents=True)
+    _jpeg(tmp_path / "imagenet" / "val" / WNIDS[7] / "ILSVRC2012_val_00000001.JPEG", 1)
+    _jpeg(tmp_path / "imagenet" / "val" / ".ipynb_checkpoints" / "ILSVRC2012_val_00000002.JPEG", 2)
+    (tmp_path / "imagenet" / "val" / WNIDS[7] / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"AppleDouble")
+    data = load_source(DatasetRef("imagenet_folder"), tmp_path, SPEC)
+    assert len(data) == 1 and data[0][1] == 7
+
+
 def _openood_layout(root) -> dict[str, list[tuple[str, int]]]:
     """Tiny OpenOOD lists for every split of the imagenet benchmark; returns list -> entries."""
     entries = {}

@@ -32,7 +32,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from oodbench.datasets.base import ImageSpec, Selection, check_limit, register_dataset, stratified_parts
-from oodbench.datasets.imagelist import ArrayImages, ImageFiles, benchmark_crop, first, folder_images, require
+from oodbench.datasets.imagelist import (ArrayImages, ImageFiles, benchmark_crop, class_folders, first, folder_images,
+                                        require)
 from oodbench.datasets.imagenet import WNID
 from oodbench.errors import DatasetMissing, OodbenchError
 
@@ -109,7 +110,7 @@ def imagenet_wnids(data_root: Path, wnids_from: str) -> list[str]:
     folder = require(data_root / wnids_from, "ImageNet class folders (for the 1,000 class indices)",
                      "ImageNet-R's labels are ImageNet-1K indices: point wnids_from at a folder with the 1,000 "
                      "<wnid>/ class folders (ImageNet's val/ or train/)")
-    wnids = sorted(p.name for p in folder.iterdir() if p.is_dir() and WNID.match(p.name))
+    wnids = [name for name in class_folders(folder) if WNID.match(name)]
     if len(wnids) != IMAGENET_CLASSES:
         raise OodbenchError(f"{folder} has {len(wnids)} wnid folders, expected {IMAGENET_CLASSES} (the class index "
                             "is the position among all sorted wnids)")
@@ -136,7 +137,7 @@ def imagenet_v2(data_root: Path, image: ImageSpec, root: str = "imagenetv2-match
     folder = require(data_root / root, "ImageNetV2 folder", "extract imagenetv2-matched-frequency.tar.gz "
                      "(ImageNetV2's release) into the data root (<class index>/*.jpeg)")
     classes = [str(i) for i in range(IMAGENET_CLASSES)]
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    found = class_folders(folder)
     if sorted(found) != sorted(classes):
         stray = sorted(set(found) - set(classes))
         raise OodbenchError(f"{folder} has {len(found)} class folders" + (f" (e.g. '{stray[0]}')" if stray else "")

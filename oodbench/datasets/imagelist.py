@@ -5,9 +5,12 @@
   data root, one ``relative/path label`` per line (OOD sets use label -1), the paths
   relative to ``images_classic/`` (option ``images``).
 - ``image_folder``: every image under ``path`` (relative to the data root), in sorted path
-  order; images in a first-level subfolder get that subfolder's index (sorted names, or
-  the order of ``classes``) as label, images directly in ``path`` get 0. For a user's own
-  OOD set (``textures/``, ``places365/``, ``odin/LSUN_resize``...) and class folders.
+  order; images in a first-level subfolder get that subfolder's index (among all sorted
+  class folders, an empty one included, as torchvision's ImageFolder; or the order of
+  ``classes``) as label, images directly in ``path`` get 0. For a user's own OOD set
+  (``textures/``, ``places365/``, ``odin/LSUN_resize``...) and class folders. Hidden files
+  and folders (``.ipynb_checkpoints/``, ``._x.jpg``) are skipped by every folder source;
+  empty class folders are named in one warning line.
 - ``tiny_imagenet``: Tiny ImageNet in its release layout under ``tin/``: ``val`` reads
   ``val/val_annotations.txt`` (the 10,000 labelled val images, in file order), ``test``
   the unlabelled ``test/images/``, ``train`` ``train/<wnid>/images/``. Labels index the
@@ -28,6 +31,7 @@ decoded lazily; a missing or unreadable image is one error line naming the file.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -205,13 +209,26 @@ def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_
     return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)", benchmark_crop(image, resize_crop)), limit)
 
 
+def hidden(name: str) -> bool:
+    """Dot-files and dot-folders (``.ipynb_checkpoints``, macOS's ``._x.jpg``, ``.DS_Store``) are
+    never images or classes of a data set: every folder source skips them."""
+    return name.startswith(".")
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The sorted names of the first-level subfolders of `folder` that are classes: not hidden,
+    not symlinks (as `image_entries`, which does not enter them)."""
+    with os.scandir(folder) as listing:
+        return sorted(entry.name for entry in listing if not hidden(entry.name) and entry.is_dir(follow_symlinks=False))
+
+
 def image_entries(folder: str, parts: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
     """(path parts relative to the top folder, path) of every image file under `folder`, as
-    ``Path.rglob`` finds them (symlinked files yes, symlinked folders not entered), from one
-    directory listing per folder rather than a stat per file."""
+    ``Path.rglob`` finds them (symlinked files yes, symlinked folders not entered) but without
+    hidden files and folders, from one directory listing per folder rather than a stat per file."""
     try:
         with os.scandir(folder) as listing:
-            entries = list(listing)
+            entries = [entry for entry in listing if not hidden(entry.name)]
     except PermissionError:
         return
     for entry in entries:
@@ -223,11 +240,14 @@ def image_entries(folder: str, parts: tuple[str, ...] = ()) -> Iterator[tuple[tu
 
 def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int]]:
     """Image paths under `folder` (sorted as paths: by their parts) and their first-level
-    subfolder's class index."""
+    subfolder's class index: the position in `classes`, or by default among all the sorted
+    class folders (`class_folders`), as torchvision's ImageFolder numbers them. An empty class
+    folder keeps its index (its images are missing, not its class) and is named in one
+    warning line, since a class folder without images usually means an incomplete copy."""
     found = sorted(image_entries(str(folder)))
     paths = [Path(path) for _, path in found]
     top = [parts for parts, _ in found]
-    names = list(classes) if classes is not None else sorted({parts[0] for parts in top if len(parts) > 1})
+    names = list(classes) if classes is not None else class_folders(folder)
     index = {name: i for i, name in enumerate(names)}
     targets = []
     for path, parts in zip(paths, top):
@@ -238,6 +258,12 @@ def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[l
         else:
             raise OodbenchError(f"{folder}: subfolder '{parts[0]}' is not one of the {len(names)} expected "
                                 f"classes ({', '.join(names[:5])}...)")
+    empty = [] if classes is not None else sorted(set(names) - {parts[0] for parts in top if len(parts) > 1})
+    if empty and len(empty) < len(names):
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        warnings.warn(f"{folder}: {len(empty)} of the {len(names)} class folders hold no images ({shown}); they "
+                      "keep their class index (the position among the sorted class folders), so the other "
+                      "labels do not shift, but those classes are missing from the data", stacklevel=2)
     return paths, targets
 
 
@@ -263,7 +289,7 @@ def tiny_imagenet(data_root: Path, image: ImageSpec, split: str = "val", root: s
         raise OodbenchError(f"tiny_imagenet: split must be train, val or test, got '{split}'")
     if split == "test":
         folder = require(base / "test" / "images", "Tiny ImageNet test images", TIN_HINT)
-        paths = sorted(folder.glob("*.JPEG"), key=lambda p: _numbered(p.stem))
+        paths = sorted((p for p in folder.glob("*.JPEG") if not hidden(p.name)), key=lambda p: _numbered(p.stem))
         return first(ImageFiles(paths, np.zeros(len(paths), np.int64), f"{root}/test ({len(paths)} images)"), limit)
     wnids_path = require(base / "wnids.txt", "Tiny ImageNet class list", TIN_HINT)
     wnids = sorted(w.strip() for w in read_text_lines(wnids_path) if w.strip())

@@ -5,7 +5,8 @@ val), one folder per WordNet id. Labels are the index of the wnid among the sort
 wnids, which is the standard ImageNet-1K class index (torchvision, timm and OpenOOD's
 lists). That index is only right when every class folder is there, so the source
 insists on exactly ``num_classes`` (1000) wnid folders: a partial copy would shift
-every label after a missing class. ``resize_crop`` as for ``image_folder``.
+every label after a missing class. Hidden folders (``.ipynb_checkpoints``) and files are
+skipped, as by every folder source. ``resize_crop`` as for ``image_folder``.
 
 ``imagenet_c``: ImageNet-C in its release layout, ``<root>/<corruption>/<severity>/<wnid>/``
 (``root`` default ``ImageNet-C``), the same labels; a covariate-shifted copy of the ID
@@ -21,7 +22,8 @@ from typing import Sequence
 from torch.utils.data import Dataset
 
 from oodbench.datasets.base import ImageSpec, register_dataset
-from oodbench.datasets.imagelist import IMAGE_EXTENSIONS, ImageFiles, benchmark_crop, first, folder_images, require
+from oodbench.datasets.imagelist import (IMAGE_EXTENSIONS, ImageFiles, benchmark_crop, class_folders, first,
+                                        folder_images, require)
 from oodbench.errors import DatasetMissing, OodbenchError
 
 WNID = re.compile(r"^n\d{8}$")
@@ -55,7 +57,7 @@ def imagenet_c(data_root: Path, image: ImageSpec, corruption: str, severity: int
 
 def wnid_folder(folder: Path, origin: str, num_classes: int, resize_crop: Sequence[int] | None) -> ImageFiles:
     """Images under folder/<wnid>/, labelled by the wnid's index among all `num_classes` sorted wnids."""
-    wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    wnids = class_folders(folder)
     strays = [w for w in wnids if not WNID.match(w)]
     if strays:
         raise OodbenchError(f"{folder}: '{strays[0]}' is not a WordNet id folder (n########); expected "
