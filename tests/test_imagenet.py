@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from oodbench.benchmark.spec import BENCHMARK_DIR, load_benchmark
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_source
+from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, load_source
 from oodbench.datasets.imagelist import resize_then_crop
 from oodbench.errors import OodbenchError
 
@@ -54,6 +54,44 @@ def test_resize_then_crop_is_torchvision_resize_256_center_crop_224():
         ours = np.asarray(resize_then_crop(image, 256, 224))
         assert ours.shape == (224, 224, 3)
         assert np.array_equal(ours, np.asarray(reference(image)))
+
+
+def _in_mode(mode: str, seed: int, size=(53, 41)) -> Image.Image:
+    """A noisy image in `mode`; RGBA and LA with a transparent white background (alpha 0) around
+    an opaque, half-transparent and coloured middle."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode in ("RGBA", "LA"):
+        pixels = np.asarray(rgb.convert("RGBA")).copy()
+        pixels[:, :10] = (255, 255, 255, 0)
+        pixels[:, 10:20, 3] = 128
+        return Image.fromarray(pixels, "RGBA").convert(mode)
+    if mode == "P":
+        return rgb.quantize(colors=37)
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode, suffix", [("RGBA", ".png"), ("P", ".png"), ("1", ".png"), ("LA", ".png"),
+                                          ("L", ".png"), ("RGB", ".jpg")])
+def test_benchmark_resize_crop_converts_to_rgb_before_resizing_as_torchvision(tmp_path, mode, suffix):
+    """The benchmark's resize_crop on an RGBA, palette, 1-bit, LA (and L, RGB) file equals
+    torchvision's Resize + CenterCrop + ToTensor on ``Image.open(p).convert("RGB")`` (OpenOOD's
+    order: alpha dropped, then resized), bit for bit (issue 23, item 2)."""
+    from torchvision import transforms
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for seed in range(2):
+        _in_mode(mode, seed, (53 + 20 * seed, 41)).save(folder / f"{seed}{suffix}")
+    dataset = load_dataset(DatasetRef("image_folder", {"path": "mine", "resize_crop": [40, 32]}), tmp_path,
+                           ImageSpec(32, 3))
+    reference = transforms.Compose([transforms.Resize(40, interpolation=transforms.InterpolationMode.BILINEAR),
+                                    transforms.CenterCrop(32), transforms.ToTensor()])
+    for index, path in enumerate(dataset.base.paths):
+        with Image.open(path) as opened:
+            expected = reference(opened.convert("RGB"))
+        assert torch.equal(dataset[index][0], expected), f"{mode}: max difference " \
+            f"{(dataset[index][0] - expected).abs().max().item() * 255:.0f}/255"
 
 
 def test_imagenet_folder_labels_are_sorted_wnid_indices(tmp_path):

@@ -98,15 +98,17 @@ class ImageFiles(LabeledSamples):
         return image if self.resize_crop is None else resize_then_crop(image, *self.resize_crop)
 
     def fingerprint(self, files: FileState) -> str:
-        crop = "" if self.resize_crop is None else f":resize_crop{list(self.resize_crop)}"
-        return f"{files.describe(self.paths)}:{array_digest(self.targets)}{crop}"
+        return f"{files.describe(self.paths)}:{array_digest(self.targets)}{self._crop_key()}"
 
     def selection_fingerprint(self, indices: np.ndarray, files: FileState) -> str:
         """Some of the files (a part, a limit): every path by name and every label (the
         indices refer to their order), and the selected files by content or size and mtime."""
-        crop = "" if self.resize_crop is None else f":resize_crop{list(self.resize_crop)}"
         selected = files.describe([self.paths[i] for i in indices])
-        return f"{files.names(self.paths)}:{array_digest(self.targets)}{crop}:{selected}"
+        return f"{files.names(self.paths)}:{array_digest(self.targets)}{self._crop_key()}:{selected}"
+
+    def _crop_key(self) -> str:
+        # ":rgb": the mode conversion happens before the resize (before it, after: other pixels)
+        return "" if self.resize_crop is None else f":resize_crop{list(self.resize_crop)}:rgb"
 
 
 def check_resize_crop(value: Sequence[int] | None) -> tuple[int, int] | None:
@@ -127,9 +129,18 @@ def benchmark_crop(image: ImageSpec, resize_crop: Sequence[int] | None) -> tuple
 
 def resize_then_crop(image, resize: int, crop: int):
     """torchvision's Resize(resize) (short side, bilinear, PIL) then CenterCrop(crop): the
-    ImageNet test transform (256 -> 224) that a single resize-and-crop to 224 is not."""
+    ImageNet test transform (256 -> 224) that a single resize-and-crop to 224 is not.
+
+    An image in any mode but RGB or L (RGBA, LA, palette, 1-bit, CMYK, 16-bit) is converted to
+    RGB first, as OpenOOD's ``Convert('RGB')`` and torchvision's ImageFolder loader do before
+    they resize: PIL's ``convert("RGB")`` drops the alpha channel (the colour under a
+    transparent pixel shows, not a background). Resizing in the file's mode instead moves
+    pixels by up to 190/255 (1-bit), and PIL's premultiplied RGBA resize turns a transparent
+    white background black. L stays L: grey resized then replicated equals RGB resized."""
     from PIL import Image
 
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
     width, height = image.size
     if width <= height:
         size = (resize, int(resize * height / width))
