@@ -158,6 +158,45 @@ def test_replaced_images_and_a_changed_benchmark_recompute_and_keep_the_old_rows
     assert len(latest) == 2 and latest["noise|auroc"].notna().all() and samples(store)["id:test"] == 24
 
 
+def test_data_restored_from_a_backup_is_the_latest_run_in_table_and_warnings(tmp_path, bench, cache):
+    """Data v1 -> v2 (other OOD images, an extra far set) -> v1 restored from a backup with its
+    times (``cp -p``): the run on v1 finds every cell stored, and still the table shows v1's
+    numbers and sets, and later runs do not warn that v1's data changed (issue 23, item 5)."""
+    with_extra = json.loads(json.dumps(BENCH))
+    with_extra["far"] = {"extra": {"dataset": "image_folder", "options": {"path": "extra"}}}
+    bench.write_text(yaml.safe_dump(with_extra))
+    root = data_root(tmp_path / "A", 30, 10)
+    shutil.copytree(root, tmp_path / "backup")  # copy2: sizes and modification times kept, as cp -p
+    config = experiment(tmp_path / "a.yaml", bench, root)
+    store = tmp_path / "a.sqlite"
+    assert cli("run", config, "--results", store, cache=cache).returncode == 0
+    v1 = board(store, cache=cache)
+    shutil.rmtree(root / "oodset")
+    write_images(root / "oodset", 12, 1, 1.0, seed=99)
+    write_images(root / "extra", 6, 1, 0.5, seed=98)
+    assert cli("run", config, "--results", store, cache=cache).returncode == 0
+    v2 = board(store, cache=cache)
+    assert "extra|auroc" in v2 and not np.allclose(v2["oodset|auroc"], v1["oodset|auroc"])
+    shutil.rmtree(root)
+    shutil.copytree(tmp_path / "backup", root)
+    restored = cli("run", config, "--results", store, cache=cache)
+    assert restored.returncode == 0, restored.stderr
+    assert any("near:oodset changed" in w for w in warnings_of(restored.stderr)), "v2 -> v1 is a change"
+    again = cli("run", config, "--results", store, cache=cache)
+    assert again.returncode == 0, again.stderr
+    assert not [w for w in warnings_of(again.stderr) if "changed since" in w], again.stderr
+    latest = board(store, cache=cache)
+    assert "extra|auroc" not in latest, "v2's extra set is not in v1's table"
+    pd.testing.assert_frame_equal(latest, v1)
+    db = sqlite3.connect(store)
+    v1_data = db.execute(f"SELECT DISTINCT data_fingerprint FROM cells WHERE fingerprint IN "
+                         f"({','.join('?' * len(v1))})", list(v1.fingerprint)).fetchall()
+    db.close()
+    text = cli("leaderboard", "--results", store, cache=cache)
+    assert text.returncode == 0 and len(v1_data) == 1 and f"Data fingerprint {v1_data[0][0]}." in text.stdout, \
+        text.stdout
+
+
 def test_verify_data_recomputes_only_the_split_whose_bytes_changed(tmp_path, bench, cache):
     """One pixel of one OOD image changed with its size and mtime kept (uncompressed BMP):
     a plain run cannot see it; --verify-data does, and extracts that split only."""

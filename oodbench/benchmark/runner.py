@@ -256,6 +256,8 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
                            if not state.present and s.split(":")[0] in ("csid", "near", "far", "ood_val")})
     for display, names_left in pending.items():
         if not names_left:
+            if display in probes:  # all stored: still the data this run read (the latest run's)
+                store.mark_read(benchmark.name, contexts[display].model.model_label, plan.fingerprint)
             continue
         if display in failures:
             fail_model(display, f"extraction failed: {failed_reason(failures[display])}")

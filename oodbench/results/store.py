@@ -267,19 +267,26 @@ class ResultStore:
 
     def write_datasets(self, benchmark: str, model: str, rows: list[dict[str, Any]], data_fingerprint: str = "") -> None:
         """Presence, fingerprint, size (and accuracy for ID) of every split a run read, per model.
-        A row whose values are unchanged is left as it is (its time too)."""
+        ``created`` is the time of the last run that read the data (`mark_read`)."""
         now = time.time()
-        values = ("ood_group", "fingerprint", "status", "reason", "samples", "available", "accuracy")
-        changed = " OR ".join(f"{v} IS NOT excluded.{v}" for v in values)
+        values = ("ood_group", "fingerprint", "status", "reason", "samples", "available", "accuracy", "created")
         with self._transaction() as db:
             db.executemany(
                 "INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (benchmark, model, data_fingerprint, dataset) DO UPDATE SET "
-                + ", ".join(f"{v} = excluded.{v}" for v in (*values, "created")) + f" WHERE {changed}",
+                + ", ".join(f"{v} = excluded.{v}" for v in values),
                 [(benchmark, model, data_fingerprint, r["dataset"], r["group"], r.get("fingerprint"), r["status"],
                   r.get("reason"), r.get("samples"), r.get("available", r.get("samples")), r.get("accuracy"), now)
                  for r in rows],
             )
+
+    def mark_read(self, benchmark: str, model: str, data_fingerprint: str) -> None:
+        """A run read this data again and found every cell stored: its dataset rows get the run's
+        time, so the latest run is the one whose rows are newest (`last_split_fingerprints`, the
+        leaderboard's choice), also after data v1 -> v2 -> v1."""
+        with self._transaction() as db:
+            db.execute("UPDATE datasets SET created = ? WHERE benchmark = ? AND model = ? AND data_fingerprint = ?",
+                       (time.time(), benchmark, model, data_fingerprint))
 
     def frame(self, table: str, **where: Any):
         """A pandas DataFrame of one table, filtered by equality on columns."""

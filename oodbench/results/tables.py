@@ -54,16 +54,33 @@ def sampled_data(datasets: pd.DataFrame) -> set[tuple[str, str]]:
     return set(zip(limited.model, limited.data_fingerprint))
 
 
+def last_read(datasets: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """(model, data fingerprint) -> when a run last read that data (`ResultStore.mark_read`)."""
+    return datasets.groupby(["model", "data_fingerprint"]).created.max().to_dict() if not datasets.empty else {}
+
+
+def newest_first(cells: pd.DataFrame, read: dict[tuple[str, str], float]) -> list[str]:
+    """The data fingerprints of `cells`, the one a run read last first."""
+    seen: dict[str, float] = {}
+    for model, data in zip(cells.model, cells.data_fingerprint):
+        if isinstance(data, str):
+            seen[data] = max(seen.get(data, 0.0), read.get((model, data), 0.0))
+    return sorted(seen, key=lambda data: (-seen[data], data))
+
+
 def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fingerprint: str | None = None,
-                 every: bool = False, sampled: set[tuple[str, str]] = frozenset()) -> tuple[pd.DataFrame, int]:
+                 every: bool = False, sampled: set[tuple[str, str]] = frozenset(),
+                 read: dict[tuple[str, str], float] | None = None) -> tuple[pd.DataFrame, int]:
     """The cells a table shows, and how many other stored versions it leaves out.
 
     `fingerprints`: exactly these cells (a run's own). `fingerprint`: cells whose data or cell
     fingerprint starts with it. Otherwise, and unless `every`, one cell of each (model,
-    checkpoint, postprocessor, setting): the latest computed on whole splits, or where it
-    has none, the latest of a sampled run (`sampled`: (model, data fingerprint) pairs, see
-    `sampled_data`), so a quick ``--limit`` run never hides a full one. Rows computed from
-    other data or weights stay stored.
+    checkpoint, postprocessor, setting): the one of the latest run on whole splits (`read`,
+    see `last_read`; a run that found the cell stored counts, so data restored after another
+    version shows its own rows), the latest computed on ties; or where it has none, the latest
+    of a sampled run (`sampled`: (model, data fingerprint) pairs, see `sampled_data`), so a
+    quick ``--limit`` run never hides a full one. Rows computed from other data or weights
+    stay stored.
     """
     if fingerprints is not None:
         return cells[cells.fingerprint.isin(list(fingerprints))], 0
@@ -72,8 +89,10 @@ def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fin
         cells = cells[chosen]
     if every or cells.empty:
         return cells, 0
-    whole = [(model, data) not in sampled for model, data in zip(cells.model, cells.data_fingerprint)]
-    chosen = (cells.assign(whole=whole).sort_values(["whole", "created"], kind="stable")
+    pairs = list(zip(cells.model, cells.data_fingerprint))
+    whole = [pair not in sampled for pair in pairs]
+    seen = [(read or {}).get(pair, 0.0) for pair in pairs]
+    chosen = (cells.assign(whole=whole, seen=seen).sort_values(["whole", "seen", "created"], kind="stable")
               .groupby(["model", "checkpoint", "postprocessor", "setting"]).tail(1))
     return cells.loc[sorted(chosen.index)], len(cells) - len(chosen)
 
@@ -143,7 +162,8 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     if conventions is not None:
         cells = cells[cells.setting.map(conventions_of) == conventions]
     datasets = store.frame("datasets", benchmark=benchmark, model=models)
-    cells, hidden = select_cells(cells, fingerprints, fingerprint, every, sampled_data(datasets))
+    read = last_read(datasets)
+    cells, hidden = select_cells(cells, fingerprints, fingerprint, every, sampled_data(datasets), read)
     results = store.frame("results", benchmark=benchmark, model=models, postprocessor=postprocessors)
     results = results[results.fingerprint.isin(set(cells.fingerprint))]
     datasets = datasets[datasets.data_fingerprint.isin(set(cells.data_fingerprint))]
@@ -205,7 +225,7 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     profiles = sorted(set(cells.setting.map(conventions_of))) if conventions is None else [conventions]
     frame.attrs.update(benchmark=benchmark, fpr=fpr, conventions=profiles, datasets=order, groups=group_of, missing=missing,
                        csid=csid, csid_missing=csid_missing,
-                       hidden=hidden, data_fingerprints=sorted(set(cells.data_fingerprint.dropna())),
+                       hidden=hidden, data_fingerprints=newest_first(cells, read),
                        sampling=sampling_note(datasets, cells))
     return frame
 
@@ -358,7 +378,8 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
     if len(fingerprints) == 1:
         text += f" Data fingerprint {fingerprints[0]}."
     elif fingerprints:
-        text += f" Rows from {len(fingerprints)} data fingerprints (runs of different data or definitions)."
+        text += (f" Rows from {len(fingerprints)} data fingerprints (runs of different data or definitions), "
+                 f"the latest run's first: {', '.join(fingerprints)}.")
     if frame.attrs.get("hidden"):
         text += (f" {frame.attrs['hidden']} other result(s) of the same settings under other fingerprints are not "
                  "shown: each row is the latest on whole splits, or of a sampled run where no whole one exists "
