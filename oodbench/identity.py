@@ -93,6 +93,10 @@ def code_digest(cls: type) -> str:
 # --------------------------------------------------------------------------- files
 
 
+SAMPLE_FILES = 1000  # files of a set content-hashed by every run (see FileState.describe)
+WHOLE_SET_BYTES = 32 << 20  # a set of at most this many bytes is content-hashed whole
+
+
 class FileState:
     """What the files under a data root are, for fingerprints.
 
@@ -103,6 +107,12 @@ class FileState:
     does, so an unchanged file is never read twice, and a plain run after a verified one
     names the files exactly as the verified run did. ``verify`` re-reads every file, so a
     change that kept size and mtime is found.
+
+    Size and mtime alone collide (two copies unpacked from reproducible archives, equal
+    sizes): every set's name also holds the contents of a seeded sample of its files, all of
+    them when the set is small (`describe`). Those hashes are remembered in the same state
+    file, apart (table ``sampled``), so that a sampled file does not change how the files are
+    named on the next run.
     """
 
     def __init__(self, data_root: str | Path, state_dir: str | Path | None = None, verify: bool = False):
@@ -110,8 +120,8 @@ class FileState:
         self.verify = verify
         self.state_path = Path(state_dir) / "hashes.sqlite" if state_dir is not None else None
         self._db: sqlite3.Connection | None = None
-        self._known: dict[str, tuple] | None = None
-        self._pending: list[tuple] = []
+        self._known: dict[str, dict[str, tuple]] = {}  # table -> path -> (size, mtime, inode, sha256)
+        self._pending: dict[str, list[tuple]] = {"hashes": [], "sampled": []}
         self._fingerprints: dict[int, tuple[Any, str]] = {}  # id(dataset) -> (dataset, fingerprint)
 
     def _relative(self, absolute: str) -> str:
@@ -122,16 +132,38 @@ class FileState:
         return relative.replace(os.sep, "/")
 
     def describe(self, paths: Sequence[Path]) -> str:
-        """A digest naming each file by relative path and content hash (or size and mtime)."""
+        """A digest naming each file by relative path and content hash (or size and mtime), and
+        the contents of a sample of the files: all of them when they total at most
+        `WHOLE_SET_BYTES` or number at most `SAMPLE_FILES`, else a seeded `SAMPLE_FILES` of them.
+        The sample costs one read of those files per data root (remembered by (path, size,
+        mtime, inode) like every hash): README, "Data fingerprints"."""
         hasher = hashlib.sha256()
+        states = []
         for path in paths:
             absolute = os.path.abspath(path)
             stat = os.stat(absolute)
             state = (absolute, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            states.append(state)
             content = self.file_hash(Path(path), state) if self.verify else self._lookup(state)
             what = content or f"{stat.st_size}\0{stat.st_mtime_ns}"
             hasher.update(f"{self._relative(absolute)}\0{what}\n".encode())
+        hasher.update(self._sample_digest(states).encode())
         return "files:" + hasher.hexdigest()[:32]
+
+    def _sample_digest(self, states: list[tuple]) -> str:
+        if len(states) <= SAMPLE_FILES or sum(state[1] for state in states) <= WHOLE_SET_BYTES:
+            chosen: Iterable[int] = range(len(states))
+        else:
+            chosen = np.sort(np.random.default_rng(0).choice(len(states), SAMPLE_FILES, replace=False))
+        hasher = hashlib.sha256(b"sample")
+        for index in chosen:
+            state = states[index]
+            known = self._lookup(state) or self._lookup(state, "sampled")
+            if known is None:
+                known = _sha256_of(state[0])
+                self._remember(state, known, "sampled")
+            hasher.update(f"{index}\0{known}\n".encode())
+        return hasher.hexdigest()
 
     def names(self, paths: Sequence[Path]) -> str:
         """A digest of the files' relative paths alone (no file is read or stat'ed)."""
@@ -155,11 +187,7 @@ class FileState:
         known = None if self.verify else self._lookup(state)
         if known is not None:
             return known
-        hasher = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(block)
-        value = hasher.hexdigest()
+        value = _sha256_of(path)
         self._remember(state, value)
         return value
 
@@ -168,46 +196,56 @@ class FileState:
             try:
                 self.state_path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(self.state_path, timeout=30, isolation_level=None)
-                self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
-                                 "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+                for table in self._pending:
+                    self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (path TEXT PRIMARY KEY, size INTEGER, "
+                                     "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
             except (sqlite3.Error, OSError):
                 self.state_path = None  # a read-only cache: hash every time instead
                 self._db = None
         return self._db
 
-    def _lookup(self, state: tuple) -> str | None:
-        if self._known is None:
+    def _lookup(self, state: tuple, table: str = "hashes") -> str | None:
+        if table not in self._known:
             db = self._connection()
             try:
-                rows = db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM hashes") if db else []
-                self._known = {row[0]: tuple(row[1:]) for row in rows}
+                rows = db.execute(f"SELECT path, size, mtime_ns, inode, sha256 FROM {table}") if db else []
+                self._known[table] = {row[0]: tuple(row[1:]) for row in rows}
             except sqlite3.Error:
-                self._known = {}
-        row = self._known.get(state[0])
+                self._known[table] = {}
+        row = self._known[table].get(state[0])
         return row[3] if row is not None and tuple(row[:3]) == state[1:] else None
 
-    def _remember(self, state: tuple, value: str) -> None:
-        if self._known is not None:
-            self._known[state[0]] = (*state[1:], value)
-        self._pending.append((*state, value))
+    def _remember(self, state: tuple, value: str, table: str = "hashes") -> None:
+        if table in self._known:
+            self._known[table][state[0]] = (*state[1:], value)
+        self._pending[table].append((*state, value))
 
     def flush(self) -> None:
         """Write the hashes learnt so far, in one transaction (one fsync, not one per file)."""
         db = self._connection()
-        if db is not None and self._pending:
+        if db is not None and any(self._pending.values()):
             try:
                 with db:
                     db.execute("BEGIN")
-                    db.executemany("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)", self._pending)
+                    for table, rows in self._pending.items():
+                        db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?)", rows)
             except sqlite3.Error:
                 pass  # the state cache only saves time; a write that fails costs a re-hash later
-        self._pending = []
+        self._pending = {table: [] for table in self._pending}
 
     def close(self) -> None:
         self.flush()
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _sha256_of(path: str | Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def dataset_fingerprint(dataset: Any, files: FileState) -> str:

@@ -4,6 +4,7 @@ real loaders (load_dataset), plus the `data` commands and bad-input errors throu
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import re
 import warnings
@@ -423,6 +424,51 @@ def test_an_empty_class_folder_keeps_its_index_and_is_named_in_one_warning(tmp_p
     lines = [str(w.message) for w in caught]
     assert len(lines) == 1 and "1 of the 3 class folders hold no images (birds)" in lines[0], lines
     assert "\n" not in lines[0]
+
+
+def test_a_large_set_is_named_by_a_seeded_sample_of_contents_hashed_once(tmp_path, monkeypatch):
+    """Beyond `SAMPLE_FILES` files (and `WHOLE_SET_BYTES`), a seeded sample of the files is read:
+    a copy of the folder with equal names, sizes and times but other bytes in a sampled file is
+    another set; the sample is read once per root (the state cache), and a plain run names the
+    files as before (stat) (issue 23, item 4)."""
+    import shutil
+
+    from oodbench import identity
+
+    monkeypatch.setattr(identity, "SAMPLE_FILES", 5)
+    monkeypatch.setattr(identity, "WHOLE_SET_BYTES", 0)
+    read: list[str] = []
+    hash_file = identity._sha256_of
+    monkeypatch.setattr(identity, "_sha256_of", lambda path: read.append(str(path)) or hash_file(path))
+    root_a = tmp_path / "A"
+    (root_a / "set").mkdir(parents=True)
+    for index in range(40):
+        (root_a / "set" / f"{index:02d}.bin").write_bytes(bytes([index]) * 64)
+    paths_a = sorted((root_a / "set").iterdir())
+
+    def describe(root: Path) -> str:
+        files = identity.FileState(root, tmp_path / "state")
+        try:
+            return files.describe(sorted((root / "set").iterdir()))
+        finally:
+            files.close()
+
+    first = describe(root_a)
+    sampled = sorted(read)
+    assert len(sampled) == 5 and sampled != [str(p) for p in paths_a[:5]], "a seeded sample, not the first five"
+    read.clear()
+    assert describe(root_a) == first and read == [], "remembered by (path, size, mtime, inode)"
+
+    root_b = tmp_path / "B"
+    shutil.copytree(root_a, root_b)  # copy2: the same names, sizes and modification times
+    assert describe(root_b) == first and len(read) == 5
+    for changed, expect_other in ((next(p for p in paths_a if str(p) not in sampled), False), (Path(sampled[2]), True)):
+        target = root_b / changed.relative_to(root_a)
+        stat = target.stat()
+        target.write_bytes(bytes([255]) * 64)
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        shutil.rmtree(tmp_path / "state")  # as a root unpacked anew: no hash remembered for it
+        assert (describe(root_b) != first) == expect_other  # an unsampled file is the limit of a sample
 
 
 def test_unreadable_image_names_the_file(tmp_path):

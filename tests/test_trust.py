@@ -126,6 +126,34 @@ def test_two_data_roots_sharing_a_cache_give_their_own_numbers(tmp_path, bench, 
     assert not np.allclose(shared.to_numpy(), first.to_numpy())
 
 
+def test_two_data_roots_with_equal_names_sizes_and_times_give_their_own_numbers(tmp_path, bench, cache):
+    """Two roots as unpacked from reproducible archives: the same file names, sizes (BMP) and
+    modification times, other OOD pixels. A plain run on the second, through the first's cache,
+    gets the numbers a --verify-data run with a cache of its own gets (issue 23, item 4)."""
+    roots = [data_root(tmp_path / name, 24, 8, suffix=".bmp") for name in "AB"]
+    shutil.rmtree(roots[1] / "oodset")
+    write_images(roots[1] / "oodset", 8, 1, 0.9, seed=77, suffix=".bmp")
+    shutil.rmtree(roots[1] / "idset")
+    shutil.copytree(roots[0] / "idset", roots[1] / "idset")
+    for root in roots:
+        for path in root.rglob("*.bmp"):
+            os.utime(path, ns=(10**18, 10**18))
+    pairs = [(a, roots[1] / a.relative_to(roots[0])) for a in sorted(roots[0].rglob("*.bmp"))]
+    assert all(a.stat().st_size == b.stat().st_size and a.stat().st_mtime_ns == b.stat().st_mtime_ns
+               for a, b in pairs) and any(a.read_bytes() != b.read_bytes() for a, b in pairs)
+    a, b = (experiment(tmp_path / f"{name}.yaml", bench, root) for name, root in zip("ab", roots))
+    for config, store in ((a, "a.sqlite"), (b, "b.sqlite")):
+        done = cli("run", config, "--results", tmp_path / store, cache=cache)
+        assert done.returncode == 0, done.stderr
+    own = tmp_path / "own"
+    shutil.copytree(cache / "models", own / "models")
+    assert cli("run", b, "--results", tmp_path / "alone.sqlite", "--verify-data", cache=own).returncode == 0
+    columns = ["acc", "oodset|fpr", "oodset|auroc"]
+    shared, alone, first = (board(tmp_path / s, cache=cache)[columns] for s in ("b.sqlite", "alone.sqlite", "a.sqlite"))
+    pd.testing.assert_frame_equal(shared, alone)
+    assert not np.allclose(shared["oodset|auroc"], first["oodset|auroc"])
+
+
 def test_replaced_images_and_a_changed_benchmark_recompute_and_keep_the_old_rows(tmp_path, bench, cache):
     root = data_root(tmp_path / "A", 30, 10)
     config = experiment(tmp_path / "a.yaml", bench, root)
