@@ -120,6 +120,34 @@ def test_imagenet_folder_skips_hidden_folders_like_every_folder_source(tmp_path)
     assert len(data) == 1 and data[0][1] == 7
 
 
+@pytest.mark.parametrize("benchmark, listing", [("imagenet_fs", "imagenet/test_imagenet_c.txt"),
+                                                ("imagenet200_fs", "imagenet200/test_imagenet200_c.txt")])
+def test_fs_imagenet_c_is_only_converted_to_a_tensor_under_every_transform(tmp_path, benchmark, listing):
+    """OpenOOD reads ImageNet-C with ImageNetCPreProcessor (ToTensor + Normalize): no resize or
+    crop, also for a model that brings its own transform (issue 23, item 3). The model's
+    normalisation happens in its adapter, so the tensor must be ToTensor's."""
+    from torchvision.transforms import functional as TF
+
+    lines = []
+    for index in range(2):
+        relative = f"imagenet_c/blur/5/{WNIDS[index]}/ILSVRC2012_val_{index:08d}.JPEG"
+        _jpeg(tmp_path / "images_largescale" / relative, index, size=(224, 224))
+        lines.append(f"{relative} {index}")
+    (tmp_path / "benchmark_imglist" / listing).parent.mkdir(parents=True)
+    (tmp_path / "benchmark_imglist" / listing).write_text("\n".join(lines) + "\n")
+    spec = load_benchmark(benchmark)
+    transforms = [spec.image, ImageSpec(224, 3, 256, "bilinear", origin="torchvision weights"),
+                  ImageSpec(288, 3, 320, "bicubic", origin="timm data config")]
+    for image in transforms:
+        dataset = load_dataset(spec.csid["imagenet_c"], tmp_path, image)
+        for index, path in enumerate(dataset.base.paths):
+            with Image.open(path) as opened:
+                assert torch.equal(dataset[index][0], TF.to_tensor(opened.convert("RGB"))), image
+    with pytest.raises(OodbenchError, match="'as_is' must be true or false and goes without 'resize_crop'"):
+        load_dataset(DatasetRef("imglist", {"list": f"benchmark_imglist/{listing}", "images": "images_largescale",
+                                            "as_is": True, "resize_crop": [256, 224]}), tmp_path, spec.image)
+
+
 def _openood_layout(root) -> dict[str, list[tuple[str, int]]]:
     """Tiny OpenOOD lists for every split of the imagenet benchmark; returns list -> entries."""
     entries = {}

@@ -267,10 +267,13 @@ class Selection(LabeledSamples):
 
 
 class Transformed(Dataset):
-    """Converts each item of a source to a [0,1] float tensor of the benchmark's shape."""
+    """Converts each item of a source to a [0,1] float tensor of the benchmark's shape; or, for
+    a source read as is (``as_is``: its images keep their stored size, see `to_image_tensor`),
+    to a tensor of the images' own size under every transform."""
 
     def __init__(self, base: Dataset, image: ImageSpec, label_override: int | None = None):
         self.base, self.image, self.label_override = base, image, label_override
+        self.as_is = read_as_is(base)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -278,10 +281,24 @@ class Transformed(Dataset):
     def __getitem__(self, index: int):
         item, label = self.base[index]
         label = self.label_override if self.label_override is not None else int(label)
-        return to_image_tensor(item, self.image), label
+        return to_image_tensor(item, self.image, as_is=self.as_is), label
 
     def fingerprint(self, files) -> str:
         return dataset_fingerprint(self.base, files)
+
+    def image_key(self) -> str:
+        """The transform's part of the split's fingerprint: the spec's key, or for a source
+        read as is only the channel count (every transform reads it alike)."""
+        return f"{self.image.channels}:as-is" if self.as_is else self.image.key()
+
+
+def read_as_is(source: Any) -> bool:
+    """Whether a source (or the source a selection of it reads) keeps its images' stored size."""
+    while source is not None:
+        if getattr(source, "as_is", False):
+            return True
+        source = getattr(source, "base", None)
+    return False
 
 
 def resized_crop(height: int, width: int, size: int, resize: int | None = None
@@ -296,10 +313,11 @@ def resized_crop(height: int, width: int, size: int, resize: int | None = None
     return (new_height, new_width), (int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0)))
 
 
-def to_image_tensor(item: Any, image: ImageSpec) -> torch.Tensor:
+def to_image_tensor(item: Any, image: ImageSpec, as_is: bool = False) -> torch.Tensor:
     """PIL / array / tensor -> float C x size x size in [0,1]: resize the short side to
     ``image.resize_to`` (``image.interpolation``), center crop ``image.size``, and match the
-    channel count.
+    channel count. `as_is`: no resize or crop (C x H x W of the stored image), as OpenOOD's
+    ImageNetCPreProcessor (ToTensor, then the model's normalisation) reads ImageNet-C.
 
     Bit for bit what torchvision's Resize(resize, interpolation) + CenterCrop(size) +
     ToTensor give (PIL's resize for PIL images, antialiased bilinear/bicubic interpolation
@@ -310,7 +328,7 @@ def to_image_tensor(item: Any, image: ImageSpec) -> torch.Tensor:
     resized = isinstance(item, Image.Image)
     if resized:
         item = item.convert("L" if image.channels == 1 else "RGB")
-        if item.size != (size, size) or resize != size:
+        if not as_is and (item.size != (size, size) or resize != size):
             # In PIL before ToTensor, as torchvision/OpenOOD test transforms do: PIL's resize
             # rounds to uint8, and FPR@95 moves by up to 0.3 points without it.
             (height, width), (top, left) = resized_crop(item.height, item.width, size, resize)
@@ -338,7 +356,7 @@ def to_image_tensor(item: Any, image: ImageSpec) -> torch.Tensor:
             tensor = (tensor * weights).sum(0, keepdim=True)
         else:
             tensor = tensor[: image.channels]
-    if not resized and (tuple(tensor.shape[1:]) != (size, size) or resize != size):
+    if not resized and not as_is and (tuple(tensor.shape[1:]) != (size, size) or resize != size):
         (height, width), (top, left) = resized_crop(tensor.shape[1], tensor.shape[2], size, resize)
         if (height, width) != tuple(tensor.shape[1:]):
             mode = image.interpolation
@@ -405,5 +423,5 @@ def load_dataset(ref: DatasetRef, data_root: str | Path, image: ImageSpec, ood: 
 
 def split_fingerprint_of(dataset: Transformed, ref: DatasetRef, ood: bool, files: FileState) -> str:
     """The fingerprint of one loaded split (`load_dataset`): data read, selection, preprocessing."""
-    return split_fingerprint(dataset_fingerprint(dataset, files), ref.payload(), dataset.image.key(), ood,
+    return split_fingerprint(dataset_fingerprint(dataset, files), ref.payload(), dataset.image_key(), ood,
                              SOURCE_VERSION)

@@ -23,6 +23,9 @@
 then center-crop, as ImageNet test transforms do (before the benchmark's own transform,
 which then has nothing left to do at ``image.size`` 224). A model with its own transform
 (timm's data config, torchvision weights: `ImageSpec.origin`) gets the original images.
+``as_is: true`` instead reads the images at their stored size under every transform, a
+model's own included (only converted to a tensor; the model normalises): OpenOOD's
+ImageNetCPreProcessor, for ImageNet-C's 224 x 224 images.
 
 Every source takes ``limit``: keep the first N samples in the source's order. Images are
 decoded lazily; a missing or unreadable image is one error line naming the file.
@@ -87,11 +90,12 @@ class ImageFiles(LabeledSamples):
     mtime, see `oodbench.identity.FileState`) and labels."""
 
     def __init__(self, paths: Sequence[Path], targets: Sequence[int] | np.ndarray, origin: str,
-                 resize_crop: Sequence[int] | None = None):
+                 resize_crop: Sequence[int] | None = None, as_is: bool = False):
         super().__init__(targets)
         self.paths = list(paths)
         self.origin = origin
         self.resize_crop = check_resize_crop(resize_crop)
+        self.as_is = as_is  # read at the stored size under every transform (`oodbench.datasets.base.Transformed`)
 
     def load(self, index: int):
         image = open_image(self.paths[index])
@@ -120,10 +124,14 @@ def check_resize_crop(value: Sequence[int] | None) -> tuple[int, int] | None:
     return int(value[0]), int(value[1])
 
 
-def benchmark_crop(image: ImageSpec, resize_crop: Sequence[int] | None) -> tuple[int, int] | None:
+def benchmark_crop(image: ImageSpec, resize_crop: Sequence[int] | None, as_is: bool = False) -> tuple[int, int] | None:
     """A source's ``resize_crop`` is part of the benchmark's transform: under a model's own
-    transform (``image.origin``) the source reads the original images instead."""
+    transform (``image.origin``) the source reads the original images instead. A source read
+    ``as_is`` takes none."""
     checked = check_resize_crop(resize_crop)
+    if as_is is not False and (as_is is not True or checked is not None):
+        raise OodbenchError(f"option 'as_is' must be true or false and goes without 'resize_crop', got as_is "
+                            f"{as_is!r}" + (f" with resize_crop {list(checked)}" if checked else ""))
     return None if image.origin else checked
 
 
@@ -199,7 +207,7 @@ def check_files_exist(paths: Sequence[Path], listed_in: str) -> None:
 
 @register_dataset("imglist")
 def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_classic",
-            resize_crop: Sequence[int] | None = None, limit: int | None = None) -> Dataset:
+            resize_crop: Sequence[int] | None = None, as_is: bool = False, limit: int | None = None) -> Dataset:
     """OpenOOD image list: benchmark_imglist/<id>/<split>.txt + images_classic/."""
     list_path = require(data_root / list, "OpenOOD image list", OPENOOD_HINT)
     image_root = require(data_root / images, "OpenOOD image folder", OPENOOD_HINT)
@@ -217,7 +225,8 @@ def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_
         paths.append(image_root / " ".join(fields[:-1]))
         targets.append(label)
     check_files_exist(paths, str(list_path))
-    return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)", benchmark_crop(image, resize_crop)), limit)
+    crop = benchmark_crop(image, resize_crop, as_is)
+    return first(ImageFiles(paths, targets, f"{list} ({len(paths)} images)", crop, as_is), limit)
 
 
 def hidden(name: str) -> bool:
@@ -280,15 +289,15 @@ def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[l
 
 @register_dataset("image_folder")
 def image_folder(data_root: Path, image: ImageSpec, path: str, classes: list[str] | None = None,
-                 resize_crop: Sequence[int] | None = None, limit: int | None = None) -> Dataset:
+                 resize_crop: Sequence[int] | None = None, as_is: bool = False, limit: int | None = None) -> Dataset:
     """Every image under a folder of the data root, sorted; subfolders are classes."""
     folder = require(data_root / path, f"image folder '{path}'",
                      "put the images there (any depth; first-level subfolders are classes)")
+    crop = benchmark_crop(image, resize_crop, as_is)
     paths, targets = folder_images(folder, classes)
     if not paths:
         raise DatasetMissing(f"no images ({', '.join(IMAGE_EXTENSIONS[:3])}...) under {folder}")
-    return first(ImageFiles(paths, targets, f"{path}/ ({len(paths)} images)", benchmark_crop(image, resize_crop)),
-                 limit)
+    return first(ImageFiles(paths, targets, f"{path}/ ({len(paths)} images)", crop, as_is), limit)
 
 
 @register_dataset("tiny_imagenet", "tin")

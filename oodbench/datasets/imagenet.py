@@ -10,7 +10,7 @@ skipped, as by every folder source. ``resize_crop`` as for ``image_folder``.
 
 ``imagenet_c``: ImageNet-C in its release layout, ``<root>/<corruption>/<severity>/<wnid>/``
 (``root`` default ``ImageNet-C``), the same labels; a covariate-shifted copy of the ID
-validation set.
+validation set, read as is (224 x 224: no resize or crop, under a model's own transform too).
 """
 
 from __future__ import annotations
@@ -44,18 +44,21 @@ def imagenet_folder(data_root: Path, image: ImageSpec, split: str = "val", root:
 
 @register_dataset("imagenet_c")
 def imagenet_c(data_root: Path, image: ImageSpec, corruption: str, severity: int, root: str = "ImageNet-C",
-               num_classes: int = 1000, resize_crop: Sequence[int] | None = None,
+               num_classes: int = 1000, resize_crop: Sequence[int] | None = None, as_is: bool | None = None,
                limit: int | None = None) -> Dataset:
-    """ImageNet-C (Hendrycks & Dietterich 2019) as released: <root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG."""
+    """ImageNet-C (Hendrycks & Dietterich 2019) as released: <root>/<corruption>/<severity 1-5>/<wnid>/*.JPEG,
+    read as is (224 x 224, no resize or crop under any transform, as OpenOOD) unless ``resize_crop`` is given."""
+    as_is = resize_crop is None if as_is is None else as_is
     if severity not in (1, 2, 3, 4, 5):
         raise OodbenchError(f"imagenet_c: severity must be 1..5, got {severity!r}")
     folder = require(data_root / root / corruption / str(severity), f"ImageNet-C {corruption} severity {severity}",
                      f"extract ImageNet-C's tar files into <data root>/{root}/ (<corruption>/<severity>/<wnid>/)")
-    return first(wnid_folder(folder, f"{root}/{corruption}/{severity}", num_classes,
-                             benchmark_crop(image, resize_crop)), limit)
+    crop = benchmark_crop(image, resize_crop, as_is)
+    return first(wnid_folder(folder, f"{root}/{corruption}/{severity}", num_classes, crop, as_is), limit)
 
 
-def wnid_folder(folder: Path, origin: str, num_classes: int, resize_crop: Sequence[int] | None) -> ImageFiles:
+def wnid_folder(folder: Path, origin: str, num_classes: int, resize_crop: Sequence[int] | None,
+                as_is: bool = False) -> ImageFiles:
     """Images under folder/<wnid>/, labelled by the wnid's index among all `num_classes` sorted wnids."""
     wnids = class_folders(folder)
     strays = [w for w in wnids if not WNID.match(w)]
@@ -68,4 +71,4 @@ def wnid_folder(folder: Path, origin: str, num_classes: int, resize_crop: Sequen
     paths, targets = folder_images(folder, wnids)
     if not paths:
         raise DatasetMissing(f"no images ({', '.join(IMAGE_EXTENSIONS[:3])}...) under {folder}")
-    return ImageFiles(paths, targets, f"{origin}/ ({len(paths)} images)", resize_crop)
+    return ImageFiles(paths, targets, f"{origin}/ ({len(paths)} images)", resize_crop, as_is)
