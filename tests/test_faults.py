@@ -2,9 +2,10 @@
 share one store, and NaN scores fail their cell only.
 
 Every run is an ``oodbench`` process of its own: forked from the tests' preloaded zygote
-(tests/forked_cli.py), or a fresh interpreter where the test signals or watches it. Kill points are seeded and bounded
-(a few kills, each within the length of an uninterrupted run), and results are compared
-row by row in the store, not only as printed tables.
+(tests/forked_cli.py), or a fresh interpreter where the test signals or watches it. Kill points are
+seeded counts of work (the k-th forward pass, the k-th cell written), never times, so where a run dies does
+not depend on the machine's load; results are compared row by row in the store, not only as
+printed tables.
 """
 
 from __future__ import annotations
@@ -29,10 +30,28 @@ import yaml
 from tests.forked_cli import FORKED
 
 SEED = 4
-# Where a run is killed: when a stderr marker shows (the progress bar appearing as
-# extraction starts; the last extraction job done as scoring starts), plus a random delay;
-# or at a random time after the start.
-KILL_POINTS = (("grid:", 2.0), ("far:uniform", 1.0), (None, None))
+# Stops a run at the PAUSE_AT-th call of PAUSE_EVENT (the model's forward pass: extraction,
+# or the store's write_cell: scoring), where the test kills it; with PAUSE_EVENT alone,
+# counts the calls into the file COUNT_CALLS instead.
+PAUSE_AT = """
+import os, sys, time as _time
+_event, _at, _count = os.environ["PAUSE_EVENT"], int(os.environ.get("PAUSE_AT", 0)), os.environ.get("COUNT_CALLS")
+if _event == "forward":
+    from oodbench.models.adapter import ModelAdapter as _owner
+    _name = "forward"
+else:
+    from oodbench.results.store import ResultStore as _owner
+    _name = "write_cell"
+_original, _calls = getattr(_owner, _name), [0]
+def _paused(*args, **kwargs):
+    _calls[0] += 1
+    if _count:
+        with open(_count, "a") as f: f.write("1\\n")
+    if _calls[0] == _at:
+        sys.stderr.write("KILL-POINT\\n"); sys.stderr.flush(); _time.sleep(600)
+    return _original(*args, **kwargs)
+setattr(_owner, _name, _paused)
+"""
 POSTPROCESSORS = ["msp", "ebo", "gen", "mds"]  # logits, a search, and a fitted feature method
 VOLATILE = {"seconds", "created"}  # the only columns allowed to differ between equal runs
 
@@ -141,37 +160,37 @@ def baseline(tmp_path_factory, trained):
     cache = fresh_cache(folder, trained)
     store = folder / "results.sqlite"
     config = write_config(folder, store)
-    start = time.time()
-    done = run(("run", str(config)), cache, folder)
+    counter = folder / "forwards.txt"
+    done = FORKED.run(("run", str(config)), cwd=folder, timeout=300, prelude=PAUSE_AT,
+                      env={**environment(cache), "PAUSE_EVENT": "forward", "COUNT_CALLS": str(counter)})
     assert done.returncode == 0, done.stderr[-3000:]
     rows = store_rows(store)
     assert len(rows["cells"]) == len(POSTPROCESSORS)
     assert set(cell_statuses(store)) == {"done"}, rows["cells"]
-    return {"rows": rows, "seconds": time.time() - start, "cache": cache, "stdout": done.stdout, "store": store}
+    return {"rows": rows, "forwards": len(counter.read_text().split()), "cache": cache, "stdout": done.stdout,
+            "store": store}
 
 
 def test_killed_runs_resume_to_the_same_store(tmp_path, trained, baseline):
-    """SIGKILL at seeded moments (at a phase or at a random time), rerun, compare the store."""
+    """SIGKILL at seeded points of the work, each sure to come before the run ends whatever the
+    machine's load: at the k-th forward pass of extraction (k up to the baseline's count), then
+    before the k-th cell is written, twice (k up to the cells left); rerun, compare the store."""
     rng = random.Random(SEED)
     cache = fresh_cache(tmp_path, trained)
     store = tmp_path / "results.sqlite"
     config = write_config(tmp_path, store)
-    killed = []
-    for marker, spread in KILL_POINTS:
-        delay = rng.uniform(0, spread) if marker else rng.uniform(1, baseline["seconds"])
-        watched = Watched(("run", str(config)), cache, tmp_path)
-        if marker is None or watched.wait_for(marker, timeout=baseline["seconds"]):
-            time.sleep(delay)
-        if watched.kill():
-            killed.append((marker or "start", round(delay, 2)))
-        elif watched.process.returncode == 0:
-            break
-        else:
-            pytest.fail(f"a run failed by itself: {watched.stderr[-3000:]}")
-    assert killed, "no run was killed: the kill points are all after the end of a run"
+    first_cell = rng.randint(1, len(POSTPROCESSORS))
+    kill_points = [("forward", rng.randint(1, baseline["forwards"])), ("cell", first_cell),
+                   ("cell", rng.randint(1, len(POSTPROCESSORS) - first_cell + 1))]
+    for event, at in kill_points:
+        watched = Watched(("run", str(config)), cache, tmp_path, prelude=PAUSE_AT,
+                          env={**environment(cache), "PAUSE_EVENT": event, "PAUSE_AT": str(at)})
+        assert watched.wait_for("KILL-POINT", timeout=300), f"the run did not reach {event} {at}: {watched.stderr[-3000:]}"
+        assert watched.kill()
+    assert len(cell_keys(store)) == first_cell - 1 + kill_points[2][1] - 1, "each kill landed where it was drawn"
     done = run(("run", str(config)), cache, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert store_rows(store) == baseline["rows"], f"kills at {killed} changed the results"
+    assert store_rows(store) == baseline["rows"], f"kills at {kill_points} changed the results"
     assert len(cell_keys(store)) == len(set(cell_keys(store))) == len(POSTPROCESSORS)
     assert leftover_temporaries(cache) == [], "temporary files of killed writers stayed in the cache"
     assert done.stdout.splitlines()[-len(POSTPROCESSORS):] == baseline["stdout"].splitlines()[-len(POSTPROCESSORS):]
