@@ -4,7 +4,8 @@ A cached or stored value may only be reused when its key names everything that w
 into it (DESIGN.md, "Identity and reuse"):
 
 - **data split**: the files actually read (relative path and content hash, or size and
-  modification time for image files this cache has not hashed; see `FileState`), which
+  modification time for image files this cache has not hashed, plus the contents of a
+  seeded sample of them; see `FileState`), which
   layout was picked, the selected indices after ``parts``/``limit``, and the
   preprocessing (`split_fingerprint`);
 - **benchmark**: its resolved definition and the fingerprints of the splits used, never
@@ -133,37 +134,49 @@ class FileState:
 
     def describe(self, paths: Sequence[Path]) -> str:
         """A digest naming each file by relative path and content hash (or size and mtime), and
-        the contents of a sample of the files: all of them when they total at most
-        `WHOLE_SET_BYTES` or number at most `SAMPLE_FILES`, else a seeded `SAMPLE_FILES` of them.
-        The sample costs one read of those files per data root (remembered by (path, size,
-        mtime, inode) like every hash): README, "Data fingerprints"."""
+        the contents of a sample of the files: all of them when they number at most
+        `SAMPLE_FILES` or total at most `WHOLE_SET_BYTES`, else a seeded `SAMPLE_FILES` of them.
+        The sample costs one read of those files per data root, remembered by (path, size,
+        mtime, inode) like every hash (README, "What a cached number is tied to")."""
         hasher = hashlib.sha256()
-        states = []
+        states: list[tuple] | None = []  # kept while the set may still be hashed whole (memory: a sample only)
+        total = 0
         for path in paths:
             absolute = os.path.abspath(path)
             stat = os.stat(absolute)
             state = (absolute, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-            states.append(state)
+            total += stat.st_size
+            if states is not None:
+                states.append(state)
+                if len(states) > SAMPLE_FILES and total > WHOLE_SET_BYTES:
+                    states = None
             content = self.file_hash(Path(path), state) if self.verify else self._lookup(state)
             what = content or f"{stat.st_size}\0{stat.st_mtime_ns}"
             hasher.update(f"{self._relative(absolute)}\0{what}\n".encode())
-        hasher.update(self._sample_digest(states).encode())
+        if states is None:
+            chosen = np.sort(np.random.default_rng(0).choice(len(paths), SAMPLE_FILES, replace=False))
+            states = [self._state(paths[index]) for index in chosen]
+        else:
+            chosen = np.arange(len(states))
+        sample = hashlib.sha256(b"sample")
+        for index, state in zip(chosen.tolist(), states):
+            sample.update(f"{index}\0{self._sampled_hash(state)}\n".encode())
+        hasher.update(sample.hexdigest().encode())
         return "files:" + hasher.hexdigest()[:32]
 
-    def _sample_digest(self, states: list[tuple]) -> str:
-        if len(states) <= SAMPLE_FILES or sum(state[1] for state in states) <= WHOLE_SET_BYTES:
-            chosen: Iterable[int] = range(len(states))
-        else:
-            chosen = np.sort(np.random.default_rng(0).choice(len(states), SAMPLE_FILES, replace=False))
-        hasher = hashlib.sha256(b"sample")
-        for index in chosen:
-            state = states[index]
-            known = self._lookup(state) or self._lookup(state, "sampled")
-            if known is None:
-                known = _sha256_of(state[0])
-                self._remember(state, known, "sampled")
-            hasher.update(f"{index}\0{known}\n".encode())
-        return hasher.hexdigest()
+    @staticmethod
+    def _state(path: Path | str) -> tuple:
+        absolute = os.path.abspath(path)
+        stat = os.stat(absolute)
+        return absolute, stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+    def _sampled_hash(self, state: tuple) -> str:
+        """A sampled file's content hash: as remembered for naming, or for sampling, or read now."""
+        known = self._lookup(state) or self._lookup(state, "sampled")
+        if known is None:
+            known = _sha256_of(state[0])
+            self._remember(state, known, "sampled")
+        return known
 
     def names(self, paths: Sequence[Path]) -> str:
         """A digest of the files' relative paths alone (no file is read or stat'ed)."""
@@ -181,9 +194,7 @@ class FileState:
 
     def file_hash(self, path: Path, state: tuple | None = None) -> str:
         """sha256 of a file; remembered, and read again only when its stat changed or with ``verify``."""
-        if state is None:
-            stat = os.stat(path)
-            state = (str(Path(os.path.abspath(path))), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        state = self._state(path) if state is None else state
         known = None if self.verify else self._lookup(state)
         if known is not None:
             return known
