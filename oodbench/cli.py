@@ -603,6 +603,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_failure(sub) -> None:
+    parser = sub.add_parser("failure", help="failure detection on ID test (right vs wrong predictions) for every "
+                                            "postprocessor of a finished run: AURC, E-AURC, AUGRC, AUROC_f, "
+                                            "FPR@95_f, and a risk-coverage plot; from the store's scores")
+    _add_common_run_args(parser)
+    parser.add_argument("--postprocessor", action="append", help="only these postprocessors (repeatable; default all)")
+    parser.add_argument("--model", action="append", help="only these models (repeatable; default all)")
+    parser.add_argument("--sort", choices=["aurc", "eaurc", "augrc", "auroc", "fpr95"], default="aurc",
+                        help="rank each model's rows by this metric, best first (default aurc)")
+    parser.add_argument("--format", choices=["markdown", "latex", "csv", "json"], default="markdown",
+                        help="markdown (default), latex, or csv / json (one row per cell, fractions)")
+    _add_output_arg(parser)
+    parser.set_defaults(func=cmd_failure)
+
+
+def cmd_failure(args: argparse.Namespace) -> int:
+    from oodbench.benchmark.experiment import CachedExperiment
+    from oodbench.evaluators.failure import experiment_failure, render_failure
+    from oodbench.results.plots import risk_coverage_figure, save_figure
+
+    experiment = CachedExperiment.open(args.config, **_overrides(args))
+    frame, curves = experiment_failure(experiment, args.postprocessor, args.model)
+    if args.format == "csv":
+        print(frame.to_csv(index=False).rstrip("\n"))
+    elif args.format == "json":
+        print(frame.to_json(orient="records"))
+    else:
+        print(render_failure(frame, args.format, args.sort))
+    stem = f"failure_{experiment.benchmark.name}"
+    title = f"{experiment.benchmark.name}: selective classification on ID test per postprocessor"
+    paths = save_figure(risk_coverage_figure(curves, title), args.output, stem)
+    frame.to_csv(Path(args.output) / f"{stem}.csv", index=False)
+    print(f"plot and table: {', '.join(map(str, paths))}, {Path(args.output) / f'{stem}.csv'}", file=sys.stderr)
+    return 0
+
+
 PLOT_KINDS = ("hist", "pro-shift", "landscape", "features", "tradeoff")  # the kinds of results.plots.build_plot
 
 
@@ -644,7 +680,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ main
 
 COMMANDS: list[Callable] = [add_run, add_leaderboard, add_reproduce, add_results, add_list, add_validate, add_data,
-                            add_compare, add_calibration, add_report, add_plot]
+                            add_compare, add_calibration, add_report, add_failure, add_plot]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

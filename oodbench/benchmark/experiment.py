@@ -94,12 +94,12 @@ class CachedExperiment:
             raise OodbenchError(f"no cached OOD outputs of {spec.display}; {self.run_first}")
         return present
 
-    def fitted(self, spec: ModelSpec, name: str) -> Postprocessor:
-        """The postprocessor with the hyperparameters of its stored cell, fitted as in the run."""
+    def cell(self, spec: ModelSpec, name: str):
+        """The stored done cell (a one-row frame of ``cells``) of postprocessor `name` on `spec`
+        under this config's setting and data."""
         if name not in self.plan.methods:
             raise OodbenchError(f"'{name}' is not a postprocessor of {self.config.source}; add it there and "
                                 f"{self.run_first}")
-        cls = POSTPROCESSORS.get(name)
         model = self.model(spec)
         fingerprint = self.plan.cell_fingerprint(name, model.identity, model.weights_hash, self.context(spec).image)
         cells = self.store.frame("cells", benchmark=self.benchmark.name, model=spec.model_label, postprocessor=name,
@@ -107,6 +107,19 @@ class CachedExperiment:
         if cells.empty:
             raise OodbenchError(f"no '{name}' result for {spec.display} ({self.plan.methods[name].setting}) on this "
                                 f"data in {self.store.path}; {self.run_first}")
+        return cells.iloc[:1]
+
+    def stored_scores(self, spec: ModelSpec, name: str, dataset: str = "id_test") -> np.ndarray | None:
+        """The per-image test scores the run stored for this cell on `dataset` (``id_test`` or an
+        OOD set's name), verified by checksum; None where the store has none (older stores)."""
+        fingerprint = self.cell(spec, name).fingerprint.iloc[0]
+        found, _ = self.store.read_scores([fingerprint])
+        return found.get(fingerprint, {}).get(dataset)
+
+    def fitted(self, spec: ModelSpec, name: str) -> Postprocessor:
+        """The postprocessor with the hyperparameters of its stored cell, fitted as in the run."""
+        cells = self.cell(spec, name)
+        cls = POSTPROCESSORS.get(name)
         method = cls(**json.loads(cells.params.iloc[0] or "{}"))
         if cls.needs_fit:
             fit_split = "id:fit" if "id:fit" in self.splits else "id:val"

@@ -6,6 +6,13 @@
 - EBO, energy (Liu et al., NeurIPS 2020): T logsumexp(f / T).
 - GEN, generalized entropy (Liu et al., CVPR 2023): -sum over the M largest p_c of
   p_c^g (1 - p_c)^g, M capped at the number of classes.
+- DOCTOR (Granese et al., "DOCTOR: A Simple Method for Detecting Misclassification
+  Errors", NeurIPS 2021), with p = softmax(f / T): D_alpha = (1 - g) / g, g = sum_c p_c^2
+  (the probability that two draws from p agree), and D_beta = (1 - max_c p_c) / max_c p_c;
+  the harness score is -D (a misclassification detector: high = confident). The paper also
+  perturbs the input as ODIN does (its epsilon); this is the perturbation-free form (its
+  "totally black-box" case). The paper tunes T and epsilon for error detection on held-out
+  data; oodbench's search tunes for OOD, so DOCTOR has no search list: pass ``temperature``.
 
 The softmax-based scores (MSP, entropy, GEN) are computed from float64 logits and returned
 in float64: in float32 the softmax of a confident sample saturates at exactly 1.0 (a logit
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from oodbench.postprocessors.base import Integer, Number, Outputs, Postprocessor
+from oodbench.postprocessors.base import Integer, Number, OneOf, Outputs, Postprocessor
 from oodbench.registry import register_postprocessor
 
 
@@ -90,3 +97,15 @@ class GEN(Postprocessor):
         top = probs.topk(min(max(int(s["top_m"]) for s in settings), probs.shape[1]), dim=1).values
         return [generalized_entropy_of_top(top[:, : min(int(s["top_m"]), probs.shape[1])].contiguous(), s["gamma"])
                 for s in settings]
+
+
+@register_postprocessor("doctor")
+class DOCTOR(Postprocessor):
+    family = "softmax"
+    defaults = {"temperature": 1.0, "variant": "alpha"}
+    ranges = {"temperature": Number(gt=0), "variant": OneOf("alpha", "beta")}
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        probs = torch.softmax(outputs.logits.double() / float(self.params["temperature"]), dim=1)
+        agree = probs.square().sum(dim=1) if self.params["variant"] == "alpha" else probs.max(dim=1).values
+        return -(1 - agree) / agree

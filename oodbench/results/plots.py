@@ -16,6 +16,7 @@ model or class its own colour. The `*_data` functions gather the data:
   continuous palette, each OOD set with its own marker and a colour outside it;
 - ``tradeoff``: near-OOD FPR@95 against near-OOD AUROC per method (the PRO paper's
   Fig. 1), a panel per model, marker by method family (`Postprocessor.family`), from the store;
+- ``oodbench failure``'s risk–coverage figure (selective and generalized risk against coverage);
 - the robust-vs-standard bar chart of AUROC per postprocessor and model (Fig. 4), and the
   2x2 calibration-under-noise figure.
 """
@@ -364,6 +365,43 @@ def tradeoff_figure(frame: pd.DataFrame, title: str, fpr: str = "classic") -> Fi
     for text in legend.get_texts():
         if text.get_text() in {FAMILY_STYLE[f][1] for f in families}:
             text.set_fontweight("bold")
+    _title(figure, title)
+    return figure
+
+
+@paper_style
+def risk_coverage_figure(curves: dict, title: str) -> Figure:
+    """Selective risk (left) and generalized risk (right, x100) against coverage, one row of
+    panels per model and one colour per postprocessor; a dotted black line is the perfect
+    ranking at the model's accuracy. `curves`: (model, postprocessor) ->
+    `oodbench.evaluators.failure.RiskCoverage`."""
+    models = list(dict.fromkeys(model for model, _ in curves))
+    names = list(dict.fromkeys(name for _, name in curves))
+    colours = dict(zip(names, palette(len(names))))
+    figure = Figure(figsize=(DOUBLE_COLUMN, 2.3 * len(models) + 0.4), layout="constrained")
+    axes = figure.subplots(len(models), 2, squeeze=False)
+    for row, model in zip(axes, models):
+        error = None
+        for (owner, name), curve in curves.items():
+            if owner != model:
+                continue
+            coverage = np.append(curve.coverage, 0.0)
+            row[0].plot(coverage, 100 * np.append(curve.selective_risk, curve.selective_risk[-1]),
+                        color=colours[name], label=name)
+            row[1].plot(coverage, 100 * np.append(curve.generalized_risk, 0.0), color=colours[name], label=name)
+            error = curve.generalized_risk[0]
+        perfect = np.linspace(0, 1, 201)
+        wrong_kept = np.clip(perfect - (1 - error), 0, None)
+        row[0].plot(perfect, 100 * np.divide(wrong_kept, perfect, out=np.zeros_like(perfect), where=perfect > 0),
+                    color="black", linestyle=":", label="perfect ranking")
+        row[1].plot(perfect, 100 * wrong_kept, color="black", linestyle=":", label="perfect ranking")
+        row[0].set(title=f"{model}: risk-coverage (AURC)", ylabel="selective risk: error on accepted (%)")
+        row[1].set(title=f"{model}: generalized risk (AUGRC)", ylabel="accepted and wrong (% of all)")
+        for ax in row:
+            ax.set(xlim=(0, 1), xlabel="coverage (share of ID test accepted)")
+            ax.set_ylim(bottom=0)
+            ax.grid(linewidth=0.3, color="0.85")
+    _figure_legend(figure, *_unique_handles(axes.ravel()))
     _title(figure, title)
     return figure
 
