@@ -395,8 +395,10 @@ def risk_coverage_figure(curves: dict, title: str) -> Figure:
         row[0].plot(perfect, 100 * np.divide(wrong_kept, perfect, out=np.zeros_like(perfect), where=perfect > 0),
                     color="black", linestyle=":", label="perfect ranking")
         row[1].plot(perfect, 100 * wrong_kept, color="black", linestyle=":", label="perfect ranking")
-        row[0].set(title=f"{model}: risk-coverage (AURC)", ylabel="selective risk: error on accepted (%)")
-        row[1].set(title=f"{model}: generalized risk (AUGRC)", ylabel="accepted and wrong (% of all)")
+        row[0].set(title=textwrap.fill(f"{model}: risk-coverage (AURC)", 50),
+                   ylabel="selective risk: error on accepted (%)")
+        row[1].set(title=textwrap.fill(f"{model}: generalized risk (AUGRC)", 50),
+                   ylabel="accepted and wrong (% of all)")
         for ax in row:
             ax.set(xlim=(0, 1), xlabel="coverage (share of ID test accepted)")
             ax.set_ylim(bottom=0)
