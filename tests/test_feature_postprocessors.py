@@ -89,6 +89,12 @@ def ref_mds(d, relative: bool = False):
     return score
 
 
+def unit_rows(d):
+    """The data with train and test features scaled to unit L2 norm (Mahalanobis++)."""
+    return {**d, "train": d["train"] / np.linalg.norm(d["train"], axis=1, keepdims=True),
+            "test": d["test"] / np.linalg.norm(d["test"], axis=1, keepdims=True)}
+
+
 def ref_knn(d, k):
     bank = d["train"] / np.linalg.norm(d["train"], axis=1, keepdims=True)
     query = d["test"] / np.linalg.norm(d["test"], axis=1, keepdims=True)
@@ -152,6 +158,8 @@ def ref_gradnorm(d):
 CASES = [
     ("mds", {}, lambda d: ref_mds(d)),
     ("rmds", {}, lambda d: ref_mds(d, relative=True)),
+    ("mds_pp", {}, lambda d: ref_mds(unit_rows(d))),
+    ("rmds_pp", {}, lambda d: ref_mds(unit_rows(d), relative=True)),
     ("knn", {"k": 1}, lambda d: ref_knn(d, 1)),
     ("knn", {"k": 7}, lambda d: ref_knn(d, 7)),
     ("vim", {"dim": 6}, lambda d: ref_vim(d, 6)),

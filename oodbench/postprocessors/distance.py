@@ -6,6 +6,11 @@
 - RMDS, relative Mahalanobis distance (Ren et al., arXiv:2106.09022): subtracts the
   distance to one class-agnostic Gaussian (mu_0, S_0) of all train features;
   score = max_c [-(z - mu_c)' S^+ (z - mu_c) + (z - mu_0)' S_0^+ (z - mu_0)].
+- MDS++ and RMDS++ (Mahalanobis++, Mueller & Hein, ICML 2025, arXiv:2505.18032; reference
+  code github.com/mueller-mp/maha-norm): MDS and RMDS on L2-normalised features z / ||z||,
+  for the fit and the scores alike. Normalising removes the feature norm, which varies far
+  more than a Gaussian with a tied covariance allows (the paper's diagnosis); no
+  hyperparameters.
 - KNN (Sun et al., ICML 2022): score = -|| z/||z|| - b_(K) ||, the Euclidean distance
   to the K-th nearest L2-normalised train feature b, = sqrt(2 - 2 s_(K)) with s_(K) the
   K-th largest cosine similarity. Exact search: with faiss installed (``pip install
@@ -24,6 +29,7 @@ one block plus the D x D matrices.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import torch
 
@@ -100,6 +106,29 @@ class RelativeMahalanobis(Mahalanobis):
 
 def l2_normalise(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.float(), dim=1)
+
+
+def on_unit_features(outputs: Outputs) -> Outputs:
+    """`outputs` with each feature row scaled to unit L2 norm (Mahalanobis++)."""
+    return replace(outputs, features=l2_normalise(outputs.features))
+
+
+@register_postprocessor("mds_pp", "mahalanobis_pp")
+class MahalanobisPP(Mahalanobis):
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        super().fit(on_unit_features(train), val)
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        return super().score(on_unit_features(outputs))
+
+
+@register_postprocessor("rmds_pp", "relative_mahalanobis_pp")
+class RelativeMahalanobisPP(RelativeMahalanobis):
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        super().fit(on_unit_features(train), val)
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        return super().score(on_unit_features(outputs))
 
 
 def knn_backend() -> str:
