@@ -141,6 +141,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.openmax",
         "oodbench.postprocessors.neighbours",
         "oodbench.postprocessors.prototypes",
+        "oodbench.postprocessors.weiper",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(
