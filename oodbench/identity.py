@@ -78,13 +78,16 @@ def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
 
 
 def code_digest(cls: type) -> str:
-    """Hash of the module defining `cls`: editing a method's code changes its keys. A method
+    """Hash of the module defining `cls` (and of its ``code_modules``, the modules a composite
+    method's parts come from): editing a method's code changes its keys. A method
     that computes its scores one of two ways depending on what is installed (KNN: faiss or
     torch) names the one in use with a ``backend()`` static method, which is hashed too."""
-    try:
-        text = inspect.getsource(sys.modules[cls.__module__])
-    except (OSError, TypeError, KeyError):
-        text = f"{cls.__module__}.{cls.__qualname__}"
+    text = ""
+    for module in (cls.__module__, *getattr(cls, "code_modules", ())):  # a composite's parts live elsewhere
+        try:
+            text += inspect.getsource(sys.modules[module])
+        except (OSError, TypeError, KeyError):
+            text += f"{module}.{cls.__qualname__}"
     backend = getattr(cls, "backend", None)
     if callable(backend):
         text += f"\0backend={backend()}"

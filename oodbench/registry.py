@@ -41,6 +41,8 @@ class Registry(Generic[T]):
         self._lazy_modules = lazy_modules
         self._loaded = False
         self._origin = "builtin"
+        # names made on demand (a shaper+scorer composite): name -> object, None if not such a name
+        self.resolver: Callable[[str], T | None] | None = None
 
     def register(self, *names: str) -> Callable[[T], T]:
         if not names:
@@ -75,6 +77,9 @@ class Registry(Generic[T]):
 
     def entry(self, name: str) -> Entry[T]:
         self._ensure_loaded()
+        made = self.resolver(name) if name not in self._entries and self.resolver is not None else None
+        if made is not None:
+            self._entries[name] = Entry(name, made, "composed")
         if name not in self._entries:
             raise OodbenchError(
                 f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
@@ -128,7 +133,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.shaping",
         "oodbench.postprocessors.gradnorm",
         "oodbench.postprocessors.pro",
-        "oodbench.postprocessors.react_gen",
+        "oodbench.postprocessors.compose",
         "oodbench.postprocessors.odin",
         "oodbench.postprocessors.sni",
         "oodbench.postprocessors.latent",

@@ -548,7 +548,7 @@ def test_gen_react_matches_its_formula():
     fc = model.fc
     fit = Outputs(logits=model(train).detach(), features=torch.from_numpy(z_train).float(), fc=fc)
     method.fit(fit, fit)
-    assert method.threshold == pytest.approx(threshold)
+    assert method.shaper_state["threshold"] == pytest.approx(threshold)
     got = method.score(Outputs(logits=model(test).detach(), features=torch.from_numpy(z).float(), fc=fc))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
 

@@ -1,0 +1,226 @@
+"""Shaping x scorer: a feature- or weight-shaping rule applied before any score, named
+``<shaper>+<scorer>`` (``react+ebo``, ``ash_s+gen``, ``scale+msp``, ``react+knn``,
+``dice+pro_msp``), as OODEEL lets one combine them.
+
+The shaper rewrites the penultimate features z (or the classifier weights W) and the
+logits are recomputed from them, f' = W' z' + b, in float64; the scorer then reads these
+outputs as if the model had produced them: it is fitted on the shaped fit and validation
+splits and scores the shaped test splits. A scorer that runs the model again (the PRO
+family) takes every step through the shaping: its logits at an input x are W' shape(z(x)) + b.
+
+Shapers (`SHAPERS`; the formulas of `oodbench.postprocessors.shaping`, where each is also
+registered with the energy score as ``react``, ``ash``, ``scale``, ``dice``):
+
+- ``react`` (Sun et al., NeurIPS 2021): z' = min(z, t), t the ``percentile``-th percentile
+  of every activation of the fit split;
+- ``ash_b``, ``ash_p``, ``ash_s`` (Djurisic et al., ICLR 2023): keep the k = D - round(D p / 100)
+  largest activations (``percentile`` p), as ASH-B / -P / -S;
+- ``scale`` (Xu et al., ICLR 2024): z' = z exp(sum(z) / sum of the top k of z);
+- ``dice`` (Sun & Li, ECCV 2022): W' = W masked where W * mean fit z is at or below its
+  ``percentile``-th percentile.
+
+The composite takes both parts' hyperparameters (a name both use is refused), searches
+both parts' lists (``configs/postprocessors/<shaper>.yaml`` and ``<scorer>.yaml``, each
+part's own name), and fits the shaper's state once per value of its hyperparameters.
+``gen_react`` is ``react+gen`` and ``pro_gen_react`` is ``react+pro_gen`` (the PRO paper's
+code, Chen et al., CVPR 2025), each with its own search lists and convention settings.
+Scorers that read auxiliary outputs, intermediate layers or several checkpoints, input
+perturbation methods other than PRO, and the shaping methods themselves do not compose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from oodbench.errors import OodbenchError
+from oodbench.postprocessors.base import Number, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.shaping import PRUNING_PERCENTILE, ash, kept_count, percentile, scale
+from oodbench.registry import POSTPROCESSORS, register_postprocessor
+
+SEPARATOR = "+"
+SHAPED = "shaped"  # outputs.meta key: these outputs are already shaped (by the composite of this id)
+
+
+class Shaper:
+    """A rule reshaping z or W; `fit` returns its state (a dict), the others read it.
+    ``searched_as``: the registered method whose search lists the shaper's parameters take."""
+
+    name: ClassVar[str] = ""
+    searched_as: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {"percentile": 90}
+    ranges: ClassVar[dict[str, Any]] = {"percentile": PRUNING_PERCENTILE}
+
+    def fit(self, train: Outputs, params: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def features(self, z: torch.Tensor, state: dict[str, Any], params: dict[str, Any]) -> torch.Tensor:
+        return z
+
+    def weight(self, weight: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return weight
+
+
+class ReActShaper(Shaper):
+    searched_as = "react"
+    ranges = {"percentile": Number(ge=0, le=100)}
+
+    def fit(self, train, params):
+        return {"threshold": percentile(train.features, params["percentile"])}
+
+    def features(self, z, state, params):
+        return z.clamp(max=state["threshold"])
+
+
+class ASHShaper(Shaper):
+    searched_as = "ash"
+
+    def __init__(self, variant: str):
+        self.variant = variant
+
+    def features(self, z, state, params):
+        return ash(z, kept_count(z.shape[1], params["percentile"], f"ash_{self.variant}"), self.variant)
+
+
+class ScaleShaper(Shaper):
+    searched_as = "scale"
+    defaults = {"percentile": 85}
+
+    def features(self, z, state, params):
+        return scale(z, kept_count(z.shape[1], params["percentile"], "scale"))
+
+
+class DICEShaper(Shaper):
+    searched_as = "dice"
+
+    def fit(self, train, params):
+        weight = train.fc[0].double()
+        contribution = weight * train.features.double().mean(dim=0)
+        return {"mask": contribution > percentile(contribution, params["percentile"])}
+
+    def weight(self, weight, state):
+        return weight * state["mask"].to(weight.dtype)
+
+
+SHAPERS: dict[str, Shaper] = {"react": ReActShaper(), "ash_b": ASHShaper("b"), "ash_p": ASHShaper("p"),
+                              "ash_s": ASHShaper("s"), "scale": ScaleShaper(), "dice": DICEShaper()}
+for _name, _shaper in SHAPERS.items():
+    _shaper.name = _name
+
+
+class Shaped:
+    """Mixed in before the scorer's class: shapes every outputs the scorer reads."""
+
+    shaper: ClassVar[Shaper]
+    scorer: ClassVar[type[Postprocessor]]
+
+    def _shaper_params(self) -> dict[str, Any]:
+        return {k: self.params[k] for k in self.shaper.defaults}
+
+    def _shaped_logits(self, z: torch.Tensor, fc: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        weight, bias = fc
+        weight = self.shaper.weight(weight.to(z.dtype), self.shaper_state)
+        return self.shaper.features(z, self.shaper_state, self._shaper_params()) @ weight.T + bias.to(z.dtype)
+
+    def _mark(self) -> tuple:
+        """What the shaping of these outputs was: the shaper, its parameters and its fitted state."""
+        return self.shaper.name, tuple(sorted(self._shaper_params().items())), id(self.shaper_state)
+
+    def shaped(self, outputs: Outputs) -> Outputs:
+        """`outputs` with z' and f' = W' z' + b (float64); unchanged when already shaped this way
+        (the default `score_grid` hands shaped outputs to copies of this method). A scorer that
+        runs the model reads its shaped logits through `logits`, so its outputs stay as they are."""
+        if self.scorer.needs_model:
+            return outputs
+        if outputs.features is None:
+            raise OodbenchError(f"{self.name} needs the penultimate features")
+        if outputs.meta.get(SHAPED) == self._mark():
+            return outputs
+        params = self._shaper_params()
+        fc = tuple(t.double() for t in outputs.fc)
+        features = in_blocks(lambda z: self.shaper.features(z.double(), self.shaper_state, params), outputs.features)
+        logits = in_blocks(lambda z: self._shaped_logits(z.double(), fc), outputs.features)
+        return replace(outputs, logits=logits, features=features,
+                       fc=(self.shaper.weight(fc[0], self.shaper_state), fc[1]), meta={**outputs.meta, SHAPED: self._mark()})
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        if train.features is None:
+            raise OodbenchError(f"{self.name} needs the penultimate features of the fit split")
+        self.shaper_state = self.shaper.fit(train, self._shaper_params())
+        if self.scorer.needs_fit:
+            super().fit(self.shaped(train), self.shaped(val))
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        return super().score(self.shaped(outputs))
+
+    def score_grid(self, outputs: Outputs, combos: list[dict[str, Any]]) -> list[torch.Tensor]:
+        return super().score_grid(self.shaped(outputs), combos)
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An input-gradient scorer's logits: W' shape(z(x)) + b, differentiable."""
+        features, _ = model.features(x)
+        return self._shaped_logits(features, model.fc)
+
+
+def _refuse(scorer: type[Postprocessor], name: str) -> str | None:
+    """Why `scorer` cannot take shaped outputs, or None."""
+    if scorer.family == "activation":
+        return "it shapes activations itself; name its shaper instead (e.g. react+ebo)"
+    if scorer.needs_extras or scorer.needs_layers or scorer.needs_checkpoints:
+        return "it reads more than the logits and penultimate features"
+    if scorer.needs_model and not hasattr(scorer, "logits"):
+        return "it runs the model on perturbed inputs; of those, only the PRO family composes"
+    return None
+
+
+def composed(name: str) -> type[Postprocessor] | None:
+    """The class of ``<shaper>+<scorer>``; None when `name` has no separator. Raises one line
+    naming the problem when a part is unknown or cannot compose."""
+    if SEPARATOR not in name:
+        return None
+    shaper_name, _, scorer_name = name.partition(SEPARATOR)
+    if shaper_name not in SHAPERS:
+        from oodbench.errors import did_you_mean
+
+        raise OodbenchError(f"unknown shaper '{shaper_name}' in '{name}'{did_you_mean(shaper_name, SHAPERS)}; "
+                            f"shapers: {', '.join(SHAPERS)}")
+    scorer = POSTPROCESSORS.get(scorer_name)
+    reason = _refuse(scorer, scorer_name)
+    if reason:
+        raise OodbenchError(f"'{name}': {scorer_name} does not take shaped outputs: {reason}")
+    return compose(SHAPERS[shaper_name], scorer)
+
+
+_MADE: dict[tuple[str, type], type[Postprocessor]] = {}
+
+
+def compose(shaper: Shaper, scorer: type[Postprocessor]) -> type[Postprocessor]:
+    """The composite class (one per pair): the scorer's class with `Shaped` mixed in."""
+    key = (shaper.name, scorer)
+    if key in _MADE:
+        return _MADE[key]
+    clash = set(shaper.defaults) & set(scorer.defaults)
+    if clash:
+        raise OodbenchError(f"'{shaper.name}{SEPARATOR}{scorer.name}': both parts take {', '.join(sorted(clash))}")
+    made = type(f"{type(shaper).__name__}_{scorer.__name__}", (Shaped, scorer), {
+        "__module__": __name__, "shaper": shaper, "scorer": scorer, "family": "activation",
+        "needs_features": True, "needs_fit": True, "defaults": {**shaper.defaults, **scorer.defaults},
+        "ranges": {**shaper.ranges, **scorer.ranges}, "fit_params": _fit_params(shaper, scorer),
+        "search_parts": (shaper.searched_as, scorer.name), "code_modules": (scorer.__module__, ash.__module__), "name": f"{shaper.name}{SEPARATOR}{scorer.name}"})
+    _MADE[key] = made
+    return made
+
+
+def _fit_params(shaper: Shaper, scorer: type[Postprocessor]) -> tuple[str, ...] | None:
+    """The shaper's parameters (they change what the scorer is fitted on) and the scorer's own."""
+    if not scorer.needs_fit:
+        return tuple(shaper.defaults)
+    return None if scorer.fit_params is None else (*shaper.defaults, *scorer.fit_params)
+
+
+POSTPROCESSORS.resolver = composed
+register_postprocessor("gen_react")(composed("react+gen"))
+register_postprocessor("pro_gen_react")(composed("react+pro_gen"))

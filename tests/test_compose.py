@@ -1,0 +1,121 @@
+"""Shaping x scorer composites (`oodbench.postprocessors.compose`): each against the scorer's
+formula written again in NumPy on features shaped in NumPy; with the energy score, equal to
+the registered shaping methods; ``gen_react`` / ``pro_gen_react`` are ``react+gen`` /
+``react+pro_gen``; the search covers both parts' lists; the grid equals one-by-one scoring;
+bad names fail in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp, softmax
+
+from oodbench.benchmark.plan import search_space_for
+from oodbench.errors import OodbenchError
+from oodbench.registry import POSTPROCESSORS
+from tests.test_feature_postprocessors import DIM, N_TEST, data, ref_knn, run  # noqa: F401  (the data fixture)
+
+
+def shaped_np(d, shaper: str, p: float):
+    """(train z', test z', W') of the NumPy data under one shaper."""
+    k = DIM - int(np.round(DIM * p / 100))
+
+    def one(z):
+        if shaper == "react":
+            return np.minimum(z, np.percentile(d["train"], p))
+        if shaper == "scale":
+            top = -np.sort(-z, axis=1)[:, :k].sum(axis=1)
+            return z * np.exp(z.sum(axis=1) / top)[:, None]
+        if shaper.startswith("ash"):
+            out = np.zeros_like(z)
+            for i, row in enumerate(z):
+                top = np.argsort(-row)[:k]
+                out[i, top] = {"ash_b": row.sum() / k, "ash_p": row[top],
+                               "ash_s": row[top] * np.exp(row.sum() / row[top].sum())}[shaper]
+            return out
+        return z
+
+    weight = d["W"]
+    if shaper == "dice":
+        contribution = d["W"] * d["train"].mean(axis=0)[None]
+        weight = d["W"] * (contribution > np.percentile(contribution, p))
+    return one(d["train"]), one(d["test"]), weight
+
+
+def gen_np(logits, gamma=0.1, m=100):
+    top = -np.sort(-softmax(logits, axis=1), axis=1)[:, :m]
+    return -(top**gamma * (1 - top) ** gamma).sum(axis=1)
+
+
+SHAPERS = [("react", 85), ("ash_b", 70), ("ash_p", 65), ("ash_s", 80), ("scale", 75), ("dice", 50)]
+SCORERS = {
+    "ebo": lambda d, train, test, w: logsumexp(test @ w.T + d["b"], axis=1),
+    "msp": lambda d, train, test, w: softmax(test @ w.T + d["b"], axis=1).max(axis=1),
+    "gen": lambda d, train, test, w: gen_np(test @ w.T + d["b"]),
+    "knn": lambda d, train, test, w: ref_knn({"train": train, "test": test}, 5),
+}
+
+
+@pytest.mark.parametrize("shaper,p", SHAPERS, ids=[s for s, _ in SHAPERS])
+@pytest.mark.parametrize("scorer", list(SCORERS))
+def test_composite_is_the_scorer_on_shaped_outputs(shaper, p, scorer, data):
+    train, test, weight = shaped_np(data, shaper, p)
+    expected = SCORERS[scorer](data, train, test, weight)
+    params = {"percentile": p, **({"k": 5} if scorer == "knn" else {})}
+    got = run(f"{shaper}+{scorer}", data, **params)
+    # KNN normalises in float32, and sqrt(2 - 2 cos) near cos = 1 magnifies that to ~3e-4
+    tolerance = {"rtol": 1e-5, "atol": 1e-3} if scorer == "knn" else {"rtol": 1e-6, "atol": 0}
+    np.testing.assert_allclose(got, expected, **tolerance)
+    assert np.std(expected) > 0
+
+
+@pytest.mark.parametrize("shaper,method,params", [
+    ("react", "react", {}), ("ash_b", "ash", {}), ("ash_p", "ash", {"variant": "p"}),
+    ("ash_s", "ash", {"variant": "s"}), ("scale", "scale", {}), ("dice", "dice", {})])
+def test_with_the_energy_score_it_is_the_registered_shaping_method(shaper, method, params, data):
+    percentile = POSTPROCESSORS.get(method).defaults["percentile"]
+    composite = run(f"{shaper}+ebo", data, percentile=percentile)
+    np.testing.assert_allclose(composite, run(method, data, **params), rtol=1e-6)  # float32 vs float64 energy
+
+
+def test_gen_react_and_pro_gen_react_are_composites():
+    assert POSTPROCESSORS.get("gen_react") is POSTPROCESSORS.get("react+gen")
+    assert POSTPROCESSORS.get("pro_gen_react") is POSTPROCESSORS.get("react+pro_gen")
+    assert POSTPROCESSORS.get("gen_react").defaults == {"percentile": 90, "gamma": 0.1, "top_m": 100}
+
+
+def test_search_covers_both_parts():
+    space = search_space_for("ash_s+gen", POSTPROCESSORS.get("ash_s+gen"))
+    assert space == {**search_space_for("ash", POSTPROCESSORS.get("ash")),
+                     **search_space_for("gen", POSTPROCESSORS.get("gen"))}
+    assert set(search_space_for("react+knn", POSTPROCESSORS.get("react+knn"))) == {"percentile", "k"}
+    # gen_react keeps its own lists (the PRO code's), read from configs/postprocessors/gen_react.yaml
+    assert search_space_for("react+gen", POSTPROCESSORS.get("react+gen"))["top_m"] == [500]
+
+
+def test_grid_shapes_once(data):
+    method = POSTPROCESSORS.get("ash_s+gen")(percentile=70)
+    method.fit(data["train_out"], data["train_out"])
+    combos = [{"gamma": g, "top_m": m} for g in (0.1, 2) for m in (2, 5)]
+    for combo, scores in zip(combos, method.score_grid(data["test_out"], combos)):
+        _, test, weight = shaped_np(data, "ash_s", 70)
+        np.testing.assert_allclose(scores.numpy(), gen_np(test @ weight.T + data["b"], combo["gamma"], combo["top_m"]),
+                                   rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("foo+ebo", "unknown shaper 'foo'"), ("react+odin", "only the PRO family composes"),
+    ("react+ash", "shapes activations itself"), ("react+kl_gaussian", "reads more than"),
+    ("react+nope", "unknown postprocessor 'nope'")])
+def test_bad_composites_fail_in_one_line(name, message):
+    with pytest.raises(OodbenchError, match=message) as error:
+        POSTPROCESSORS.get(name)
+    assert "\n" not in str(error.value)
+
+
+def test_hyperparameters_are_checked_on_both_parts():
+    with pytest.raises(OodbenchError, match="percentile=100"):
+        POSTPROCESSORS.get("ash_s+ebo")(percentile=100)
+    with pytest.raises(OodbenchError, match="no hyperparameter 'alpha'"):
+        POSTPROCESSORS.get("react+ebo")(alpha=1)
+    assert POSTPROCESSORS.get("react+ebo")(temperature=2.0).params == {"percentile": 90, "temperature": 2.0}
