@@ -78,8 +78,8 @@ class Registry(Generic[T]):
     def entry(self, name: str) -> Entry[T]:
         self._ensure_loaded()
         made = self.resolver(name) if name not in self._entries and self.resolver is not None else None
-        if made is not None:
-            self._entries[name] = Entry(name, made, "composed")
+        if made is not None:  # not listed among the registered names: `all` stays what was registered
+            return Entry(name, made, "composed")
         if name not in self._entries:
             raise OodbenchError(
                 f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
@@ -103,7 +103,13 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         self._ensure_loaded()
-        return name in self._entries
+        return name in self._entries or (self.resolver is not None and self._resolves(name))
+
+    def _resolves(self, name: str) -> bool:
+        try:
+            return self.resolver(name) is not None
+        except OodbenchError:
+            return False
 
     def loading_from(self, origin: str) -> "_OriginScope":
         return _OriginScope(self, origin)

@@ -33,7 +33,8 @@ from oodbench.registry import POSTPROCESSORS, load_plugin_file
 
 PLUGIN = Path(__file__).parent / "plugins" / "margin_plugin.py"
 load_plugin_file(PLUGIN)
-NAMES = [entry.name for entry in POSTPROCESSORS.entries()]
+COMPOSITES = ["react+ebo", "ash_p+mls", "scale+gen", "react+knn", "dice+mds", "react+pro_msp"]  # shaper+scorer, made on demand
+NAMES = [entry.name for entry in POSTPROCESSORS.entries()] + COMPOSITES
 SPLITS = ("id:train", "id:val", "id:test", "far:gaussian")
 
 
