@@ -6,7 +6,10 @@ bad names fail in one line."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import torch
 import pytest
 from scipy.special import logsumexp, softmax
 
@@ -119,3 +122,62 @@ def test_hyperparameters_are_checked_on_both_parts():
     with pytest.raises(OodbenchError, match="no hyperparameter 'alpha'"):
         POSTPROCESSORS.get("react+ebo")(alpha=1)
     assert POSTPROCESSORS.get("react+ebo")(temperature=2.0).params == {"percentile": 90, "temperature": 2.0}
+
+
+# ----------------------------------------------------------------- BATS: the model's last BatchNorm
+
+
+def bn_adapter():
+    """A network whose penultimate features are the pooled output of a BatchNorm over 8 channels
+    (weight and bias set, one weight negative) after a ReLU block, as in the reference's ResNets."""
+    from oodbench.models.adapter import ModelAdapter
+
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.2, 0.8, 8))
+        norm.bias.copy_(torch.linspace(-0.3, 0.4, 8))
+        norm.running_mean.uniform_(-0.5, 0.5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 8, 3), norm, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(8, 5))
+    return ModelAdapter(net.eval(), num_classes=5, identity="test:bn")
+
+
+def bn_outputs(adapter, seed, scale=1.0):
+    from oodbench.postprocessors.base import Outputs
+
+    x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * scale
+    with torch.no_grad():
+        z, logits = adapter.features(x)
+    return Outputs(logits=logits, features=z, fc=adapter.fc, model=adapter)
+
+
+@pytest.mark.parametrize("name,lam", [("bats", 3.25), ("bats+ebo", 0.5), ("bats+msp", 1.05)])
+def test_bats_clamps_to_the_last_batchnorm_typical_set(name, lam):
+    adapter = bn_adapter()
+    train, test = bn_outputs(adapter, 1), bn_outputs(adapter, 2, scale=4.0)
+    norm = adapter.net[4]
+    gamma, beta = norm.weight.detach().double().numpy(), norm.bias.detach().double().numpy()
+    z = test.features.double().numpy()
+    clamped = np.maximum(np.minimum(z, beta + lam * gamma), beta - lam * gamma)  # the reference's two where()s
+    assert (clamped != z).any()
+    logits = clamped @ adapter.fc[0].double().numpy().T + adapter.fc[1].double().numpy()
+    expected = softmax(logits, axis=1).max(axis=1) if name.endswith("msp") else logsumexp(logits, axis=1)
+    method = POSTPROCESSORS.get(name)(lam=lam)
+    assert method.needs_weights
+    method.fit(train, train)
+    np.testing.assert_allclose(method.score(test).numpy(), expected, rtol=1e-9)
+    halves = [replace(test, logits=test.logits[rows], features=test.features[rows]) for rows in (slice(0, 15),
+                                                                                               slice(15, None))]
+    np.testing.assert_array_equal(torch.cat([method.score(h) for h in halves]).numpy(), method.score(test).numpy())
+
+
+def test_bats_without_a_batchnorm_of_the_feature_width_fails_in_one_line():
+    adapter = bn_adapter()
+    train = bn_outputs(adapter, 1)
+    with pytest.raises(OodbenchError, match="last BatchNorm over the 8 penultimate channels; the outputs carry no"):
+        POSTPROCESSORS.get("bats")().fit(replace(train, model=None), train)
+    adapter.net[4] = torch.nn.Identity()
+    with pytest.raises(OodbenchError, match="this model has none"):
+        POSTPROCESSORS.get("bats")().fit(train, train)

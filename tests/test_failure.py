@@ -118,20 +118,23 @@ from torch import nn
 
 class Weak(nn.Sequential):
     def __init__(self):
-        super().__init__(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 6))
+        super().__init__(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 6))
 """
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, session_cache):
-    """A digits run of an untrained network (seeded weights): the digits CNNs make no error."""
+    """A digits run of an untrained network (seeded weights): the digits CNNs make no error. Its
+    BatchNorm feeds the penultimate features, so BATS runs too (the model's weights are read)."""
     folder = tmp_path_factory.mktemp("failure")
     (folder / "weak.py").write_text(WEAK_NET)
     torch.manual_seed(0)
-    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
-                                   torch.nn.Linear(16, 6)).state_dict(), folder / "weak.pt")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 6))
+    torch.nn.init.uniform_(net[2].weight, 0.05, 0.3)  # BATS's bounds then clip (its BatchNorm is the last one)
+    torch.save(net.state_dict(), folder / "weak.pt")
     model = {"name": f"torch:{folder / 'weak.pt'}", "options": {"module": f"{folder / 'weak.py'}:Weak"}}
-    path = digits_config(folder, postprocessors=["msp", "doctor", "ebo", "knn"], models=[model])
+    path = digits_config(folder, postprocessors=["msp", "doctor", "ebo", "knn", "bats"], models=[model])
     oodbench.run(path, cache_dir=str(session_cache), quiet=True)
     return CachedExperiment.open(path, cache_dir=str(session_cache))
 
@@ -142,7 +145,7 @@ def test_failure_table_reads_the_stored_scores(experiment):
     test = experiment.outputs(spec, "id:test")
     correct = test.predictions.numpy() == test.labels.numpy()
     assert 0 < correct.mean() < 1, "no wrong (or no right) prediction: the failure metrics are undefined"
-    assert list(frame.postprocessor) == ["msp", "doctor", "ebo", "knn"] and set(curves) == {
+    assert list(frame.postprocessor) == ["msp", "doctor", "ebo", "knn", "bats"] and set(curves) == {
         (spec.display, n) for n in frame.postprocessor}
     for row in frame.itertuples():  # the stored scores are the method's scores, recomputed here
         scores = experiment.scores(experiment.fitted(spec, row.postprocessor), spec, "id:test")
@@ -163,7 +166,7 @@ def test_failure_command_writes_table_and_plot(experiment, tmp_path, capsys, mon
     assert " AURC |" in out and "x1000" in out and "| doctor " in out
     rows = [line for line in out.splitlines() if line.startswith("| torch:")]
     auroc = [float(line.split("|")[7]) for line in rows]
-    assert len(rows) == 4 and auroc == sorted(auroc, reverse=True)  # best AUROC_f first
+    assert len(rows) == 5 and auroc == sorted(auroc, reverse=True)  # best AUROC_f first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failure_digits.csv", "failure_digits.pdf",
                                                          "failure_digits.png"]
     (figure,) = saved

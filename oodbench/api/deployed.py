@@ -67,7 +67,7 @@ class Detector:
         dataset = Transformed(TensorImages(split.images, torch.zeros(len(split), dtype=torch.long)), self.image,
                               label_override=-1)
         outputs = extract(self.adapter, dataset, self.batch_size, 0, self.device)
-        if self.method.needs_model or self.method.needs_layers:
+        if self.method.needs_model or self.method.needs_layers or self.method.needs_weights:
             outputs.model, outputs.inputs = self.adapter, dataset
             outputs.meta["batch_size"] = self.batch_size
         return outputs
@@ -191,7 +191,7 @@ def _fit(cls, params, context, refs, adapter, keep, tau):
     for split, ref in refs.items():
         split_ref = SplitRef(split, ref, ood=split.startswith("ood_val"))
         outputs[split], keys[split] = split_outputs(context, split_ref)
-        if cls.needs_model or cls.needs_layers:
+        if cls.needs_model or cls.needs_layers or cls.needs_weights:
             outputs[split] = load_cached_outputs(context, split_ref, keys[split], adapter)
     fit_split = "id:fit" if "id:fit" in outputs else "id:val"
     fit_keys = [keys.get(fit_split), keys.get("id:val")]

@@ -72,13 +72,17 @@ class CachedExperiment:
     def has(self, spec: ModelSpec, split: str) -> bool:
         return self.plan.present(split) and OutputCache(self.config.cache_dir).has(self.key(spec, split))
 
-    def outputs(self, spec: ModelSpec, split: str, with_model: bool = False, statistics: tuple = ()) -> Outputs:
-        """Cached outputs of one split; `with_model` also attaches the model and the images, and
-        `statistics` the cached layer statistics (`oodbench.benchmark.reads`)."""
+    def outputs(self, spec: ModelSpec, split: str, with_model: bool = False, statistics: tuple = (),
+                with_weights: bool = False) -> Outputs:
+        """Cached outputs of one split; `with_model` also attaches the model and the images,
+        `with_weights` the model alone (for its parameters), and `statistics` the cached layer
+        statistics (`oodbench.benchmark.reads`)."""
         if split not in self.splits or not self.has(spec, split):
             raise OodbenchError(f"no cached outputs of {spec.display} on {split}; {self.run_first}")
         outputs = load_cached_outputs(self.context(spec), self.splits[split], self.key(spec, split),
                                       self.model(spec) if with_model else None)
+        if with_weights:
+            outputs.model = self.model(spec)
         return attach(outputs, self.config.cache_dir, self.key(spec, split), statistics, {})
 
     def ood_tests(self, spec: ModelSpec) -> dict[str, str]:
@@ -124,11 +128,13 @@ class CachedExperiment:
         if cls.needs_fit:
             fit_split = "id:fit" if "id:fit" in self.splits else "id:val"
             keys = [self.key(spec, s) for s in (fit_split, "id:val")]
-            read = dict(with_model=cls.needs_model, statistics=method.layer_statistics())
+            read = dict(with_model=cls.needs_model, statistics=method.layer_statistics(),
+                        with_weights=cls.needs_weights)
             fit_cached(method, self.outputs(spec, fit_split, **read), self.outputs(spec, "id:val", **read),
                        FitStateCache(self.config.cache_dir), keys)
         return method
 
     def scores(self, method: Postprocessor, spec: ModelSpec, split: str) -> np.ndarray:
-        outputs = self.outputs(spec, split, with_model=method.needs_model, statistics=method.layer_statistics())
+        outputs = self.outputs(spec, split, with_model=method.needs_model, statistics=method.layer_statistics(),
+                               with_weights=method.needs_weights)
         return method.score(outputs).detach().cpu().double().numpy()

@@ -274,10 +274,19 @@ class ScoreJob:
     def _score(self, cell: Cell) -> None:
         load_plugins(self.plugins, strict=False)
         cls = POSTPROCESSORS.get(self.postprocessor)
-        model = get_model(self.context.model, self.context.model_context) if cls.needs_model else None
+        reads_model = cls.needs_model or cls.needs_weights
+        model = get_model(self.context.model, self.context.model_context) if reads_model else None
+        runs = model if cls.needs_model else None  # needs_weights alone: the parameters are read, no image runs
         searched = bool(self.space) and "id:val" in self.keys and any(s.startswith("ood_val:") for s in self.keys)
-        with self._progress(cls, searched) if model is not None else nullcontext() as progress:
-            self._score_with(cell, cls, model, lambda split: self._outputs(split, model, progress))
+
+        def load(split: str) -> Outputs:
+            outputs = self._outputs(split, runs, progress)
+            if cls.needs_weights:
+                outputs.model = model
+            return outputs
+
+        with self._progress(cls, searched) if runs is not None else nullcontext() as progress:
+            self._score_with(cell, cls, runs, load)
 
     def _score_with(self, cell: Cell, cls: type[Postprocessor], model, load) -> None:
         if cls.needs_fit and "id:fit" not in self.keys:

@@ -7,6 +7,8 @@ for it. Methods declare what they need as class attributes, which the runner rea
 - ``needs_features``: uses the penultimate features ``outputs.features``;
 - ``needs_model``: runs the model again for input gradients (``outputs.model``,
   ``outputs.inputs``); everything else works on cached outputs alone;
+- ``needs_weights``: reads the model's parameters, not its outputs (BATS: the last
+  BatchNorm's weight and bias): ``outputs.model`` is set, and no image runs through it;
 - ``needs_fit``: ``fit(train_outputs, val_outputs)`` must run before ``score``;
 - ``needs_extras``: names of auxiliary model outputs it reads from ``outputs.extras``
   (a latent Gaussian's ``("mu", "logvar")``); read them with ``self.required_extras``,
@@ -186,6 +188,7 @@ class Postprocessor:
     needs_features: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
+    needs_weights: ClassVar[bool] = False
     needs_extras: ClassVar[tuple[str, ...]] = ()
     needs_checkpoints: ClassVar[bool] = False
     needs_layers: ClassVar[bool] = False

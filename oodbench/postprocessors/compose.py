@@ -17,7 +17,10 @@ registered with the energy score as ``react``, ``ash``, ``scale``, ``dice``):
   largest activations (``percentile`` p), as ASH-B / -P / -S;
 - ``scale`` (Xu et al., ICLR 2024): z' = z exp(sum(z) / sum of the top k of z);
 - ``dice`` (Sun & Li, ECCV 2022): W' = W masked where W * mean fit z is at or below its
-  ``percentile``-th percentile.
+  ``percentile``-th percentile;
+- ``bats`` (Zhu et al., NeurIPS 2022): z clamped per unit to [beta - lam gamma, beta + lam gamma],
+  needs the model's parameters (``needs_weights``),
+  the last BatchNorm's bias and weight (`BATSShaper`); registered with the energy as ``bats``.
 
 The composite takes both parts' hyperparameters (a name both use is refused), searches
 both parts' lists (``configs/postprocessors/<shaper>.yaml`` and ``<scorer>.yaml``, each
@@ -51,6 +54,7 @@ class Shaper:
 
     name: ClassVar[str] = ""
     searched_as: ClassVar[str] = ""
+    needs_weights: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {"percentile": 90}
     ranges: ClassVar[dict[str, Any]] = {"percentile": PRUNING_PERCENTILE}
 
@@ -105,8 +109,38 @@ class DICEShaper(Shaper):
         return weight * state["mask"].to(weight.dtype)
 
 
+class BATSShaper(Shaper):
+    """BATS (Zhu et al., "Boosting Out-of-distribution Detection with Typical Features",
+    NeurIPS 2022; reference code github.com/alibaba/easyrobust, examples/ood_detection/BATS):
+    z' = max(min(z, beta + lam gamma), beta - lam gamma) per unit, with gamma and beta the
+    weight and bias of the model's last BatchNorm layer over D channels (the feature's
+    typical set). The reference clamps the pooled penultimate features of its CIFAR
+    ResNet-18 with the last BatchNorm's (beta, gamma) (its cifar_features_mean/std.pt), lam =
+    3.25; its ViT uses lam = 1.05. A model with no BatchNorm of D channels cannot use it."""
+
+    searched_as = "bats"
+    needs_weights = True
+    defaults = {"lam": 3.25}
+    ranges = {"lam": Number(gt=0)}
+
+    def fit(self, train, params):
+        width = train.features.shape[1]
+        net = getattr(train.model, "net", train.model)
+        norms = [m for m in (net.modules() if net is not None else ()) if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.affine and m.num_features == width]
+        if not norms:
+            raise OodbenchError(f"bats needs the model's last BatchNorm over the {width} penultimate channels; "
+                                + ("the outputs carry no model" if net is None else "this model has none"))
+        gamma, beta = norms[-1].weight.detach().double().cpu(), norms[-1].bias.detach().double().cpu()
+        return {"low": beta - params["lam"] * gamma, "high": beta + params["lam"] * gamma}
+
+    def features(self, z, state, params):
+        low, high = (state[k].to(device=z.device, dtype=z.dtype) for k in ("low", "high"))
+        return torch.maximum(torch.minimum(z, high), low)  # the reference's order
+
+
 SHAPERS: dict[str, Shaper] = {"react": ReActShaper(), "ash_b": ASHShaper("b"), "ash_p": ASHShaper("p"),
-                              "ash_s": ASHShaper("s"), "scale": ScaleShaper(), "dice": DICEShaper()}
+                              "ash_s": ASHShaper("s"), "scale": ScaleShaper(), "dice": DICEShaper(), "bats": BATSShaper()}
 for _name, _shaper in SHAPERS.items():
     _shaper.name = _name
 
@@ -207,7 +241,8 @@ def compose(shaper: Shaper, scorer: type[Postprocessor]) -> type[Postprocessor]:
         raise OodbenchError(f"'{shaper.name}{SEPARATOR}{scorer.name}': both parts take {', '.join(sorted(clash))}")
     made = type(f"{type(shaper).__name__}_{scorer.__name__}", (Shaped, scorer), {
         "__module__": __name__, "shaper": shaper, "scorer": scorer, "family": "activation",
-        "needs_features": True, "needs_fit": True, "defaults": {**shaper.defaults, **scorer.defaults},
+        "needs_features": True, "needs_fit": True, "needs_weights": shaper.needs_weights or scorer.needs_weights,
+        "defaults": {**shaper.defaults, **scorer.defaults},
         "ranges": {**shaper.ranges, **scorer.ranges}, "fit_params": _fit_params(shaper, scorer),
         "search_parts": (shaper.searched_as, scorer.name), "code_modules": (scorer.__module__, ash.__module__), "name": f"{shaper.name}{SEPARATOR}{scorer.name}"})
     _MADE[key] = made
@@ -224,3 +259,4 @@ def _fit_params(shaper: Shaper, scorer: type[Postprocessor]) -> tuple[str, ...] 
 POSTPROCESSORS.resolver = composed
 register_postprocessor("gen_react")(composed("react+gen"))
 register_postprocessor("pro_gen_react")(composed("react+pro_gen"))
+register_postprocessor("bats")(composed("bats+ebo"))  # BATS with the energy score, the paper's main setting
