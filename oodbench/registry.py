@@ -153,6 +153,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.neighbours",
         "oodbench.postprocessors.prototypes",
         "oodbench.postprocessors.weiper",
+        "oodbench.postprocessors.coverage",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(
