@@ -154,6 +154,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.prototypes",
         "oodbench.postprocessors.weiper",
         "oodbench.postprocessors.coverage",
+        "oodbench.postprocessors.optfs",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(

@@ -19,8 +19,10 @@ registered with the energy score as ``react``, ``ash``, ``scale``, ``dice``):
 - ``dice`` (Sun & Li, ECCV 2022): W' = W masked where W * mean fit z is at or below its
   ``percentile``-th percentile;
 - ``bats`` (Zhu et al., NeurIPS 2022): z clamped per unit to [beta - lam gamma, beta + lam gamma],
-  needs the model's parameters (``needs_weights``),
-  the last BatchNorm's bias and weight (`BATSShaper`); registered with the energy as ``bats``.
+  the last BatchNorm's bias and weight (`BATSShaper`; it reads the model's parameters,
+  ``needs_weights``); registered with the energy as ``bats``;
+- ``optfs`` (Zhao et al., ICLR 2024): the piecewise-constant shaping fitted in closed form
+  (`oodbench.postprocessors.optfs`; ``optfs+ebo`` is the paper's energy variant).
 
 The composite takes both parts' hyperparameters (a name both use is refused), searches
 both parts' lists (``configs/postprocessors/<shaper>.yaml`` and ``<scorer>.yaml``, each
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 from oodbench.errors import OodbenchError
+from oodbench.postprocessors import optfs
 from oodbench.postprocessors.base import Number, Outputs, Postprocessor, in_blocks
 from oodbench.postprocessors.shaping import PRUNING_PERCENTILE, ash, kept_count, percentile, scale
 from oodbench.registry import POSTPROCESSORS, register_postprocessor
@@ -139,8 +142,23 @@ class BATSShaper(Shaper):
         return torch.maximum(torch.minimum(z, high), low)  # the reference's order
 
 
+class OptFSShaper(Shaper):
+    """OptFS's piecewise-constant shaping fitted on the fit split (`oodbench.postprocessors.optfs`)."""
+
+    searched_as = "optfs"
+    defaults: ClassVar[dict[str, Any]] = {}
+    ranges: ClassVar[dict[str, Any]] = {}
+
+    def fit(self, train, params):
+        return optfs.fit_shaping(train.features, train.logits.argmax(dim=1), train.fc[0])
+
+    def features(self, z, state, params):
+        return optfs.shaped(z, state)
+
+
 SHAPERS: dict[str, Shaper] = {"react": ReActShaper(), "ash_b": ASHShaper("b"), "ash_p": ASHShaper("p"),
-                              "ash_s": ASHShaper("s"), "scale": ScaleShaper(), "dice": DICEShaper(), "bats": BATSShaper()}
+                              "ash_s": ASHShaper("s"), "scale": ScaleShaper(), "dice": DICEShaper(), "bats": BATSShaper(),
+                              "optfs": OptFSShaper()}
 for _name, _shaper in SHAPERS.items():
     _shaper.name = _name
 
