@@ -155,6 +155,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.weiper",
         "oodbench.postprocessors.coverage",
         "oodbench.postprocessors.optfs",
+        "oodbench.postprocessors.relative",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(
