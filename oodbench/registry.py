@@ -156,6 +156,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.coverage",
         "oodbench.postprocessors.optfs",
         "oodbench.postprocessors.relative",
+        "oodbench.postprocessors.neurons",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(
