@@ -15,6 +15,7 @@ from scipy.special import logsumexp, softmax
 
 from oodbench.benchmark.plan import search_space_for
 from oodbench.errors import OodbenchError
+from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
 from tests.test_feature_postprocessors import DIM, N_TEST, data, ref_knn, run  # noqa: F401  (the data fixture)
 
@@ -145,8 +146,6 @@ def bn_adapter():
 
 
 def bn_outputs(adapter, seed, scale=1.0):
-    from oodbench.postprocessors.base import Outputs
-
     x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * scale
     with torch.no_grad():
         z, logits = adapter.features(x)
@@ -181,3 +180,49 @@ def test_bats_without_a_batchnorm_of_the_feature_width_fails_in_one_line():
     adapter.net[4] = torch.nn.Identity()
     with pytest.raises(OodbenchError, match="this model has none"):
         POSTPROCESSORS.get("bats")().fit(train, train)
+
+
+# ----------------------------------------------------------------- odin+<scorer>: ODIN's perturbation first
+
+
+def perturbed_np(model, x, temperature, eps):
+    """ODIN's x' = x - eps sign(grad CE(f(x)/T, argmax f(x))), sign(0) = +1, written out in torch."""
+    v = x.clone().requires_grad_(True)
+    logits = model(v)
+    loss = torch.nn.functional.cross_entropy(logits / temperature, logits.argmax(dim=1), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, v)
+    return (x - eps * torch.where(grad >= 0, 1.0, -1.0)).detach()
+
+
+@pytest.mark.parametrize("scorer,temperature,eps", [("ebo", 1000.0, 0.0014), ("knn", 10.0, 0.05), ("msp", 1.0, 0.1)])
+def test_odin_perturbation_then_any_output_score(scorer, temperature, eps):
+    from tests.test_gradient_postprocessors import images, outputs_for, tiny_adapter
+
+    model = tiny_adapter()
+    train, x = images(count=30, seed=2), images(count=9, seed=3)
+    moved = perturbed_np(model, x, temperature, eps)
+    with torch.no_grad():
+        z_train, f_train = model.features(train)
+        z, f = model.features(moved)
+    fit = Outputs(logits=f_train, features=z_train, fc=model.fc)
+    params = {"k": 3} if scorer == "knn" else {}
+    plain = POSTPROCESSORS.get(scorer)(**params)
+    plain.fit(fit, fit)
+    expected = plain.score(Outputs(logits=f, features=z, fc=model.fc)).numpy()
+    method = POSTPROCESSORS.get(f"odin+{scorer}")(perturb_temperature=temperature, perturb_eps=eps, **params)
+    method.fit(fit, fit)
+    got = method.score(outputs_for(model, x, batch_size=4)).numpy()  # three batches
+    # float32 features of batches of 4 round differently from one batch of 9 (KNN's sqrt magnifies it)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5 if scorer == "knn" else 1e-7)
+    clean = plain.score(Outputs(logits=model(x).detach(), features=model.features(x)[0].detach(), fc=model.fc))
+    assert not np.allclose(clean.numpy(), expected)  # the perturbation changed the scores
+
+
+def test_odin_composites_refuse_what_cannot_follow_a_perturbation():
+    with pytest.raises(OodbenchError, match="pro_msp does not take perturbed inputs: it runs the model itself"):
+        POSTPROCESSORS.get("odin+pro_msp")
+    with pytest.raises(OodbenchError, match="'odin\\+ebo' .*|did you mean: odin"):
+        POSTPROCESSORS.get("oddin+ebo")
+    space = search_space_for("odin+gen", POSTPROCESSORS.get("odin+gen"))
+    assert space["perturb_eps"] == [0.0014, 0.0028] and space["gamma"] == search_space_for(
+        "gen", POSTPROCESSORS.get("gen"))["gamma"]

@@ -33,7 +33,8 @@ from oodbench.registry import POSTPROCESSORS, load_plugin_file
 
 PLUGIN = Path(__file__).parent / "plugins" / "margin_plugin.py"
 load_plugin_file(PLUGIN)
-COMPOSITES = ["react+ebo", "ash_p+mls", "scale+gen", "react+knn", "dice+mds", "react+pro_msp", "optfs+ebo"]  # shaper+scorer, made on demand
+COMPOSITES = ["react+ebo", "ash_p+mls", "scale+gen", "react+knn", "dice+mds", "react+pro_msp", "optfs+ebo",
+              "odin+mls"]  # shaper+scorer, made on demand
 # Methods the digits CNN cannot use, and the words of the one-line error saying why: BATS reads
 # the last BatchNorm over the penultimate channels (digits-cnn's has 32, its features 128); its
 # contract is tested on a network that has one (tests/test_compose.py).

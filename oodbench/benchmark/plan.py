@@ -134,9 +134,11 @@ def search_space_for(name: str, cls: type[Postprocessor], conventions: Conventio
             raise OodbenchError(f"{path}: 'search' must map each hyperparameter to a non-empty list")
         cls.check_search_space(space, source=str(path))
         return space
-    parts = getattr(cls, "search_parts", ())  # a shaper+scorer composite searches both parts' lists
+    parts = getattr(cls, "search_parts", ())  # a composite searches its own lists and its parts'
     if parts:
-        return {k: v for part in parts for k, v in search_space_for(part, POSTPROCESSORS.get(part), conventions).items()}
+        cls.check_search_space(cls.search_space, source=f"{cls.__name__}.search_space")
+        return {**cls.search_space, **{k: v for part in parts
+                                       for k, v in search_space_for(part, POSTPROCESSORS.get(part), conventions).items()}}
     cls.check_search_space(cls.search_space, source=f"{cls.__name__}.search_space")
     return dict(cls.search_space)
 

@@ -31,6 +31,11 @@ part's own name), and fits the shaper's state once per value of its hyperparamet
 code, Chen et al., CVPR 2025), each with its own search lists and convention settings.
 Scorers that read auxiliary outputs, intermediate layers or several checkpoints, input
 perturbation methods other than PRO, and the shaping methods themselves do not compose.
+
+``odin+<scorer>`` puts ODIN's input perturbation (`Perturbed`) before any score of the
+model's outputs (``odin+ebo``, ``odin+knn``): the model runs again on x' and the scorer,
+fitted on the clean fit split, scores its logits and features; its T and eps are
+``perturb_temperature`` and ``perturb_eps`` (ODIN's search lists), beside the scorer's own.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from torch import nn
 from oodbench.errors import OodbenchError
 from oodbench.postprocessors import optfs
 from oodbench.postprocessors.base import Number, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.gradient import input_batches
+from oodbench.postprocessors.odin import odin_step
 from oodbench.postprocessors.shaping import PRUNING_PERCENTILE, ash, kept_count, percentile, scale
 from oodbench.registry import POSTPROCESSORS, register_postprocessor
 
@@ -217,6 +224,48 @@ class Shaped:
         return self._shaped_logits(features, model.fc)
 
 
+class Perturbed:
+    """Mixed in before an output-based scorer's class: ODIN's input perturbation (Liang et al.,
+    ICLR 2018) before the scorer reads the model's outputs. y = argmax f(x),
+    x' = x - eps sign(grad_x CE(f(x) / T, y)) (eps in [0,1]-pixel units, sign(0) = +1, as
+    `oodbench.postprocessors.odin`), then the scorer scores (f(x'), z(x')); it is fitted on
+    the clean fit split. ``perturb_temperature`` and ``perturb_eps`` are T and eps."""
+
+    scorer: ClassVar[type[Postprocessor]]
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        if self.scorer.needs_fit:
+            super().fit(train, val)
+
+    def plain_scorer(self) -> Postprocessor:
+        """The scorer alone, with this method's fit state (it scores the perturbed outputs)."""
+        scorer = self.scorer(**{k: v for k, v in self.params.items() if k in self.scorer.defaults})
+        scorer.load_fit_state(self.fit_state())
+        return scorer
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        model, scorer = outputs.model, self.plain_scorer()
+        temperature, eps = float(self.params["perturb_temperature"]), float(self.params["perturb_eps"])
+        scores = []
+        for x in input_batches(outputs, self.name):
+            with torch.enable_grad():
+                x0 = x.detach().requires_grad_(True)
+                step = odin_step(model(x0), x0, temperature)
+            with torch.no_grad():
+                features, logits = model.features(x.detach() - eps * step)
+            fc = tuple(t.detach().cpu() for t in model.fc)
+            scores.append(scorer.score(Outputs(logits=logits.cpu(), features=features.cpu(), fc=fc)))
+        return torch.cat(scores) if scores else torch.empty(0)
+
+    def score_grid(self, outputs: Outputs, combos: list[dict[str, Any]]) -> list[torch.Tensor]:
+        return Postprocessor.score_grid(self, outputs, combos)  # each combination perturbs anew
+
+
+PERTURBATION = "odin"  # <PERTURBATION>+<scorer>: ODIN's input perturbation before any output score
+PERTURB_DEFAULTS = {"perturb_temperature": 1000.0, "perturb_eps": 0.0014}  # ODIN's (DESIGN.md)
+PERTURB_SEARCH = {"perturb_temperature": [1, 10, 100, 1000], "perturb_eps": [0.0014, 0.0028]}
+
+
 def _refuse(scorer: type[Postprocessor], name: str) -> str | None:
     """Why `scorer` cannot take shaped outputs, or None."""
     if scorer.family == "activation":
@@ -234,11 +283,18 @@ def composed(name: str) -> type[Postprocessor] | None:
     if SEPARATOR not in name:
         return None
     shaper_name, _, scorer_name = name.partition(SEPARATOR)
+    if shaper_name == PERTURBATION:
+        scorer = POSTPROCESSORS.get(scorer_name)
+        reason = _refuse(scorer, scorer_name) or ("it runs the model itself" if scorer.needs_model else None)
+        if reason:
+            raise OodbenchError(f"'{name}': {scorer_name} does not take perturbed inputs: {reason}")
+        return perturb(scorer)
     if shaper_name not in SHAPERS:
         from oodbench.errors import did_you_mean
 
-        raise OodbenchError(f"unknown shaper '{shaper_name}' in '{name}'{did_you_mean(shaper_name, SHAPERS)}; "
-                            f"shapers: {', '.join(SHAPERS)}")
+        raise OodbenchError(f"unknown shaper '{shaper_name}' in '{name}'"
+                            f"{did_you_mean(shaper_name, [*SHAPERS, PERTURBATION])}; shapers: {', '.join(SHAPERS)}, "
+                            f"and {PERTURBATION} (input perturbation)")
     scorer = POSTPROCESSORS.get(scorer_name)
     reason = _refuse(scorer, scorer_name)
     if reason:
@@ -265,6 +321,23 @@ def compose(shaper: Shaper, scorer: type[Postprocessor]) -> type[Postprocessor]:
         "search_parts": (shaper.searched_as, scorer.name), "code_modules": (scorer.__module__, ash.__module__), "name": f"{shaper.name}{SEPARATOR}{scorer.name}"})
     _MADE[key] = made
     return made
+
+
+def perturb(scorer: type[Postprocessor]) -> type[Postprocessor]:
+    """The class of ``odin+<scorer>`` (one per scorer)."""
+    key = (PERTURBATION, scorer)
+    if key not in _MADE:
+        clash = set(PERTURB_DEFAULTS) & set(scorer.defaults)
+        if clash:
+            raise OodbenchError(f"'{PERTURBATION}{SEPARATOR}{scorer.name}': both parts take {', '.join(sorted(clash))}")
+        _MADE[key] = type(f"Perturbed_{scorer.__name__}", (Perturbed, scorer), {
+            "__module__": __name__, "scorer": scorer, "family": "gradient", "needs_model": True,
+            "needs_features": scorer.needs_features, "grid_params": (), "defaults": {**PERTURB_DEFAULTS, **scorer.defaults},
+            "ranges": {"perturb_temperature": Number(gt=0), "perturb_eps": Number(ge=0), **scorer.ranges},
+            "search_space": PERTURB_SEARCH, "search_parts": (scorer.name,),
+            "code_modules": (scorer.__module__, odin_step.__module__),
+            "name": f"{PERTURBATION}{SEPARATOR}{scorer.name}"})
+    return _MADE[key]
 
 
 def _fit_params(shaper: Shaper, scorer: type[Postprocessor]) -> tuple[str, ...] | None:
