@@ -137,8 +137,9 @@ def search_space_for(name: str, cls: type[Postprocessor], conventions: Conventio
     parts = getattr(cls, "search_parts", ())  # a composite searches its own lists and its parts'
     if parts:
         cls.check_search_space(cls.search_space, source=f"{cls.__name__}.search_space")
-        return {**cls.search_space, **{k: v for part in parts
-                                       for k, v in search_space_for(part, POSTPROCESSORS.get(part), conventions).items()}}
+        parts_space = {k: v for part in parts
+                       for k, v in search_space_for(part, POSTPROCESSORS.get(part), conventions).items()}
+        return {**cls.search_space, **parts_space}
     cls.check_search_space(cls.search_space, source=f"{cls.__name__}.search_space")
     return dict(cls.search_space)
 

@@ -129,7 +129,8 @@ def failure_auroc(score, correct) -> float:
 
 
 def failure_fpr(score, correct, tpr: float = 0.95) -> float:
-    """Share of wrong predictions accepted at the threshold keeping `tpr` of the right ones; NaN when either is absent."""
+    """Share of wrong predictions accepted at the threshold keeping `tpr` of the right ones; NaN
+    when either is absent."""
     score, correct = _arrays(score, correct)
     return ScoreCounts.of(score, ~correct).fpr_id_positive(tpr) if 0 < correct.sum() < correct.size else float("nan")
 

@@ -91,7 +91,8 @@ class Shaped:
         features = in_blocks(lambda z: self.shaper.features(z.double(), self.shaper_state, params), outputs.features)
         logits = in_blocks(lambda z: self._shaped_logits(z.double(), fc), outputs.features)
         return replace(outputs, logits=logits, features=features,
-                       fc=(self.shaper.weight(fc[0], self.shaper_state), fc[1]), meta={**outputs.meta, SHAPED: self._mark()})
+                       fc=(self.shaper.weight(fc[0], self.shaper_state), fc[1]),
+                       meta={**outputs.meta, SHAPED: self._mark()})
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         if train.features is None:
@@ -221,7 +222,8 @@ def perturb(scorer: type[Postprocessor]) -> type[Postprocessor]:
             raise OodbenchError(f"'{PERTURBATION}{SEPARATOR}{scorer.name}': both parts take {', '.join(sorted(clash))}")
         _MADE[key] = type(f"Perturbed_{scorer.__name__}", (Perturbed, scorer), {
             "__module__": __name__, "scorer": scorer, "family": "gradient", "needs_model": True,
-            "needs_features": scorer.needs_features, "grid_params": (), "defaults": {**PERTURB_DEFAULTS, **scorer.defaults},
+            "needs_features": scorer.needs_features, "grid_params": (),
+            "defaults": {**PERTURB_DEFAULTS, **scorer.defaults},
             "ranges": {"perturb_temperature": Number(gt=0), "perturb_eps": Number(ge=0), **scorer.ranges},
             "search_space": PERTURB_SEARCH, "search_parts": (scorer.name,),
             "code_modules": (scorer.__module__, odin_step.__module__),

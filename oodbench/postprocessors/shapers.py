@@ -122,7 +122,8 @@ class OptFSShaper(Shaper):
 
 
 SHAPERS: dict[str, Shaper] = {"react": ReActShaper(), "ash_b": ASHShaper("b"), "ash_p": ASHShaper("p"),
-                              "ash_s": ASHShaper("s"), "scale": ScaleShaper(), "dice": DICEShaper(), "bats": BATSShaper(),
+                              "ash_s": ASHShaper("s"), "scale": ScaleShaper(), "dice": DICEShaper(),
+                              "bats": BATSShaper(),
                               "optfs": OptFSShaper()}
 for _name, _shaper in SHAPERS.items():
     _shaper.name = _name

@@ -138,7 +138,8 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
         self.perturb(train)
         features = train.features.float()
         self.feature_range = (float(features.min()), float(features.max()))
-        extremes = in_blocks(lambda z: torch.stack(self.perturbed_logits(z).aminmax(dim=1), dim=1), features, rows=self.rows())
+        extremes = in_blocks(lambda z: torch.stack(self.perturbed_logits(z).aminmax(dim=1), dim=1), features,
+                             rows=self.rows())
         self.perturbed_range = (float(extremes[:, 0].min()), float(extremes[:, 1].max()))
         densities, perturbed = self.densities(train)
         self.train_density, self.train_density_perturbed = densities.mean(dim=0), perturbed.mean(dim=0)
