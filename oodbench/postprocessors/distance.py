@@ -113,22 +113,24 @@ def on_unit_features(outputs: Outputs) -> Outputs:
     return replace(outputs, features=l2_normalise(outputs.features))
 
 
-@register_postprocessor("mds_pp", "mahalanobis_pp")
-class MahalanobisPP(Mahalanobis):
+class OnUnitFeatures:
+    """Mixed in before a Mahalanobis class: fits and scores the L2-normalised features."""
+
     def fit(self, train: Outputs, val: Outputs) -> None:
         super().fit(on_unit_features(train), val)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return super().score(on_unit_features(outputs))
+
+
+@register_postprocessor("mds_pp", "mahalanobis_pp")
+class MahalanobisPP(OnUnitFeatures, Mahalanobis):
+    pass
 
 
 @register_postprocessor("rmds_pp", "relative_mahalanobis_pp")
-class RelativeMahalanobisPP(RelativeMahalanobis):
-    def fit(self, train: Outputs, val: Outputs) -> None:
-        super().fit(on_unit_features(train), val)
-
-    def score(self, outputs: Outputs) -> torch.Tensor:
-        return super().score(on_unit_features(outputs))
+class RelativeMahalanobisPP(OnUnitFeatures, RelativeMahalanobis):
+    pass
 
 
 def knn_backend() -> str:
