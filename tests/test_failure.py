@@ -179,3 +179,11 @@ def test_failure_command_writes_table_and_plot(experiment, tmp_path, capsys, mon
         assert -np.trapezoid(y / 100, x) == pytest.approx(row.augrc, abs=1e-12)
     assert main([*args, "--postprocessor", "gen"]) == 2  # not a method of this run
     assert "not a postprocessor of" in capsys.readouterr().err
+
+
+def test_failure_before_a_run_says_to_run_first(tmp_path, capsys, session_cache):
+    path = digits_config(tmp_path, postprocessors=["msp"], models=[{"name": "digits-cnn"}])
+    assert main(["failure", str(path), "--cache-dir", str(session_cache), "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "oodbench run" in error and "\n" not in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
