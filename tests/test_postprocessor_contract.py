@@ -30,15 +30,12 @@ from oodbench.evaluators.metrics import auroc
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, grid
 from oodbench.registry import POSTPROCESSORS, load_plugin_file
+from tests.conftest import NOT_ON_DIGITS
 
 PLUGIN = Path(__file__).parent / "plugins" / "margin_plugin.py"
 load_plugin_file(PLUGIN)
 COMPOSITES = ["react+ebo", "ash_p+mls", "scale+gen", "react+knn", "dice+mds", "react+pro_msp", "optfs+ebo",
               "odin+mls"]  # shaper+scorer, made on demand
-# Methods the digits CNN cannot use, and the words of the one-line error saying why: BATS reads
-# the last BatchNorm over the penultimate channels (digits-cnn's has 32, its features 128); its
-# contract is tested on a network that has one (tests/test_compose.py).
-NOT_ON_DIGITS = {"bats": "needs the model's last BatchNorm over the 128 penultimate channels"}
 ALL_NAMES = [entry.name for entry in POSTPROCESSORS.entries()] + COMPOSITES
 NAMES = [name for name in ALL_NAMES if name not in NOT_ON_DIGITS]
 SPLITS = ("id:train", "id:val", "id:test", "far:gaussian")
