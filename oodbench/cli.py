@@ -628,7 +628,7 @@ def cmd_failure(args: argparse.Namespace) -> int:
     if args.format == "csv":
         print(frame.to_csv(index=False).rstrip("\n"))
     elif args.format == "json":
-        print(frame.to_json(orient="records"))
+        print(frame.to_json(orient="records", double_precision=15))
     else:
         print(render_failure(frame, args.format, args.sort))
     stem = f"failure_{experiment.benchmark.name}"

@@ -187,3 +187,22 @@ def test_failure_before_a_run_says_to_run_first(tmp_path, capsys, session_cache)
     error = capsys.readouterr().err.strip()
     assert "oodbench run" in error and "\n" not in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "latex"])
+def test_failure_command_exports(experiment, tmp_path, capsys, fmt):
+    import io
+
+    import pandas as pd
+
+    args = ["failure", experiment.config.source, "--cache-dir", experiment.config.cache_dir, "--output",
+            str(tmp_path), "--format", fmt]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    frame, _ = failure.experiment_failure(experiment)
+    if fmt == "latex":
+        assert r"\begin{tabular}" in out and r"\end{table}" in out and "E-AURC" in out
+        return
+    read = pd.read_csv(io.StringIO(out)) if fmt == "csv" else pd.read_json(io.StringIO(out))
+    assert list(read.columns) == ["model", "postprocessor", *failure.FAILURE_FRAME_METRICS]
+    np.testing.assert_allclose(read.aurc, frame.aurc, rtol=1e-12)

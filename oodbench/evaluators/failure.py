@@ -43,6 +43,7 @@ import pandas as pd
 from oodbench.evaluators.metrics import ScoreCounts
 
 FAILURE_METRICS = ("aurc", "eaurc", "augrc", "auroc", "fpr95")
+FAILURE_FRAME_METRICS = ("acc", *FAILURE_METRICS)  # the columns of `experiment_failure`'s frame after model, method
 LOWER_IS_BETTER = {"aurc": True, "eaurc": True, "augrc": True, "auroc": False, "fpr95": True}
 
 
