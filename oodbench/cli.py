@@ -307,8 +307,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             needs += [f"extras {'/'.join(cls.needs_extras)}"] if cls.needs_extras else []
             needs += ["intermediate layers"] if cls.needs_layers else []
             needs += ["every checkpoint"] if cls.needs_checkpoints else []
+            needs += ["model weights"] if cls.needs_weights else []
             rows.append([cls.name or entry.name, ", ".join(aliases), entry.origin, ", ".join(needs) or "logits"])
         print(tabulate(rows, headers=["name", "aliases", "origin", "needs"]))
+        from oodbench.postprocessors.compose import PERTURBATION
+        from oodbench.postprocessors.shapers import SHAPERS
+
+        print(f"\ncomposites: <shaper>+<scorer> (e.g. react+ebo, ash_s+gen), shapers {', '.join(SHAPERS)}; "
+              f"{PERTURBATION}+<scorer> (ODIN's input perturbation first, e.g. odin+knn)")
     elif args.kind == "models":
         from oodbench.models.digits import BUILTIN_MODELS
 

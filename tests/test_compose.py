@@ -226,3 +226,12 @@ def test_odin_composites_refuse_what_cannot_follow_a_perturbation():
     space = search_space_for("odin+gen", POSTPROCESSORS.get("odin+gen"))
     assert space["perturb_eps"] == [0.0014, 0.0028] and space["gamma"] == search_space_for(
         "gen", POSTPROCESSORS.get("gen"))["gamma"]
+
+
+def test_list_names_the_composite_syntax_and_what_bats_needs(capsys):
+    from oodbench.cli import main
+
+    assert main(["list", "postprocessors"]) == 0
+    out = capsys.readouterr().out
+    assert "composites: <shaper>+<scorer>" in out and "bats, optfs" in out and "odin+<scorer>" in out
+    assert "model weights" in next(line for line in out.splitlines() if line.startswith("bats "))
