@@ -95,7 +95,7 @@ def test_scores_shape_finite_deterministic(name, digits_outputs):
 # NAC-UE's defaults (the reference's CIFAR-10 ResNet-18 avgpool setting) reach 0.74 here, 0.85
 # with O = 10 of its search list; LINe's (CIFAR-10 DenseNet: p_w = p_a = 90) 0.74, 0.84 with its
 # ImageNet p_w = p_a = 10 (its absolute clip at 1.0 cuts most of these features, median 1.0).
-DIRECTION_CHECK_PARAMS = {"adascale_a": {"percentile": [60, 65]}, "nac_ue": {"O": 10},
+DIRECTION_CHECK_PARAMS = {"adascale_a": {"percentile": [60, 65]}, "nac_ue": {"O": 10}, "nac": {"O": [10]},
                           "line": {"p_w": 10, "p_a": 10}}
 
 

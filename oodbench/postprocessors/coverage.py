@@ -1,7 +1,7 @@
 """NAC-UE: neuron activation coverage (Liu et al., "Neuron Activation Coverage: Rethinking
 Out-of-distribution Detection and Generalization", ICLR 2024; reference code
-github.com/BierOne/ood_coverage, also OpenOOD v1.5's ``nac`` postprocessor), on the
-penultimate layer.
+github.com/BierOne/ood_coverage, also OpenOOD v1.5's ``nac`` postprocessor): ``nac_ue`` on
+the penultimate layer from cached outputs, ``nac`` on any layers.
 
 For each neuron n of the penultimate features z (D), with p = softmax(f) and u the uniform
 distribution over the C classes, the neuron state is
@@ -22,16 +22,37 @@ valid_num = 1000; the subset takes, per class in order of first appearance, the 
 valid_num / C indices of that class after ``numpy.random.RandomState(1).shuffle``, as the
 reference's ``TrainSubset`` does. The published NAC-UE (OpenOOD v1.5's leaderboard) also
 averages the coverage scores of three intermediate stages (ResNet layer1 to layer3),
-whose gradients need the model run again; this module implements the penultimate layer only.
+whose gradients need the model run again: that is ``nac``.
+
+``nac`` (the full method, OpenOOD's name): the same per layer for every layer of ``layers``
+(module names of the backbone, ``<name>:input`` for a module's input; ``penultimate`` is
+the classifier's input, where it equals ``nac_ue``), with o and g the layer's output and the
+gradient of sum_c -u_c log p_c with respect to it, both *summed* over the spatial positions
+(the reference's ``avg_pooling`` sums, and its alpha values assume it), and
+s = sigmoid(alpha_l o g). ``O``, ``M`` and
+``sig_alpha`` are lists, one value per layer (or one for all); the score is the mean of the
+layers' scores. It runs the model forward and backward over the fit subset and every test
+image. The defaults are the reference config's (``layer_names: [avgpool]``); the published
+CIFAR-10 ResNet-18 setting (its README) is ``layers: [penultimate, layer3, layer2, layer1]``,
+``O: [50, 100, 5, 100]``, ``M: [50, 500, 50, 500]``, ``sig_alpha: [100, 1000, 0.001, 0.001]``
+(layer names differ by backbone: name them). Its search lists (one value for every layer) are
+``nac_ue``'s.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import Subset
 
-from oodbench.postprocessors.base import Integer, InvalidHyperparameter, Number, Outputs, Postprocessor, in_blocks
+from oodbench.errors import OodbenchError
+from oodbench.postprocessors.base import (Integer, InvalidHyperparameter, ListOf, Number, Outputs, Postprocessor, Text,
+                                          in_blocks)
+from oodbench.postprocessors.gradient import InputGradientPostprocessor, input_batches
 from oodbench.registry import register_postprocessor
+
+PENULTIMATE = "penultimate"
 
 
 def threshold_grid(points: int) -> torch.Tensor:
@@ -70,6 +91,20 @@ def intervals(states: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.where(index >= len(grid) - 1, -1, index)
 
 
+def coverage_table(states: torch.Tensor, points: int, minimum: float) -> torch.Tensor:
+    """(M - 1) x D: min(count of each neuron's states in each interval / O, 1)."""
+    index = intervals(states, threshold_grid(points))
+    counts = torch.zeros(points, states.shape[1], dtype=torch.float64)  # row M - 1 gathers "outside"
+    counts.scatter_add_(0, torch.where(index < 0, points - 1, index), torch.ones_like(index, dtype=torch.float64))
+    return (counts[:-1] / minimum).clamp(max=1.0)
+
+
+def covered(states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per sample, the mean over neurons of the coverage of the interval its state falls in."""
+    index = intervals(states, threshold_grid(len(table) + 1))
+    return torch.where(index >= 0, table.gather(0, index.clamp(min=0)), 0.0).mean(dim=1)
+
+
 @register_postprocessor("nac_ue")
 class NACUE(Postprocessor):
     family = "gradient"
@@ -79,21 +114,72 @@ class NACUE(Postprocessor):
     ranges = {"O": Number(gt=0), "M": Integer(ge=4), "sig_alpha": Number(gt=0), "valid_num": Integer(ge=1)}
 
     def fit(self, train: Outputs, val: Outputs) -> None:
-        points = self.params["M"]
-        if points % 2:
-            raise InvalidHyperparameter(f"nac_ue: M={points} must be even (the threshold grid has M points)")
-        self.grid = threshold_grid(points)
+        even_points(self.name, [self.params["M"]])
         keep = torch.from_numpy(balanced_subset(train.labels.numpy(), self.params["valid_num"]))
         states = neuron_states(train.features[keep], train.logits[keep], train.fc[0], self.params["sig_alpha"])
-        index = intervals(states, self.grid)
-        counts = torch.zeros(points, states.shape[1], dtype=torch.float64)  # row M - 1 gathers "outside"
-        counts.scatter_add_(0, torch.where(index < 0, points - 1, index), torch.ones_like(index, dtype=torch.float64))
-        self.coverage = (counts[:-1] / self.params["O"]).clamp(max=1.0)
+        self.coverage = coverage_table(states, self.params["M"], self.params["O"])
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        def block(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            index = intervals(neuron_states(z, logits, outputs.fc[0], self.params["sig_alpha"]), self.grid)
-            covered = self.coverage.gather(0, index.clamp(min=0))
-            return torch.where(index >= 0, covered, 0.0).mean(dim=1)
+        alpha = self.params["sig_alpha"]
+        return in_blocks(lambda z, f: covered(neuron_states(z, f, outputs.fc[0], alpha), self.coverage),
+                         outputs.features, outputs.logits)
 
-        return in_blocks(block, outputs.features, outputs.logits)
+
+def even_points(name: str, points: list[int]) -> None:
+    odd = [m for m in points if m % 2]
+    if odd:
+        raise InvalidHyperparameter(f"{name}: M={odd[0]} must be even (the threshold grid has M points)")
+
+
+def layer_states(model: nn.Module, x: torch.Tensor, layers: list[str], alphas: list[float]) -> list[torch.Tensor]:
+    """Per layer, N x C states sigmoid(alpha pool(o) pool(g)) of the batch `x`, g the gradient of
+    the uniform cross-entropy sum_c -log p_c / C with respect to the layer's output o, pool the
+    sum over the spatial positions."""
+    from oodbench.models.layers import INPUT_OF, backbone, hooked
+
+    net = backbone(model)
+    classifier = next((name for name, m in net.named_modules() if m is getattr(model, "classifier", None)), None)
+    names = [f"{classifier}{INPUT_OF}" if layer == PENULTIMATE else layer for layer in layers]
+    if PENULTIMATE in layers and classifier is None:
+        raise OodbenchError("nac: the penultimate layer is the classifier's input; this model names no classifier")
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, out: torch.Tensor) -> None:  # the first call of each layer, its graph kept
+        captured.setdefault(name, out)
+
+    with torch.enable_grad(), hooked(model, names, keep):
+        logits = model(x.detach().requires_grad_(True))
+        loss = -(torch.log_softmax(logits, dim=1) / logits.shape[1]).sum()
+        grads = torch.autograd.grad(loss, [captured[name] for name in names])
+    pool = lambda t: t.flatten(2).sum(dim=2) if t.ndim > 2 else t  # noqa: E731
+    return [torch.sigmoid(alpha * pool(captured[name].detach()) * pool(grad)).detach().cpu()
+            for name, grad, alpha in zip(names, grads, alphas)]
+
+
+@register_postprocessor("nac")
+class NAC(InputGradientPostprocessor):
+    needs_fit = True
+    defaults = {"layers": [PENULTIMATE], "O": [50], "M": [50], "sig_alpha": [100.0], "valid_num": 1000}
+    ranges = {"layers": ListOf(Text()), "O": ListOf(Number(gt=0)), "M": ListOf(Integer(ge=4)),
+              "sig_alpha": ListOf(Number(gt=0)), "valid_num": Integer(ge=1)}
+
+    def per_layer(self, key: str) -> list:
+        values, layers = self.params[key], self.params["layers"]
+        if len(values) not in (1, len(layers)):
+            raise InvalidHyperparameter(f"nac: {key} has {len(values)} values for {len(layers)} layers")
+        return values * len(layers) if len(values) == 1 else list(values)
+
+    def fit(self, train: Outputs, val: Outputs) -> None:
+        points, minimum = self.per_layer("M"), self.per_layer("O")
+        even_points(self.name, points)
+        keep = balanced_subset(train.labels.numpy(), self.params["valid_num"])
+        subset = Outputs(logits=train.logits[torch.from_numpy(keep)], model=train.model,
+                         inputs=Subset(train.inputs, keep.tolist()), meta=train.meta)
+        states = [torch.cat(layer) for layer in zip(*(layer_states(train.model, x, self.params["layers"],
+                                                                   self.per_layer("sig_alpha"))
+                                                      for x in input_batches(subset, self.name)))]
+        self.coverage = [coverage_table(s, m, o) for s, m, o in zip(states, points, minimum)]
+
+    def score_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        states = layer_states(model, x, self.params["layers"], self.per_layer("sig_alpha"))
+        return torch.stack([covered(s, table) for s, table in zip(states, self.coverage)]).mean(dim=0)
