@@ -61,21 +61,9 @@ def reference_states(outputs, alpha):
 
 
 def reference_scores(train, test, o=50, m=50, alpha=100.0, valid_num=1000):
-    grid = reference_grid(m)
     keep = reference_subset(train.labels.tolist(), valid_num)
-    states = reference_states(Outputs(logits=train.logits[keep], features=train.features[keep], fc=train.fc), alpha)
-    counts = np.zeros((m - 1, DIM))
-    for row in states:
-        for n, s in enumerate(row):
-            k = np.searchsorted(grid, s, side="right") - 1
-            if 0 <= k < m - 1:
-                counts[k, n] += 1
-    cover = np.minimum(counts / o, 1)
-    scores = []
-    for row in reference_states(test, alpha):
-        ks = [np.searchsorted(grid, s, side="right") - 1 for s in row]
-        scores.append(np.mean([cover[k, n] if 0 <= k < m - 1 else 0.0 for n, k in enumerate(ks)]))
-    return np.array(scores)
+    fit_states = reference_states(Outputs(logits=train.logits[keep], features=train.features[keep], fc=train.fc), alpha)
+    return reference_coverage_scores(fit_states, reference_states(test, alpha), o, m)
 
 
 @pytest.mark.parametrize("params", [{}, {"O": 5, "M": 20, "sig_alpha": 1.0, "valid_num": 100},
