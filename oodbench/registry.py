@@ -157,6 +157,7 @@ POSTPROCESSORS: Registry[Any] = Registry(
         "oodbench.postprocessors.optfs",
         "oodbench.postprocessors.relative",
         "oodbench.postprocessors.neurons",
+        "oodbench.postprocessors.transport",
     ),
 )
 MODELS: Registry[Any] = Registry("model", lazy_modules=(

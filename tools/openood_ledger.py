@@ -32,7 +32,7 @@ METHODS = {"OpenMax": "openmax", "MSP": "msp", "TempScale": "temp_scaling", "ODI
            "RankFeat": "rankfeat", "ASH": "ash", "SHE": "she", "GEN": "gen", "Relation": "relation",
            "SCALE": "scale", "fDBD": "fdbd", "i-ODIN": "iodin", "AdaSCALE-A": "adascale_a",
            "AdaSCALE-L": "adascale_l", "NCI": "nci", "NNGuide": "nnguide", "MDS++": "mds_pp", "RMDS++": "rmds_pp",
-           "WeiPer+KLD": "weiper_kld", "NAC": "nac"}
+           "WeiPer+KLD": "weiper_kld", "NAC": "nac", "OTOD": "otod"}
 METRICS = {"Near-OOD_AUROC": "near_auroc", "Far-OOD_AUROC": "far_auroc", "ID_Accuracy": "acc"}
 COLUMNS = ["benchmark", "method", "published_method", "training", "architecture", "description", "outlier_data",
            "metric", "value", "std", "fpr_convention", "conventions", "source", "table", "date"]
