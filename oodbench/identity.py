@@ -320,6 +320,20 @@ def fit_key_text(method: Any, output_keys: Iterable[str]) -> str:
                      "params": {name: method.params[name] for name in names}, "outputs": list(output_keys)})
 
 
+ATTACK_VERSION = 1  # bump when `oodbench.attacks` changes the images an attack produces
+
+
+def attack_key_text(method: Any, fit_keys: Iterable[str], output_key: str, attack: dict, eps: float,
+                    direction: str) -> str:
+    """Attacked images of one split: the split's output key (model, weights, data), the
+    attacked method (class, code, every hyperparameter, the outputs it was fitted on), the
+    threat model and budget, and which way the score is pushed (``raise`` / ``lower``)."""
+    cls = type(method)
+    return key_text({"kind": "attack", "outputs": output_key, "class": f"{cls.__module__}.{cls.__qualname__}",
+                     "code": code_digest(cls), "params": dict(method.params), "fit": list(fit_keys),
+                     "attack": attack, "eps": float(eps), "direction": direction, "version": ATTACK_VERSION})
+
+
 def model_weights_key_text(name: str, recipe: dict, recipe_version: int, data: str) -> str:
     """A built-in model's weights: its name, training recipe and training data."""
     return key_text({"kind": "builtin-weights", "model": name, "recipe": recipe, "recipe_version": recipe_version,

@@ -126,13 +126,25 @@ class CachedExperiment:
         cls = POSTPROCESSORS.get(name)
         method = cls(**json.loads(cells.params.iloc[0] or "{}"))
         if cls.needs_fit:
-            fit_split = "id:fit" if "id:fit" in self.splits else "id:val"
-            keys = [self.key(spec, s) for s in (fit_split, "id:val")]
+            fit_split = self.fit_splits[0]
             read = dict(with_model=cls.needs_model, statistics=method.layer_statistics(),
                         with_weights=cls.needs_weights)
             fit_cached(method, self.outputs(spec, fit_split, **read), self.outputs(spec, "id:val", **read),
-                       FitStateCache(self.config.cache_dir), keys)
+                       FitStateCache(self.config.cache_dir), self.fit_keys(spec, name))
         return method
+
+    @property
+    def fit_splits(self) -> tuple[str, str]:
+        """The splits a method fits on: (the fit split, the ID validation split)."""
+        return ("id:fit" if "id:fit" in self.splits else "id:val", "id:val")
+
+    def fit_keys(self, spec: ModelSpec, name: str) -> list[str]:
+        """The output keys of the splits `name` was fitted on ([] for a method that does not fit)."""
+        return [self.key(spec, s) for s in self.fit_splits] if POSTPROCESSORS.get(name).needs_fit else []
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.config.device)
 
     def scores(self, method: Postprocessor, spec: ModelSpec, split: str) -> np.ndarray:
         outputs = self.outputs(spec, split, with_model=method.needs_model, statistics=method.layer_statistics(),
