@@ -380,6 +380,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, plugins=args.plugin, data_root=args.data_root)
     names = check_config(config)
+    if config.attack is not None:
+        from oodbench.attacks.spec import parse_attack
+
+        parse_attack(config.attack, f"{config.source}: attack")
     benchmark = load_benchmark(config.benchmark)
     missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
     if missing:
@@ -685,8 +689,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ main
 
+def add_attack(sub) -> None:
+    from oodbench.cli_attack import add_attack as add
+
+    add(sub, _add_common_run_args, _overrides, _names)
+
+
 COMMANDS: list[Callable] = [add_run, add_leaderboard, add_reproduce, add_results, add_list, add_validate, add_data,
-                            add_compare, add_calibration, add_report, add_failure, add_plot]
+                            add_compare, add_calibration, add_report, add_failure, add_plot, add_attack]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -48,6 +48,7 @@ class ExperimentConfig:
     limit: int | None = None
     search_limit: int = 1000
     threads: int | None = None  # torch intra-op threads of the run; None: `default_threads()`
+    attack: dict[str, Any] | None = None  # the threat model of `oodbench attack` (`oodbench.attacks.spec`)
     name: str = ""
     source: str = ""
 
@@ -74,7 +75,7 @@ KEYS = {
     "search": bool, "fit_split": str, "fpr": str, "plugins": list, "params": dict,
     "results": str, "cache_dir": str, "device": str, "batch_size": int, "num_workers": int,
     "trust_checkpoint": bool, "verify_data": bool, "limit": int, "search_limit": int, "name": str,
-    "threads": int, "conventions": str,
+    "threads": int, "conventions": str, "attack": dict,
 }
 
 
