@@ -37,9 +37,14 @@ def attack_tidy(frame: pd.DataFrame, benchmark: str, fingerprint: str) -> pd.Dat
 
 
 def _averages(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The ``average`` rows of `metric`, with ``method``: the postprocessor, marked `NOT_EXACT` when
+    its attacks (on that model) were not differentiated exactly."""
     rows = frame[(frame.dataset == "average") & (frame.metric == metric)]
-    return rows.assign(method=[p + ("" if g in ("", "exact") or g.startswith("exact") else NOT_EXACT)
-                               for p, g in zip(rows.postprocessor, rows.gradient.fillna(""))])
+    attacked = rows[rows.attack != "none"]
+    inexact = {(m, p) for m, p, g in zip(attacked.model, attacked.postprocessor, attacked.gradient.fillna(""))
+               if not g.startswith("exact")}
+    return rows.assign(method=[p + (NOT_EXACT if (m, p) in inexact else "")
+                               for m, p in zip(rows.model, rows.postprocessor)])
 
 
 def attack_table(frame: pd.DataFrame, description: str, fpr: str = "classic", fmt: str = "github") -> str:
@@ -92,8 +97,7 @@ def robust_vs_standard(frame: pd.DataFrame, fmt: str = "github") -> str:
 @paper_style
 def attack_figure(frame: pd.DataFrame, benchmark: str) -> Figure:
     """Average AUROC (x100) vs eps per method (eps = 0: clean), one panel per model."""
-    rows = _averages(frame, "auroc")
-    rows = rows[~rows.attack.str.startswith("adv-id")]
+    rows = _averages(frame[~frame.attack.str.startswith("adv-id")], "auroc")
     models = list(dict.fromkeys(rows.model))
     methods = list(dict.fromkeys(rows.method))
     colours = dict(zip(methods, palette(len(methods))))
