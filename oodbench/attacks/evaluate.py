@@ -7,8 +7,10 @@ through `CachedExperiment`), every method and every budget of the `AttackSpec`:
 - *in*: each ID test image is moved to **lower** it;
 - *both*: both at once, the worst case for AUROC and FPR@95.
 
-The loss is the method's own score (`oodbench.attacks.objectives`), and the attacked images
-are scored with the method's real score. An attacker may also leave an image as it is, so
+The loss is the method's own score (`oodbench.attacks.objectives`). The attacked images'
+scores are the values PGD computed of them when its loss is the method's score (its exact
+forms, which the tests check against the method's own path), saving a forward pass; the
+images of a surrogate attack, FGSM and APGD are scored with the method's real score. An attacker may also leave an image as it is, so
 each image keeps the worse of its clean and attacked scores: an attack never helps the
 detector, and eps = 0 gives the clean numbers. The attacked images and their scores are
 cached per (model, split, method, threat model, eps, direction) under ``<cache>/attacks``
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from oodbench.attacks.objectives import SURROGATE, DetectorObjective, detector_objective, energy, method_scores
-from oodbench.attacks.pgd import apgd, fgsm, pgd
+from oodbench.attacks.pgd import apgd, fgsm, pgd_with_values
 from oodbench.attacks.spec import AttackSpec
 from oodbench.benchmark.cache import VerifiedFiles
 from oodbench.evaluators.metrics import ood_metrics
@@ -58,17 +60,19 @@ def split_images(outputs) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def perturb(spec: AttackSpec, objective: DetectorObjective, model, x: torch.Tensor, indices: torch.Tensor,
-            eps: float, sign: float) -> torch.Tensor:
-    """The images of the batch `x` moved to maximise ``sign * score`` inside the eps-ball."""
+            eps: float, sign: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images of the batch `x` moved to maximise ``sign * score`` inside the eps-ball, and
+    ``sign * score`` of each when the attack computed it (PGD), else None."""
     goal = lambda v: sign * objective.score(v)  # noqa: E731
     ebo = energy(model)
     fallback = None if objective.gradient == SURROGATE else (lambda v: sign * ebo(v))
     if spec.kind == "fgsm":
-        return fgsm(goal, x, eps, fallback=fallback)
+        return fgsm(goal, x, eps, fallback=fallback), None
     if spec.kind == "apgd":
-        return apgd(goal, x, eps, norm=spec.norm, steps=spec.steps, restarts=spec.restarts, seed=spec.seed)
-    return pgd(goal, x, eps, norm=spec.norm, steps=spec.steps, step_fraction=spec.step_fraction,
-               restarts=spec.restarts, schedule=spec.schedule, seed=spec.seed, indices=indices, fallback=fallback)
+        return apgd(goal, x, eps, norm=spec.norm, steps=spec.steps, restarts=spec.restarts, seed=spec.seed), None
+    return pgd_with_values(goal, x, eps, norm=spec.norm, steps=spec.steps, step_fraction=spec.step_fraction,
+                           restarts=spec.restarts, schedule=spec.schedule, seed=spec.seed, indices=indices,
+                           fallback=fallback)
 
 
 def attacked_scores(spec: AttackSpec, method, objective: DetectorObjective, model, outputs, eps: float,
@@ -80,9 +84,12 @@ def attacked_scores(spec: AttackSpec, method, objective: DetectorObjective, mode
     device = next(iter(model.parameters()), torch.empty(0)).device
     images, scores = [], []
     for x, indices in split_images(outputs):
-        adversarial = perturb(spec, objective, model, x.to(device), indices, eps, sign).detach()
-        images.append(adversarial.cpu())
-        scores.append(method_scores(method, model, adversarial))
+        adversarial, values = perturb(spec, objective, model, x.to(device), indices, eps, sign)
+        images.append(adversarial.detach().cpu())
+        if values is not None and objective.gradient != SURROGATE:  # the attack's values are the method's scores
+            scores.append((sign * values).cpu())
+        else:
+            scores.append(method_scores(method, model, adversarial.detach()))
     images_t = torch.cat(images) if images else torch.empty(0)
     scores_t = torch.cat(scores) if scores else torch.empty(0, dtype=torch.float64)
     cache.write(key, {"images": images_t, "scores": scores_t}, {"eps": eps, "sign": sign})

@@ -95,8 +95,18 @@ def pgd(objective: Objective, x: torch.Tensor, eps: float, *, norm: str = "linf"
     `eps`: radius in [0,1] pixel units; `step_fraction`: alpha as a fraction of eps (default
     2.5 / steps); `indices`: each image's index in its split (seeds its random start; default
     0..B-1); `fallback`: an objective whose gradient replaces an exactly zero one."""
+    return pgd_with_values(objective, x, eps, norm=norm, steps=steps, step_fraction=step_fraction,
+                           restarts=restarts, schedule=schedule, seed=seed, indices=indices, fallback=fallback)[0]
+
+
+def pgd_with_values(objective: Objective, x: torch.Tensor, eps: float, *, norm: str = "linf", steps: int = 20,
+                    step_fraction: float | None = None, restarts: int = 1, schedule: str = "constant",
+                    seed: int = 0, indices: torch.Tensor | None = None, fallback: Objective | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`pgd`'s images and the objective at each (float64; None when nothing moved: eps or steps 0),
+    so that a caller whose objective is its score needs no further forward pass."""
     if eps == 0 or steps == 0:
-        return x.clone()
+        return x.clone(), None
     indices = torch.arange(len(x)) if indices is None else indices.cpu()
     sizes = step_sizes(eps, steps, step_fraction if step_fraction is not None else 2.5 / steps, schedule)
     best = x.clone()
@@ -114,7 +124,7 @@ def pgd(objective: Objective, x: torch.Tensor, eps: float, *, norm: str = "linf"
             if t < steps:
                 moved = current + sizes[t] * direction(grad, norm)
                 current = (x + project(moved - x, eps, norm)).clamp(0, 1)
-    return best
+    return best, best_value
 
 
 def fgsm(objective: Objective, x: torch.Tensor, eps: float, fallback: Objective | None = None) -> torch.Tensor:
