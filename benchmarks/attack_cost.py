@@ -18,8 +18,9 @@ attacked, per eps).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
@@ -32,6 +33,9 @@ from oodbench.models.cifar_resnet import TRAINING_MEAN, TRAINING_STD
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bare passes and timer PRO's benchmark uses
+from pro_throughput import bare_passes, timed  # noqa: E402
+
 
 def network(arch: str) -> torch.nn.Module:
     if arch == "resnet20":
@@ -41,29 +45,6 @@ def network(arch: str) -> torch.nn.Module:
     from oodbench.models.openood import ResNet18_32x32
 
     return ResNet18_32x32(10)
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def bare_passes(model: torch.nn.Module, batches: list[torch.Tensor], steps: int) -> None:
-    """S forward + S backward (w.r.t. the input) + 1 forward per batch, nothing else."""
-    for x in batches:
-        for _ in range(steps):
-            x = x.detach().requires_grad_(True)
-            torch.autograd.grad(model(x).sum(), x)
-        with torch.no_grad():
-            model(x)
-
-
-def timed(fn, device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
