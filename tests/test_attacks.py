@@ -160,3 +160,20 @@ def test_more_steps_attack_no_less(digits_run):
         frame = attack_experiment(experiment, spec, ["msp"], models=["digits-cnn"], quiet=True)
         curve.append(average_auroc(frame, "digits-cnn", "msp", "pgd-linf/both", 8 / 255))
     assert curve[0] >= curve[1] >= curve[2], curve
+
+
+def test_cli_writes_attack_and_eps_columns_and_refuses_a_bad_budget(digits_run, run_cli, tmp_path):
+    import pandas as pd
+
+    experiment, _ = digits_run
+    config = experiment.config.source
+    done = run_cli("attack", config, "--postprocessors", "msp", "--eps", "0,8/255", "--steps", "10",
+                   "--models", "digits-cnn", "--output", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "AUROC eps=8/255" in done.stdout and "[0,1] pixel units before normalisation" in done.stdout
+    tidy = pd.read_csv(tmp_path / "out" / "attack_digits_pgd-linf-both.csv")
+    assert {"attack", "eps", "gradient"} <= set(tidy.columns)
+    assert set(tidy.attack) == {"none", "pgd-linf/both"} and set(tidy.eps) == {0.0, 8 / 255}
+    assert (tmp_path / "out" / "attack_digits_pgd-linf-both.png").is_file()
+    bad = run_cli("attack", config, "--eps", "8/0")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "8/0" in bad.stderr

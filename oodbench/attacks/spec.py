@@ -73,8 +73,9 @@ class AttackSpec:
         return self.step_size if self.step_size is not None else 2.5 / max(self.steps, 1)
 
     def fingerprint_payload(self) -> dict[str, Any]:
-        """What decides the attacked images (all fields), for cache keys."""
-        return asdict(self)
+        """What decides the attacked images at one budget, for cache keys: every field but the
+        list of budgets (each entry names its own), so adding a budget reuses the others."""
+        return {key: value for key, value in asdict(self).items() if key != "eps"}
 
     def describe(self) -> str:
         """The threat model in words, as captions state it."""
