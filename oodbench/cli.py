@@ -524,6 +524,9 @@ def add_compare(sub) -> None:
     parser.add_argument("--fpr", choices=["classic", "openood"], help="FPR@95 convention (default: the config's)")
     parser.add_argument("--format", choices=["markdown", "latex", "csv", "json"], default="markdown",
                         help="markdown (default), latex (compiles as pasted) or csv / json (one tidy row per number)")
+    parser.add_argument("--attack", action="store_true",
+                        help="also robust vs standard under the config's attack: (as `oodbench attack`; attacked "
+                             "scores already cached are read, not recomputed)")
     _add_output_arg(parser)
     parser.set_defaults(func=cmd_compare)
 
@@ -537,6 +540,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = load_config(args.config, **_overrides(args))
     long = comparison_results(ResultStore(config.results, readonly=True), config, args.fpr or config.fpr)
     print(render_comparison(long, args.format).rstrip("\n"))
+    if args.attack:
+        from oodbench.cli_attack import attack_comparison
+
+        print("\n" + attack_comparison(args.config, _overrides(args), args.format))
     paths = save_figure(auroc_bars(long), args.output, f"compare_{long.attrs['benchmark']}")
     print(f"bar chart: {', '.join(map(str, paths))}", file=sys.stderr)
     return 0

@@ -48,7 +48,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     from oodbench.attacks.adversarial_ood import KINDS, adversarial_ood
     from oodbench.attacks.evaluate import attack_experiment
-    from oodbench.attacks.spec import parse_attack
     from oodbench.benchmark.experiment import CachedExperiment
     from oodbench.errors import OodbenchError
     from oodbench.results.attacks import attack_figure, attack_table, attack_tidy, robust_vs_standard
@@ -56,9 +55,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from oodbench.results.tidy import render_tidy
 
     experiment = CachedExperiment.open(args.config, limit=args.limit, **args.overrides_of(args))
-    raw = dict(experiment.config.attack or {})
-    raw.update({key: getattr(args, key) for key in FLAGS if getattr(args, key) is not None})
-    spec = parse_attack(raw, f"{experiment.config.source}: attack")
+    spec = threat_model(experiment, {key: getattr(args, key) for key in FLAGS if getattr(args, key) is not None})
     for kind in args.adversarial_id or []:
         if kind not in KINDS:
             raise OodbenchError(f"--adversarial-id: '{kind}' is not one of {', '.join(KINDS)}")
@@ -89,6 +86,29 @@ def cmd_attack(args: argparse.Namespace) -> int:
     paths = save_figure(attack_figure(frame, benchmark), folder, stem)
     print(f"tidy CSV and figure: {folder / f'{stem}.csv'}, {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
+
+
+def threat_model(experiment, flags: dict):
+    """The config's ``attack:`` with `flags` over its keys, checked (`oodbench.attacks.spec`)."""
+    from oodbench.attacks.spec import parse_attack
+
+    return parse_attack({**(experiment.config.attack or {}), **flags}, f"{experiment.config.source}: attack")
+
+
+def attack_comparison(config: str, overrides: dict, fmt: str) -> str:
+    """`oodbench compare --attack`: robust vs standard under the config's attack (markdown or LaTeX)."""
+    from oodbench.attacks.evaluate import attack_experiment
+    from oodbench.benchmark.experiment import CachedExperiment
+    from oodbench.errors import OodbenchError
+    from oodbench.results.attacks import robust_vs_standard
+
+    experiment = CachedExperiment.open(config, **overrides)
+    if experiment.config.attack is None:
+        raise OodbenchError(f"--attack: {experiment.config.source} has no 'attack:' (e.g. attack: {{kind: pgd, "
+                            "eps: [8/255]}})")
+    spec = threat_model(experiment, {})
+    table = robust_vs_standard(attack_experiment(experiment, spec), "latex_booktabs" if fmt == "latex" else "github")
+    return table or "robust vs standard under attack: the config tags no standard and robust pair"
 
 
 def adversarial_summary(frame, fmt: str) -> str:

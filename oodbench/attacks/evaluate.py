@@ -10,9 +10,9 @@ through `CachedExperiment`), every method and every budget of the `AttackSpec`:
 The loss is the method's own score (`oodbench.attacks.objectives`). The attacked images'
 scores are the values PGD computed of them when its loss is the method's score (its exact
 forms, which the tests check against the method's own path), saving a forward pass; the
-images of a surrogate attack, FGSM and APGD are scored with the method's real score. An attacker may also leave an image as it is, so
-each image keeps the worse of its clean and attacked scores: an attack never helps the
-detector, and eps = 0 gives the clean numbers. The attacked images and their scores are
+images of a surrogate attack, FGSM and APGD are scored with the method's real score. An
+attacker may also leave an image as it is, so each image keeps the worse of its clean and
+attacked scores: an attack never helps the detector, and eps = 0 gives the clean numbers. The attacked images and their scores are
 cached per (model, split, method, threat model, eps, direction) under ``<cache>/attacks``
 (`AttackCache`, keys from `oodbench.identity.attack_key_text`, verified on read), so a rerun
 resumes where it stopped.
