@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from oodbench.attacks.objectives import EXACT, INNER, SURROGATE, TOPK, detector_objective, method_scores
-from oodbench.attacks.pgd import fgsm, pgd, project
+from oodbench.attacks.pgd import apgd, fgsm, pgd, project
 from oodbench.attacks.spec import eps_label, parse_attack
 from oodbench.errors import OodbenchError
 from tests.conftest import digits_config
@@ -50,6 +50,21 @@ def test_pgd_reaches_the_optimum_of_a_linear_objective(norm):
     delta = (found - x).flatten(1)
     assert float(delta.abs().max() if norm == "linf" else delta.norm(dim=1).max()) <= eps + 1e-6
     assert torch.equal(pgd(linear_objective(weight), x, 0.0), x)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_through_autoattack_reaches_the_same_optimum(norm):
+    """AutoAttack's APGD-CE on the two-class logits [0, objective] maximises the objective:
+    the gain of a linear objective is eps ||w||_1 (L-inf) or eps ||w||_2 (L2), inside the box."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 4, 4, generator=generator) * 0.6 + 0.2
+    weight = torch.randn(1, 4, 4, generator=generator)
+    found = apgd(linear_objective(weight), x, 0.1, norm=norm, steps=20)
+    gain = linear_objective(weight)(found) - linear_objective(weight)(x)
+    best = 0.1 * (weight.abs().sum() if norm == "linf" else weight.norm())
+    assert torch.allclose(gain, best.expand(4), rtol=1e-3)
+    assert float((found - x).flatten(1).abs().max() if norm == "linf" else (found - x).flatten(1).norm(dim=1).max()) \
+        <= 0.1 + 1e-6
 
 
 def test_projection_and_fgsm_formulas():
