@@ -139,7 +139,7 @@ def test_attacks_lower_auroc_monotonically_and_eps_zero_is_clean(digits_run):
     from oodbench.attacks.evaluate import AttackCache, attack_experiment
 
     experiment, leaderboard = digits_run
-    spec = parse_attack({"eps": EPS, "steps": 10})
+    spec = parse_attack({"eps": EPS, "steps": 5})
     frame = attack_experiment(experiment, spec, ["msp", "ebo"], quiet=True)
     attack = "pgd-linf/both"
     for model in ("digits-cnn", "digits-cnn-robust"):
@@ -182,7 +182,7 @@ def test_cli_writes_attack_and_eps_columns_and_refuses_a_bad_budget(digits_run, 
 
     experiment, _ = digits_run
     config = experiment.config.source
-    done = run_cli("attack", config, "--postprocessors", "msp", "--eps", "0,8/255", "--steps", "10",
+    done = run_cli("attack", config, "--postprocessors", "msp", "--eps", "0,8/255", "--steps", "5",
                    "--models", "digits-cnn", "--output", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     assert "AUROC eps=8/255" in done.stdout and "[0,1] pixel units before normalisation" in done.stdout
