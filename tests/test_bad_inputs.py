@@ -53,7 +53,8 @@ class Case:
     after: Callable[[Path], None] | None = None  # extra checks on the case folder
     needs_model: bool = False
     # Fails while scoring, after the run recorded which datasets it found: those rows are
-    # rewritten with equal values, so the rows are compared but not the file's bytes.
+    # rewritten with equal values and the time the data was last read, so the rows (less that
+    # time) are compared but not the file's bytes.
     rewrites_dataset_rows: bool = False
 
 
@@ -434,14 +435,18 @@ def fill_all(value, folder: Path):
 
 
 def store_fingerprint(path: Path) -> tuple[str, str]:
-    """Digests of the store file's bytes and, when it is a database, of every row of every table."""
+    """Digests of the store file's bytes and, when it is a database, of every row of every table
+    (the datasets rows without `created`: the time a run last read that data, not a result)."""
     if not path.exists():
         return "absent", "absent"
     rows = hashlib.sha256()
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"):
-            rows.update(repr(sorted(db.execute(f"SELECT * FROM {table}"), key=repr)).encode())
+            cursor = db.execute(f"SELECT * FROM {table}")
+            names = [column[0] for column in cursor.description]
+            kept = [i for i, name in enumerate(names) if not (table == "datasets" and name == "created")]
+            rows.update(repr(sorted(([row[i] for i in kept] for row in cursor), key=repr)).encode())
         db.close()
     except sqlite3.DatabaseError:
         rows.update(b"not a database")
