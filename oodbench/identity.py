@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-EXTRACTOR_VERSION = 3  # 3: keys name the data content; entries store their key
+EXTRACTOR_VERSION = 4  # 3: keys name the data content; entries store their key; 4: memory-mapped entry files
 LAYERS_VERSION = 1  # bump when a reduction of `oodbench.models.layers` changes
 SCORE_VERSION = 2  # bump when the way a cell turns scores into metrics changes (2: cells store their scores)
 
@@ -56,12 +56,14 @@ def key_of(text: str) -> str:
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, shapes, dtypes and bytes of a dict of tensors."""
+    """sha256 over names, shapes, dtypes and bytes of a dict of tensors. The bytes are hashed
+    straight from each tensor's buffer (a memory-mapped cache entry's pages, never a copy)."""
     hasher = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        hasher.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        if tensor.numel():
+            hasher.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     return hasher.hexdigest()
 
 

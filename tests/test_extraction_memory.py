@@ -1,7 +1,7 @@
 """Extraction holds a few batches of decoded images, never a split: on image files read
 through the real source and transform, sharded into the output cache, the images alive at
 any moment stay within two batches whatever the split's size, with and without worker
-processes; what accumulates is each image's outputs."""
+processes; each batch's outputs go to their rows of the entry's file as they come."""
 
 import weakref
 
@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from oodbench.benchmark.cache import OutputCache, extract
+from oodbench.benchmark.entries import EntryFile
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset
 from oodbench.models.adapter import ModelAdapter
 
@@ -38,14 +39,6 @@ class LiveImages(Dataset):
         self.most = max(self.most, self.live)
         weakref.finalize(image, self._gone)
         return image, label
-
-
-class CountedWrites(OutputCache):
-    writes = 0
-
-    def write(self, key, tensors, scalars) -> None:
-        self.writes += 1
-        super().write(key, tensors, scalars)
 
 
 class BatchesSeen(nn.Module):
@@ -78,13 +71,15 @@ def test_extraction_holds_a_few_batches_of_images_not_the_split(folder, tmp_path
     split = load_dataset(DatasetRef("image_folder", {"path": "photos"}), folder, ImageSpec(64, 3, 72, "bicubic", "x"))
     images = LiveImages(split)
     net = BatchesSeen()
-    cache = CountedWrites(tmp_path)
+    cache = OutputCache(tmp_path)
+    syncs = []
+    monkeypatch.setattr(EntryFile, "sync", lambda entry: syncs.append(entry.path))
     outputs = extract(ModelAdapter(net, num_classes=2, identity="tiny"), images, batch_size=BATCH,
                       num_workers=workers, cache=cache, key="split")
     assert len(outputs) == len(split) == 48 and outputs.features.shape == (48, 3)
     assert net.largest == BATCH  # the model never sees more than a batch
     if workers == 0:  # decoded in this process: count them
         assert images.read == 48 and images.most <= 2 * BATCH
-    assert cache.writes == 48 // BATCH + 1  # a shard per batch, then the entry
+    assert len(syncs) == 48 // BATCH and len(set(syncs)) == 1  # a shard per batch, all in the entry's one file
     assert OutputCache(tmp_path).load("split") is not None
     assert len(list((tmp_path / "outputs").rglob("*.pt"))) == 1  # shards removed once the entry is whole

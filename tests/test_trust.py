@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from oodbench.benchmark.cache import FitStateCache
+from oodbench.benchmark.entries import read_entry
 from tests.conftest import SHARED_MODELS, compact_rows
 from tests.forked_cli import FORKED
 
@@ -425,11 +426,11 @@ def test_a_killed_extraction_resumes_from_its_shards_bit_for_bit(tmp_path, bench
     env = {**os.environ, "OODBENCH_CACHE": str(tmp_path / "killed"), "OODBENCH_SHARD_SECONDS": "0"}
     process = FORKED.start(("run", config, "--results", tmp_path / "k.sqlite"), cwd=tmp_path, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "killed" / "outputs").rglob("*.pt"))) < 5:
+    while time.time() < deadline and journalled_shards(tmp_path / "killed" / "outputs") < 5:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    shards = len(list((tmp_path / "killed" / "outputs").rglob("*.pt")))
+    shards = journalled_shards(tmp_path / "killed" / "outputs")
     assert 5 <= shards < 15, "killed in the middle of the 60-image ID split (15 batches)"
 
     counter = tmp_path / "forwards.txt"
@@ -439,12 +440,19 @@ def test_a_killed_extraction_resumes_from_its_shards_bit_for_bit(tmp_path, bench
     assert sum(map(int, counter.read_text().split())) <= 1 + 60 - 4 * (shards - 1) + 10
     whole = cli("run", config, "--results", tmp_path / "w.sqlite", cache=tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
-    killed = {p.name: torch.load(p, weights_only=True) for p in (tmp_path / "killed" / "outputs").rglob("*.pt")}
-    uninterrupted = {p.name: torch.load(p, weights_only=True) for p in (tmp_path / "whole" / "outputs").rglob("*.pt")}
-    assert killed.keys() == uninterrupted.keys() and len(killed) == 2, "no shard left behind"
+    killed = {p.name: read_entry(p)[1] for p in (tmp_path / "killed" / "outputs").rglob("*.pt")}
+    uninterrupted = {p.name: read_entry(p)[1] for p in (tmp_path / "whole" / "outputs").rglob("*.pt")}
+    assert killed.keys() == uninterrupted.keys() and len(killed) == 2
+    left = [p.name for p in (tmp_path / "killed" / "outputs").rglob("*") if p.is_file() and p.suffix != ".pt"]
+    assert left == [], "no partial file or journal left behind"
     for name, entry in uninterrupted.items():
-        for tensor, value in entry["tensors"].items():
-            assert torch.equal(killed[name]["tensors"][tensor], value), (name, tensor)
+        for tensor, value in entry.items():
+            assert torch.equal(killed[name][tensor], value), (name, tensor)
+
+
+def journalled_shards(folder: Path) -> int:
+    """The shards the extraction journals beside partial entries record (after a header line)."""
+    return sum(max(len(p.read_text().splitlines()) - 1, 0) for p in folder.rglob(".*.journal"))
 
 
 def test_a_sampled_run_neither_hides_nor_overwrites_a_full_one(tmp_path, cache):

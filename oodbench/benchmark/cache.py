@@ -18,12 +18,13 @@ by the method, its code, its hyperparameters and the keys of the outputs it was 
 from __future__ import annotations
 
 import errno
-import hashlib
+import fcntl
 import json
 import os
 import socket
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from oodbench.benchmark.entries import EntryFile, EntryLayout, entry_checksum, map_file, read_entry, write_entry
 from oodbench.identity import fit_key_text, key_of, tensors_checksum
-from oodbench.errors import NoSpaceLeft, disk_full
+from oodbench.errors import NoSpaceLeft, OodbenchError, disk_full
 from oodbench.postprocessors.base import Outputs
 
 
@@ -51,35 +53,30 @@ class VerifiedFiles:
         name = key_of(key)
         return self.root / name[:2] / f"{name}.pt"
 
-    @staticmethod
-    def checksum(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> str:
-        return tensors_checksum(tensors) + hashlib.sha256(json.dumps(scalars, sort_keys=True).encode()).hexdigest()
-
     def read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """(tensors, scalars) of the entry for `key`, or None when absent or failing a check
-        (then it is removed, with one warning line naming the file)."""
+        (then it is removed, with one warning line naming the file). The tensors are
+        memory-mapped from the file (`oodbench.benchmark.entries`): pages the kernel can drop."""
         path = self.path(key)
         if not path.exists():
             return None
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(payload, dict) or not {"key", "tensors", "scalars", "checksum"} <= set(payload):
-                raise ValueError("not an oodbench cache entry")
-            if payload["key"] != key:
+            stored_key, tensors, scalars, checksum = read_entry(path)
+            if stored_key != key:
                 raise ValueError("it holds another key's values")
-            if self.checksum(payload["tensors"], payload["scalars"]) != payload["checksum"]:
+            if entry_checksum(tensors, scalars) != checksum:
                 raise ValueError("checksum mismatch")
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             warnings.warn(f"{self.what} {path} is invalid ({reason}); {self.redo}", stacklevel=3)
             path.unlink(missing_ok=True)
             return None
-        return payload["tensors"], payload["scalars"]
+        return tensors, scalars
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_save({"key": key, "tensors": tensors, "scalars": scalars,
-                     "checksum": self.checksum(tensors, scalars)}, self.path(key))
+        path = self.path(key)
+        with atomic_temporary(path) as temporary:
+            write_entry(temporary, path, key, {k: v.detach().cpu() for k, v in tensors.items()}, scalars)
 
 
 EXTRA = "extra:"  # prefix of the model's extras among an entry's tensors
@@ -101,10 +98,7 @@ class OutputCache(VerifiedFiles):
         if entry is None:
             return None
         tensors, scalars = entry
-        extras = {name[len(EXTRA):]: value for name, value in tensors.items() if name.startswith(EXTRA)}
-        return Outputs(logits=tensors["logits"], features=tensors["features"], labels=tensors["labels"],
-                       fc=(tensors["fc_weight"], tensors["fc_bias"]), meta=dict(scalars.get("meta", {})),
-                       extras=extras)
+        return _outputs(tensors, scalars.get("meta"))
 
     def save(self, key: str, outputs: Outputs) -> None:
         weight, bias = outputs.fc
@@ -130,22 +124,30 @@ class LayerCache(VerifiedFiles):
 
 
 def atomic_save(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename into place. A full disk ends in
-    `NoSpaceLeft` naming `path`, and leaves no partial file and any entry at `path` as it was."""
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
+    """torch.save to a temporary file, fsync, then rename into place (`atomic_temporary`)."""
+    with atomic_temporary(path) as temporary:
         with open(temporary, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+
+
+@contextmanager
+def atomic_temporary(path: Path, remedy: str = "free space on that disk or point --cache-dir (OODBENCH_CACHE) "
+                                               "at another one, then rerun to resume"):
+    """A temporary file beside `path` (named by host and process) for the body to write and
+    rename into place; removed whatever happens. A full disk ends in `NoSpaceLeft` naming
+    `path`, leaving no partial file and any entry at `path` as it was."""
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        yield temporary
     except (OSError, RuntimeError) as exc:
         if not out_of_space(exc, path.parent):
             raise
-        raise NoSpaceLeft.writing(path, "free space on that disk or point --cache-dir (OODBENCH_CACHE) at another "
-                                        "one, then rerun to resume") from None
+        raise NoSpaceLeft.writing(path, remedy) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -213,8 +215,7 @@ def shard_seconds() -> float:
         return 30.0
 
 
-def _shard_key(key: str, batch_size: int, number: int) -> str:
-    return f"{key}#batch_size={batch_size}#shard={number}"
+PER_MODEL = ("fc_weight", "fc_bias")  # an output entry's tensors that are not one row per image
 
 
 @torch.no_grad()
@@ -223,38 +224,84 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
     """One forward pass over `dataset`: logits, penultimate features, labels and (W, b).
 
     Images are decoded batch by batch (by `num_workers` DataLoader processes, into pinned
-    memory for a CUDA device), so memory holds a few batches of images, never the split;
-    what accumulates is each image's outputs (features, logits).
+    memory for a CUDA device), so memory holds a few batches of images, never the split.
 
-    With `cache` and `key`, the entry is saved under `key`, and the work is written as it
-    goes in shards (every `shard_seconds()`, at batch boundaries, each verified like an
-    entry): a killed extraction resumes from its last complete shard, and the entry equals
-    an uninterrupted extraction bit for bit (the batches are the same).
+    With `cache` and `key`, each batch's outputs go straight to their rows of the entry's
+    file, reserved at its final size after the first batch (`oodbench.benchmark.entries`),
+    and the entry comes back memory-mapped: memory does not grow with the split, and the
+    disk holds the entry once. Every `shard_seconds()` (at batch boundaries) the rows so far
+    are synced and a journal beside the file records them with their checksum: a killed
+    extraction resumes after its last verified shard, and the entry equals an uninterrupted
+    extraction bit for bit (the batches are the same). A full disk raises `NoSpaceLeft` and
+    leaves neither a partial file nor a journal. Without a cache the outputs are gathered
+    in memory.
     """
-    sharded = cache is not None and key is not None
-    chunks: list[dict[str, torch.Tensor]] = []
-    done, number = 0, 0
-    while sharded:  # resume from the shards a killed run left
-        entry = cache.read(_shard_key(key, batch_size, number))
-        if entry is None or entry[1].get("start") != done:
-            break
-        chunks.append(entry[0])
-        done, number = entry[1]["end"], number + 1
-    rest = dataset if done == 0 else Subset(dataset, range(done, len(dataset)))
+    if cache is None or key is None:
+        chunks = [batch for _, batch in _batches(model, dataset, batch_size, num_workers, device, desc)]
+        merged = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+        weight, bias = model.fc
+        return _outputs({**merged, "fc_weight": weight.float().cpu(), "fc_bias": bias.float().cpu()})
+    path = cache.path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.journal"), "a+") as journal:
+        fcntl.flock(journal, fcntl.LOCK_EX)  # one writer per entry; a second waits, then reads its result
+        entry = cache.load(key)
+        if entry is not None:
+            return entry
+        try:
+            _extract_into(model, dataset, batch_size, num_workers, device, desc, key, path, journal)
+        except (OSError, RuntimeError) as exc:
+            if not out_of_space(exc, path.parent):
+                raise
+            _partial(path).unlink(missing_ok=True)
+            journal.truncate(0)
+            raise NoSpaceLeft.writing(path, "free space on that disk or point --cache-dir (OODBENCH_CACHE) at "
+                                            "another one, then rerun") from None
+        finally:
+            if path.exists() or not _partial(path).exists():
+                Path(journal.name).unlink(missing_ok=True)
+    return cache.load(key)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def _extract_into(model, dataset, batch_size, num_workers, device, desc, key, path, journal) -> None:
+    """The body of a cached `extract`: fill the partial file, journal its shards, rename it to `path`."""
+    rows, scalars = len(dataset), {"meta": {}}
+    header = {"key": key, "batch_size": batch_size, "rows": rows}
+    layout, done = _resume(journal, _partial(path), header)
+    entry = None if layout is None else EntryFile(_partial(path), layout, key, scalars, fresh=False)
+    weight, bias = model.fc
+    fc = {"fc_weight": weight.float().cpu(), "fc_bias": bias.float().cpu()}
+    last_flush, interval, start = time.monotonic(), shard_seconds(), done
+    for first, batch in _batches(model, dataset, batch_size, num_workers, device, desc, done):
+        if entry is None:  # the first batch gives each tensor's row shape
+            specs = {name: (value.dtype, (rows, *value.shape[1:])) for name, value in batch.items()}
+            layout = EntryLayout.of({**specs, **{name: (value.dtype, tuple(value.shape)) for name, value in fc.items()}})
+            entry = EntryFile(_partial(path), layout, key, scalars)
+            _journal_write(journal, [{**header, "layout": layout.table}], truncate=True)
+        for name, value in batch.items():
+            entry.write_rows(name, first, value)
+        done = first + len(batch["labels"])
+        if time.monotonic() - last_flush >= interval:
+            entry.sync()
+            _journal_write(journal, [{"start": start, "end": done, "checksum": _rows_checksum(_partial(path), layout, start, done)}])
+            start, last_flush = done, time.monotonic()
+    if entry is None:
+        raise OodbenchError(f"cannot extract {desc}: the split has no images")
+    for name, value in fc.items():
+        entry.write_rows(name, 0, value)
+    entry.finish(path)
+
+
+def _batches(model, dataset, batch_size, num_workers, device, desc, skip: int = 0):
+    """(first row, {features, logits, labels, extra:*} on the CPU) per batch, from row `skip`."""
+    rest = dataset if skip == 0 else Subset(dataset, range(skip, len(dataset)))
     cuda = torch.device(device).type == "cuda"  # pinned batches copy to the GPU while the next ones decode
     loader = DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda)
-    pending: list[dict[str, torch.Tensor]] = []
-    last_flush = time.monotonic()
-    interval = shard_seconds()
-
-    def flush() -> None:
-        nonlocal pending, done, number, last_flush
-        merged = _concat(pending)
-        end = done + len(merged["labels"])
-        cache.write(_shard_key(key, batch_size, number), merged, {"start": done, "end": end})
-        chunks.append(merged)
-        pending, done, number, last_flush = [], end, number + 1, time.monotonic()
-
+    row = skip
     for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", mininterval=1.0,
                                 disable=len(loader) < 20):
         images = images.to(device, non_blocking=cuda)
@@ -262,29 +309,59 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
             feats, logit, extras = model.forward_with_extras(images)
         else:
             (feats, logit), extras = model.features(images), {}
-        pending.append({"features": feats.float().cpu(), "logits": logit.float().cpu(),
-                        "labels": torch.as_tensor(targets).long(),
-                        **{EXTRA + name: _stored(value) for name, value in extras.items()}})
-        if sharded and time.monotonic() - last_flush >= interval:
-            flush()
-    chunks.extend(pending)
-    merged = _concat(chunks)
-    weight, bias = model.fc
-    outputs = Outputs(logits=merged["logits"], features=merged["features"], labels=merged["labels"],
-                      fc=(weight.float().cpu(), bias.float().cpu()),
-                      extras={name[len(EXTRA):]: value for name, value in merged.items() if name.startswith(EXTRA)})
-    if sharded:
-        cache.save(key, outputs)
-        for shard in range(number):
-            cache.path(_shard_key(key, batch_size, shard)).unlink(missing_ok=True)
-    return outputs
+        batch = {"features": feats.float().cpu(), "logits": logit.float().cpu(), "labels": torch.as_tensor(targets).long(),
+                 **{EXTRA + name: _stored(value) for name, value in extras.items()}}
+        yield row, batch
+        row += len(batch["labels"])
+
+
+def _rows_checksum(partial: Path, layout: EntryLayout, start: int, end: int) -> str:
+    """The checksum of rows [start, end) of a partial file's per-image tensors (a shard)."""
+    views = layout.views(map_file(partial))
+    return tensors_checksum({name: view[start:end] for name, view in views.items() if name not in PER_MODEL})
+
+
+def _journal_write(journal, records: list[dict], truncate: bool = False) -> None:
+    if truncate:
+        journal.seek(0)
+        journal.truncate()
+    journal.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
+    journal.flush()
+    os.fsync(journal.fileno())
+
+
+def _resume(journal, partial: Path, header: dict) -> tuple[EntryLayout | None, int]:
+    """The layout of a killed extraction of the same key and batching and the rows its verified
+    shards hold; (None, 0) to start afresh. The journal keeps only the verified shards."""
+    journal.seek(0)
+    lines = journal.read().splitlines()
+    try:
+        first = json.loads(lines[0])
+        layout = EntryLayout({name: (dtype, tuple(shape), offset) for name, (dtype, shape, offset)
+                              in first.pop("layout").items()})
+        if first != header or not partial.exists() or partial.stat().st_size != layout.size(header["key"], {"meta": {}}):
+            return None, 0
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+        return None, 0
+    done, kept = 0, [lines[0]]
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+            if record["start"] != done or _rows_checksum(partial, layout, done, record["end"]) != record["checksum"]:
+                break
+        except (KeyError, TypeError, ValueError):
+            break
+        done, kept = record["end"], [*kept, line]
+    _journal_write(journal, [json.loads(line) for line in kept], truncate=True)
+    return layout, done
+
+
+def _outputs(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Outputs:
+    return Outputs(logits=tensors["logits"], features=tensors["features"], labels=tensors["labels"],
+                   fc=(tensors["fc_weight"], tensors["fc_bias"]), meta=dict(meta or {}),
+                   extras={name[len(EXTRA):]: value for name, value in tensors.items() if name.startswith(EXTRA)})
 
 
 def _stored(extra: torch.Tensor) -> torch.Tensor:
     """An extra as cached: on the CPU, floating point as float32 (like the logits)."""
     return extra.float().cpu() if extra.is_floating_point() else extra.cpu()
-
-
-def _concat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    names = chunks[0] if chunks else ("features", "logits", "labels")
-    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in names}
