@@ -216,3 +216,24 @@ def test_digits_search_chooses_params_for_every_feature_method(run_cli, tmp_path
         assert all(f"{key}={value}" in line for key, value in params.items()), line
     board = run_cli("leaderboard", "--results", results, "--show-params")
     assert board.returncode == 0 and "dim=" in board.stdout and "percentile=" in board.stdout
+
+
+def test_a_cell_whose_fit_state_is_cached_does_not_read_the_fit_split(tmp_path):
+    """ScoreJob reads the (largest) fit split only for a fit the fit-state cache does not hold."""
+    from types import SimpleNamespace
+
+    from oodbench.results.store import Cell
+
+    train, val, ood_val = constructed_case()
+    test = Outputs(logits=torch.zeros(30, 3), features=val.features[:30], labels=torch.zeros(30, dtype=torch.long))
+    splits = {"id:fit": train, "id:val": val, "id:test": test, "far:a": ood_val[0]}
+    context = SimpleNamespace(model_context=SimpleNamespace(cache_dir=tmp_path), model=SimpleNamespace(display="m"))
+    job = jobs.ScoreJob(context, "column_score", {"column": 2}, {}, {}, {name: name for name in splits},
+                        {"a": "far"})
+    for expected in (["id:fit"], []):
+        read = []
+        load = lambda name: (read.append(name), splits[name])[1]  # noqa: E731
+        cell = Cell("b", "m", "column_score", "s")
+        job._score_with(cell, ColumnScore, None, load)
+        assert [name for name in read if name == "id:fit"] == expected
+        assert cell.metrics["a"]["auroc"] == 1.0

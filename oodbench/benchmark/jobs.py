@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -159,9 +160,10 @@ class ExtractJob:
         return result
 
 
-def fit_cached(method: Postprocessor, fit: Outputs | None, val: Outputs | None,
+def fit_cached(method: Postprocessor, fit: Outputs | Callable[[], Outputs] | None, val: Outputs | None,
                fit_cache: FitStateCache | None, output_keys: list[str]) -> None:
-    """`method.fit(fit, val)`, or its state from the fit-state cache when it was fitted before."""
+    """`method.fit(fit, val)`, or its state from the fit-state cache when it was fitted before.
+    `fit` may be a function reading the fit split: it is called only when the method fits."""
     if not method.needs_fit:
         return
     key = FitStateCache.key(method, output_keys) if fit_cache is not None else None
@@ -169,7 +171,7 @@ def fit_cached(method: Postprocessor, fit: Outputs | None, val: Outputs | None,
     if state is not None:
         method.load_fit_state(state)
         return
-    method.fit(fit, val)
+    method.fit(fit() if callable(fit) else fit, val)
     if key is not None:
         fit_cache.save(key, method.fit_state())
 
@@ -291,7 +293,7 @@ class ScoreJob:
     def _score_with(self, cell: Cell, cls: type[Postprocessor], model, load) -> None:
         if cls.needs_fit and "id:fit" not in self.keys:
             raise DatasetMissing("the fit split is missing; set fit_split: val to fit on ID validation")
-        fit_outputs = load("id:fit") if cls.needs_fit else None
+        fit_outputs = functools.cache(lambda: load("id:fit"))  # read only by a fit the cache does not hold
         val_outputs = load("id:val") if "id:val" in self.keys else None
         if cls.needs_fit and val_outputs is None:
             raise DatasetMissing("the ID validation split is missing")
