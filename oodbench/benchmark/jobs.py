@@ -86,8 +86,9 @@ def task_resources(device: str, runs_model: bool = True) -> dict[str, int]:
     return {"num_cpus": 1, "num_gpus": 1} if runs_model and device.startswith("cuda") else {"num_cpus": 1}
 
 
-def nonfinite_count(tensor: torch.Tensor) -> int:
-    return int((~torch.isfinite(tensor)).sum())
+def nonfinite_count(tensor: torch.Tensor, rows: int = 1 << 16) -> int:
+    """NaN and infinite values, counted a block of rows at a time (a mapped entry stays unread into memory)."""
+    return sum(int((~torch.isfinite(block)).sum()) for block in tensor.split(rows))
 
 
 @dataclass
@@ -166,7 +167,7 @@ def fit_cached(method: Postprocessor, fit: Outputs | Callable[[], Outputs] | Non
     `fit` may be a function reading the fit split: it is called only when the method fits."""
     if not method.needs_fit:
         return
-    key = FitStateCache.key(method, output_keys) if fit_cache is not None else None
+    key = FitStateCache.key(method, output_keys) if fit_cache is not None and method.cache_fit else None
     state = fit_cache.load(key) if key is not None else None
     if state is not None:
         method.load_fit_state(state)

@@ -21,6 +21,8 @@ for it. Methods declare what they need as class attributes, which the runner rea
   (`oodbench.models.layers.LayerStatistic`, for its hyperparameters); the runner extracts
   them once per (model, split), caches them and puts them in ``outputs.extras`` (without
   them, `oodbench.models.layers.statistic` computes them from ``outputs.model``);
+- ``cache_fit``: False for a method whose fit state is (views of) the fit outputs
+  themselves (KNN's bank): the fit-state cache would only store a second copy of them;
 - ``fit_params``: the hyperparameters that change what ``fit`` computes (None: all),
   so the fit-state cache fits once for the others' whole search range;
 - ``defaults``: hyperparameters and their default values;
@@ -189,6 +191,7 @@ class Postprocessor:
     needs_model: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
     needs_weights: ClassVar[bool] = False
+    cache_fit: ClassVar[bool] = True
     needs_extras: ClassVar[tuple[str, ...]] = ()
     needs_checkpoints: ClassVar[bool] = False
     needs_layers: ClassVar[bool] = False

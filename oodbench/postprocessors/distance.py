@@ -30,24 +30,36 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import replace
+from typing import Callable
 
 import torch
 
 from oodbench.postprocessors.base import (BLOCK_ROWS, Integer, InvalidHyperparameter, Outputs, Postprocessor,
                                           in_blocks)
+from oodbench.postprocessors.streaming import column_mean
 from oodbench.registry import register_postprocessor
 
 BANK_BLOCK_ELEMENTS = 1 << 24  # test rows x bank rows of similarities held at once (64 MiB in float32)
+BANK_ROWS = 1 << 16  # bank rows searched at once (512 MiB of 2048-d float32 at most, normalised)
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(classes present, their mean features in float64), accumulated over row blocks."""
+def class_means(features: torch.Tensor, labels: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes present, their mean features in float64), accumulated over row blocks; with
+    `keep` (N booleans), over the kept rows only, as ``class_means(features[keep], labels[keep])``
+    but without that copy of the features (index_add_ adds the rows in order either way)."""
+    if keep is not None:
+        labels = labels[keep]
     classes = labels.unique()
     index = torch.searchsorted(classes, labels)
     sums = torch.zeros(len(classes), features.shape[1], dtype=torch.float64)
+    done = 0
     for start in range(0, len(features), BLOCK_ROWS):
-        rows = slice(start, start + BLOCK_ROWS)
-        sums.index_add_(0, index[rows], features[rows].double())
+        block = features[start : start + BLOCK_ROWS]
+        if keep is not None:
+            block = block[keep[start : start + BLOCK_ROWS]]
+        sums.index_add_(0, index[done : done + len(block)], block.double())
+        done += len(block)
     counts = torch.bincount(index, minlength=len(classes)).double()
     return classes, sums / counts[:, None]
 
@@ -93,7 +105,7 @@ class Mahalanobis(Postprocessor):
 class RelativeMahalanobis(Mahalanobis):
     def fit(self, train: Outputs, val: Outputs) -> None:
         super().fit(train, val)
-        self.mean_all = train.features.double().mean(dim=0, keepdim=True)
+        self.mean_all = column_mean(train.features)[None]
         self.precision_all = precision(train.features, lambda rows: self.mean_all)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
@@ -138,11 +150,17 @@ def knn_backend() -> str:
     return "faiss" if importlib.util.find_spec("faiss") is not None else "torch"
 
 
-def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[int],
-                          backend: str = "torch") -> torch.Tensor:
+def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[int], backend: str = "torch",
+                          prepare: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows) -> torch.Tensor:
     """N x len(ks): exact Euclidean distance from each unit-norm query to its k-th nearest
     unit-norm bank row, for each k of `ks` (one sort, of the largest k); the similarities
-    from torch blocks of test rows against the bank, or from faiss (``backend``)."""
+    from torch blocks of test rows against the bank, or from faiss (``backend``).
+
+    `prepare` turns a block of rows of `queries` or `bank` into unit-norm rows (KNN passes
+    its normalisation, so the bank can be the fit split's memory-mapped features and no
+    normalised copy of it exists). A bank of more than `BANK_ROWS` rows is searched in
+    blocks of that many, whose k best similarities are merged (exact: the k best of the
+    union are among the blocks' k best); a smaller one is one block, as before."""
     largest = max(ks)
 
     def distances(nearest: torch.Tensor) -> torch.Tensor:
@@ -152,13 +170,25 @@ def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[in
         import faiss
 
         faiss.omp_set_num_threads(torch.get_num_threads())  # the run's --threads
-        base = bank.float().contiguous().numpy()
-        # faiss blocks the bank itself; test rows go in blocks so its N x K results stay bounded
-        return in_blocks(lambda q: distances(torch.from_numpy(faiss.knn(
-            q.float().contiguous().numpy(), base, largest, metric=faiss.METRIC_INNER_PRODUCT)[0])), queries,
-            rows=max(1, BANK_BLOCK_ELEMENTS // largest))
-    rows = max(1, BANK_BLOCK_ELEMENTS // max(len(bank), 1))
-    return in_blocks(lambda q: distances((q @ bank.T).topk(largest, dim=1).values), queries, rows=rows)
+
+        def best(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(faiss.knn(q.float().contiguous().numpy(), prepare(rows).float().contiguous().numpy(),
+                                              min(largest, len(rows)), metric=faiss.METRIC_INNER_PRODUCT)[0])
+        rows = max(1, BANK_BLOCK_ELEMENTS // largest)  # faiss's N x K results stay bounded
+    else:
+        def best(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return (q @ prepare(rows).T).topk(min(largest, len(rows)), dim=1).values
+        rows = max(1, BANK_BLOCK_ELEMENTS // max(min(len(bank), BANK_ROWS), 1))
+    bank_rows = max(BANK_ROWS, largest)
+
+    def nearest(block: torch.Tensor) -> torch.Tensor:
+        q = prepare(block)
+        found = best(q, bank[:bank_rows])
+        for start in range(bank_rows, len(bank), bank_rows):
+            found = torch.cat([found, best(q, bank[start : start + bank_rows])], dim=1).topk(largest, dim=1).values
+        return distances(found)
+
+    return in_blocks(nearest, queries, rows=rows)
 
 
 @register_postprocessor("knn")
@@ -170,6 +200,7 @@ class KNN(Postprocessor):
     ranges = {"k": Integer(ge=1)}  # and at most the fit samples, checked on the data
     fit_params = ()
     grid_params = ("k",)
+    cache_fit = False  # its fit state is the fit split's features, already in the output cache
 
     @staticmethod
     def backend() -> str:
@@ -177,7 +208,7 @@ class KNN(Postprocessor):
         return knn_backend()
 
     def fit(self, train: Outputs, val: Outputs) -> None:
-        self.bank = l2_normalise(train.features)
+        self.bank = train.features  # normalised block by block as it is searched: never copied
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         score = self.score_grid(outputs, [{}])[0]
@@ -189,7 +220,7 @@ class KNN(Postprocessor):
         ks = [int({**self.params, **combo}["k"]) for combo in combos]
         valid = sorted({k for k in ks if k <= len(self.bank)})
         if valid:
-            distances = kth_nearest_distances(l2_normalise(outputs.features), self.bank, valid, self.backend())
+            distances = kth_nearest_distances(outputs.features, self.bank, valid, self.backend(), l2_normalise)
         return [-distances[:, valid.index(k)] if k in valid else
                 InvalidHyperparameter(f"knn: k={k} must be between 1 and the {len(self.bank)} fit samples")
                 for k in ks]

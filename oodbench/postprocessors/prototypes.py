@@ -41,11 +41,12 @@ from oodbench.postprocessors.base import Number, OneOf, Outputs, Postprocessor, 
 from oodbench.postprocessors.distance import class_means
 from oodbench.postprocessors.openmax import EXACT_DISTANCES
 from oodbench.postprocessors.neighbours import bank_rows, squared_distances
+from oodbench.postprocessors.streaming import column_mean
 from oodbench.registry import register_postprocessor
 
 
 def feature_mean(outputs: Outputs) -> torch.Tensor:
-    return outputs.features.double().mean(dim=0)
+    return column_mean(outputs.features)
 
 
 @register_postprocessor("she")
@@ -60,7 +61,7 @@ class SHE(Postprocessor):
     def fit(self, train: Outputs, val: Outputs) -> None:
         num_classes = train.logits.shape[1]
         correct = train.labels == train.predictions
-        classes, means = class_means(train.features[correct], train.labels[correct])
+        classes, means = class_means(train.features, train.labels, keep=correct)
         missing = sorted(set(range(num_classes)) - set(classes.tolist()))
         if missing:
             raise OodbenchError(f"she: no correctly classified fit sample of class(es) {missing[:10]}; "

@@ -23,18 +23,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 from oodbench.postprocessors.base import InvalidHyperparameter, Number, OneOf, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.streaming import column_mean, percentile
 from oodbench.registry import register_postprocessor
 
 # p = 100 would prune every activation (ASH, SCALE) or mask every weight (DICE)
 PRUNING_PERCENTILE = Number(ge=0, lt=100)
-
-
-def percentile(values: torch.Tensor, p: float) -> float:
-    return float(np.percentile(values.detach().cpu().numpy().ravel(), p))
 
 
 def kept_count(dim: int, p: float, method: str) -> int:
@@ -127,7 +123,7 @@ class DICE(Postprocessor):
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         weight = train.fc[0].double()
-        contribution = weight * train.features.double().mean(dim=0)
+        contribution = weight * column_mean(train.features)
         threshold = percentile(contribution, self.params["percentile"])
         self.masked_weight = weight * (contribution > threshold)
 

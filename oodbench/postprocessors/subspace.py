@@ -64,7 +64,8 @@ class ViM(Postprocessor):
         self.origin = classifier_origin(*train.fc)
         self.basis = residual_basis(train.features, self.origin, dim)
         train_residual = self.residual(train.features).mean()
-        self.alpha = float(train.logits.double().max(dim=1).values.mean() / train_residual)
+        top = in_blocks(lambda logits: logits.double().max(dim=1).values, train.logits)  # N values, not N x C
+        self.alpha = float(top.mean() / train_residual)
 
     def residual(self, features: torch.Tensor) -> torch.Tensor:
         return in_blocks(lambda z: ((z.double() - self.origin) @ self.basis).norm(dim=1), features)
