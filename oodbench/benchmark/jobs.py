@@ -86,7 +86,7 @@ def task_resources(device: str, runs_model: bool = True) -> dict[str, int]:
     return {"num_cpus": 1, "num_gpus": 1} if runs_model and device.startswith("cuda") else {"num_cpus": 1}
 
 
-def nonfinite_count(tensor: torch.Tensor, rows: int = 1 << 16) -> int:
+def nonfinite_count(tensor: torch.Tensor, rows: int = 4096) -> int:
     """NaN and infinite values, counted a block of rows at a time (a mapped entry stays unread into memory)."""
     return sum(int((~torch.isfinite(block)).sum()) for block in tensor.split(rows))
 

@@ -40,7 +40,7 @@ from oodbench.postprocessors.streaming import column_mean
 from oodbench.registry import register_postprocessor
 
 BANK_BLOCK_ELEMENTS = 1 << 24  # test rows x bank rows of similarities held at once (64 MiB in float32)
-BANK_ROWS = 1 << 16  # bank rows searched at once (512 MiB of 2048-d float32 at most, normalised)
+BANK_ROWS = 1 << 14  # bank rows searched at once (128 MiB of 2048-d float32, normalised)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor,

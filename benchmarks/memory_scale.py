@@ -1,0 +1,272 @@
+"""Memory that does not grow with the data: peak anonymous resident memory (``RssAnon``
+of /proc/self/status: memory-mapped cache pages the kernel can drop do not count) and
+single-thread CPU seconds of each stage a fit split goes through, at several sizes of
+synthetic outputs of ResNet-50's widths (2,048-d features, 1,000 classes), with the growth
+fitted (GiB per million images) and extended to ImageNet-1K's 1.28M training images.
+
+Stages, each in a fresh one-thread process per size (so one stage's freed memory does
+not hide the next one's): ``extract`` (`cache.extract` of N synthetic images into the
+output cache), ``read`` (reading the entry back and what `ExtractJob` checks on it), and
+per fitted output/feature method: ``fit:<m>`` (its fit on the N-image entry),
+``state:<m>`` (its fit state saved to and loaded from the fit-state cache) and
+``score:<m>`` (scoring a fixed test split with that state; KNN's bank is the N images).
+A stage's peak is its RssAnon high-water mark above the level when it started, sampled
+every millisecond by a thread.
+
+    .venv/bin/python benchmarks/memory_scale.py [--quick] [--sizes 20000,50000,100000]
+        [--methods mds,knn,...] [--against /path/to/other/checkout] [--dir /tmp/x]
+
+``--against`` times the largest size's stages again with another checkout's code (e.g.
+the one before streaming fits) and prints the CPU ratio. The last line is
+``worst slope X.XX GiB per million images (stage)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+FEATURES, CLASSES, PIXELS = 2048, 1000, 3 * 16 * 16
+IMAGENET = 1.281167  # million training images
+ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+def measured(work) -> dict:
+    """Run `work()`; its peak RssAnon above the level at its start (GiB) and its CPU seconds."""
+    start, peak, running = rss_anon(), [rss_anon()], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu = time.process_time()
+    try:
+        work()
+    finally:
+        cpu = time.process_time() - cpu
+        running[0] = False
+        sampler.join()
+    peak[0] = max(peak[0], rss_anon())
+    return {"gib": (peak[0] - start) / 2**30, "cpu": cpu}
+
+
+# ----------------------------------------------------------------------------- one stage
+
+
+def synthetic_model():
+    """Images carry their class in their first pixel; features are ReLU(class centre + noise
+    projection), logits come from a classifier aligned with the centres (most predictions right)."""
+    import torch
+    from torch import nn
+
+    from oodbench.models.adapter import ModelAdapter
+
+    class Synthetic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.centres = nn.Parameter(torch.randn(CLASSES, FEATURES, generator=gen).relu(), requires_grad=False)
+            self.mix = nn.Parameter(torch.randn(PIXELS, FEATURES, generator=gen) / PIXELS ** 0.5, requires_grad=False)
+            self.fc = nn.Linear(FEATURES, CLASSES)
+            self.fc.weight.data = self.centres / self.centres.norm(dim=1, keepdim=True) * 4
+
+        def forward(self, x):
+            label = (x[:, 0, 0, 0] * CLASSES).long().clamp(0, CLASSES - 1)
+            return self.fc((self.centres[label] + x.flatten(1) @ self.mix).relu())
+
+    return ModelAdapter(Synthetic(), num_classes=CLASSES, identity="synthetic-resnet50-widths")
+
+
+class Images:
+    """`size` synthetic images (3 x 16 x 16, seeded by index) and their labels."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        import torch
+
+        label = (index * 7919 + self.seed) % CLASSES
+        image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(self.seed * 10**7 + index))
+        image[0, 0, 0] = (label + 0.5) / CLASSES
+        return image, label
+
+
+def worker(stage: str, size: int, folder: Path, score_rows: int) -> dict:
+    import torch
+
+    from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
+    from oodbench.benchmark.jobs import nonfinite_count
+    from oodbench.evaluators.metrics import accuracy
+    from oodbench.registry import POSTPROCESSORS
+
+    torch.set_num_threads(1)
+    cache = OutputCache(folder)
+    key = lambda name, n: f"memory-scale {name} {n}"  # noqa: E731
+    if stage == "prepare":  # the validation and test splits every fit and score reads
+        model = synthetic_model()
+        for name, n, seed in (("val", 2000, 1), ("test", score_rows, 2)):
+            if cache.load(key(name, n)) is None:
+                extract(model, Images(n, seed), batch_size=500, cache=cache, key=key(name, n))
+        return {}
+    if stage == "extract":
+        model = synthetic_model()
+        return {"extract": measured(lambda: extract(model, Images(size, 0), batch_size=500, cache=cache,
+                                                    key=key("fit", size)))}
+    if stage == "read":
+        def read() -> None:
+            outputs = cache.load(key("fit", size))
+            nonfinite_count(outputs.logits)
+            accuracy(outputs.logits.numpy(), outputs.labels.numpy())
+        return {"read": measured(read)}
+    name = stage
+    train, val = cache.load(key("fit", size)), cache.load(key("val", 2000))
+    test = cache.load(key("test", score_rows))
+    method = POSTPROCESSORS.get(name)()
+    result = {f"fit:{name}": measured(lambda: method.fit(train, val))}
+    states = FitStateCache(folder)
+    fitted = {}
+
+    def round_trip() -> None:
+        state = method.fit_state()
+        if getattr(type(method), "cache_fit", True):  # KNN keeps the fit split's features: nothing to cache
+            states.save(key(name, size), state)
+            fitted.update(states.load(key(name, size)) or {})
+
+    result[f"state:{name}"] = measured(round_trip)
+    if fitted:
+        method.load_fit_state(fitted)
+    result[f"score:{name}"] = measured(lambda: method.score(test))
+    return result
+
+
+def fitted_methods() -> list[str]:
+    """Registered methods that fit on cached outputs alone (no model, layers, extras or ensembles)."""
+    from oodbench.registry import POSTPROCESSORS
+
+    seen, names = set(), []
+    for name in sorted(POSTPROCESSORS):
+        cls = POSTPROCESSORS.get(name)
+        if (cls.needs_fit and not cls.needs_model and not cls.needs_layers and not cls.needs_extras
+                and not cls.needs_checkpoints and cls not in seen):
+            seen.add(cls)
+            names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def run_stage(stage: str, size: int, folder: Path, score_rows: int, code: Path, timeout: float) -> dict:
+    command = [sys.executable, __file__, "--worker", stage, "--size", str(size), "--dir", str(folder),
+               "--score-rows", str(score_rows)]
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(code), "PYTHONWARNINGS": "ignore"}
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s"}
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return {"error": lines[-1][:80] if lines else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def slope(sizes: list[int], values: list[float]) -> float:
+    """GiB per million images: the least-squares line through (size in millions, GiB)."""
+    return float(np.polyfit(np.array(sizes) / 1e6, values, 1)[0]) if len(sizes) > 1 else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="20000,50000,100000")
+    parser.add_argument("--quick", action="store_true", help="sizes 2000,5000,10000 and 1,000 test images")
+    parser.add_argument("--methods", default=None, help="comma-separated; default: every fitted output method")
+    parser.add_argument("--score-rows", type=int, default=10000)
+    parser.add_argument("--against", type=Path, default=None, help="another checkout: its times at the largest size")
+    parser.add_argument("--dir", type=Path, default=None, help="cache folder (default: a temporary one, removed)")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.size, args.dir, args.score_rows)))
+        return
+    sizes = [2000, 5000, 10000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    score_rows = 1000 if args.quick else args.score_rows
+    methods = args.methods.split(",") if args.methods else fitted_methods()
+    root = Path(__file__).resolve().parents[1]
+    folder = args.dir or Path(tempfile.mkdtemp(prefix="memory-scale-"))
+    runs = [(root, folder / "this", sizes)] + ([(args.against, folder / "against", sizes[-1:])] if args.against else [])
+    results: dict[tuple[str, str], dict[int, dict]] = {}
+    try:
+        for code, cache, run_sizes in runs:
+            tag = "this" if code == root else "against"
+            run_stage("prepare", 0, cache, score_rows, code, args.timeout)
+            for size in run_sizes:
+                for stage in ["extract", "read", *methods]:
+                    result = run_stage(stage, size, cache, score_rows, code, args.timeout)
+                    if "error" in result:
+                        result = {stage if stage in ("extract", "read") else f"fit:{stage}": result}
+                    for name, value in result.items():
+                        results.setdefault((tag, name), {})[size] = value
+                    print(f"  {tag} {size} {stage}: " + ", ".join(f"{k} {v.get('gib', 0):.3f} GiB {v.get('cpu', 0):.1f} s"
+                                                            if "error" not in v else f"{k} {v['error']}"
+                                                            for k, v in result.items()), file=sys.stderr, flush=True)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    report(results, sizes, args.against is not None)
+
+
+def report(results: dict, sizes: list[int], against: bool) -> None:
+    header = ["stage", *(f"GiB@{s // 1000}k" for s in sizes), "GiB/M", "GiB@1.28M",
+              *(f"cpu s@{s // 1000}k" for s in sizes), *(["cpu vs other"] if against else [])]
+    rows, worst = [], (float("-inf"), "")
+    for (tag, stage), by_size in sorted(results.items(), key=lambda item: item[0][1]):
+        if tag != "this":
+            continue
+        if any("error" in by_size.get(s, {}) for s in sizes):
+            error = next(by_size[s]["error"] for s in sizes if "error" in by_size.get(s, {}))
+            rows.append([stage, f"failed: {error}"])
+            continue
+        peaks = [by_size[s]["gib"] for s in sizes]
+        growth = slope(sizes, peaks)
+        line = [stage, *(f"{p:.3f}" for p in peaks), f"{growth:.2f}", f"{peaks[-1] + growth * (IMAGENET - sizes[-1] / 1e6):.2f}",
+                *(f"{by_size[s]['cpu']:.1f}" for s in sizes)]
+        if against:
+            other = results.get(("against", stage), {}).get(sizes[-1], {})
+            line.append(f"{by_size[sizes[-1]]['cpu'] / other['cpu']:.2f}x" if other.get("cpu") else "-")
+        rows.append(line)
+        worst = max(worst, (growth, stage))
+    widths = [max(len(str(row[i])) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    print(f"worst slope {worst[0]:.2f} GiB per million images ({worst[1]})")
+
+
+if __name__ == "__main__":
+    main()
