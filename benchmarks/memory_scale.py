@@ -168,14 +168,9 @@ def fitted_methods() -> list[str]:
     """Registered methods that fit on cached outputs alone (no model, layers, extras or ensembles)."""
     from oodbench.registry import POSTPROCESSORS
 
-    seen, names = set(), []
-    for name in sorted(POSTPROCESSORS):
-        cls = POSTPROCESSORS.get(name)
-        if (cls.needs_fit and not cls.needs_model and not cls.needs_layers and not cls.needs_extras
-                and not cls.needs_checkpoints and cls not in seen):
-            seen.add(cls)
-            names.append(name)
-    return names
+    return sorted(entry.name for entry in POSTPROCESSORS.entries()
+                  if entry.obj.needs_fit and not entry.obj.needs_model and not entry.obj.needs_layers
+                  and not entry.obj.needs_extras and not entry.obj.needs_checkpoints)
 
 
 # ----------------------------------------------------------------------------- the driver

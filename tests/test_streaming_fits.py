@@ -5,8 +5,10 @@
 - `column_mean` equals ``.double().mean(dim=0)`` to float64 rounding; `class_means` with a
   row mask equals it on the masked copy, bit for bit;
 - every method whose fit now streams, fitted on outputs memory-mapped from a real output
-  cache entry with tiny blocks, scores as it did with today's in-memory statistics
-  (percentiles through NumPy on a copy, means of a float64 copy, KNN against one bank block).
+  cache entry with tiny blocks, scores as it did fitted on in-memory copies with today's
+  statistics (percentiles through NumPy on a copy, means of a float64 copy, KNN and
+  Relation against one bank block); OpenMax, GrOOD and CFOOD now gather only the rows they
+  use (their formulas: test_openood_methods).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from oodbench.benchmark.cache import OutputCache
-from oodbench.postprocessors import distance, prototypes, shaping, streaming
+from oodbench.postprocessors import distance, neighbours, prototypes, shaping, streaming
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
 
@@ -71,9 +73,10 @@ def data(tmp_path_factory):
 
 
 STREAMED = {"react": {}, "vra": {}, "gen_react": {}, "mds": {}, "she": {}, "vim": {"dim": 8}, "knn": {"k": 5},
-            "dice": {}, "rmds": {}, "fdbd": {}, "nci": {}}
-# float64 means summed block by block instead of in one reduction (column_mean): scores to 1e-6
-ROUNDED = {"dice", "rmds", "fdbd", "nci"}
+            "dice": {}, "rmds": {}, "fdbd": {}, "nci": {}, "openmax": {}, "grood": {}, "cfood": {}, "relation": {}}
+# float64 sums taken block by block instead of in one reduction (column_mean's means, Relation's
+# edges over bank blocks): the same terms added in another order, so scores to 1e-6
+ROUNDED = {"dice", "rmds", "fdbd", "nci", "relation"}
 
 
 def scores(name: str, params: dict, data) -> list[torch.Tensor]:
@@ -88,6 +91,7 @@ def test_streaming_fits_score_as_the_in_memory_fits(name, data, monkeypatch):
     monkeypatch.setattr(streaming, "BLOCK_VALUES", 1000)
     monkeypatch.setattr(distance, "BANK_ROWS", 256)  # KNN: the 3000-row bank in 12 blocks
     monkeypatch.setattr(distance, "BLOCK_ROWS", 300)
+    monkeypatch.setattr(neighbours, "RELATION_BANK_ROWS", 700)
     streamed = scores(name, STREAMED[name], data)
     monkeypatch.undo()
     in_memory = lambda values, p: float(np.percentile(values.detach().cpu().numpy().ravel(), p))  # noqa: E731
@@ -99,7 +103,11 @@ def test_streaming_fits_score_as_the_in_memory_fits(name, data, monkeypatch):
 
     monkeypatch.setattr(react_gen, "percentile", in_memory)
     monkeypatch.setattr(distance, "BANK_ROWS", 1 << 30)
-    today = scores(name, STREAMED[name], data)
+    monkeypatch.setattr(neighbours, "RELATION_BANK_ROWS", 1 << 30)
+    train, test, ood = data
+    in_memory_train = Outputs(logits=train.logits.clone(), features=train.features.clone(), labels=train.labels.clone(),
+                              fc=train.fc)
+    today = scores(name, STREAMED[name], (in_memory_train, test, ood))
     for got, expected in zip(streamed, today):
         if name in ROUNDED:
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)

@@ -48,6 +48,7 @@ from oodbench.postprocessors.distance import BANK_BLOCK_ELEMENTS
 from oodbench.registry import register_postprocessor
 
 RELATION_THRESHOLD = 0.03  # edges at or below it are dropped (the reference code's `thres`)
+RELATION_BANK_ROWS = 1 << 14  # fit rows searched at once (bank blocks summed: scores to float64 rounding)
 CFOOD_SEED = 0
 
 
@@ -110,10 +111,12 @@ class Relation(Postprocessor):
     ranges = {"pow": Number(gt=0)}
     fit_params = ()
     grid_params = ("pow",)
+    cache_fit = False  # its fit state is the fit split's outputs, already in the output cache
 
     def fit(self, train: Outputs, val: Outputs) -> None:
-        self.bank_units = relation_unit(train.features)
-        self.bank_probs = torch.softmax(train.logits.double(), dim=1)
+        # kept as they are (memory-mapped); each bank block's units and probabilities are
+        # computed as it is searched, so no float64 copy of the fit split exists
+        self.bank_features, self.bank_logits = train.features, train.logits
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return self.score_grid(outputs, [{}])[0]
@@ -121,13 +124,19 @@ class Relation(Postprocessor):
     def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor]:
         powers = [{**self.params, **combo}["pow"] for combo in combos]
 
-        def block(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            similarity = (relation_unit(z) @ self.bank_units.T).clamp_min(0)
-            edges = similarity * (torch.softmax(logits.double(), dim=1) @ self.bank_probs.T)
-            edges = torch.where(edges > RELATION_THRESHOLD, edges, 0)
-            return torch.stack([edges.pow(power).sum(dim=1) for power in powers], dim=1)
+        size = len(self.bank_features)
+        step = min(size, RELATION_BANK_ROWS)
 
-        scores = in_blocks(block, outputs.features, outputs.logits, rows=bank_rows(len(self.bank_units)))
+        def block(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            units, probs, total = relation_unit(z), torch.softmax(logits.double(), dim=1), 0
+            for start in range(0, size, step):  # one block when the bank is small: the sums as before
+                similarity = (units @ relation_unit(self.bank_features[start : start + step]).T).clamp_min(0)
+                edges = similarity * (probs @ torch.softmax(self.bank_logits[start : start + step].double(), dim=1).T)
+                edges = torch.where(edges > RELATION_THRESHOLD, edges, 0)
+                total = total + torch.stack([edges.pow(power).sum(dim=1) for power in powers], dim=1)
+            return total
+
+        scores = in_blocks(block, outputs.features, outputs.logits, rows=bank_rows(step))
         return [scores[:, i].float() for i in range(len(powers))]
 
 
@@ -159,14 +168,16 @@ class CFOOD(Postprocessor):
     fit_params = ("alpha",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
-        units = cfood_unit(train.features)
-        n = int(self.params["alpha"] * len(units)) if self.params["alpha"] < 1 else len(units)
+        total = len(train.features)
+        n = int(self.params["alpha"] * total) if self.params["alpha"] < 1 else total
         if n < 2:
-            raise InvalidHyperparameter(f"cfood: alpha={self.params['alpha']} keeps {n} of the {len(units)} fit "
+            raise InvalidHyperparameter(f"cfood: alpha={self.params['alpha']} keeps {n} of the {total} fit "
                                         "samples; it needs at least 2")
-        if n < len(units):
+        chosen = train.features  # the sampled rows are normalised, not all of them (the same rows)
+        if n < total:
             generator = torch.Generator().manual_seed(CFOOD_SEED)
-            units = units[torch.randperm(len(units), generator=generator)[:n]]
+            chosen = chosen[torch.randperm(total, generator=generator)[:n]]
+        units = cfood_unit(chosen)
         self.kappa, positions = cfood_grid(n)
         self.references = units
         self.neighbour_distances = in_blocks(

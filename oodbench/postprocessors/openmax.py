@@ -85,12 +85,11 @@ class OpenMax(Postprocessor):
     fit_params = ("tail_size",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
-        logits = train.logits.double()
-        num_classes = logits.shape[1]
+        num_classes = train.logits.shape[1]
         correct = train.labels == train.predictions
         means, weibulls = [], []
-        for c in range(num_classes):
-            rows = logits[correct & (train.labels == c)]
+        for c in range(num_classes):  # one class's rows in float64 at a time, never all the logits
+            rows = train.logits[correct & (train.labels == c)].double()
             if len(rows) < 2:
                 raise OodbenchError(f"openmax: class {c} has {len(rows)} correctly classified fit samples; "
                                     "its Weibull needs at least 2")

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from oodbench.errors import OodbenchError
-from oodbench.postprocessors.base import Number, OneOf, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.base import BLOCK_ROWS, Number, OneOf, Outputs, Postprocessor, in_blocks
 from oodbench.postprocessors.distance import class_means
 from oodbench.postprocessors.openmax import EXACT_DISTANCES
 from oodbench.postprocessors.neighbours import bank_rows, squared_distances
@@ -134,7 +134,8 @@ class GrOOD(Postprocessor):
         correct = train.labels == train.predictions
         if not correct.any():
             raise OodbenchError("grood: no fit sample is classified correctly; its gradient bank would be empty")
-        self.bank = self.noise_gradients(train.features[correct])
+        self.bank = torch.cat([self.noise_gradients(block[keep]) for block, keep  # no copy of the kept features
+                               in zip(train.features.split(BLOCK_ROWS), correct.split(BLOCK_ROWS))])
 
     def noise_gradients(self, features: torch.Tensor) -> torch.Tensor:
         """N x D: the gradient of the nearest-centroid cross-entropy with respect to the noise prototype."""
