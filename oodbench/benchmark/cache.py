@@ -279,7 +279,8 @@ def _extract_into(model, dataset, batch_size, num_workers, device, desc, key, pa
     for first, batch in _batches(model, dataset, batch_size, num_workers, device, desc, done):
         if entry is None:  # the first batch gives each tensor's row shape
             specs = {name: (value.dtype, (rows, *value.shape[1:])) for name, value in batch.items()}
-            layout = EntryLayout.of({**specs, **{name: (value.dtype, tuple(value.shape)) for name, value in fc.items()}})
+            specs.update({name: (value.dtype, tuple(value.shape)) for name, value in fc.items()})
+            layout = EntryLayout.of(specs)
             entry = EntryFile(_partial(path), layout, key, scalars)
             _journal_write(journal, [{**header, "layout": layout.table}], truncate=True)
         for name, value in batch.items():
@@ -287,7 +288,8 @@ def _extract_into(model, dataset, batch_size, num_workers, device, desc, key, pa
         done = first + len(batch["labels"])
         if time.monotonic() - last_flush >= interval:
             entry.sync()
-            _journal_write(journal, [{"start": start, "end": done, "checksum": _rows_checksum(_partial(path), layout, start, done)}])
+            checksum = _rows_checksum(_partial(path), layout, start, done)
+            _journal_write(journal, [{"start": start, "end": done, "checksum": checksum}])
             start, last_flush = done, time.monotonic()
     if entry is None:
         raise OodbenchError(f"cannot extract {desc}: the split has no images")
@@ -309,7 +311,8 @@ def _batches(model, dataset, batch_size, num_workers, device, desc, skip: int = 
             feats, logit, extras = model.forward_with_extras(images)
         else:
             (feats, logit), extras = model.features(images), {}
-        batch = {"features": feats.float().cpu(), "logits": logit.float().cpu(), "labels": torch.as_tensor(targets).long(),
+        batch = {"features": feats.float().cpu(), "logits": logit.float().cpu(),
+                 "labels": torch.as_tensor(targets).long(),
                  **{EXTRA + name: _stored(value) for name, value in extras.items()}}
         yield row, batch
         row += len(batch["labels"])
@@ -339,7 +342,8 @@ def _resume(journal, partial: Path, header: dict) -> tuple[EntryLayout | None, i
         first = json.loads(lines[0])
         layout = EntryLayout({name: (dtype, tuple(shape), offset) for name, (dtype, shape, offset)
                               in first.pop("layout").items()})
-        if first != header or not partial.exists() or partial.stat().st_size != layout.size(header["key"], {"meta": {}}):
+        size = layout.size(header["key"], {"meta": {}})
+        if first != header or not partial.exists() or partial.stat().st_size != size:
             return None, 0
     except (IndexError, KeyError, TypeError, ValueError, AttributeError):
         return None, 0

@@ -172,8 +172,9 @@ def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[in
         faiss.omp_set_num_threads(torch.get_num_threads())  # the run's --threads
 
         def best(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(faiss.knn(q.float().contiguous().numpy(), prepare(rows).float().contiguous().numpy(),
-                                              min(largest, len(rows)), metric=faiss.METRIC_INNER_PRODUCT)[0])
+            base = prepare(rows).float().contiguous().numpy()
+            return torch.from_numpy(faiss.knn(q.float().contiguous().numpy(), base, min(largest, len(rows)),
+                                              metric=faiss.METRIC_INNER_PRODUCT)[0])
         rows = max(1, BANK_BLOCK_ELEMENTS // largest)  # faiss's N x K results stay bounded
     else:
         def best(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
