@@ -4,8 +4,8 @@ single-thread CPU seconds of each stage a fit split goes through, at several siz
 synthetic outputs of ResNet-50's widths (2,048-d features, 1,000 classes), with the growth
 fitted (GiB per million images) and extended to ImageNet-1K's 1.28M training images.
 
-Stages, each in a fresh one-thread process per size (so one stage's freed memory does
-not hide the next one's): ``extract`` (`cache.extract` of N synthetic images into the
+Stages, in a fresh one-thread process per size (glibc told to return every freed block
+over 64 KiB, so one stage's freed memory does not hide the next one's growth): ``extract`` (`cache.extract` of N synthetic images into the
 output cache), ``read`` (reading the entry back and what `ExtractJob` checks on it), and
 per fitted output/feature method: ``fit:<m>`` (its fit on the N-image entry),
 ``state:<m>`` (its fit state saved to and loaded from the fit-state cache) and
@@ -116,7 +116,10 @@ class Images:
         return image, label
 
 
-def worker(stage: str, size: int, folder: Path, score_rows: int) -> dict:
+def worker(stage: str, size: int, folder: Path, score_rows: int, methods: list[str]) -> dict:
+    """``prepare`` (the validation and test splits every fit and score reads), or every stage at `size`."""
+    import gc
+
     import torch
 
     from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
@@ -127,41 +130,51 @@ def worker(stage: str, size: int, folder: Path, score_rows: int) -> dict:
     torch.set_num_threads(1)
     cache = OutputCache(folder)
     key = lambda name, n: f"memory-scale {name} {n}"  # noqa: E731
-    if stage == "prepare":  # the validation and test splits every fit and score reads
-        model = synthetic_model()
+    model = synthetic_model()
+    if stage == "prepare":
         for name, n, seed in (("val", 2000, 1), ("test", score_rows, 2)):
             if cache.load(key(name, n)) is None:
                 extract(model, Images(n, seed), batch_size=500, cache=cache, key=key(name, n))
         return {}
-    if stage == "extract":
-        model = synthetic_model()
-        return {"extract": measured(lambda: extract(model, Images(size, 0), batch_size=500, cache=cache,
-                                                    key=key("fit", size)))}
-    if stage == "read":
-        def read() -> None:
-            outputs = cache.load(key("fit", size))
-            nonfinite_count(outputs.logits)
-            accuracy(outputs.logits.numpy(), outputs.labels.numpy())
-        return {"read": measured(read)}
-    name = stage
-    train, val = cache.load(key("fit", size)), cache.load(key("val", 2000))
-    test = cache.load(key("test", score_rows))
-    method = POSTPROCESSORS.get(name)()
-    result = {f"fit:{name}": measured(lambda: method.fit(train, val))}
+    results = {}
+
+    def stage_of(name: str, work) -> None:
+        gc.collect()
+        try:
+            results[name] = measured(work)
+        except Exception as exc:  # a method that cannot fit these outputs: its row says why
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:80]}
+        value = results[name]
+        print(f"  {size} {name}: " + (f"{value['gib']:.3f} GiB, {value['cpu']:.1f} s" if "error" not in value
+                                      else value["error"]), file=sys.stderr, flush=True)
+
+    stage_of("extract", lambda: extract(model, Images(size, 0), batch_size=500, cache=cache, key=key("fit", size)))
+
+    def read() -> None:
+        outputs = cache.load(key("fit", size))
+        nonfinite_count(outputs.logits)
+        accuracy(outputs.logits.numpy(), outputs.labels.numpy())
+
+    stage_of("read", read)
+    val, test = cache.load(key("val", 2000)), cache.load(key("test", score_rows))
     states = FitStateCache(folder)
-    fitted = {}
+    for name in methods:
+        train = cache.load(key("fit", size))
+        method = POSTPROCESSORS.get(name)()
+        stage_of(f"fit:{name}", lambda: method.fit(train, val))
+        if "error" in results[f"fit:{name}"]:
+            continue
 
-    def round_trip() -> None:
-        state = method.fit_state()
-        if getattr(type(method), "cache_fit", True):  # KNN keeps the fit split's features: nothing to cache
-            states.save(key(name, size), state)
-            fitted.update(states.load(key(name, size)) or {})
+        def round_trip() -> None:
+            if getattr(type(method), "cache_fit", True):  # KNN and Relation keep the mapped fit outputs
+                states.save(key(name, size), method.fit_state())
+                method.load_fit_state(states.load(key(name, size)))
 
-    result[f"state:{name}"] = measured(round_trip)
-    if fitted:
-        method.load_fit_state(fitted)
-    result[f"score:{name}"] = measured(lambda: method.score(test))
-    return result
+        stage_of(f"state:{name}", round_trip)
+        stage_of(f"score:{name}", lambda: method.score(test))
+        del method, train
+    cache.path(key("fit", size)).unlink(missing_ok=True)  # its disk back for the next size
+    return results
 
 
 def fitted_methods() -> list[str]:
@@ -176,17 +189,20 @@ def fitted_methods() -> list[str]:
 # ----------------------------------------------------------------------------- the driver
 
 
-def run_stage(stage: str, size: int, folder: Path, score_rows: int, code: Path, timeout: float) -> dict:
+def run_worker(stage: str, size: int, folder: Path, score_rows: int, methods: list[str], code: Path,
+               timeout: float) -> dict:
+    """One fresh one-thread process; glibc returns every block over 64 KiB to the system when
+    freed, so one stage's freed memory does not hide the next one's growth."""
     command = [sys.executable, __file__, "--worker", stage, "--size", str(size), "--dir", str(folder),
-               "--score-rows", str(score_rows)]
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(code), "PYTHONWARNINGS": "ignore"}
+               "--score-rows", str(score_rows), "--methods", ",".join(methods)]
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(code), "PYTHONWARNINGS": "ignore",
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"over {timeout:.0f} s"}
+        return {"extract": {"error": f"over {timeout:.0f} s"}}
     if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        return {"error": lines[-1][:80] if lines else f"exit {done.returncode}"}
+        return {"extract": {"error": f"exit {done.returncode}"}}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -203,34 +219,28 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=10000)
     parser.add_argument("--against", type=Path, default=None, help="another checkout: its times at the largest size")
     parser.add_argument("--dir", type=Path, default=None, help="cache folder (default: a temporary one, removed)")
-    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--timeout", type=float, default=7200)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    methods = args.methods.split(",") if args.methods else fitted_methods()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.size, args.dir, args.score_rows)))
+        print(json.dumps(worker(args.worker, args.size, args.dir, args.score_rows, methods)))
         return
     sizes = [2000, 5000, 10000] if args.quick else [int(s) for s in args.sizes.split(",")]
     score_rows = 1000 if args.quick else args.score_rows
-    methods = args.methods.split(",") if args.methods else fitted_methods()
     root = Path(__file__).resolve().parents[1]
     folder = args.dir or Path(tempfile.mkdtemp(prefix="memory-scale-"))
-    runs = [(root, folder / "this", sizes)] + ([(args.against, folder / "against", sizes[-1:])] if args.against else [])
+    runs = [("this", root, sizes)] + ([("against", args.against, sizes[-1:])] if args.against else [])
     results: dict[tuple[str, str], dict[int, dict]] = {}
     try:
-        for code, cache, run_sizes in runs:
-            tag = "this" if code == root else "against"
-            run_stage("prepare", 0, cache, score_rows, code, args.timeout)
+        for tag, code, run_sizes in runs:
+            run_worker("prepare", 0, folder / tag, score_rows, methods, code, args.timeout)
             for size in run_sizes:
-                for stage in ["extract", "read", *methods]:
-                    result = run_stage(stage, size, cache, score_rows, code, args.timeout)
-                    if "error" in result:
-                        result = {stage if stage in ("extract", "read") else f"fit:{stage}": result}
-                    for name, value in result.items():
-                        results.setdefault((tag, name), {})[size] = value
-                    print(f"  {tag} {size} {stage}: " + ", ".join(f"{k} {v.get('gib', 0):.3f} GiB {v.get('cpu', 0):.1f} s"
-                                                            if "error" not in v else f"{k} {v['error']}"
-                                                            for k, v in result.items()), file=sys.stderr, flush=True)
+                print(f"{tag} code, {size:,} images:", file=sys.stderr, flush=True)
+                for name, value in run_worker("all", size, folder / tag, score_rows, methods, code,
+                                              args.timeout).items():
+                    results.setdefault((tag, name), {})[size] = value
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
