@@ -72,8 +72,16 @@ def test_extraction_holds_a_few_batches_of_images_not_the_split(folder, tmp_path
     images = LiveImages(split)
     net = BatchesSeen()
     cache = OutputCache(tmp_path)
-    syncs = []
-    monkeypatch.setattr(EntryFile, "sync", lambda entry: syncs.append(entry.path))
+    syncs, disk = [], []
+
+    def sync(entry) -> None:  # what the cache holds on disk at each shard
+        syncs.append(entry.path)
+        files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+        journal = next(p for p in files if p.suffix == ".journal").read_text().splitlines()
+        assert len(journal) == len(syncs)  # its header, then a line per shard before this one
+        disk.append(sum(p.stat().st_size for p in files if p.suffix != ".journal"))
+
+    monkeypatch.setattr(EntryFile, "sync", sync)
     outputs = extract(ModelAdapter(net, num_classes=2, identity="tiny"), images, batch_size=BATCH,
                       num_workers=workers, cache=cache, key="split")
     assert len(outputs) == len(split) == 48 and outputs.features.shape == (48, 3)
@@ -82,4 +90,7 @@ def test_extraction_holds_a_few_batches_of_images_not_the_split(folder, tmp_path
         assert images.read == 48 and images.most <= 2 * BATCH
     assert len(syncs) == 48 // BATCH and len(set(syncs)) == 1  # a shard per batch, all in the entry's one file
     assert OutputCache(tmp_path).load("split") is not None
-    assert len(list((tmp_path / "outputs").rglob("*.pt"))) == 1  # shards removed once the entry is whole
+    entries = list((tmp_path / "outputs").rglob("*"))
+    assert [p.suffix for p in entries if p.is_file()] == [".pt"]  # no partial file or journal left
+    entry = next(p for p in entries if p.is_file()).stat().st_size
+    assert max(disk) <= entry  # the shards are the entry's own rows: the disk holds it once (and a journal)

@@ -350,6 +350,8 @@ def test_full_disk_under_the_cache_is_one_line_and_loses_nothing(tmp_path, train
         assert line.startswith("oodbench: error: no space left on device: cannot write ")
 
         assert leftover_temporaries(cache) == [], "a partial file stayed in the cache"
+        assert [p.name for p in cache.rglob(".*") if p.suffix in (".partial", ".journal")] == [], \
+            "a partial entry or its journal stayed in the cache"
         entries = [p for p in (cache / "outputs").rglob("*.pt")]
         assert entries, "no entry was written before the disk filled"
         for entry in entries:  # every entry written before the disk filled is whole
