@@ -129,8 +129,9 @@ class CachedExperiment:
             fit_split = self.fit_splits[0]
             read = dict(with_model=cls.needs_model, statistics=method.layer_statistics(),
                         with_weights=cls.needs_weights)
-            fit_cached(method, self.outputs(spec, fit_split, **read), self.outputs(spec, "id:val", **read),
-                       FitStateCache(self.config.cache_dir), self.fit_keys(spec, name))
+            fit_cached(method, lambda: self.outputs(spec, fit_split, **read),  # read only to fit
+                       self.outputs(spec, "id:val", **read), FitStateCache(self.config.cache_dir),
+                       self.fit_keys(spec, name))
         return method
 
     @property
