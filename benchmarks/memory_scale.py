@@ -17,7 +17,8 @@ every millisecond by a thread.
         [--methods mds,knn,...] [--against /path/to/other/checkout] [--dir /tmp/x]
 
 ``--against`` times the largest size's stages again with another checkout's code (e.g.
-the one before streaming fits) and prints the CPU ratio. The last line is
+the one before streaming fits) and prints the CPU ratio; ``--code`` measures another
+checkout instead of this one (to run both side by side). The last line is
 ``worst slope X.XX GiB per million images (stage)``.
 """
 
@@ -218,6 +219,7 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated; default: every fitted output method")
     parser.add_argument("--score-rows", type=int, default=10000)
     parser.add_argument("--against", type=Path, default=None, help="another checkout: its times at the largest size")
+    parser.add_argument("--code", type=Path, default=None, help="measure another checkout's code instead of this one")
     parser.add_argument("--dir", type=Path, default=None, help="cache folder (default: a temporary one, removed)")
     parser.add_argument("--timeout", type=float, default=7200)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -229,7 +231,7 @@ def main() -> None:
         return
     sizes = [2000, 5000, 10000] if args.quick else [int(s) for s in args.sizes.split(",")]
     score_rows = 1000 if args.quick else args.score_rows
-    root = Path(__file__).resolve().parents[1]
+    root = args.code or Path(__file__).resolve().parents[1]
     folder = args.dir or Path(tempfile.mkdtemp(prefix="memory-scale-"))
     runs = [("this", root, sizes)] + ([("against", args.against, sizes[-1:])] if args.against else [])
     results: dict[tuple[str, str], dict[int, dict]] = {}

@@ -244,7 +244,10 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
     path = cache.path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.journal"), "a+") as journal:
-        fcntl.flock(journal, fcntl.LOCK_EX)  # one writer per entry; a second waits, then reads its result
+        try:
+            fcntl.flock(journal, fcntl.LOCK_EX)  # one writer per entry; a second waits, then reads its result
+        except OSError:  # a filesystem without locks: concurrent writers of one entry write the same rows
+            pass
         entry = cache.load(key)
         if entry is not None:
             return entry
@@ -260,7 +263,8 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
         finally:
             if path.exists() or not _partial(path).exists():
                 Path(journal.name).unlink(missing_ok=True)
-    return cache.load(key)
+    _, tensors, scalars, _ = read_entry(path)  # checksummed as it was finished: not hashed again
+    return _outputs(tensors, scalars.get("meta"))
 
 
 def _partial(path: Path) -> Path:
