@@ -150,5 +150,10 @@ class GrOOD(Postprocessor):
         return in_blocks(block, features)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        nearest = lambda g: squared_distances(g, self.bank).min(dim=1).values  # noqa: E731
+        # the bank's squared norms once, a block at a time (not bank * bank, N x D per test block)
+        norms = in_blocks(lambda rows: (rows * rows).sum(1), self.bank)
+
+        def nearest(g: torch.Tensor) -> torch.Tensor:  # squared_distances(g, self.bank), the same terms
+            return ((g * g).sum(1, keepdim=True) - 2 * g @ self.bank.T + norms).clamp_min(0).min(dim=1).values
+
         return (-in_blocks(nearest, self.noise_gradients(outputs.features), rows=bank_rows(len(self.bank)))).float()
