@@ -208,8 +208,11 @@ def run_worker(stage: str, size: int, folder: Path, score_rows: int, methods: li
 
 
 def slope(sizes: list[int], values: list[float]) -> float:
-    """GiB per million images: the least-squares line through (size in millions, GiB)."""
-    return float(np.polyfit(np.array(sizes) / 1e6, values, 1)[0]) if len(sizes) > 1 else float("nan")
+    """GiB per million images: the least-squares line through (size in millions, GiB); of one
+    size, the line through the origin (all of its peak taken as growth)."""
+    if len(sizes) == 1:
+        return values[0] / (sizes[0] / 1e6)
+    return float(np.polyfit(np.array(sizes) / 1e6, values, 1)[0])
 
 
 def main() -> None:
