@@ -32,6 +32,9 @@ def test_percentile_is_numpys_bit_for_bit(monkeypatch):
         for p in (0, 100, 50, 90, 99.9, 0.1, 1e-9, 100 - 1e-9, float(rng.uniform(0, 100))):
             expected = float(np.percentile(x.ravel(), p))
             assert streaming.percentile(torch.from_numpy(x), p) == expected, (x.shape, p)
+    x = torch.from_numpy(rng.standard_normal((300, 7)).astype(np.float32))
+    ps = [0, 12.5, 50, 97.3, 100]
+    assert streaming.percentiles(x, ps) == [float(np.percentile(x.numpy().ravel(), p)) for p in ps]
     with_nan = torch.ones(50, 3)
     with_nan[7, 1] = float("nan")
     assert np.isnan(streaming.percentile(with_nan, 30)) and np.isnan(np.percentile(with_nan.numpy(), 30))
@@ -99,6 +102,7 @@ def test_streaming_fits_score_as_the_in_memory_fits(name, data, monkeypatch):
     for module in (shaping, distance, prototypes):
         monkeypatch.setattr(module, "column_mean", whole, raising=False)
     monkeypatch.setattr(shaping, "percentile", in_memory)
+    monkeypatch.setattr(shaping, "percentiles", lambda values, ps: [in_memory(values, p) for p in ps])
     import oodbench.postprocessors.react_gen as react_gen
 
     monkeypatch.setattr(react_gen, "percentile", in_memory)

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from oodbench.postprocessors.base import InvalidHyperparameter, Number, OneOf, Outputs, Postprocessor, in_blocks
-from oodbench.postprocessors.streaming import column_mean, percentile
+from oodbench.postprocessors.streaming import column_mean, percentile, percentiles
 from oodbench.registry import register_postprocessor
 
 # p = 100 would prune every activation (ASH, SCALE) or mask every weight (DICE)
@@ -144,7 +144,7 @@ class VRA(Postprocessor):
         low, high = self.params["percentile_low"], self.params["percentile_high"]
         if low > high:
             raise InvalidHyperparameter(f"vra: percentile_low={low} must not exceed percentile_high={high}")
-        self.low, self.high = percentile(train.features, low), percentile(train.features, high)
+        self.low, self.high = percentiles(train.features, [low, high])  # one pass pair for both
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return shaped_energy(outputs, lambda z: z.clamp(min=self.low, max=self.high))

@@ -83,31 +83,35 @@ def order_statistics(values: torch.Tensor, ranks: list[int]) -> tuple[list[np.fl
 def percentile(values: torch.Tensor, p: float) -> float:
     """``float(np.percentile(values.numpy().ravel(), p))``, bit for bit, for a float32 tensor
     of any size read block by block (other dtypes: NumPy itself, on a copy)."""
+    return percentiles(values, [p])[0]
+
+
+def percentiles(values: torch.Tensor, ps: list[float]) -> list[float]:
+    """`percentile` of each of `ps`, all from the same two passes over the values."""
     if values.dtype != torch.float32 or values.numel() == 0:
-        return float(np.percentile(values.detach().cpu().numpy().ravel(), p))
+        return [float(np.percentile(values.detach().cpu().numpy().ravel(), p)) for p in ps]
     n = values.numel()
-    virtual = (n - 1) * np.true_divide(p, 100)  # NumPy's float64 virtual index, clamped as it does
-    previous = np.floor(virtual)
-    following = previous + 1
-    if virtual >= n - 1:
-        previous = following = -1
-    elif virtual < 0:
-        previous = following = 0
-    gamma = float(np.asanyarray(virtual - previous))
-    ranks = [int(previous) % n, int(following) % n]
-    (a, b), nan = _pair(values, ranks)
+    plans = []
+    for p in ps:
+        virtual = (n - 1) * np.true_divide(p, 100)  # NumPy's float64 virtual index, clamped as it does
+        previous = np.floor(virtual)
+        following = previous + 1
+        if virtual >= n - 1:
+            previous = following = -1
+        elif virtual < 0:
+            previous = following = 0
+        plans.append((float(np.asanyarray(virtual - previous)), int(previous) % n, int(following) % n))
+    ranks = sorted({rank for _, *pair in plans for rank in pair})
+    found, nan = order_statistics(values, ranks)
     if nan:
-        return math.nan
-    difference = b - a  # NumPy's _lerp, on float32 scalars with a Python float weight
-    result = np.add(a, difference * gamma)
-    if gamma >= 0.5:
-        result = np.subtract(b, difference * (1 - gamma), dtype=result.dtype)
-    return float(result)
-
-
-def _pair(values: torch.Tensor, ranks: list[int]) -> tuple[tuple[np.float32, np.float32], bool]:
-    found, nan = order_statistics(values, sorted(set(ranks)))
-    if nan:
-        return (np.float32(0), np.float32(0)), True
-    of = dict(zip(sorted(set(ranks)), found))
-    return (of[ranks[0]], of[ranks[1]]), False
+        return [math.nan] * len(ps)
+    of = dict(zip(ranks, found))
+    results = []
+    for gamma, first, second in plans:
+        a, b = of[first], of[second]
+        difference = b - a  # NumPy's _lerp, on float32 scalars with a Python float weight
+        result = np.add(a, difference * gamma)
+        if gamma >= 0.5:
+            result = np.subtract(b, difference * (1 - gamma), dtype=result.dtype)
+        results.append(float(result))
+    return results
