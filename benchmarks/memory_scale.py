@@ -16,6 +16,9 @@ every millisecond by a thread.
     .venv/bin/python benchmarks/memory_scale.py [--quick] [--sizes 20000,50000,100000]
         [--methods mds,knn,...] [--against /path/to/other/checkout] [--dir /tmp/x]
 
+``--quick`` (2k-10k images) is a smoke run: its sizes are below the fixed block sizes
+(4,096-row blocks, 16,384-row KNN and Relation bank blocks, 4M-value percentile blocks),
+so its slopes show blocks filling up, not growth; measure growth from 40k images up.
 ``--against`` times the largest size's stages again with another checkout's code (e.g.
 the one before streaming fits) and prints the CPU ratio; ``--code`` measures another
 checkout instead of this one (to run both side by side). The last line is
