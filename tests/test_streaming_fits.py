@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from oodbench.benchmark.cache import OutputCache
-from oodbench.postprocessors import distance, neighbours, prototypes, shaping, streaming
+from oodbench.postprocessors import distance, neighbours, prototypes, shapers, shaping, streaming
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
 
@@ -99,13 +99,11 @@ def test_streaming_fits_score_as_the_in_memory_fits(name, data, monkeypatch):
     monkeypatch.undo()
     in_memory = lambda values, p: float(np.percentile(values.detach().cpu().numpy().ravel(), p))  # noqa: E731
     whole = lambda tensor: tensor.double().mean(dim=0)  # noqa: E731
-    for module in (shaping, distance, prototypes):
+    for module in (shaping, shapers, distance, prototypes):
         monkeypatch.setattr(module, "column_mean", whole, raising=False)
-    monkeypatch.setattr(shaping, "percentile", in_memory)
+    for module in (shaping, shapers):  # gen_react is a composite of shapers' ReAct
+        monkeypatch.setattr(module, "percentile", in_memory)
     monkeypatch.setattr(shaping, "percentiles", lambda values, ps: [in_memory(values, p) for p in ps])
-    import oodbench.postprocessors.react_gen as react_gen
-
-    monkeypatch.setattr(react_gen, "percentile", in_memory)
     monkeypatch.setattr(distance, "BANK_ROWS", 1 << 30)
     monkeypatch.setattr(neighbours, "RELATION_BANK_ROWS", 1 << 30)
     train, test, ood = data

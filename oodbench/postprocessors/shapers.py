@@ -14,6 +14,7 @@ from oodbench.errors import OodbenchError
 from oodbench.postprocessors import optfs
 from oodbench.postprocessors.base import Number
 from oodbench.postprocessors.shaping import PRUNING_PERCENTILE, ash, kept_count, percentile, scale
+from oodbench.postprocessors.streaming import column_mean
 
 
 class Shaper:
@@ -70,7 +71,7 @@ class DICEShaper(Shaper):
 
     def fit(self, train, params):
         weight = train.fc[0].double()
-        contribution = weight * train.features.double().mean(dim=0)
+        contribution = weight * column_mean(train.features)  # float64, a block of rows at a time
         return {"mask": contribution > percentile(contribution, params["percentile"])}
 
     def weight(self, weight, state):
