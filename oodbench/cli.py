@@ -491,8 +491,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     release, ran, labels = reproduce(
         args.release, args.table, resolve_data_root(args.data_root), fetch=args.fetch,
         source_dir=Path(args.source_dir) if args.source_dir else None, postprocessors=args.postprocessors,
-        warn=lambda line: print(f"warning: {line}", file=sys.stderr),
-        results=results, cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+        echo=lambda line: print(line, file=sys.stderr),  # status lines: stdout carries only the table
+        warn=lambda line: print(f"warning: {line}", file=sys.stderr), results=results, cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, threads=args.threads, limit=args.limit, search=args.search)
     # the table: `oodbench leaderboard` on the store, its cells of this release's models and profile, with the
     # release's published values beside them when a ledger holds them (configs/reference/<release>.csv)

@@ -117,14 +117,18 @@ def test_fetch_then_run_the_fetched_checkpoints(run_cli, tmp_path):
     root, store = tmp_path / "data", tmp_path / "r.sqlite"
     try:
         result = run_cli("reproduce", "openood-v1.5", "osr_mnist6", "--fetch", "--data-root", str(root),
-                         "--postprocessors", "msp", "--results", str(store),
+                         "--postprocessors", "msp", "--results", str(store), "--format", "csv",
                          env={"OODBENCH_MIRROR": f"{server.url}/files"})
     finally:
         server.close()
     assert result.returncode == 0, result.stderr
     assert not warnings_of(result.stderr)  # everything was fetched
+    assert "osr: installed" in result.stderr and "unpacked" in result.stderr  # status lines on stderr
     assert (root / "openood_results/checkpoints/osr/mnist6_seed5.ckpt").is_file()
-    assert "seeds 1, 2, 3, 4, 5" in result.stdout.replace("\n  ", " ")
+    # stdout is the CSV alone (one table per seed's benchmark, each with its header)
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {row["model"] for row in table} == {"openood:lenet"}, result.stdout[:500]
+    assert {row["postprocessor"] for row in table} == {"msp"} and {row["seeds"] for row in table} == {"1,2,3,4,5"}
     # seed 1's MSP AUROC, recomputed from the fetched checkpoint: OpenOOD's MNIST input (grey -> RGB,
     # (x - 0.5) / 0.5), max softmax, ID positive
     from oodbench.models.openood import LeNet
