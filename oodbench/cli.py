@@ -376,7 +376,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from oodbench.benchmark.runner import check_config
     from oodbench.benchmark.spec import load_benchmark
 
-    from oodbench.models.adapter import missing_checkpoint
+    from oodbench.models.adapter import check_model, missing_checkpoint
 
     config = load_config(args.config, plugins=args.plugin, data_root=args.data_root)
     names = check_config(config)
@@ -384,6 +384,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from oodbench.attacks.spec import parse_attack
 
         parse_attack(config.attack, f"{config.source}: attack")
+    for spec in config.models:  # what `run` would refuse when it loads the model
+        check_model(spec)
     benchmark = load_benchmark(config.benchmark)
     missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
     if missing:

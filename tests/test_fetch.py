@@ -393,3 +393,19 @@ def test_a_downloaded_archive_that_does_not_unpack_is_quarantined_and_records_no
     assert ok.returncode == 0, ok.stderr
     entry = lock(fetch.root)["openood-v1.5/cifar10"]
     assert entry["sha256"] == sha256(good) and entry["source"] == f"{server.url}/files/cifar10.zip"
+
+
+@pytest.mark.parametrize("model, says", [
+    ("openood:cifar10_resnet19", "unknown OpenOOD architecture or release 'cifar10_resnet19' (did you mean: cifar10_resnet18"),
+    ("openood:resnet18_32x32", "openood:resnet18_32x32 needs a checkpoint file: set 'checkpoint' in the model entry"),
+    ({"name": "openood:resnet18_32x32", "checkpoint": "x.ckpt", "options": {"dataset": "cifar11"}},
+     "openood:resnet18_32x32: unknown dataset 'cifar11'"),
+])
+def test_validate_refuses_what_run_would_refuse(run_cli, tmp_path, model, says):
+    import yaml
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"benchmark": "cifar10", "models": [model], "postprocessors": ["msp"]}))
+    result = run_cli("validate", str(config), "--data-root", str(tmp_path / "data"))
+    assert result.returncode == 2 and says in error_line(result.stderr), result.stderr
+    assert not result.stdout.startswith("ok")
