@@ -24,7 +24,7 @@ import pandas as pd
 from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
 from oodbench.conventions import load_conventions
 from oodbench.errors import OodbenchError
-from oodbench.results.store import ResultStore
+from oodbench.results.store import FALLBACK, ResultStore
 
 AVERAGES = {"near": "near-OOD", "far": "far-OOD", "all": "average"}
 FS = "FS "  # column prefix of the full-spectrum metrics (stored as fs_<metric>)
@@ -223,8 +223,10 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
             model_rank if s.name == "model" else pp_rank).fillna(1e9) if s.name != "checkpoint" else s)
         frame = frame.reset_index(drop=True)
     profiles = sorted(set(cells.setting.map(conventions_of))) if conventions is None else [conventions]
+    present = datasets[datasets.status == "present"]
+    fallback = sorted(set(present[present.reason.fillna("").str.startswith(FALLBACK)].dataset))
     frame.attrs.update(benchmark=benchmark, fpr=fpr, conventions=profiles, datasets=order, groups=group_of, missing=missing,
-                       csid=csid, csid_missing=csid_missing,
+                       fallback=fallback, csid=csid, csid_missing=csid_missing,
                        hidden=hidden, data_fingerprints=newest_first(cells, read),
                        sampling=sampling_note(datasets, cells))
     return frame
