@@ -298,3 +298,36 @@ def test_a_difference_on_other_data_than_the_published_says_how_it_differs(tmp_p
     near = tidy[(tidy.dataset == "near-OOD") & (tidy.metric == "auroc")].iloc[0]
     assert near.published == pytest.approx(0.8803) and near.published_note == expected
     assert near.published_difference == round(near.value - 0.8803, 4)
+
+
+def test_nothing_published_is_one_line(tmp_path, capsys):
+    path = tmp_path / "digits.sqlite"
+    store = ResultStore(path)
+    rng = np.random.default_rng(2)
+    store.write_datasets("digits", "m", [{"dataset": "noise", "group": "far", "status": "present", "samples": 30}], "d")
+    for method in ("msp", "ebo"):
+        scores, ood = rng.normal(1, 1, 30), rng.normal(0, 1, 30)
+        store.write_cell(Cell("digits", "m", method, "default", fingerprint=method, data_fingerprint="d",
+                              metrics={"noise": ood_metrics(scores, ood)}, groups={"noise": "far", "id_test": "id"}))
+    store.close()
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5")
+    assert code == 0
+    tail = out.rstrip().splitlines()[-1]
+    assert tail.startswith("openood-v1.5 publishes nothing for digits; it covers cifar10, cifar100")
+    assert "Published reference" not in out and "not compared" not in out
+
+
+def test_the_latex_reference_caption_writes_options_as_typed(tmp_path, capsys):
+    """LaTeX sets -- as an en dash: the caption's --ci (one checkpoint, no interval) is written -{}-ci."""
+    path = tmp_path / "one.sqlite"
+    store = ResultStore(path)
+    rng = np.random.default_rng(3)
+    store.write_datasets("cifar10", MODELS[0], [{"dataset": d, "group": g, "status": "present", "samples": 40}
+                                                for d, g in SETS.items()], "d")
+    scores, oods = rng.normal(1, 1, 40), {d: rng.normal(0, 1, 40) for d in SETS}
+    store.write_cell(Cell("cifar10", MODELS[0], "msp", "default@openood", fingerprint="f", data_fingerprint="d",
+                          metrics={d: ood_metrics(scores, o) for d, o in oods.items()}, groups={**SETS, "id_test": "id"}))
+    store.close()
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5", "--format", "latex")
+    reference = out[out.rindex(r"\begin{table}"):]
+    assert code == 0 and "(-{}-ci, or several checkpoints)" in reference and "--ci" not in reference

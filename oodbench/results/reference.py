@@ -112,6 +112,19 @@ def comparisons(rows: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
                                           "difference", "inside", "basis", "source", "reason", "caveat"])
 
 
+def nothing_published(rows: pd.DataFrame, ledger: pd.DataFrame) -> str:
+    """One line in place of the block when `ledger` has no value for any row of `rows` ('' when it
+    has one): the benchmarks it covers, or the methods it lacks on a benchmark it covers."""
+    benchmark = rows.attrs["benchmark"]
+    if not (ledger.benchmark == benchmark).any():
+        return (f"{ledger.attrs['name']} publishes nothing for {benchmark}; it covers "
+                f"{', '.join(dict.fromkeys(ledger.benchmark))}")
+    if (comparisons(rows, ledger).metric != "").any():
+        return ""
+    return (f"{ledger.attrs['name']} publishes no {STANDARD_TRAINING} value on {benchmark} for "
+            f"{', '.join(dict.fromkeys(rows.postprocessor))}")
+
+
 def _published_text(record: dict) -> str:
     std = record["std"]
     return f"{record['published']:.2f}" + ("" if np.isnan(std) else f"±{std:.2f}")
