@@ -409,3 +409,33 @@ def test_validate_refuses_what_run_would_refuse(run_cli, tmp_path, model, says):
     result = run_cli("validate", str(config), "--data-root", str(tmp_path / "data"))
     assert result.returncode == 2 and says in error_line(result.stderr), result.stderr
     assert not result.stdout.startswith("ok")
+
+
+def test_from_a_missing_folder_is_one_line_and_a_partial_import_says_what_to_do(fetch, server, tmp_path):
+    missing = tmp_path / "nope"
+    result = fetch("openood-v1.5:cifar10", extra=("--from", str(missing)))
+    assert result.returncode == 2 and result.stdout == "" and server.requests == []
+    assert error_line(result.stderr) == (f"oodbench: error: {missing} does not exist (--from names the folder that "
+                                         "holds the archives)")
+    folder = tmp_path / "some"
+    folder.mkdir()
+    (folder / "cifar10.zip").write_bytes(ARCHIVES["cifar10.zip"])
+    partial = fetch("openood-v1.5:cifar10", extra=("--from", str(folder)))
+    line = error_line(partial.stderr)
+    assert partial.returncode == 2 and f"put those archives in {folder} and rerun" in line
+    assert "rerun the same command" not in line and server.requests == []
+
+
+def test_a_failed_torchvision_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    from oodbench.datasets import fetch as fetching
+    from oodbench.errors import OodbenchError
+
+    def offline(root):
+        (root / "SVHN").mkdir()  # as torchvision does before it downloads
+        raise OSError("no network")
+
+    monkeypatch.setitem(fetching.DOWNLOADS, "svhn", ("SVHN test", offline))
+    (tmp_path / "kept").mkdir()  # what was there before stays
+    with pytest.raises(OodbenchError, match="download of svhn failed"):
+        fetching.fetch("svhn", tmp_path, echo=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]

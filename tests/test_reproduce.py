@@ -39,6 +39,7 @@ def test_with_nothing_there_it_names_every_missing_part_and_exits_2(run_cli, tmp
     assert (f"`oodbench data fetch openood-v1.5/benchmark_imglist openood-v1.5/cifar10 openood-v1.5/cifar100 "
             "openood-v1.5/tin openood-v1.5/mnist openood-v1.5/svhn openood-v1.5/texture openood-v1.5/places365 "
             f"openood-v1.5/cifar10_res18_v1.5 --data-root {root}` gets them") in lines[0]
+    assert f"(or `oodbench reproduce openood-v1.5 cifar10 --fetch --data-root {root}`)" in lines[0]
     folder = root / "openood_results/cifar10_resnet18_32x32_base_e100_lr0.1_default"
     assert lines[1] == (f"cifar10: checkpoint(s) not found: {folder}/s0/best.ckpt, {folder}/s1/best.ckpt, "
                         f"{folder}/s2/best.ckpt; `oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root "
@@ -173,3 +174,11 @@ def test_run_never_imports_the_fetch_machinery_nor_opens_a_socket(tmp_path, sess
                           cwd=tmp_path, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OODBENCH_CACHE": str(session_cache)})
     assert "RESULT 0 [] []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_list_models_gives_fetch_commands_for_the_users_data_root(run_cli, tmp_path):
+    root = tmp_path / "elsewhere"
+    result = run_cli("list", "models", "--data-root", str(root))
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("openood:cifar10_resnet18 "))
+    assert row.rstrip().endswith(f"oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root {root}")
