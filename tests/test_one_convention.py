@@ -148,6 +148,13 @@ def test_a_store_of_two_conventions_shows_each_under_its_own(openood_run, capsys
     code, out, _ = cli(capsys, "leaderboard", "--results", mixed, "--fpr", "classic")
     assert code == 0 and out.count("digits: ") == 1 and conventions_named(out.split("\n\n")[0]) == {"classic"}
     assert "as asked (--fpr)" in " ".join(out.split())
+    # a table of both profiles names every row's, and its caption says so once
+    caption = " ".join(out.split("\n\n")[0].split())
+    assert "Conventions:" not in caption and "Rows of 2 convention profiles, each row's named in its label: openood (" \
+        in caption and "; paper (" in caption
+    labels = [row["postprocessor"] for row in compact_rows(out)]
+    assert len(labels) == 9 and all(label.endswith((", openood]", ", paper]")) for label in labels), labels
+    assert sum(label.endswith(", paper]") for label in labels) == 3
     code, out, _ = cli(capsys, "leaderboard", "--results", mixed, "--format", "json")
     tidy = pd.read_json(io.StringIO(out))
     by_setting = tidy[tidy.metric == "fpr95"].groupby(tidy.setting.str.contains("openood")).fpr_convention
