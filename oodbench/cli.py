@@ -318,7 +318,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.kind == "models":
         from oodbench.models.digits import BUILTIN_MODELS
 
-        rows = [[entry.name, entry.origin, (entry.obj.__doc__ or "").strip().splitlines()[0] if entry.obj.__doc__ else ""]
+        # a docstring's first paragraph, whole (its first line alone cut the openood entry at "or an")
+        rows = [[entry.name, entry.origin, " ".join((entry.obj.__doc__ or "").strip().split("\n\n")[0].split())]
                 for entry in registry.MODELS.entries()]
         print(tabulate(rows, headers=["source", "origin", "description"]))
         print("\nbuilt-in models: " + ", ".join(BUILTIN_MODELS))

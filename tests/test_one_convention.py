@@ -126,6 +126,7 @@ def test_compare_shows_the_run_convention(openood_run, capsys):
         assert row["near FPR@95"].rstrip("*") == f"{100 * value:.2f}"
     code, out, _ = cli(capsys, "compare", config, "--output", folder / "plots")
     assert code == 0 and conventions_named(out.split("\n\n")[0]) == {"openood"}
+    assert "FPR@95: FPR@95" not in " ".join(out.split())  # the convention is named once
 
 
 def test_a_store_of_two_conventions_shows_each_under_its_own(openood_run, capsys, session_cache, tmp_path):

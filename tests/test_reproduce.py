@@ -182,3 +182,6 @@ def test_list_models_gives_fetch_commands_for_the_users_data_root(run_cli, tmp_p
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("openood:cifar10_resnet18 "))
     assert row.rstrip().endswith(f"oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root {root}")
+    source = next(line for line in result.stdout.splitlines() if line.startswith("openood "))
+    assert source.rstrip().endswith("or an official release by name (cifar10_resnet18, imagenet200_resnet18, ...; "
+                                    "`oodbench data fetch openood-v1.5`).")  # the description, whole
