@@ -318,7 +318,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.kind == "models":
         from oodbench.models.digits import BUILTIN_MODELS
 
-        rows = [[entry.name, entry.origin, (entry.obj.__doc__ or "").strip().splitlines()[0] if entry.obj.__doc__ else ""]
+        # a docstring's first paragraph, whole (its first line alone cut the openood entry at "or an")
+        rows = [[entry.name, entry.origin, " ".join((entry.obj.__doc__ or "").strip().split("\n\n")[0].split())]
                 for entry in registry.MODELS.entries()]
         print(tabulate(rows, headers=["source", "origin", "description"]))
         print("\nbuilt-in models: " + ", ".join(BUILTIN_MODELS))
@@ -376,7 +377,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from oodbench.benchmark.runner import check_config
     from oodbench.benchmark.spec import load_benchmark
 
-    from oodbench.models.adapter import missing_checkpoint
+    from oodbench.models.adapter import check_model, missing_checkpoint
 
     config = load_config(args.config, plugins=args.plugin, data_root=args.data_root)
     names = check_config(config)
@@ -384,6 +385,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from oodbench.attacks.spec import parse_attack
 
         parse_attack(config.attack, f"{config.source}: attack")
+    for spec in config.models:  # what `run` would refuse when it loads the model
+        check_model(spec)
     benchmark = load_benchmark(config.benchmark)
     missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
     if missing:
@@ -491,8 +494,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     release, ran, labels = reproduce(
         args.release, args.table, resolve_data_root(args.data_root), fetch=args.fetch,
         source_dir=Path(args.source_dir) if args.source_dir else None, postprocessors=args.postprocessors,
-        warn=lambda line: print(f"warning: {line}", file=sys.stderr),
-        results=results, cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+        echo=lambda line: print(line, file=sys.stderr),  # status lines: stdout carries only the table
+        warn=lambda line: print(f"warning: {line}", file=sys.stderr), results=results, cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, threads=args.threads, limit=args.limit, search=args.search)
     # the table: `oodbench leaderboard` on the store, its cells of this release's models and profile, with the
     # release's published values beside them when a ledger holds them (configs/reference/<release>.csv)

@@ -166,9 +166,23 @@ def test_the_plan_fits_react_on_validation_and_keys_the_profile(tmp_path, sessio
     assert paper.methods["react"].fit_split == "train" and openood.methods["react"].fit_split == "val"
     assert "id:train" not in openood.methods["react"].splits
     assert openood.methods["temp_scaling"].params == {"fit": "openood"}
+    # TemperatureScalingPostprocessor.setup reads id_loader_dict['val'] alone: no train split is read
+    assert openood.methods["temp_scaling"].fit_split == "val" and "id:train" not in openood.methods["temp_scaling"].splits
+    assert paper.methods["temp_scaling"].fit_split == "train"
     assert openood.methods["msp"].setting == "default@openood" and paper.methods["msp"].setting == "default"
     for name in ("react", "msp", "temp_scaling"):
         assert paper.cell_fingerprint(name, "m", "w") != openood.cell_fingerprint(name, "m", "w")
+
+
+def test_the_openood_profile_fits_on_validation_what_openoods_setup_fits_on_val(tmp_path, session_cache):
+    """OpenOOD v1.5's setup of KLMatching and AdaScale (as TemperatureScaling, ReAct, VRA) reads
+    id_loader_dict['val']: under openood those methods read no ID train split."""
+    names = ["klm", "adascale_a", "adascale_l", "temp_scaling", "react", "gen_react", "pro_gen_react", "vra"]
+    config = load_config(digits_config(tmp_path, postprocessors=names), conventions="openood",
+                         cache_dir=str(session_cache), data_root=str(session_cache))
+    plan = Plan.resolve(config, load_benchmark("digits"), names)
+    assert {name: plan.methods[name].fit_split for name in names} == dict.fromkeys(names, "val")
+    assert not [name for name in names if "id:train" in plan.methods[name].splits]
 
 
 def logsumexp_rows(logits):

@@ -502,6 +502,10 @@ def test_any_of_falls_back_and_applies_the_candidates_part(tmp_path):
     dataset = load(tmp_path, "any_of", candidates=candidates)
     _, labels = all_items(dataset)
     assert len(dataset) == 10 and sorted(labels.tolist()) == list(range(10))  # stratified: one per class
+    from oodbench.benchmark.plan import fallback_of
+
+    assert fallback_of(dataset) == "cifar10 (candidate 2 of 2)"  # stored with the results (reference notes)
+    assert fallback_of(load(tmp_path, "any_of", candidates=candidates[1:])) == ""  # a first choice
     with pytest.raises(DatasetMissing, match="OpenOOD image list not found.*| or: CIFAR-100"):
         load(tmp_path, "any_of", candidates=[candidates[0], {"dataset": "cifar100"}])
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shutil
 import socket
 import threading
 import zipfile
@@ -351,3 +352,90 @@ def test_the_release_file_resolves_and_refuses_dangling_names():
     raw["assets"]["a"]["url"] = "http://x/a.zip"
     with pytest.raises(OodbenchError, match="asset a needs exactly one of 'drive' and 'url'"):
         parse_release(raw, "x.yaml")
+
+
+def test_a_bad_archive_records_no_hash_and_a_mismatch_says_how_to_recover(fetch, server, tmp_path):
+    """A truncated archive fails to unpack and locks nothing out; the good one then imports, recorded
+    with its true source; a later differing copy is refused with the lock entry to delete."""
+    name, good = "cifar10_res18_v1.5.zip", ARCHIVES["cifar10_res18_v1.5.zip"]
+    folder = tmp_path / "downloaded-elsewhere"
+    folder.mkdir()
+    (folder / name).write_bytes(good[: len(good) // 2])  # truncated
+    bad = fetch("openood-v1.5/cifar10_res18_v1.5", extra=("--from", str(folder)))
+    assert bad.returncode == 2 and "not a readable zip archive" in error_line(bad.stderr)
+    assert not (fetch.root / "oodbench.lock").exists()  # nothing recorded
+    (folder / name).write_bytes(good)
+    ok = fetch("openood-v1.5/cifar10_res18_v1.5", extra=("--from", str(folder)))
+    assert ok.returncode == 0, ok.stderr
+    entry = lock(fetch.root)["openood-v1.5/cifar10_res18_v1.5"]
+    assert entry["sha256"] == sha256(good) and entry["source"] == f"file:{(folder / name).resolve()}"
+    assert entry["size"] == len(good) and entry["installed"] is True
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / name).write_bytes(zipped({"x": b"y"}))
+    shutil.rmtree(fetch.root / "openood_results")  # not installed any more: the next import is verified
+    refused = fetch("openood-v1.5/cifar10_res18_v1.5", extra=("--from", str(other)))
+    line = error_line(refused.stderr)
+    assert refused.returncode == 2 and "not used" in line
+    assert f'delete the entry "openood-v1.5/cifar10_res18_v1.5" from {fetch.root / "oodbench.lock"} and rerun' in line
+    assert f"from file:{(folder / name).resolve()}" in line
+
+
+def test_a_downloaded_archive_that_does_not_unpack_is_quarantined_and_records_nothing(fetch, server):
+    good = ARCHIVES["cifar10.zip"]
+    server.files["cifar10.zip"] = good[: len(good) // 2]
+    bad = fetch("openood-v1.5/cifar10")
+    assert bad.returncode == 2 and "not a readable zip archive" in error_line(bad.stderr)
+    assert "quarantined, rerun to download it again" in bad.stderr
+    assert "sha256" not in lock(fetch.root)["openood-v1.5/cifar10"]  # only installed: false
+    server.files["cifar10.zip"] = good
+    ok = fetch("openood-v1.5/cifar10")
+    assert ok.returncode == 0, ok.stderr
+    entry = lock(fetch.root)["openood-v1.5/cifar10"]
+    assert entry["sha256"] == sha256(good) and entry["source"] == f"{server.url}/files/cifar10.zip"
+
+
+@pytest.mark.parametrize("model, says", [
+    ("openood:cifar10_resnet19", "unknown OpenOOD architecture or release 'cifar10_resnet19' (did you mean: cifar10_resnet18"),
+    ("openood:resnet18_32x32", "openood:resnet18_32x32 needs a checkpoint file: set 'checkpoint' in the model entry"),
+    ({"name": "openood:resnet18_32x32", "checkpoint": "x.ckpt", "options": {"dataset": "cifar11"}},
+     "openood:resnet18_32x32: unknown dataset 'cifar11'"),
+])
+def test_validate_refuses_what_run_would_refuse(run_cli, tmp_path, model, says):
+    import yaml
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"benchmark": "cifar10", "models": [model], "postprocessors": ["msp"]}))
+    result = run_cli("validate", str(config), "--data-root", str(tmp_path / "data"))
+    assert result.returncode == 2 and says in error_line(result.stderr), result.stderr
+    assert not result.stdout.startswith("ok")
+
+
+def test_from_a_missing_folder_is_one_line_and_a_partial_import_says_what_to_do(fetch, server, tmp_path):
+    missing = tmp_path / "nope"
+    result = fetch("openood-v1.5:cifar10", extra=("--from", str(missing)))
+    assert result.returncode == 2 and result.stdout == "" and server.requests == []
+    assert error_line(result.stderr) == (f"oodbench: error: {missing} does not exist (--from names the folder that "
+                                         "holds the archives)")
+    folder = tmp_path / "some"
+    folder.mkdir()
+    (folder / "cifar10.zip").write_bytes(ARCHIVES["cifar10.zip"])
+    partial = fetch("openood-v1.5:cifar10", extra=("--from", str(folder)))
+    line = error_line(partial.stderr)
+    assert partial.returncode == 2 and f"put those archives in {folder} and rerun" in line
+    assert "rerun the same command" not in line and server.requests == []
+
+
+def test_a_failed_torchvision_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    from oodbench.datasets import fetch as fetching
+    from oodbench.errors import OodbenchError
+
+    def offline(root):
+        (root / "SVHN").mkdir()  # as torchvision does before it downloads
+        raise OSError("no network")
+
+    monkeypatch.setitem(fetching.DOWNLOADS, "svhn", ("SVHN test", offline))
+    (tmp_path / "kept").mkdir()  # what was there before stays
+    with pytest.raises(OodbenchError, match="download of svhn failed"):
+        fetching.fetch("svhn", tmp_path, echo=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]

@@ -126,6 +126,7 @@ def test_compare_shows_the_run_convention(openood_run, capsys):
         assert row["near FPR@95"].rstrip("*") == f"{100 * value:.2f}"
     code, out, _ = cli(capsys, "compare", config, "--output", folder / "plots")
     assert code == 0 and conventions_named(out.split("\n\n")[0]) == {"openood"}
+    assert "FPR@95: FPR@95" not in " ".join(out.split())  # the convention is named once
 
 
 def test_a_store_of_two_conventions_shows_each_under_its_own(openood_run, capsys, session_cache, tmp_path):
@@ -148,6 +149,13 @@ def test_a_store_of_two_conventions_shows_each_under_its_own(openood_run, capsys
     code, out, _ = cli(capsys, "leaderboard", "--results", mixed, "--fpr", "classic")
     assert code == 0 and out.count("digits: ") == 1 and conventions_named(out.split("\n\n")[0]) == {"classic"}
     assert "as asked (--fpr)" in " ".join(out.split())
+    # a table of both profiles names every row's, and its caption says so once
+    caption = " ".join(out.split("\n\n")[0].split())
+    assert "Conventions:" not in caption and "Rows of 2 convention profiles, each row's named in its label: openood (" \
+        in caption and "; paper (" in caption
+    labels = [row["postprocessor"] for row in compact_rows(out)]
+    assert len(labels) == 9 and all(label.endswith((", openood]", ", paper]")) for label in labels), labels
+    assert sum(label.endswith(", paper]") for label in labels) == 3
     code, out, _ = cli(capsys, "leaderboard", "--results", mixed, "--format", "json")
     tidy = pd.read_json(io.StringIO(out))
     by_setting = tidy[tidy.metric == "fpr95"].groupby(tidy.setting.str.contains("openood")).fpr_convention
@@ -155,12 +163,12 @@ def test_a_store_of_two_conventions_shows_each_under_its_own(openood_run, capsys
     assert np.isfinite(tidy.value).all()
 
 
-def test_run_prints_the_published_block_and_says_why_nothing_is_compared(openood_run, capsys, session_cache):
+def test_run_says_in_one_line_that_nothing_is_published_for_its_benchmark(openood_run, capsys, session_cache):
     config, _, _ = openood_run
     code, out, _ = cli(capsys, "run", config, "--cache-dir", session_cache, "--threads", "1", "--reference",
                        "openood-v1.5")
-    assert code == 0 and "Published reference openood-v1.5: no matching value" in out
-    assert "openood-v1.5 has no CrossEntropy value for msp on digits" in " ".join(out.split())
+    assert code == 0 and "Published reference" not in out and "has no CrossEntropy value" not in out
+    assert "openood-v1.5 publishes nothing for digits; it covers cifar10, cifar100" in out  # one line
 
 
 

@@ -224,7 +224,7 @@ def test_tidy_reference_columns_on_the_published_metrics(cifar10_store, capsys, 
     rows = tidy[(tidy.model == MODELS[0]) & (tidy.postprocessor == "ebo") & (tidy.dataset == "far-OOD")
                 & (tidy.metric == "auroc")]
     assert len(rows) == 3 and np.allclose(rows.published, 0.9121) and np.allclose(rows.published_std, 0.0092)
-    assert np.allclose(rows.published_difference, rows.value - 0.9121)
+    assert np.allclose(rows.published_difference, (rows.value - 0.9121).round(4), rtol=0, atol=1e-12)
     assert (rows.published_architecture == "ResNet18").all()
     knn = tidy[(tidy.postprocessor == "knn") & (tidy.dataset == "near-OOD") & (tidy.metric == "auroc")]
     assert knn.published_difference.isna().all() and knn.published_note.str.contains("paper conventions").all()
@@ -268,3 +268,66 @@ def test_the_latex_published_table_compiles(cifar10_store, tmp_path, capsys):
                        "--format", "latex", "--model", MODELS[1], "--conventions", "openood")
     assert code == 0 and out.count(r"\begin{table}") == 2 and r"$\Delta$" in out and "(not this model's)" in out
     compile_latex(tmp_path, "reference", out)
+
+
+def test_a_difference_on_other_data_than_the_published_says_how_it_differs(tmp_path, capsys):
+    """near-OOD over TIN alone (CIFAR-100 missing), far-OOD over MNIST alone, both read from the
+    fallback sources: the Δ is printed with a note naming all of that, in text and CSV/JSON."""
+    path = tmp_path / "partial.sqlite"
+    store = ResultStore(path)
+    rng = np.random.default_rng(1)
+    store.write_datasets("cifar10", MODELS[0], [
+        {"dataset": "cifar100", "group": "near", "status": "missing", "reason": "no list"},
+        {"dataset": "tin", "group": "near", "status": "present", "samples": 50, "reason": "fallback: tin (candidate 2 of 2)"},
+        {"dataset": "mnist", "group": "far", "status": "present", "samples": 50, "reason": "fallback: mnist (candidate 2 of 2)"},
+        *({"dataset": d, "group": "far", "status": "missing", "reason": "no files"} for d in ("svhn", "texture", "places365"))],
+        "data1")
+    oods = {"tin": rng.normal(0, 1, 50), "mnist": rng.normal(0, 1, 50)}
+    scores = rng.normal(1, 1, 60)
+    store.write_cell(Cell("cifar10", MODELS[0], "msp", "default@openood", fingerprint="f1", data_fingerprint="data1",
+                          metrics={d: ood_metrics(scores, o) for d, o in oods.items()}, checkpoint="s0",
+                          groups={"tin": "near", "mnist": "far", "id_test": "id"}, scores={"id_test": scores, **oods}))
+    store.close()
+    expected = ("the data differ from the published benchmark's: near-OOD over tin only (cifar100 missing); far-OOD "
+                "over mnist only (svhn, texture, places365 missing); mnist, tin read from fallback sources, not the "
+                "published lists")
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5")
+    assert code == 0 and expected in " ".join(" ".join(_block(out)).split())
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5", "--format", "csv")
+    tidy = pd.read_csv(io.StringIO(out))
+    near = tidy[(tidy.dataset == "near-OOD") & (tidy.metric == "auroc")].iloc[0]
+    assert near.published == pytest.approx(0.8803) and near.published_note == expected
+    assert near.published_difference == round(near.value - 0.8803, 4)
+
+
+def test_nothing_published_is_one_line(tmp_path, capsys):
+    path = tmp_path / "digits.sqlite"
+    store = ResultStore(path)
+    rng = np.random.default_rng(2)
+    store.write_datasets("digits", "m", [{"dataset": "noise", "group": "far", "status": "present", "samples": 30}], "d")
+    for method in ("msp", "ebo"):
+        scores, ood = rng.normal(1, 1, 30), rng.normal(0, 1, 30)
+        store.write_cell(Cell("digits", "m", method, "default", fingerprint=method, data_fingerprint="d",
+                              metrics={"noise": ood_metrics(scores, ood)}, groups={"noise": "far", "id_test": "id"}))
+    store.close()
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5")
+    assert code == 0
+    tail = out.rstrip().splitlines()[-1]
+    assert tail.startswith("openood-v1.5 publishes nothing for digits; it covers cifar10, cifar100")
+    assert "Published reference" not in out and "not compared" not in out
+
+
+def test_the_latex_reference_caption_writes_options_as_typed(tmp_path, capsys):
+    """LaTeX sets -- as an en dash: the caption's --ci (one checkpoint, no interval) is written -{}-ci."""
+    path = tmp_path / "one.sqlite"
+    store = ResultStore(path)
+    rng = np.random.default_rng(3)
+    store.write_datasets("cifar10", MODELS[0], [{"dataset": d, "group": g, "status": "present", "samples": 40}
+                                                for d, g in SETS.items()], "d")
+    scores, oods = rng.normal(1, 1, 40), {d: rng.normal(0, 1, 40) for d in SETS}
+    store.write_cell(Cell("cifar10", MODELS[0], "msp", "default@openood", fingerprint="f", data_fingerprint="d",
+                          metrics={d: ood_metrics(scores, o) for d, o in oods.items()}, groups={**SETS, "id_test": "id"}))
+    store.close()
+    code, out, _ = cli(capsys, "leaderboard", "--results", path, "--reference", "openood-v1.5", "--format", "latex")
+    reference = out[out.rindex(r"\begin{table}"):]
+    assert code == 0 and "(-{}-ci, or several checkpoints)" in reference and "--ci" not in reference

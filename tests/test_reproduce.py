@@ -39,6 +39,7 @@ def test_with_nothing_there_it_names_every_missing_part_and_exits_2(run_cli, tmp
     assert (f"`oodbench data fetch openood-v1.5/benchmark_imglist openood-v1.5/cifar10 openood-v1.5/cifar100 "
             "openood-v1.5/tin openood-v1.5/mnist openood-v1.5/svhn openood-v1.5/texture openood-v1.5/places365 "
             f"openood-v1.5/cifar10_res18_v1.5 --data-root {root}` gets them") in lines[0]
+    assert f"(or `oodbench reproduce openood-v1.5 cifar10 --fetch --data-root {root}`)" in lines[0]
     folder = root / "openood_results/cifar10_resnet18_32x32_base_e100_lr0.1_default"
     assert lines[1] == (f"cifar10: checkpoint(s) not found: {folder}/s0/best.ckpt, {folder}/s1/best.ckpt, "
                         f"{folder}/s2/best.ckpt; `oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root "
@@ -117,14 +118,18 @@ def test_fetch_then_run_the_fetched_checkpoints(run_cli, tmp_path):
     root, store = tmp_path / "data", tmp_path / "r.sqlite"
     try:
         result = run_cli("reproduce", "openood-v1.5", "osr_mnist6", "--fetch", "--data-root", str(root),
-                         "--postprocessors", "msp", "--results", str(store),
+                         "--postprocessors", "msp", "--results", str(store), "--format", "csv",
                          env={"OODBENCH_MIRROR": f"{server.url}/files"})
     finally:
         server.close()
     assert result.returncode == 0, result.stderr
     assert not warnings_of(result.stderr)  # everything was fetched
+    assert "osr: installed" in result.stderr and "unpacked" in result.stderr  # status lines on stderr
     assert (root / "openood_results/checkpoints/osr/mnist6_seed5.ckpt").is_file()
-    assert "seeds 1, 2, 3, 4, 5" in result.stdout.replace("\n  ", " ")
+    # stdout is the CSV alone (one table per seed's benchmark, each with its header)
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {row["model"] for row in table} == {"openood:lenet"}, result.stdout[:500]
+    assert {row["postprocessor"] for row in table} == {"msp"} and {row["seeds"] for row in table} == {"1,2,3,4,5"}
     # seed 1's MSP AUROC, recomputed from the fetched checkpoint: OpenOOD's MNIST input (grey -> RGB,
     # (x - 0.5) / 0.5), max softmax, ID positive
     from oodbench.models.openood import LeNet
@@ -169,3 +174,14 @@ def test_run_never_imports_the_fetch_machinery_nor_opens_a_socket(tmp_path, sess
                           cwd=tmp_path, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OODBENCH_CACHE": str(session_cache)})
     assert "RESULT 0 [] []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_list_models_gives_fetch_commands_for_the_users_data_root(run_cli, tmp_path):
+    root = tmp_path / "elsewhere"
+    result = run_cli("list", "models", "--data-root", str(root))
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("openood:cifar10_resnet18 "))
+    assert row.rstrip().endswith(f"oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root {root}")
+    source = next(line for line in result.stdout.splitlines() if line.startswith("openood "))
+    assert source.rstrip().endswith("or an official release by name (cifar10_resnet18, imagenet200_resnet18, ...; "
+                                    "`oodbench data fetch openood-v1.5`).")  # the description, whole

@@ -52,6 +52,7 @@ class SplitState:
     available: int | None = None  # before the limit
     reason: str | None = None
     origin: str = ""
+    fallback: str = ""  # the any_of candidate read when it is not the first (the published list)
 
     @property
     def present(self) -> bool:
@@ -284,7 +285,17 @@ def split_state(split: SplitRef, data_root: str, image: ImageSpec, files: FileSt
         return SplitState(MISSING, reason=str(exc))
     fingerprint = split_fingerprint_of(dataset, split.ref, split.ood, files)
     return SplitState(fingerprint, samples=len(dataset), available=getattr(dataset.base, "available", len(dataset)),
-                      origin=getattr(dataset.base, "origin", ""))
+                      origin=getattr(dataset.base, "origin", ""), fallback=fallback_of(dataset))
+
+
+def fallback_of(dataset) -> str:
+    """The fallback candidate a split reads (`oodbench.datasets.imagelist.any_of`), through its
+    subset wrappers; '' for a first choice."""
+    while dataset is not None:
+        if getattr(dataset, "fallback", ""):
+            return dataset.fallback
+        dataset = getattr(dataset, "base", None)
+    return ""
 
 
 def model_placeholder(spec) -> str:

@@ -68,7 +68,7 @@ def reproduce(release_name: str, table: str, root: Path, fetch: bool = False, so
     if ready.missing:
         where = ", ".join(f"{asset.provides} ({asset.name})" for asset in ready.missing)
         warn(f"{release.name} {table}: not under {root}: {where}; `{ready.fetch_command(release, root)}` gets them "
-             f"(or `oodbench reproduce {release.name} {table} --fetch`); until then a split without the release's list "
+             f"(or `oodbench reproduce {release.name} {table} --fetch --data-root {root}`); until then a split without the release's list "
              "reads oodbench's fallback (`oodbench data status <benchmark>` says which)")
     ran, labels = [], []
     for benchmark, name in target.benchmarks.items():

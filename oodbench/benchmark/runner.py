@@ -41,7 +41,7 @@ from oodbench.conventions import load_conventions
 from oodbench.datasets.base import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
-from oodbench.results.store import Cell, ResultStore
+from oodbench.results.store import FALLBACK, Cell, ResultStore
 
 
 @lru_cache(maxsize=1)
@@ -267,7 +267,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
             {"dataset": split if split.split(":")[0] in ("id", "ood_val") else split.split(":", 1)[1],
              "group": split.split(":")[0], "fingerprint": state.fingerprint, "available": state.available,
              "status": "present" if state.present else "missing", "reason": report.get(split, {}).get("reason")
-             or state.reason, "samples": state.samples, "accuracy": report.get(split, {}).get("accuracy")}
+             or state.reason or (f"{FALLBACK}{state.fallback}" if state.fallback else None), "samples": state.samples, "accuracy": report.get(split, {}).get("accuracy")}
             for split, state in plan.states.items()], plan.fingerprint)  # the data as found (changed_splits)
         keys = dict(probes[display]["keys"])
         for name in names_left:

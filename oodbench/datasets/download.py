@@ -11,13 +11,16 @@ For each `Asset` (see `oodbench.datasets.release`), `install`:
    requests and a tqdm bar into ``<file>.part``, which an interrupted download leaves behind
    and the next run resumes with an HTTP Range request;
 3. verifies it: the SHA-256 shipped in the release file, else the one recorded in the data
-   root's lock file (``oodbench.lock``, JSON) at the first download, which it records then.
+   root's lock file (``oodbench.lock``, JSON) at the first install.
    A downloaded file that does not match is moved to ``.oodbench/quarantine/`` (never used)
-   and reported in one line; an imported one is refused where it is;
+   and reported in one line; an imported one is refused where it is; when the hash it failed
+   is a recorded one, the line names the lock entry to delete to accept the new copy;
 4. unpacks it into ``into`` member by member (each written to a temporary name, then
    renamed), refusing, before writing anything, to overwrite an existing file whose contents
    differ; identical files are kept. The downloaded archive is then deleted (as OpenOOD's
-   script does); its hash stays in the lock file to verify any later copy.
+   script does); its hash stays in the lock file to verify any later copy. A first hash is
+   recorded only now, with the true source (the address, ``drive:<id>`` or ``file:<path>`` of
+   a ``--from`` archive): an archive that fails to unpack locks nothing out.
 
 Failures are one line (`FetchError`, exit 2): no network or a refused host, an HTTP error,
 an interrupted transfer (rerun to resume), a full disk (partial files removed).
@@ -47,6 +50,10 @@ CHUNK = 1 << 16  # what a dropped connection can lose; a resumed download asks f
 
 class FetchError(OodbenchError):
     """A download, verification or unpacking step that failed; one line naming the file."""
+
+
+class BadArchive(FetchError):
+    """An archive that is not a readable zip file (truncated, or not a zip)."""
 
 
 class Lock:
@@ -96,23 +103,37 @@ def install(release: Release, asset: Asset, root: Path, source_dir: Path | None 
         digest = _verify(release, asset, archive, lock)
         if digest is None:
             raise FetchError(f"{archive} does not match the SHA-256 of {release.name}/{asset.name} "
-                             f"({_expected(release, asset, lock)[:16]}...): not used")
+                             f"({_expected(release, asset, lock)[:16]}...): not used{_recovery(release, asset, lock)}")
+        source = f"file:{archive.resolve()}"
         if not asset.unpack:
             _copy(archive, target)
     else:
-        if target.exists():
-            _matches(release, asset, target, root, lock, echo)  # a file that does not match is moved aside
-        if not target.exists():
+        digest = _matches(release, asset, target, root, lock, echo) if target.exists() else None  # else moved aside
+        if digest is None:
             _download(resolve_url(release, asset), target, asset)
-            if not _matches(release, asset, target, root, lock, echo):
+            digest = _matches(release, asset, target, root, lock, echo)
+            if digest is None:
                 raise FetchError(f"the download of {release.name}/{asset.name} does not match its SHA-256; "
-                                 "it was quarantined (the source changed, or the transfer was corrupted)")
+                                 "it was quarantined (the source changed, or the transfer was corrupted)"
+                                 f"{_recovery(release, asset, lock)}")
+        mirror = os.environ.get(MIRROR_ENV)
+        source = f"{mirror.rstrip('/')}/{asset.file}" if mirror else asset.url or f"drive:{asset.drive}"
         archive = target
+    size = archive.stat().st_size
     if asset.unpack:
-        _unpack(archive, root / asset.into, echo)
+        try:
+            _unpack(archive, root / asset.into, echo)
+        except BadArchive as exc:
+            if source_dir is None:  # a download that does not unpack is set aside: the next run downloads again
+                _quarantine(archive, root, release, asset, lock)
+                raise BadArchive(f"{exc}; it was quarantined, rerun to download it again") from None
+            raise
         if source_dir is None:
             archive.unlink()
-    lock.update(release, asset, installed=True)
+    # recorded only now: an archive that does not unpack must not become the one every later copy is held to
+    recorded = {} if _expected(release, asset, lock) else dict(sha256=digest, size=size, source=source,
+                                                               recorded=time.strftime("%Y-%m-%d"))
+    lock.update(release, asset, installed=True, **recorded)
     echo(f"{asset.name}: installed ({root / asset.provides})")
 
 
@@ -120,35 +141,49 @@ def _expected(release: Release, asset: Asset, lock: Lock) -> str:
     return asset.sha256 or lock.get(release, asset).get("sha256", "")
 
 
+def _recovery(release: Release, asset: Asset, lock: Lock) -> str:
+    """How to accept another copy when the hash it failed is the lock file's (not a shipped one)."""
+    if asset.sha256 or not lock.get(release, asset).get("sha256"):
+        return ""
+    entry = lock.get(release, asset)
+    return (f"; the expected hash was recorded on {entry.get('recorded', 'an earlier fetch')} from "
+            f"{entry.get('source', 'an earlier copy')}: if this copy is the right one, delete the entry "
+            f"\"{lock.key(release, asset)}\" from {lock.path} and rerun")
+
+
 def _verify(release: Release, asset: Asset, path: Path, lock: Lock) -> str | None:
-    """The file's SHA-256 when it matches what is known of `asset` (recording it when nothing
-    is), else None."""
+    """The file's SHA-256 when it matches what is known of `asset` (its shipped or recorded hash,
+    hash prefix, size; a file with nothing known matches: its hash is recorded once installed), else None."""
     import pooch
 
     digest = pooch.file_hash(str(path), alg="sha256")
-    size = path.stat().st_size
     expected = _expected(release, asset, lock)
     if (expected and digest != expected) or (asset.sha256_prefix and not digest.startswith(asset.sha256_prefix)) \
-            or (asset.size is not None and size != asset.size):
+            or (asset.size is not None and path.stat().st_size != asset.size):
         return None
-    if not expected:
-        lock.update(release, asset, sha256=digest, size=size, recorded=time.strftime("%Y-%m-%d"),
-                    source=asset.url or f"drive:{asset.drive}")
     return digest
 
 
-def _matches(release: Release, asset: Asset, path: Path, root: Path, lock: Lock, echo: Callable[[str], None]) -> bool:
-    """Verify a downloaded file; one that does not match is quarantined (and said so)."""
-    if _verify(release, asset, path, lock) is not None:
-        return True
+def _matches(release: Release, asset: Asset, path: Path, root: Path, lock: Lock,
+             echo: Callable[[str], None]) -> str | None:
+    """Verify a downloaded file (its SHA-256, or None); one that does not match is quarantined (and said so)."""
+    digest = _verify(release, asset, path, lock)
+    if digest is not None:
+        return digest
+    moved = _quarantine(path, root, release, asset, lock)
+    echo(f"{asset.name}: {path} does not match its SHA-256 ({_expected(release, asset, lock)[:16]}...); "
+         f"quarantined as {moved}")
+    return None
+
+
+def _quarantine(path: Path, root: Path, release: Release, asset: Asset, lock: Lock) -> Path:
+    """Move `path` to ``.oodbench/quarantine/`` (never used again); returns where it went."""
     quarantine = root / WORK_DIR / "quarantine"
     quarantine.mkdir(parents=True, exist_ok=True)
     moved = quarantine / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(path, moved)
     lock.update(release, asset, installed=False)
-    echo(f"{asset.name}: {path} does not match its SHA-256 ({_expected(release, asset, lock)[:16]}...); "
-         f"quarantined as {moved}")
-    return False
+    return moved
 
 
 def resolve_url(release: Release, asset: Asset) -> str:
@@ -257,6 +292,9 @@ def _unpack(archive: Path, into: Path, echo: Callable[[str], None]) -> None:
     try:
         with zipfile.ZipFile(archive) as zipped:
             members = [m for m in zipped.infolist() if not m.is_dir()]
+            if zipped.infolist() and min(m.header_offset for m in zipped.infolist()) != 0:
+                # what zipfile found is a zip stored inside (a torch checkpoint's) of a truncated archive
+                raise zipfile.BadZipFile("its first member does not start the file: truncated, or data before it")
             todo = []
             for member in members:
                 relative = PurePosixPath(member.filename)
@@ -271,7 +309,7 @@ def _unpack(archive: Path, into: Path, echo: Callable[[str], None]) -> None:
             for member, destination in tqdm(todo, desc=f"unpacking {archive.name}", unit="file"):
                 _extract(zipped, member, destination)
     except zipfile.BadZipFile as exc:
-        raise FetchError(f"{archive} is not a readable zip archive ({exc})") from None
+        raise BadArchive(f"{archive} is not a readable zip archive ({exc})") from None
     echo(f"unpacked {len(todo):,} of {len(members):,} files into {into} ({len(members) - len(todo):,} already there)")
 
 
@@ -285,6 +323,9 @@ def _extract(zipped: zipfile.ZipFile, member: zipfile.ZipInfo, destination: Path
         temporary.unlink(missing_ok=True)
         what = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         raise FetchError(f"cannot write {destination}: {what}; the partial file was removed (rerun to continue)") from None
+    except BaseException:  # a corrupt member (BadZipFile), an interrupt: no half-written file stays
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, destination)
 
 

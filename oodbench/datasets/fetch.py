@@ -127,6 +127,8 @@ def fetch(name: str, data_root: Path, echo: Callable[[str], None] = print, sourc
         from oodbench.datasets.release import find_assets
 
         release, assets = find_assets(name)
+        if source_dir is not None and not Path(source_dir).expanduser().is_dir():
+            raise OodbenchError(f"{source_dir} does not exist (--from names the folder that holds the archives)")
         if len(assets) == 1:
             install(release, assets[0], data_root, source_dir, echo)
             return
@@ -138,8 +140,10 @@ def fetch(name: str, data_root: Path, echo: Callable[[str], None] = print, sourc
                 echo(f"{asset.name}: not fetched: {exc}")
                 failed.append(asset.name)
         if failed:
+            then = (f"put those archives in {source_dir} and rerun" if source_dir is not None
+                    else "rerun the same command to get them")
             raise OodbenchError(f"{len(failed)} of {len(assets)} assets of {name} not fetched ({', '.join(failed)}: "
-                                "the lines above say why); rerun the same command to get them")
+                                f"the lines above say why); {then}")
         return
     if source_dir is not None:
         raise OodbenchError(f"--from imports a release's archives (e.g. openood-v1.5:cifar10), not '{name}'")
@@ -154,9 +158,22 @@ def fetch(name: str, data_root: Path, echo: Callable[[str], None] = print, sourc
     what, download = DOWNLOADS[name]
     echo(f"downloading {what} into {data_root}")
     data_root.mkdir(parents=True, exist_ok=True)
+    before = set(data_root.iterdir())
     try:
         download(data_root)
     except Exception as exc:  # urllib/HTTP/checksum errors of many types: one line for the user
+        for made in set(data_root.iterdir()) - before:  # the empty folders torchvision made (SVHN/)
+            _remove_empty(made)
         raise OodbenchError(f"download of {name} failed ({type(exc).__name__}: {exc}); check the network, "
                             f"or place the files in {data_root} by hand") from None
     echo(f"done: {name} is in {data_root}")
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove `folder` if it holds nothing but empty folders (what a failed download leaves)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for child in folder.iterdir():
+        _remove_empty(child)
+    if not any(folder.iterdir()):
+        folder.rmdir()

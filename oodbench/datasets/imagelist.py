@@ -353,9 +353,11 @@ def any_of(data_root: Path, image: ImageSpec, candidates: list[dict]) -> Dataset
         except DatasetMissing as exc:
             reasons.append(str(exc))
             continue
-        if ref.parts is None:
-            return source
-        indices = stratified_parts(dataset_labels(source), ref.parts, ref.seed)[ref.part]
-        return Selection(source, indices, f"{getattr(source, 'origin', ref.dataset)}, part '{ref.part}' "
-                                          f"of {ref.parts}")
+        if ref.parts is not None:
+            indices = stratified_parts(dataset_labels(source), ref.parts, ref.seed)[ref.part]
+            source = Selection(source, indices, f"{getattr(source, 'origin', ref.dataset)}, part '{ref.part}' "
+                                                f"of {ref.parts}")
+        if number:  # not the first choice (a benchmark's published list): results say the split differs
+            source.fallback = f"{ref.dataset} (candidate {number + 1} of {len(candidates)})"
+        return source
     raise DatasetMissing(" | or: ".join(reasons))

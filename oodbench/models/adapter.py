@@ -230,13 +230,28 @@ def _find_classifier(net: nn.Module, classifier: str | nn.Module | None) -> nn.M
 
 def load_model(spec: ModelSpec, context: ModelContext) -> ModelAdapter:
     """Build the adapter for one experiment model entry, on `context.device`."""
+    factory, options = _factory_options(spec)
+    adapter = factory(spec.model_name, context, **options)
+    return adapter.to(context.device)
+
+
+def check_model(spec: ModelSpec) -> None:
+    """What loading `spec` would refuse before reading any weights: an unknown option, and what
+    the source's own ``check(name, **options)`` refuses (e.g. `openood`: an unknown architecture,
+    an architecture without its checkpoint). OodbenchError, one line."""
+    factory, options = _factory_options(spec)
+    check = getattr(factory, "check", None)
+    if check is not None:
+        check(spec.model_name, **options)
+
+
+def _factory_options(spec: ModelSpec) -> tuple[Callable, dict[str, Any]]:
     factory = MODELS.get(spec.source)
     options = dict(spec.options)
     if spec.checkpoint is not None:
         options["checkpoint"] = spec.checkpoint
     _check_options(spec, factory, options)
-    adapter = factory(spec.model_name, context, **options)
-    return adapter.to(context.device)
+    return factory, options
 
 
 def missing_checkpoint(spec: ModelSpec, data_root: Path) -> str | None:

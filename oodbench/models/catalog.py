@@ -105,6 +105,6 @@ def release_rows(data_root: Path, release_name: str = "openood-v1.5") -> list[li
         status = "found" if len(found) == len(files) else f"{len(found)} of {len(files)} found" if found else "not found"
         rows.append([f"openood:{name}", ", ".join(model.seeds) or "-", status,
                      str(data_root / model.file.format(seed="s*")) if model.seeds else str(files[""]),
-                     f"oodbench data fetch {asset_spec(release, release.assets[model.asset])}"])
+                     f"oodbench data fetch {asset_spec(release, release.assets[model.asset])} --data-root {data_root}"])
     return rows
 

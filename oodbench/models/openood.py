@@ -212,11 +212,10 @@ def locate(name: str, data_root: Path, seed: str | None = None) -> tuple[Path, s
                                f"--data-root {data_root}")
 
 
-@register_model_source("openood")
-def openood(name: str, context: ModelContext, checkpoint: str | None = None,
-            dataset: str | None = None, seed: str | None = None) -> ModelAdapter:
-    """OpenOOD v1.5: an architecture + checkpoint (resnet18_32x32, resnet18_224x224, resnet50, lenet), or an
-    official release by name (cifar10_resnet18, imagenet200_resnet18, ...; `oodbench data fetch openood-v1.5`)."""
+def check(name: str, checkpoint: str | None = None, dataset: str | None = None, seed: str | None = None):
+    """The release model `name` names (None for an architecture), once the entry is one `openood`
+    can load: a known architecture or release, a known dataset, a seed only for a release, a
+    checkpoint for an architecture. OodbenchError otherwise (`oodbench validate` calls it)."""
     release = _released().models.get(name)
     if release is None and name not in ARCHITECTURES:
         known = [*ARCHITECTURES, *_released().models]
@@ -228,6 +227,17 @@ def openood(name: str, context: ModelContext, checkpoint: str | None = None,
     if release is None and seed is not None:
         raise OodbenchError(f"openood:{name}: 'seed' picks a seed of an official release (e.g. "
                             f"openood:cifar10_resnet18); give this architecture its 'checkpoint'")
+    if release is None and checkpoint is None:
+        checkpoint_path(None, f"openood:{name}")  # the one-line 'needs a checkpoint file'
+    return release
+
+
+@register_model_source("openood")
+def openood(name: str, context: ModelContext, checkpoint: str | None = None,
+            dataset: str | None = None, seed: str | None = None) -> ModelAdapter:
+    """OpenOOD v1.5: an architecture + checkpoint (resnet18_32x32, resnet18_224x224, resnet50, lenet), or an
+    official release by name (cifar10_resnet18, imagenet200_resnet18, ...; `oodbench data fetch openood-v1.5`)."""
+    release = check(name, checkpoint, dataset, seed)
     what = f"openood:{name}" + (f" seed {seed}" if seed else "")
     if release is not None and checkpoint is None:
         path, command = locate(name, context.data_root, seed)
@@ -247,3 +257,4 @@ def openood(name: str, context: ModelContext, checkpoint: str | None = None,
 
 openood.members = members  # read by the config (one model entry per seed) and validate/reproduce
 openood.locate = locate
+openood.check = check

@@ -163,7 +163,7 @@ def render_comparison(long: pd.DataFrame, fmt: str = "markdown") -> str:
     tagged = long.attrs["tagged"]
     intro = (f"{long.attrs['benchmark']}: robust ({', '.join(tagged['robust'])}) vs standard "
              f"({', '.join(tagged['standard'])}), near/far-OOD averages x100; {GAIN_NOTE}. "
-             f"FPR@95: {FPR_CAPTION[long.attrs['fpr']]}.")
+             f"{FPR_CAPTION[long.attrs['fpr']]}.")
     counts = sorted(set(long.checkpoints))
     if counts[-1] > 1:
         intro += " Models with several checkpoints count with their mean."

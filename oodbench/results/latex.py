@@ -11,6 +11,8 @@ tables with intervals, which are scaled to the line width.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -26,8 +28,9 @@ STYLE = {"best": r"\textbf{{{}}}", "second": r"\underline{{{}}}", "tie": r"{}\te
 
 
 def escape(text: str) -> str:
-    """`text` with every character LaTeX treats specially written as itself."""
-    return "".join(SPECIAL.get(char, char) for char in str(text))
+    """`text` with every character LaTeX treats specially written as itself (``--`` too: an en
+    dash in LaTeX, so an option such as ``--ci`` is written ``-{}-ci``)."""
+    return re.sub(r"-(?=-)", "-{}", "".join(SPECIAL.get(char, char) for char in str(text)))
 
 
 def _value(row: dict, name: str, mark: str | None) -> str:

@@ -52,6 +52,27 @@ def inside(published: float, low: float, high: float, mean: float, std: float) -
     return "-", ""
 
 
+def data_caveat(rows: pd.DataFrame) -> str:
+    """How the data of `rows` differ from the published benchmark's, '' when they do not: OOD sets
+    missing (what each average then covers), splits read from a fallback source instead of the
+    benchmark's published lists, sampled images."""
+    groups, missing = rows.attrs.get("groups", {}), rows.attrs.get("missing", [])
+    parts = []
+    for group, name in AVERAGE.items():
+        sets = [d for d in rows.attrs.get("datasets", []) if groups.get(d) == group]  # the benchmark's order
+        gone = [d for d in sets if d in missing]
+        if gone:
+            kept = [d for d in sets if d not in missing]
+            parts.append(f"{name} over {', '.join(kept) or 'no set'} only ({', '.join(gone)} missing)")
+    if rows.attrs.get("csid_missing"):
+        parts.append(f"FS without the shifted ID sets {', '.join(rows.attrs['csid_missing'])}")
+    if rows.attrs.get("fallback"):
+        parts.append(f"{', '.join(rows.attrs['fallback'])} read from fallback sources, not the published lists")
+    if rows.attrs.get("sampling"):
+        parts.append(f"sampled: {rows.attrs['sampling']}")
+    return "the data differ from the published benchmark's: " + "; ".join(parts) if parts else ""
+
+
 def comparisons(rows: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     """One record per (row index, published metric): ``published``, ``std`` (x100), ``architecture``,
     ``same_architecture``, ``source``, and either ``difference`` (x100), ``inside`` and ``basis`` or
@@ -59,6 +80,7 @@ def comparisons(rows: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     with its reason."""
     benchmark = rows.attrs["benchmark"]
     full_spectrum = bool(rows.attrs.get("csid"))
+    caveat = data_caveat(rows)
     records = []
     for index, row in zip(rows.index, rows.to_dict("records")):
         entry = published_entry(ledger, benchmark, row["postprocessor"], row["model"])
@@ -84,10 +106,23 @@ def comparisons(rows: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
                 verdict, basis = inside(value, row.get(f"{column}|low", np.nan), row.get(f"{column}|high", np.nan),
                                         mean, row.get(f"{column}|std", np.nan))
                 record.update(difference=100 * mean - value, inside=verdict if not np.isnan(mean) else "-",
-                              basis=basis)
+                              basis=basis, caveat=caveat)
             records.append(record)
     return pd.DataFrame(records, columns=["row", "metric", "published", "std", "architecture", "same_architecture",
-                                          "difference", "inside", "basis", "source", "reason"])
+                                          "difference", "inside", "basis", "source", "reason", "caveat"])
+
+
+def nothing_published(rows: pd.DataFrame, ledger: pd.DataFrame) -> str:
+    """One line in place of the block when `ledger` has no value for any row of `rows` ('' when it
+    has one): the benchmarks it covers, or the methods it lacks on a benchmark it covers."""
+    benchmark = rows.attrs["benchmark"]
+    if not (ledger.benchmark == benchmark).any():
+        return (f"{ledger.attrs['name']} publishes nothing for {benchmark}; it covers "
+                f"{', '.join(dict.fromkeys(ledger.benchmark))}")
+    if (comparisons(rows, ledger).metric != "").any():
+        return ""
+    return (f"{ledger.attrs['name']} publishes no {STANDARD_TRAINING} value on {benchmark} for "
+            f"{', '.join(dict.fromkeys(rows.postprocessor))}")
 
 
 def _published_text(record: dict) -> str:
@@ -119,6 +154,7 @@ def reference_table(rows: pd.DataFrame, ledger: pd.DataFrame) -> tuple[pd.DataFr
         if label not in reasons.setdefault(record["reason"], []):
             reasons[record["reason"]].append(label)
     notes = [f"- not compared, {reason}: {', '.join(labels)}" for reason, labels in reasons.items()]
+    notes += [f"- Δ is not like for like, {caveat}" for caveat in dict.fromkeys(found.caveat.dropna()) if caveat]
     sources = sorted(set(found.source.dropna()))
     bases = set(found.basis.dropna()) - {""}
     compared = bool(((found.reason == "") & (found.metric != "")).any())
@@ -172,7 +208,7 @@ def tidy_reference(tidy: pd.DataFrame, frame: pd.DataFrame, ledger: pd.DataFrame
     the rows of a published metric: ``published``, ``published_std`` (fractions, as ``value``),
     ``published_architecture``, ``published_difference`` (value - published), ``published_inside``
     (yes/no, with ``ci_low``/``ci_high``), ``published_source`` and ``published_note`` (why the row
-    is not compared); empty on the other rows."""
+    is not compared, or how its data differ from the published benchmark's); empty on the other rows."""
     full_spectrum = bool(frame.attrs.get("csid"))
     found = comparisons(frame, ledger)
     metric_of = {m: ("fs_" if full_spectrum else "") + ("acc" if m == "acc" else m.split("_")[1]) for m in METRICS}
@@ -197,8 +233,10 @@ def tidy_reference(tidy: pd.DataFrame, frame: pd.DataFrame, ledger: pd.DataFrame
         extra["published"].append(record["published"] / 100)
         extra["published_std"].append(record["std"] / 100)
         extra["published_architecture"].append(record["architecture"])
-        extra["published_difference"].append(row["value"] - record["published"] / 100 if compared else np.nan)
+        # to the table's precision (0.01 points x100): no float noise such as -0.0030000000000000027
+        extra["published_difference"].append(round(row["value"] - record["published"] / 100, 4) if compared
+                                             else np.nan)
         extra["published_inside"].append("" if verdict == "-" else verdict)
         extra["published_source"].append(record["source"])
-        extra["published_note"].append(record["reason"])
+        extra["published_note"].append(record["reason"] or (record["caveat"] if compared else ""))
     return tidy.assign(**extra)

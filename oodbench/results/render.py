@@ -298,8 +298,11 @@ def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = Fals
     else:
         text = compact_text(rows, markdown=fmt == "markdown", show_params=show_params)
     if ledger is not None:
-        from oodbench.results.reference import reference_block
+        from oodbench.results.reference import nothing_published, reference_block
 
+        nothing = nothing_published(rows, ledger)
+        if nothing:
+            return text + "\n\n" + (f"% {nothing}" if fmt == "latex" else nothing)
         block = reference_block(rows if wide else ranked(rows), ledger)
         if fmt == "latex":
             from oodbench.results.latex import latex_reference

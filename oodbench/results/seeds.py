@@ -104,7 +104,8 @@ def _fold(family: str, frames: list[pd.DataFrame]) -> pd.DataFrame:
 
     merged.attrs.update({**first, "benchmark": family, "seeds": seeds, "datasets": union("datasets"),
                          "groups": {k: v for frame in frames for k, v in frame.attrs["groups"].items()},
-                         "missing": union("missing"), "csid": union("csid"), "csid_missing": union("csid_missing"),
+                         "missing": union("missing"), "fallback": union("fallback"), "csid": union("csid"),
+                         "csid_missing": union("csid_missing"),
                          "data_fingerprints": union("data_fingerprints"),
                          "hidden": sum(frame.attrs.get("hidden", 0) for frame in frames),
                          "sampling": "; ".join(f"seed {seed}: {frame.attrs['sampling']}"

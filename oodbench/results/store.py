@@ -84,6 +84,9 @@ DROP TABLE results_v1;
 DROP TABLE datasets_v1;
 """
 TABLES = ("cells", "results", "datasets")
+# a present split's ``reason`` in the datasets table when it was read from a fallback source (not
+# the benchmark's first candidate, e.g. OpenOOD's image list): what follows names the source read
+FALLBACK = "fallback: "
 CELL_COLUMNS = ("benchmark", "model", "postprocessor", "setting", "fingerprint", "data_fingerprint", "status",
                 "reason", "params", "tags", "benchmark_version", "oodbench_version", "git_hash", "config_hash",
                 "weights_hash", "fpr_convention", "search_limit", "seconds", "created", "checkpoint", "preprocessing")

@@ -24,7 +24,7 @@ import pandas as pd
 from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
 from oodbench.conventions import load_conventions
 from oodbench.errors import OodbenchError
-from oodbench.results.store import ResultStore
+from oodbench.results.store import FALLBACK, ResultStore
 
 AVERAGES = {"near": "near-OOD", "far": "far-OOD", "all": "average"}
 FS = "FS "  # column prefix of the full-spectrum metrics (stored as fs_<metric>)
@@ -95,6 +95,12 @@ def select_cells(cells: pd.DataFrame, fingerprints: list[str] | None = None, fin
     chosen = (cells.assign(whole=whole, seen=seen).sort_values(["whole", "seen", "created"], kind="stable")
               .groupby(["model", "checkpoint", "postprocessor", "setting"]).tail(1))
     return cells.loc[sorted(chosen.index)], len(cells) - len(chosen)
+
+
+def named_profile(setting: str) -> str:
+    """`setting` with its convention profile written out (``default`` -> ``default@paper``)."""
+    base, brace, params = setting.partition("{")
+    return setting if "@" in base else f"{base}@{DEFAULT_CONVENTIONS}{brace}{params}"
 
 
 def conventions_of(setting: str) -> str:
@@ -183,12 +189,15 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     values_of = {key: dict(zip(zip(group.dataset, group.metric), group.value))
                  for key, group in results.groupby(["model", "postprocessor", "setting", "fingerprint"])}
     settings = cells.groupby(["model", "postprocessor"]).setting.nunique()
+    mixed = cells.setting.map(conventions_of).nunique() > 1  # every row then names its profile
     versions = cells.groupby(["model", "checkpoint", "postprocessor", "setting"]).fingerprint.nunique()
 
     rows = []
     for cell in cells.itertuples():
         label = cell.postprocessor
-        if settings[(cell.model, cell.postprocessor)] > 1:
+        if mixed:
+            label += f" {setting_label(named_profile(cell.setting))}"
+        elif settings[(cell.model, cell.postprocessor)] > 1:
             label += f" {setting_label(cell.setting)}"
         if versions[(cell.model, cell.checkpoint, cell.postprocessor, cell.setting)] > 1:
             label += f" @{cell.fingerprint[:8]}"
@@ -223,8 +232,10 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
             model_rank if s.name == "model" else pp_rank).fillna(1e9) if s.name != "checkpoint" else s)
         frame = frame.reset_index(drop=True)
     profiles = sorted(set(cells.setting.map(conventions_of))) if conventions is None else [conventions]
+    present = datasets[datasets.status == "present"]
+    fallback = sorted(set(present[present.reason.fillna("").str.startswith(FALLBACK)].dataset))
     frame.attrs.update(benchmark=benchmark, fpr=fpr, conventions=profiles, datasets=order, groups=group_of, missing=missing,
-                       csid=csid, csid_missing=csid_missing,
+                       fallback=fallback, csid=csid, csid_missing=csid_missing,
                        hidden=hidden, data_fingerprints=newest_first(cells, read),
                        sampling=sampling_note(datasets, cells))
     return frame
@@ -339,8 +350,12 @@ def caption(frame: pd.DataFrame, marks: str) -> str:
     text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
             f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}"
             f"{fpr_note(frame)}. {marks}.")
-    for name in frame.attrs.get("conventions", []):
-        text += " " + load_conventions(name).caption()
+    profiles = [load_conventions(name) for name in frame.attrs.get("conventions", [])]
+    if len(profiles) == 1:
+        text += " " + profiles[0].caption()
+    elif profiles:
+        text += (f" Rows of {len(profiles)} convention profiles, each row's named in its label: "
+                 + "; ".join(f"{p.name} ({p.description})" for p in profiles) + ".")
     if frame.attrs.get("csid"):
         shifted = ", ".join(frame.attrs["csid"])
         text += (f" FS columns are full-spectrum OOD detection (OpenOOD v1.5's FS-OOD): the ID test set and the "
