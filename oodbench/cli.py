@@ -150,6 +150,9 @@ def add_leaderboard(sub) -> None:
                         help="only cells computed under this convention profile (paper, openood, pro), named in "
                              "the caption; default: every profile's cells")
     _add_table_args(parser)
+    parser.add_argument("--attack", action="store_true",
+                        help="clean vs attacked AUROC / FPR@95 per method and eps, from the runs of `oodbench "
+                             "attack` (tidy CSV / JSON: its rows, with attack, eps and gradient columns)")
     parser.add_argument("--output", help="also write the table to this file")
     parser.add_argument("--tables", metavar="DIR",
                         help="also write the full tables (Markdown, LaTeX, tidy CSV) to DIR/<benchmark>/")
@@ -167,7 +170,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from oodbench.results.seeds import average_frames, averaged_tidy, mixed_fpr, seed_families
     from oodbench.results.store import ResultStore
     from oodbench.results.tables import leaderboard_frames
-    from oodbench.results.tidy import leaderboard_tidy, render_tidy
+    from oodbench.results.tidy import CLEAN_ATTACK, leaderboard_tidy, render_tidy
 
     store = ResultStore(args.results, readonly=True)
     stored = sorted(set(store.frame("cells").benchmark))
@@ -186,6 +189,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         from oodbench.results.ledger import load_ledger
 
         ledger = load_ledger(args.reference)  # an unknown or broken ledger fails before any table is built
+    if args.attack:
+        from oodbench.cli_attack import attack_leaderboard
+
+        text = attack_leaderboard(store, benchmarks, args)
+        print(text.rstrip("\n"))
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        return 0
     frames = []
     for benchmark in benchmarks:
         found = leaderboard_frames(store, benchmark, args.model, args.postprocessor, fpr=args.fpr,
@@ -209,7 +220,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         tidy = pd.concat(tidies)
         if average:
             seeded = tidy.benchmark.isin([n for names in seed_families(benchmarks).values() for n in names])
-            tidy = pd.concat([tidy[~seeded].assign(std=float("nan"), seeds=""), averaged_tidy(tidy[seeded])])
+            tidy = pd.concat([tidy[~seeded].assign(std=float("nan"), seeds=""),
+                              averaged_tidy(tidy[seeded]).assign(**CLEAN_ATTACK)])
         text = render_tidy(tidy, args.format)
     else:
         frames = average_frames(frames) if average else frames

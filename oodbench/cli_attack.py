@@ -3,7 +3,9 @@
 The threat model comes from the config's ``attack:`` mapping (`oodbench.attacks.spec`),
 each flag overriding its key. Prints clean vs attacked AUROC / FPR@95 per model, method and
 eps, and robust vs standard models under the same attack; writes the tidy CSV (with
-``attack``, ``eps`` and ``gradient`` columns) and the AUROC-vs-eps figure to ``--output``.
+``attack``, ``eps`` and ``gradient`` columns) and the AUROC-vs-eps figure to ``--output``,
+and records every clean and attacked number in the results store (table ``attacks``, one
+transaction per model, method and eps as each finishes), which `leaderboard --attack` shows.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from oodbench.attacks.evaluate import attack_experiment
     from oodbench.benchmark.experiment import CachedExperiment
     from oodbench.errors import OodbenchError
-    from oodbench.results.attacks import attack_figure, attack_table, attack_tidy, robust_vs_standard
+    from oodbench.results.attacks import attack_figure, attack_table, attack_tidy, robust_vs_standard, store_rows
     from oodbench.results.plots import save_figure
+    from oodbench.results.store import ResultStore
     from oodbench.results.tidy import render_tidy
 
     experiment = CachedExperiment.open(args.config, limit=args.limit, **args.overrides_of(args))
@@ -62,11 +65,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     for name in args.postprocessors or []:
         if name not in experiment.plan.methods:
             raise OodbenchError(f"--postprocessors: '{name}' is not a postprocessor of {experiment.config.source}")
-    frame = attack_experiment(experiment, spec, args.postprocessors, args.models)
+    benchmark, fpr = experiment.benchmark.name, args.fpr or experiment.config.fpr or "classic"
+    store = ResultStore(experiment.config.results)
+    record = lambda block: store.write_attack(  # noqa: E731
+        store_rows(block, benchmark, experiment.plan.fingerprint, spec, fpr))
+    frame = attack_experiment(experiment, spec, args.postprocessors, args.models, sink=record)
+    store.close()
     if args.adversarial_id:
         frame = pd.concat([frame, adversarial_ood(experiment, spec, args.adversarial_id, args.postprocessors,
                                                   args.models)], ignore_index=True)
-    benchmark, fpr = experiment.benchmark.name, args.fpr or experiment.config.fpr or "classic"
     tidy = attack_tidy(frame, benchmark, experiment.plan.fingerprint)
     if args.format in ("csv", "json"):
         print(render_tidy(tidy, args.format).rstrip("\n"))
@@ -86,6 +93,35 @@ def cmd_attack(args: argparse.Namespace) -> int:
     paths = save_figure(attack_figure(frame, benchmark), folder, stem)
     print(f"tidy CSV and figure: {folder / f'{stem}.csv'}, {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
+
+
+def attack_leaderboard(store, benchmarks: list[str], args: argparse.Namespace) -> str:
+    """`oodbench leaderboard --attack`: per benchmark and stored threat model, clean vs attacked
+    AUROC / FPR@95 per model, method and eps (markdown / LaTeX with the threat model in the
+    caption, text as markdown), or the tidy rows of `oodbench attack` (CSV / JSON)."""
+    import pandas as pd
+
+    from oodbench.errors import OodbenchError
+    from oodbench.results.attacks import attack_table, attack_tidy, robust_vs_standard, stored_attacks
+    from oodbench.results.tidy import render_tidy
+
+    if args.ci or args.reference or args.tables or args.average_seeds or args.wide:
+        raise OodbenchError("--attack shows the stored attack runs alone; leave out --ci, --reference, --tables, "
+                            "--average-seeds and --wide")
+    blocks, tidies = [], []
+    for benchmark in benchmarks:
+        for frame, spec, fpr in stored_attacks(store, benchmark, args.model, args.postprocessor):
+            if args.format in ("csv", "json"):
+                tidies.append(attack_tidy(frame, benchmark, frame.data_fingerprint.to_numpy()))
+                continue
+            fmt = "latex_booktabs" if args.format == "latex" else "github"
+            blocks.append(f"{benchmark}: " + attack_table(frame, spec.describe(), args.fpr or fpr, fmt))
+            comparison = robust_vs_standard(frame, fmt)
+            blocks += [comparison] if comparison else []
+    if not blocks and not tidies:
+        raise OodbenchError(f"no attack results for {', '.join(benchmarks)} in {args.results} (run `oodbench attack "
+                            "CONFIG` first)")
+    return render_tidy(pd.concat(tidies), args.format) if tidies else "\n\n".join(blocks)
 
 
 def threat_model(experiment, flags: dict):

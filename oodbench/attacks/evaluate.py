@@ -20,7 +20,7 @@ resumes where it stopped.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -112,9 +112,13 @@ def metric_rows(base: dict, id_scores: np.ndarray, ood: dict[str, tuple[str, np.
 
 
 def attack_experiment(experiment, spec: AttackSpec, methods: list[str] | None = None,
-                      models: list[str] | None = None, quiet: bool = False) -> pd.DataFrame:
+                      models: list[str] | None = None, quiet: bool = False,
+                      sink: Callable[[list[dict]], None] | None = None) -> pd.DataFrame:
     """Clean and attacked metrics of every (model, method, OOD set, eps) as long rows
-    (`ROW_COLUMNS`); ``attack`` is ``none`` on the clean rows, else ``<kind>-<norm>/<target>``."""
+    (`ROW_COLUMNS`); ``attack`` is ``none`` on the clean rows, else ``<kind>-<norm>/<target>``.
+    `sink`, when given, receives each block of rows as it is finished (the clean rows of a
+    (model, method), then those of each eps), so a caller can store them before the next starts."""
+    sink = sink or (lambda block: None)
     names = methods or list(experiment.plan.methods)
     specs = [s for s in experiment.config.models if not models or s.display in models]
     cache, label = AttackCache(experiment.config.cache_dir), f"{spec.kind}-{spec.norm}/{spec.target}"
@@ -130,7 +134,9 @@ def attack_experiment(experiment, spec: AttackSpec, methods: list[str] | None = 
             base = {"model": model_spec.model_label, "checkpoint": model_spec.member or "",
                     "tags": ",".join(model_spec.tags), "postprocessor": name, "params": str(method.params)}
             ood = {s.split(":", 1)[1]: (g, clean[s]) for s, g in groups.items() if s != ID_TEST}
-            rows += metric_rows({**base, "attack": CLEAN, "eps": 0.0, "gradient": ""}, clean[ID_TEST], ood)
+            block = metric_rows({**base, "attack": CLEAN, "eps": 0.0, "gradient": ""}, clean[ID_TEST], ood)
+            sink(block)
+            rows += block
             sample = next(iter(split_images(outputs[ID_TEST])))[0]
             try:
                 objective = detector_objective(method, model, sample.to(experiment.device))
@@ -151,8 +157,10 @@ def attack_experiment(experiment, spec: AttackSpec, methods: list[str] | None = 
                                              -1.0 if lower else 1.0, cache, key)
                     attacked[split] = np.minimum(clean[split], scores) if lower else np.maximum(clean[split], scores)
                 ood = {s.split(":", 1)[1]: (g, attacked[s]) for s, g in groups.items() if s != ID_TEST}
-                rows += metric_rows({**base, "attack": label, "eps": float(eps), "gradient": objective.gradient},
+                block = metric_rows({**base, "attack": label, "eps": float(eps), "gradient": objective.gradient},
                                     attacked[ID_TEST], ood)
+                sink(block)
+                rows += block
                 progress.update()
     progress.close()
     return pd.DataFrame(rows, columns=ROW_COLUMNS)

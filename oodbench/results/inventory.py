@@ -72,9 +72,9 @@ def export(store: ResultStore, benchmarks: list[str], every: bool = False, fmt: 
     """The tidy table of every benchmark: each latest cell, or with `every` each stored version;
     FPR@95 rows in the convention each cell was run under, in `fpr`'s, or with ``both`` in both
     conventions (every stored number, each row naming its own)."""
-    from oodbench.results.tidy import COLUMNS, leaderboard_tidy, render_tidy
+    from oodbench.results.tidy import CLEAN_ATTACK, COLUMNS, leaderboard_tidy, render_tidy
 
     frames = [frame for b in benchmarks for frame in
               leaderboard_frames(store, b, every=every, fpr=None if fpr == "both" else fpr) if not frame.empty]
     tidy = [leaderboard_tidy(frame, store, every_fpr=fpr == "both") for frame in frames]
-    return render_tidy(pd.concat(tidy) if tidy else pd.DataFrame(columns=COLUMNS), fmt)
+    return render_tidy(pd.concat(tidy) if tidy else pd.DataFrame(columns=COLUMNS + list(CLEAN_ATTACK)), fmt)

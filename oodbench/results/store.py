@@ -13,6 +13,12 @@ short transaction, so a cell is either fully there or absent, with the per-image
 was computed from (table ``scores``, keyed by the cell fingerprint, float64 with a checksum that
 `read_scores` verifies), from which `leaderboard --ci` draws bootstrap intervals. WAL mode and a busy
 timeout let several processes write one store at once.
+
+`oodbench attack` writes table ``attacks`` (`write_attack`): clean and attacked metrics per
+(benchmark, model, checkpoint, postprocessor, setting, threat-model fingerprint, eps, dataset,
+metric), one transaction per (model, method, eps) as each finishes, so a killed attack run
+keeps what it wrote and a rerun replaces the same keys. Clean cells (``cells``/``results``)
+are never touched by it; `leaderboard --attack` reads it.
 """
 
 from __future__ import annotations
@@ -32,11 +38,26 @@ import numpy as np
 
 from oodbench.errors import NoSpaceLeft, OodbenchError, disk_full
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Schema 3 adds the cells' checkpoint (the short name of one checkpoint of a model entry that
 # lists several; '' otherwise) and the per-image test scores of each cell, for bootstrap intervals.
 # Schema 4 adds the cells' preprocessing: the test transform the model's images went through
 # ('' for cells stored before it was recorded), which table captions name.
+# Schema 5 adds the table of detectors under attack (`oodbench attack`); clean rows stay where they were.
+ATTACKS_TABLE = """
+CREATE TABLE IF NOT EXISTS attacks (
+    benchmark TEXT NOT NULL, data_fingerprint TEXT NOT NULL, model TEXT NOT NULL, checkpoint TEXT NOT NULL,
+    tags TEXT NOT NULL, postprocessor TEXT NOT NULL, setting TEXT NOT NULL, threat TEXT NOT NULL,
+    threat_fingerprint TEXT NOT NULL, attack TEXT NOT NULL, eps REAL NOT NULL, gradient TEXT NOT NULL,
+    fpr_convention TEXT NOT NULL, dataset TEXT NOT NULL, ood_group TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL, created REAL,
+    PRIMARY KEY (benchmark, data_fingerprint, model, checkpoint, postprocessor, setting, threat_fingerprint, attack,
+                 eps, dataset, metric)
+);
+"""
+ATTACK_COLUMNS = ("benchmark", "data_fingerprint", "model", "checkpoint", "tags", "postprocessor", "setting",
+                  "threat", "threat_fingerprint", "attack", "eps", "gradient", "fpr_convention", "dataset",
+                  "ood_group", "metric", "value", "created")
 SCORES_TABLE = """
 CREATE TABLE IF NOT EXISTS scores (
     fingerprint TEXT NOT NULL, dataset TEXT NOT NULL, count INTEGER NOT NULL, sha256 TEXT NOT NULL, data BLOB NOT NULL,
@@ -64,7 +85,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     available INTEGER, accuracy REAL, created REAL,
     PRIMARY KEY (benchmark, model, data_fingerprint, dataset)
 );
-""" + SCORES_TABLE
+""" + SCORES_TABLE + ATTACKS_TABLE
 # Stores written before fingerprints existed: their rows are kept under fingerprint 'legacy',
 # which no new cell has, so every cell is computed again beside them.
 MIGRATE_V1 = """
@@ -83,7 +104,7 @@ DROP TABLE cells_v1;
 DROP TABLE results_v1;
 DROP TABLE datasets_v1;
 """
-TABLES = ("cells", "results", "datasets")
+TABLES = ("cells", "results", "datasets", "attacks")
 # a present split's ``reason`` in the datasets table when it was read from a fallback source (not
 # the benchmark's first candidate, e.g. OpenOOD's image list): what follows names the source read
 FALLBACK = "fallback: "
@@ -221,11 +242,12 @@ class ResultStore:
         self.connection.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def _upgrade_v2(self, columns: set[str]) -> None:
-        """Give a store of schema 2 or 3 what schemas 3 and 4 added, keeping every row."""
+        """Give a store of schema 2, 3 or 4 what schemas 3, 4 and 5 added, keeping every row."""
         tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         steps = [f"ALTER TABLE cells ADD COLUMN {column} TEXT NOT NULL DEFAULT '';"
                  for column in ("checkpoint", "preprocessing") if column not in columns]
         steps += [] if "scores" in tables else [SCORES_TABLE]
+        steps += [] if "attacks" in tables else [ATTACKS_TABLE]
         if steps:
             self.connection.executescript(f"BEGIN IMMEDIATE;\n{''.join(steps)}\n"
                                           f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
@@ -268,6 +290,15 @@ class ResultStore:
                  for dataset, metrics in cell.metrics.items() for metric, value in metrics.items()],
             )
 
+    def write_attack(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of `ATTACK_COLUMNS` (``created`` is set here) in one transaction, replacing the
+        same keys of an earlier run of the same threat model."""
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(f"INSERT OR REPLACE INTO attacks ({', '.join(ATTACK_COLUMNS)}) "
+                           f"VALUES ({','.join('?' * len(ATTACK_COLUMNS))})",
+                           [tuple(now if c == "created" else row[c] for c in ATTACK_COLUMNS) for row in rows])
+
     def write_datasets(self, benchmark: str, model: str, rows: list[dict[str, Any]], data_fingerprint: str = "") -> None:
         """Presence, fingerprint, size (and accuracy for ID) of every split a run read, per model.
         ``created`` is the time of the last run that read the data (`mark_read`)."""
@@ -307,6 +338,9 @@ class ResultStore:
             else:
                 clauses.append(f"{column} = ?")
                 values.append(value)
+        if table == "attacks" and not self.connection.execute(  # a store older than schema 5, read-only
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'attacks'").fetchone():
+            return pd.DataFrame(columns=list(ATTACK_COLUMNS))
         query = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY rowid"
         try:
             frame = pd.read_sql_query(query, self.connection, params=values)

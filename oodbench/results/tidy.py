@@ -11,7 +11,9 @@ AUROC difference, and the FPR@95 *reduction*. With bootstrap intervals, ``ci_low
 exactly the same rows; no prose, no comment lines, so ``pandas.read_csv`` loads the CSV
 as it is.
 
-- leaderboard: one row per cell (each checkpoint its own), dataset = ``id_test`` (ACC), each
+- leaderboard: ``attack`` (``none``) and ``eps`` (0) columns after these, the same as
+  `leaderboard --attack`'s rows carry (the threat model, and the budget in [0,1] pixel units),
+  so clean and attacked tables concatenate; one row per cell (each checkpoint its own), dataset = ``id_test`` (ACC), each
   OOD set (AUROC, AUPR-In/Out, FPR@95 in the table's convention: the one the cells were run
   under, or ``--fpr``'s; ``results export`` gives both), and group ``mean`` rows for the
   ``near-OOD``, ``far-OOD`` and ``average`` columns (unweighted means over the sets present);
@@ -32,6 +34,7 @@ from oodbench.results.tables import AVERAGES, FS
 COLUMNS = ["benchmark", "fingerprint", "model", "checkpoint", "postprocessor", "setting", "dataset", "group",
            "metric", "value", "fpr_convention", "higher_is_better"]
 CI_COLUMNS = ["ci_low", "ci_high"]
+CLEAN_ATTACK = {"attack": "none", "eps": 0.0}  # the leaderboard's rows: no attack
 FPR_ROWS = {"fpr95": "classic", "fpr95_openood": "openood"}  # stored metric -> convention
 LOWER_IS_BETTER = {"fpr95", "fs_fpr95", "ece", "nll"}
 OOD_STORED = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood")
@@ -84,7 +87,7 @@ def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, s
                     row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], column, short),
                                                                   (np.nan, np.nan))
                 rows.append(row)
-    tidy = pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else []))
+    tidy = pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else [])).assign(**CLEAN_ATTACK)
     if show_params:
         tidy["params"] = tidy.fingerprint.map(dict(zip(cells.fingerprint, cells.params)))
     return tidy
