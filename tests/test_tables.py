@@ -165,7 +165,7 @@ def test_tidy_leaderboard_loads_with_pandas_and_matches_the_store(tmp_path, caps
     code, out, _ = cli(capsys, "results", tmp_path / "weird.sqlite", "export", "--format", fmt, "--fpr", "both")
     assert code == 0
     tidy = read(out)
-    assert list(tidy.columns) == TIDY_COLUMNS and tidy.value.dtype == float
+    assert list(tidy.columns) == TIDY_COLUMNS + ["attack", "eps"] and tidy.value.dtype == float
     stored = pd.DataFrame(sqlite3.connect(tmp_path / "weird.sqlite").execute(
         "SELECT fingerprint, dataset, metric, value FROM results").fetchall(),
         columns=["fingerprint", "dataset", "metric", "value"])
