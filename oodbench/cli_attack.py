@@ -115,7 +115,8 @@ def attack_leaderboard(store, benchmarks: list[str], args: argparse.Namespace) -
                 tidies.append(attack_tidy(frame, benchmark, frame.data_fingerprint.to_numpy()))
                 continue
             fmt = "latex_booktabs" if args.format == "latex" else "github"
-            blocks.append(f"{benchmark}: " + attack_table(frame, spec.describe(), args.fpr or fpr, fmt))
+            label = ", ".join(sorted(set(frame.attack) - {"none"})) or "clean rows only (killed before a budget)"
+            blocks.append(f"{benchmark}, {label}:\n" + attack_table(frame, spec.describe(), args.fpr or fpr, fmt))
             comparison = robust_vs_standard(frame, fmt)
             blocks += [comparison] if comparison else []
     if not blocks and not tidies:
