@@ -360,10 +360,13 @@ def test_a_schema_2_store_is_read_as_it_is_and_upgraded_on_write(tmp_path, capsy
     code, out, _ = cli(capsys, "leaderboard", "--results", tmp_path / "old.sqlite", "--ci")
     assert code == 0 and "old-model" in out and "75.00" in out
     assert "1 row(s) have no stored per-image scores" in out.replace("\n  ", " ")
+    code, _, err = cli(capsys, "leaderboard", "--results", tmp_path / "old.sqlite", "--attack")
+    assert code == 2 and "no attack results" in err and err.strip().count("\n") == 0  # no table attacks yet
     assert (tmp_path / "old.sqlite").read_bytes() == before  # reading never writes
     ResultStore(tmp_path / "old.sqlite").close()
     db = sqlite3.connect(tmp_path / "old.sqlite")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 5  # schema 5 added table attacks, empty
+    assert db.execute("SELECT count(*) FROM attacks").fetchone()[0] == 0
     assert db.execute("SELECT model, checkpoint, preprocessing FROM cells").fetchall() == [("old-model", "", "")]
     assert db.execute("SELECT count(*) FROM scores").fetchone()[0] == 0
     assert json.loads(json.dumps(db.execute("SELECT value FROM results").fetchall())) == [[0.75]]
