@@ -322,7 +322,7 @@ def fit_key_text(method: Any, output_keys: Iterable[str]) -> str:
                      "params": {name: method.params[name] for name in names}, "outputs": list(output_keys)})
 
 
-ATTACK_VERSION = 1  # bump when `oodbench.attacks` changes the images an attack produces
+ATTACK_VERSION = 2  # bump when `oodbench.attacks` changes the images an attack produces (2: KNN's bank normalised)
 
 
 def attack_key_text(method: Any, fit_keys: Iterable[str], output_key: str, attack: dict, eps: float,

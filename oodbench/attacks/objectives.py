@@ -104,10 +104,14 @@ def _knn(method: KNN, model) -> Objective:
     if k > len(method.bank):
         raise InvalidHyperparameter(f"knn: k={k} must be between 1 and the {len(method.bank)} fit samples")
 
+    # The method keeps the fit features as they are and normalises them block by block as it
+    # searches (`oodbench.postprocessors.distance.kth_nearest_distances`); the attack needs them
+    # whole on its device, normalised once here.
+    bank = l2_normalise(method.bank)
+
     def score(x: torch.Tensor) -> torch.Tensor:
         features, _ = model.features(x)
-        bank = method.bank.to(features.device)
-        distances = torch.cdist(l2_normalise(features), bank)
+        distances = torch.cdist(l2_normalise(features), bank.to(features.device))
         return -distances.topk(k, dim=1, largest=False).values[:, -1].double()
 
     return score
