@@ -11,9 +11,9 @@ AUROC difference, and the FPR@95 *reduction*. With bootstrap intervals, ``ci_low
 exactly the same rows; no prose, no comment lines, so ``pandas.read_csv`` loads the CSV
 as it is.
 
-- leaderboard: ``attack`` (``none``) and ``eps`` (0) columns after these, the same as
-  `leaderboard --attack`'s rows carry (the threat model, and the budget in [0,1] pixel units),
-  so clean and attacked tables concatenate; one row per cell (each checkpoint its own), dataset = ``id_test`` (ACC), each
+- leaderboard: ``attack`` (``none``) and ``eps`` (0) columns after these, as
+  `leaderboard --attack`'s rows carry them (the threat model, the budget in [0,1] pixel
+  units), so clean and attacked tables concatenate; one row per cell (each checkpoint its own), dataset = ``id_test`` (ACC), each
   OOD set (AUROC, AUPR-In/Out, FPR@95 in the table's convention: the one the cells were run
   under, or ``--fpr``'s; ``results export`` gives both), and group ``mean`` rows for the
   ``near-OOD``, ``far-OOD`` and ``average`` columns (unweighted means over the sets present);
