@@ -69,8 +69,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     store = ResultStore(experiment.config.results)
     record = lambda block: store.write_attack(  # noqa: E731
         store_rows(block, benchmark, experiment.plan.fingerprint, spec, fpr))
-    frame = attack_experiment(experiment, spec, args.postprocessors, args.models, sink=record)
-    store.close()
+    try:
+        frame = attack_experiment(experiment, spec, args.postprocessors, args.models, sink=record)
+    finally:
+        store.close()
     if args.adversarial_id:
         frame = pd.concat([frame, adversarial_ood(experiment, spec, args.adversarial_id, args.postprocessors,
                                                   args.models)], ignore_index=True)

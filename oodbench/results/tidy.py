@@ -15,8 +15,9 @@ as it is.
   `leaderboard --attack`'s rows carry them (the threat model, the budget in [0,1] pixel
   units), so clean and attacked tables concatenate; one row per cell (each checkpoint its
   own), dataset = ``id_test`` (ACC), each OOD set (AUROC, AUPR-In/Out, FPR@95 in the
-  table's convention: the one the cells were run under, or ``--fpr``'s; ``results export`` gives both), and group ``mean`` rows for the
-  ``near-OOD``, ``far-OOD`` and ``average`` columns (unweighted means over the sets present);
+  table's convention: the one the cells were run under, or ``--fpr``'s; ``results export``
+  gives both), and group ``mean`` rows for the ``near-OOD``, ``far-OOD`` and ``average``
+  columns (unweighted means over the sets present);
 - full-spectrum benchmarks add ``acc`` on each covariate-shifted set (group ``csid``),
   ``fs_acc`` on ``id_test`` (the ID test and shifted sets together), and per OOD set and mean
   the FS-OOD metrics ``fs_auroc``, ``fs_aupr_in``, ``fs_aupr_out``, ``fs_fpr95`` (shifted sets
