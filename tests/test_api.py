@@ -676,3 +676,121 @@ def test_a_file_that_is_not_a_detector(digits, tmp_path):
     shutil.copy(REPO / "README.md", tmp_path / "readme.detector")
     with pytest.raises(OodbenchError, match="is not a saved oodbench detector"):
         oodbench.load_detector(tmp_path / "readme.detector", digits.net)
+
+
+# ------------------------------------------------------------------ data forms: accepted, or one line naming the form
+
+class _DictItems(torch.utils.data.Dataset):
+    """Items as dicts, as Hugging Face-style datasets yield them."""
+
+    def __init__(self, images, labels=None, image_key="image", label_key="label"):
+        self.images, self.labels, self.keys = images, labels, (image_key, label_key)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        item = {self.keys[0]: self.images[index]}
+        if self.labels is not None:
+            item[self.keys[1]] = self.labels[index]
+        return item
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    generator = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    images, labels = torch.rand(40, 3, 8, 8, generator=generator), torch.arange(40) % 4
+    far, near = torch.rand(30, 3, 8, 8, generator=generator) * 0.5, torch.rand(20, 3, 8, 8, generator=generator)
+    return SimpleNamespace(net=net, test=(images, labels), far=far, near=near)
+
+
+def tiny_numbers(tiny, id_test, ood, cache):
+    frame = oodbench.evaluate(tiny.net, id_test, ood, ["msp"], search=False, cache_dir=str(cache))
+    return frame[metric_columns(frame)].to_numpy(float)
+
+
+@pytest.mark.parametrize("form", ["tensor-dataset loaders", "dict items", "dict batches", "list of sets"])
+def test_common_data_forms_give_the_numbers_of_tensors(tiny, tmp_path, form):
+    images, labels = tiny.test
+    expected = tiny_numbers(tiny, tiny.test, {"ood0": tiny.far, "ood1": tiny.near}, tmp_path)
+    id_test, ood = {
+        "tensor-dataset loaders": (DataLoader(TensorDataset(images, labels), batch_size=16),
+                                   {"ood0": DataLoader(TensorDataset(tiny.far), batch_size=7),
+                                    "ood1": DataLoader(TensorDataset(tiny.near))}),
+        "dict items": (_DictItems(images, labels, "input", "target"),
+                       {"ood0": _DictItems(tiny.far), "ood1": _DictItems(tiny.near, image_key="images")}),
+        "dict batches": (DataLoader(_DictItems(images, labels), batch_size=9),
+                         {"ood0": {"image": tiny.far}, "ood1": DataLoader(_DictItems(tiny.near), batch_size=5)}),
+        "list of sets": ({"image": images, "label": labels}, [tiny.far, (tiny.near,)]),
+    }[form]
+    assert np.array_equal(tiny_numbers(tiny, id_test, ood, tmp_path), expected, equal_nan=True)
+
+
+def test_a_pair_of_images_and_labels_is_one_ood_set_and_a_list_of_two_sets_is_two(tiny, tmp_path):
+    pair = oodbench.evaluate(tiny.net, tiny.test, [tiny.far, torch.arange(30) % 4], search=False,
+                             cache_dir=str(tmp_path))
+    two = oodbench.evaluate(tiny.net, tiny.test, [tiny.far, tiny.near], search=False, cache_dir=str(tmp_path))
+    assert [c for c in pair.columns if c.startswith("ood")] == ["ood|fpr", "ood|auroc"]
+    assert [c for c in two.columns if c.startswith("ood")] == ["ood0|fpr", "ood0|auroc", "ood1|fpr", "ood1|auroc"]
+
+
+class _Strings(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return f"img{index}.png", index
+
+
+class _Ragged(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.rand(3, 8 + index % 2, 8 + index % 2), 0
+
+
+def _generator(tiny):
+    yield tiny.test
+
+
+BAD_DATA = [  # (id_test, ood, what the one line must say); t: the tiny fixture
+    (lambda t: t.test[0], lambda t: t.far, "id_test: labels are needed"),
+    (lambda t: DataLoader(TensorDataset(t.test[0])), lambda t: t.far, "id_test: labels are needed"),
+    (lambda t: DataLoader(_DictItems(t.test[0])), lambda t: t.far, "id_test: labels are needed"),
+    (lambda t: _DictItems(t.test[0], t.test[1], "pic", "cls"), lambda t: t.far,
+     "id_test: a dict needs its images under one of the keys image, images"),
+    (lambda t: {"pic": t.test[0], "label": t.test[1]}, lambda t: t.far, "got keys pic, label"),
+    (lambda t: None, lambda t: t.far, "id_test: expected a DataLoader or Dataset .* got NoneType None"),
+    (lambda t: "data/cifar10/test", lambda t: t.far, "id_test: expected a DataLoader .* got str 'data/cifar10/test'"),
+    (lambda t: _generator(t), lambda t: t.far, "id_test: expected .* got a generator"),
+    (lambda t: _Strings(), lambda t: t.far, "id_test: dataset items must be .* got str 'img0.png'"),
+    (lambda t: DataLoader(_Ragged(), batch_size=2), lambda t: t.far, "id_test: the DataLoader cannot make a batch .*images of one shape"),
+    (lambda t: _Ragged(), lambda t: t.far, r"id_test: items have images of different shapes \(3x8x8, 3x9x9\)"),
+    (lambda t: (t.test[0], t.test[1].float()), lambda t: t.far, "id_test: labels must be one integer class index"),
+    (lambda t: (t.test[0], t.test[1][:-1]), lambda t: t.far, r"id_test: 40 images but labels of shape \[39\]"),
+    (lambda t: (t.test[0], ["cat"] * 40), lambda t: t.far, "id_test: labels must be a tensor or array of numbers"),
+    (lambda t: ([["a"]] * 40, t.test[1]), lambda t: t.far, "id_test: images must be a tensor or array of numbers"),
+    (lambda t: (t.test[0][None], t.test[1]), lambda t: t.far, r"id_test: images must be N x C x H x W .* \[1, 40"),
+    (lambda t: (t.test[0].int(), t.test[1]), lambda t: t.far, "id_test: images must be float in .0,1. or uint8"),
+    (lambda t: (t.test[0][:0], t.test[1][:0]), lambda t: t.far, "id_test has no images"),
+    (lambda t: t.test, lambda t: [], "ood is empty"),
+    (lambda t: t.test, lambda t: {"noise": None}, r"ood\['noise'\]: expected a DataLoader"),
+    (lambda t: t.test, lambda t: [t.far, "noise.png"], r"ood\['ood1'\]: expected .* got str 'noise.png'"),
+    (lambda t: t.test, lambda t: DataLoader(list(range(10))), r"ood\['ood'\]: images must be N x C x H x W"),
+    (lambda t: t.test, lambda t: (t.far, t.near, t.far), r"ood\['ood0'\]"),  # fine: 3 sets, named
+]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_DATA)))
+def test_bad_data_is_one_line_naming_the_form(tiny, tmp_path, index):
+    id_test, ood, message = BAD_DATA[index]
+    if index == len(BAD_DATA) - 1:  # a tuple of three data sets is three sets, not a bad (images, labels)
+        frame = oodbench.evaluate(tiny.net, id_test(tiny), ood(tiny), search=False, cache_dir=str(tmp_path))
+        assert [c for c in frame.columns if c.startswith("ood") and c.endswith("|auroc")] == \
+            ["ood0|auroc", "ood1|auroc", "ood2|auroc"]
+        return
+    with pytest.raises(OodbenchError, match=message) as error:
+        oodbench.evaluate(tiny.net, id_test(tiny), ood(tiny), search=False, cache_dir=str(tmp_path))
+    assert "\n" not in str(error.value)

@@ -26,7 +26,7 @@ from torch import nn
 import oodbench
 from oodbench.api import data as api_data
 from oodbench.api import models as api_models
-from oodbench.api.data import image_spec, read_split
+from oodbench.api.data import image_spec, ood_sets, read_split
 from oodbench.api.models import Model, adapt, as_models, borrowed, model_device
 from oodbench.benchmark.cache import FitStateCache, atomic_save, extract
 from oodbench.benchmark.jobs import RunContext, fit_cached, load_cached_outputs, split_outputs
@@ -151,7 +151,7 @@ def detector(name: str, model: nn.Module | Model, *, fit: Any = None, val: Any =
     ``OODBENCH_CACHE`` or ``.oodbench_cache``). Reading options as in `oodbench.evaluate`.
     Raises `OodbenchError` in one line for bad input.
     """
-    from oodbench.api.session import default_cache_dir, ood_sets
+    from oodbench.api.session import default_cache_dir
 
     models = as_models(model, normalization=normalization, output=output, extras=extras, classifier=classifier,
                        outputs_probabilities=outputs_probabilities)

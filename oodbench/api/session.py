@@ -21,7 +21,7 @@ import torch
 
 from oodbench.api import data as api_data
 from oodbench.api import models as api_models
-from oodbench.api.data import Split, image_spec, read_split
+from oodbench.api.data import Split, image_spec, ood_sets, read_split
 from oodbench.api.models import Model, adapt, borrowed, model_device
 from oodbench.benchmark.config import FPR_CONVENTIONS, ExperimentConfig
 from oodbench.benchmark.spec import Benchmark
@@ -36,17 +36,6 @@ GROUPS = ("near", "far")
 def default_cache_dir() -> str:
     """The output cache `oodbench run` uses: ``OODBENCH_CACHE``, else the config's default."""
     return os.environ.get("OODBENCH_CACHE", ExperimentConfig.__dataclass_fields__["cache_dir"].default)
-
-
-def ood_sets(ood: Any, what: str) -> dict[str, Any]:
-    """``{name: data}``; a single data object is named after `what`."""
-    if ood is None:
-        return {}
-    if isinstance(ood, Mapping):
-        if not ood:
-            raise OodbenchError(f"{what} is empty")
-        return {str(name): value for name, value in ood.items()}
-    return {what: ood}
 
 
 def group_of(names: Sequence[str], groups: Mapping[str, Sequence[str]] | None) -> dict[str, str]:
