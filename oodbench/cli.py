@@ -1,6 +1,7 @@
 """The `oodbench` console script: one subcommand per user task, each a small function.
 
-Errors a user can cause (`OodbenchError`) end in one line on stderr and exit code 2.
+Errors a user can cause (`OodbenchError`) end in one line on stderr and exit code 2;
+``--debug`` (or ``OODBENCH_DEBUG=1``) prints the whole traceback above that line.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from oodbench.errors import OodbenchError
+from oodbench.errors import OodbenchError, debugging, did_you_mean, os_error_line
 
 DEFAULT_STORE = "results/oodbench.sqlite"
 
@@ -202,8 +203,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         found = leaderboard_frames(store, benchmark, args.model, args.postprocessor, fpr=args.fpr,
                                    fingerprint=args.fingerprint, every=args.every, conventions=args.conventions)
         if found[0].empty:
-            which = f" with fingerprint {args.fingerprint}" if args.fingerprint else ""
-            raise OodbenchError(f"no results for benchmark '{benchmark}'{which} in {args.results}")
+            raise OodbenchError(_no_results(store, benchmark, args))
         frames += found
     mixed = mixed_fpr(frames) if average else []
     if mixed:
@@ -231,8 +231,35 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     for frame in frames if args.tables else []:
         say_where(write_tables(frame, args.tables, store, resamples, args.ci_seed))
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        write_output(args.output, text + "\n")
     return 0
+
+
+def _no_results(store, benchmark: str, args: argparse.Namespace) -> str:
+    """Why a leaderboard is empty: the model or postprocessor asked for has no results (and which
+    have), else the fingerprint or convention filter matched nothing."""
+    cells = store.frame("cells")
+    cells = cells[cells.benchmark == benchmark]
+    for option, column in (("model", "model"), ("postprocessor", "postprocessor")):
+        asked = [name for name in getattr(args, option) or [] if name not in set(cells[column])]
+        if asked:
+            have = sorted(set(cells[column]))
+            return (f"no results for {option} '{asked[0]}'{did_you_mean(asked[0], have)} in benchmark '{benchmark}' "
+                    f"of {args.results}; it has results for: {', '.join(have)}")
+    which = f" with fingerprint {args.fingerprint}" if args.fingerprint else ""
+    which += f" under conventions '{args.conventions}'" if args.conventions else ""
+    return f"no results for benchmark '{benchmark}'{which} in {args.results}"
+
+
+def write_output(path: str, text: str) -> None:
+    """Write an --output file, or one line saying why not (a missing folder is named as such)."""
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise OodbenchError(f"cannot write {target}: its folder {target.parent} does not exist (create it first)")
+    try:
+        target.write_text(text)
+    except OSError as exc:
+        raise OodbenchError(f"cannot write {target}: {os_error_line(exc)}") from None
 
 
 # ------------------------------------------------------------------------ list
@@ -264,18 +291,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     known = sorted(set(store.frame("cells").benchmark))
     for name in args.benchmark or []:
         if name not in known:
-            from oodbench.errors import did_you_mean
-
             raise OodbenchError(f"no benchmark '{name}' in {args.store}{did_you_mean(name, known)}; "
                                 f"it holds: {', '.join(known) or 'nothing yet'}")
     benchmarks = args.benchmark or known
     if args.action == "export":
         text = inventory.export(store, benchmarks, args.every, args.format, args.fpr)
         if args.output:
-            try:
-                Path(args.output).write_text(text)
-            except OSError as exc:
-                raise OodbenchError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+            write_output(args.output, text)
             print(f"{args.output}: {text.count(chr(10)) - 1 if args.format == 'csv' else 'all'} rows", file=sys.stderr)
         else:
             print(text.rstrip("\n"))
@@ -748,6 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="oodbench", description="OOD detection benchmarks for image classifiers.")
     parser.add_argument("--version", action="version", version=f"oodbench {oodbench.__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the whole traceback of any error, and of each failed cell (also: OODBENCH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -781,12 +805,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("default", module=r"oodbench(\.|$)")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["OODBENCH_DEBUG"] = "1"  # also read by the jobs (a failed cell's traceback), in any process
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
     except OodbenchError as exc:
-        return _error(str(exc))
+        return _error(str(exc), exc)
     except (KeyboardInterrupt, Terminated) as exc:
         _close_progress_bars()
         word, code = STOPPED[type(exc)]
@@ -796,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:  # the machine's, not the user's input: disk full, permission denied...
-        return _error(str(exc))
+        return _error(os_error_line(exc), exc)
     finally:
         if previous is not None:  # main() called from Python leaves the caller's handler as it was
             signal.signal(signal.SIGTERM, previous)
@@ -810,8 +836,12 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _error(message: str) -> int:
+def _error(message: str, exc: BaseException) -> int:
     _close_progress_bars()
+    if debugging():
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
     print(f"oodbench: error: {message}", file=sys.stderr)
     return 2
 

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from oodbench.errors import OodbenchError, did_you_mean
+from oodbench.errors import OodbenchError, did_you_mean, require_file
 
 T = TypeVar("T")
 
@@ -202,9 +202,7 @@ def load_plugin_file(path: str | Path) -> None:
         if _loaded_plugins[key]:
             raise PluginError(_loaded_plugins[key])
         return
-    if not path.is_file():
-        message = f"plugin file not found: {path}"
-        raise PluginError(message)
+    require_file(path, f"plugin file not found: {path}", "plugin file (.py)", PluginError)
     if path.suffix != ".py":
         raise PluginError(f"plugin {path} is not a Python file: --plugin takes a .py file that registers "
                           "postprocessors (an installed package registers through its entry points instead)")

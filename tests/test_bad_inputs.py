@@ -241,6 +241,68 @@ def read_only_folder(folder: Path):
         subprocess.run(["umount", str(target)], check=False)
 
 
+
+@contextmanager
+def read_only_store(folder: Path):
+    """`folder/ro/results.sqlite`, a copy of the case's store, in a folder and file nobody can write."""
+    target = folder / "ro"
+    target.mkdir()
+    if os.geteuid() != 0:
+        shutil.copy(folder / "results.sqlite", target / "results.sqlite")
+        (target / "results.sqlite").chmod(0o444)
+        target.chmod(0o555)
+        try:
+            yield
+        finally:
+            target.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True).returncode:
+        pytest.skip("running as root where no read-only folder can be made (mount refused)")
+    try:
+        shutil.copy(folder / "results.sqlite", target / "results.sqlite")
+        subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+@contextmanager
+def not_ray(folder: Path):
+    """A TCP port that accepts connections but is no Ray cluster (another service on that port)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    (folder / "port").write_text(str(server.getsockname()[1]))
+    try:
+        yield
+    finally:
+        server.close()
+
+
+def folder(relative: str) -> Callable[[Path], None]:
+    def make(case_folder: Path) -> None:
+        (case_folder / relative).mkdir(parents=True)
+    return make
+
+
+def jpeg_folder(truncated: bool) -> Callable[[Path], None]:
+    """data/mine/<class>/NN.jpg, 8x8 grey JPEGs of 6 classes; with `truncated`, one cut short."""
+    def make(case_folder: Path) -> None:
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for index in range(24):
+            path = case_folder / "data" / "mine" / f"c{index % 6}" / f"{index:02d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(path, quality=90)
+        if truncated:
+            broken = case_folder / "data" / "mine" / "c3" / "09.jpg"
+            broken.write_bytes(broken.read_bytes()[:120])
+    return make
+
+
 # --------------------------------------------------------------------------- the catalogue
 
 RUN = ("run", "{config}", "--results", "{store}")
@@ -376,6 +438,34 @@ CASES = [
     Case("bad-db-timeout", ("OODBENCH_DB_TIMEOUT must be a number",), env={"OODBENCH_DB_TIMEOUT": "soon"}),
     Case("read-only-results-folder", ("cannot open results store", "ro/results.sqlite"),
          args=("run", "{config}", "--results", "{dir}/ro/results.sqlite"), during=read_only_folder),
+    # files of the wrong kind, folders, read-only places, unreachable services (issue 23)
+    Case("checkpoint-yaml-text", ("settings.yaml", "a text file", "not a pytorch checkpoint"),
+         checkpoint_config("{dir}/settings.yaml"), files=write("settings.yaml", "benchmark: digits\nmodels: [a]\n")),
+    Case("checkpoint-directory", ("weights", "is a folder, not a checkpoint file"), checkpoint_config("{dir}/weights"),
+         files=folder("weights")),
+    Case("config-directory", ("configs", "is a folder, not a config file"), config=None,
+         args=("run", "{dir}/configs", "--results", "{store}"), files=folder("configs")),
+    Case("benchmark-directory", ("benches", "is a folder, not a benchmark file"), merged(benchmark="{dir}/benches"),
+         files=folder("benches")),
+    Case("leaderboard-unknown-model", ("no results for model 'resnet99'", "it has results for: digits-cnn"),
+         config=None, args=("leaderboard", "--results", "{store}", "--model", "resnet99")),
+    Case("leaderboard-unknown-postprocessor", ("no results for postprocessor 'emsp'", "msp"),
+         config=None, args=("leaderboard", "--results", "{store}", "--postprocessor", "emsp")),
+    Case("read-only-store-run", ("ro/results.sqlite", "read-only", "--results"),
+         args=("run", "{config}", "--results", "{dir}/ro/results.sqlite"), during=read_only_store),
+    Case("leaderboard-output-missing-folder", ("cannot write", "absent/table.txt", "folder", "does not exist"),
+         config=None, args=("leaderboard", "--results", "{store}", "--output", "{dir}/absent/table.txt")),
+    Case("export-output-missing-folder", ("cannot write", "absent/cells.csv", "folder", "does not exist"),
+         config=None, args=("results", "{store}", "export", "--output", "{dir}/absent/cells.csv")),
+    Case("cache-dir-is-a-file", ("cache", "cachefile", "is a file, not a folder"),
+         args=RUN + ("--cache-dir", "{dir}/cachefile"), files=write("cachefile", "x")),
+    Case("cache-dir-read-only", ("cache", "ro", "read-only", "--cache-dir"),
+         args=RUN + ("--cache-dir", "{dir}/ro"), during=read_only_folder),
+    Case("ray-address-unreachable", ("cannot reach the ray cluster at 127.0.0.1:1",),
+         args=RUN + ("--executor", "ray", "--ray-address", "127.0.0.1:1")),
+    Case("ray-address-not-ray", ("cannot join the ray cluster at 127.0.0.1:",),
+         args=RUN + ("--executor", "ray", "--ray-address", "127.0.0.1:{port}"), during=not_ray,
+         env={"OODBENCH_RAY_TIMEOUT": "4"}),
     # ---- these need the built-in model: they fail while reading data or scoring
     Case("missing-data-root", ("mnist file not found", "/no/such/root/MNIST/raw/t10k-images-idx3-ubyte",
                                "oodbench data fetch"),
@@ -403,6 +493,14 @@ CASES = [
     Case("plugin-wrong-shape", ("postprocessor 'wrong_shape'", "shape [", "one score per sample"),
          merged(postprocessors=["wrong_shape"], plugins=["{dir}/shape_plugin.py"]),
          files=write("shape_plugin.py", PLUGIN_WRONG_SHAPE), needs_model=True, rewrites_dataset_rows=True),
+    Case("data-root-is-a-file", ("data root", "rootfile", "is a file, not a folder"),
+         data_config(), args=RUN + ("--data-root", "{dir}/rootfile"),
+         files=with_benchmark(small_benchmark({"dataset": "mnist", "options": {"split": "test"}}),
+                              write("rootfile", "x")), needs_model=True),
+    Case("truncated-jpeg-in-a-worker", ("cannot decode image", "c3/09.jpg"),
+         data_config(), args=RUN + ("--num-workers", "1"),
+         files=with_benchmark(small_benchmark({"dataset": "image_folder", "options": {"path": "mine"}}),
+                              jpeg_folder(truncated=True)), needs_model=True, rewrites_dataset_rows=True),
 ]
 
 
@@ -420,6 +518,8 @@ class Outcome:
 
 
 def fill(value: str, folder: Path) -> str:
+    if "{port}" in value:  # written by the case's `during`
+        value = value.replace("{port}", (folder / "port").read_text())
     return value.replace("{dir}", str(folder)).replace("{store}", str(folder / "results.sqlite")).replace(
         "{config}", str(folder / "experiment.yaml"))
 
@@ -477,10 +577,10 @@ def run_case(case: Case, folder: Path, template: Path, session_cache: Path) -> O
         (folder / "experiment.yaml").write_text(case.config)
     env = {**os.environ, "OODBENCH_CACHE": str(session_cache), **fill_all(case.env, folder)}
     env.pop("PYTHONWARNINGS", None)
-    args = [fill(a, folder) for a in case.args]
     store = folder / "results.sqlite"
     before = store_fingerprint(store)
     with (case.during(folder) if case.during else nullcontext()):
+        args = [fill(a, folder) for a in case.args]  # after `during`, which may write what they name
         done = FORKED.run(args, cwd=folder, env=env, timeout=300)
     return Outcome(done.returncode, done.stdout, done.stderr, before, store_fingerprint(store), folder)
 

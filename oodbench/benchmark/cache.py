@@ -26,7 +26,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from oodbench.benchmark.entries import EntryFile, EntryLayout, entry_checksum, map_file, read_entry, write_entry
 from oodbench.identity import fit_key_text, key_of, tensors_checksum
-from oodbench.errors import NoSpaceLeft, OodbenchError, disk_full
+from oodbench.errors import NoSpaceLeft, OodbenchError, debugging, disk_full, worker_message
 from oodbench.postprocessors.base import Outputs
 
 
@@ -308,8 +308,8 @@ def _batches(model, dataset, batch_size, num_workers, device, desc, skip: int = 
     cuda = torch.device(device).type == "cuda"  # pinned batches copy to the GPU while the next ones decode
     loader = DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda)
     row = skip
-    for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", mininterval=1.0,
-                                disable=len(loader) < 20):
+    for images, targets in tqdm(_decoded(loader), total=len(loader), desc=desc, leave=False, unit="batch",
+                                mininterval=1.0, disable=len(loader) < 20):
         images = images.to(device, non_blocking=cuda)
         if hasattr(model, "forward_with_extras"):
             feats, logit, extras = model.forward_with_extras(images)
@@ -368,6 +368,23 @@ def _outputs(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Outp
     return Outputs(logits=tensors["logits"], features=tensors["features"], labels=tensors["labels"],
                    fc=(tensors["fc_weight"], tensors["fc_bias"]), meta=dict(meta or {}),
                    extras={name[len(EXTRA):]: value for name, value in tensors.items() if name.startswith(EXTRA)})
+
+
+def _decoded(loader: DataLoader) -> Iterator:
+    """The loader's batches. An error a worker process raised (an image that cannot be decoded)
+    comes back from torch with the worker's whole traceback in its message; it is raised here
+    with its own one line again (``--debug`` shows the traceback)."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except OodbenchError as exc:
+            if debugging():
+                raise
+            raise type(exc)(worker_message(str(exc))) from None
+        yield batch
 
 
 def _stored(extra: torch.Tensor) -> torch.Tensor:

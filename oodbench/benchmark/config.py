@@ -18,7 +18,7 @@ from oodbench.benchmark.spec import read_yaml
 from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
 from oodbench.conventions import load_conventions
 from oodbench.datasets.base import check_limit
-from oodbench.errors import OodbenchError, did_you_mean
+from oodbench.errors import OodbenchError, did_you_mean, require_folder
 from oodbench.models.adapter import ModelSpec
 from oodbench.registry import MODELS
 
@@ -215,6 +215,10 @@ def checkpoint_names(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(paths)
 
 
+DATA_ROOT_OPTIONS = "set by --data-root, OODBENCH_DATA or the config's data_root"
+CACHE_OPTIONS = "set by --cache-dir, OODBENCH_CACHE or the config's cache_dir"
+
+
 def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> ExperimentConfig:
     """Read and validate a config, then apply non-None overrides and environment defaults."""
     if isinstance(path_or_dict, dict):
@@ -247,6 +251,8 @@ def load_config(path_or_dict: str | Path | dict, **overrides: Any) -> Experiment
             raise TypeError(f"unknown override {key}")
         else:
             setattr(config, key, value)
+    require_folder(config.data_root, "data root", DATA_ROOT_OPTIONS)
+    require_folder(config.cache_dir, "cache folder", CACHE_OPTIONS)
     conventions = load_conventions(config.conventions)
     if config.fpr is None:
         config.fpr = conventions.fpr

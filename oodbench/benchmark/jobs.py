@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_
                                       limited_sizes, search_hyperparameters, split_grid)
 from oodbench.conventions import load_conventions
 from oodbench.datasets.base import ImageSpec, load_dataset
-from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError
+from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError, debugging, failure_line
 from oodbench.evaluators.metrics import accuracy, ood_metrics
 from oodbench.identity import FileState, output_key_text
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
@@ -270,7 +271,9 @@ class ScoreJob:
         except NoSpaceLeft:  # the machine's, not the method's: the run stops, a rerun resumes
             raise
         except Exception as exc:  # a method's own failure marks its cell, the grid goes on
-            cell.status, cell.reason, cell.metrics = "failed", f"{type(exc).__name__}: {exc}", {}
+            if debugging():
+                traceback.print_exc()
+            cell.status, cell.reason, cell.metrics = "failed", failure_line(exc), {}
         cell.seconds = time.time() - start
         return cell
 

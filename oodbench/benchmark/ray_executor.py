@@ -30,11 +30,13 @@ import logging
 import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from oodbench.errors import OodbenchError
+from oodbench.errors import OodbenchError, debugging
 
 INSTALL_HINT = "the ray executor needs Ray, an optional extra: pip install 'oodbench[ray]'"
 # Read by Ray at import: a local instance then keeps every service on 127.0.0.1.
@@ -103,6 +105,27 @@ def bounded(seconds: float) -> Iterator[None]:
 
 
 @contextmanager
+def without_native_logs(enabled: bool) -> Iterator[None]:
+    """Send file descriptor 2 to a scratch file for the block: Ray's C++ core writes each failed
+    attempt to reach a cluster there (a dozen log lines before its own timeout), and the join's
+    outcome is reported in one line instead. Off with --debug, and for a local start (whose
+    daemons inherit the descriptor for their lifetime)."""
+    if not enabled or debugging():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextmanager
 def keeping_sigterm_handler() -> Iterator[None]:
     """``ray.init`` installs its own SIGTERM handlers (clean up and exit at once); put back the
     caller's own Python handler, if it has one (the CLI's). Without one, Ray's stay."""
@@ -158,7 +181,7 @@ class RayExecutor:
             check_reachable(address)
         try:
             # ERROR: Ray's start-up notices (token authentication...) would add lines to every run
-            with keeping_sigterm_handler(), bounded(timeout):
+            with keeping_sigterm_handler(), bounded(timeout), without_native_logs(address is not None):
                 if address is None:
                     self.ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR)
                 else:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import oodbench
-from oodbench.benchmark.config import ExperimentConfig, load_config
+from oodbench.benchmark.config import CACHE_OPTIONS, ExperimentConfig, load_config
 from oodbench.benchmark.executors import Executor, make_executor
 from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
 from oodbench.benchmark.reads import (checkpoint_groups, group_weights, member_keys, required_statistics,
@@ -39,7 +39,7 @@ from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_place
 from oodbench.benchmark.spec import Benchmark, load_benchmark
 from oodbench.conventions import load_conventions
 from oodbench.datasets.base import ImageSpec
-from oodbench.errors import DatasetMissing, OodbenchError
+from oodbench.errors import DatasetMissing, OodbenchError, failure_line, writable_folder
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
 from oodbench.results.store import FALLBACK, Cell, ResultStore
 
@@ -112,10 +112,6 @@ def transform_note(image: ImageSpec) -> str:
     return f"{image.describe()} ({image.origin or BENCHMARK_TRANSFORM})"
 
 
-def failed_reason(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, OodbenchError) else f"{type(exc).__name__}: {exc}"
-
-
 def time_summary(timing: dict[str, dict[str, float]], wall: float) -> str:
     """Where the time went: seconds spent in extraction and scoring jobs, per model."""
     from tabulate import tabulate
@@ -137,6 +133,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
     if not isinstance(config, ExperimentConfig):
         config = load_config(config, **overrides)
     names = check_config(config, resolved_benchmark)
+    writable_folder(config.cache_dir, "cache folder", CACHE_OPTIONS)
     device = resolve_device(config.device)
     if isinstance(executor, str):  # an executor made here is closed here (a local Ray instance shut down)
         with closing(make_executor(executor, **(executor_options or {}))) as made:
@@ -217,7 +214,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
         pending[display] = []
 
     for display, exc in failures.items():
-        fail_model(display, f"model could not be loaded: {failed_reason(exc)}")
+        fail_model(display, f"model could not be loaded: {failure_line(exc)}")
 
     # extract what the pending cells read (each split once per model)
     extract_jobs = []
@@ -260,7 +257,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
                 store.mark_read(benchmark.name, contexts[display].model.model_label, plan.fingerprint)
             continue
         if display in failures:
-            fail_model(display, f"extraction failed: {failed_reason(failures[display])}")
+            fail_model(display, f"extraction failed: {failure_line(failures[display])}")
             continue
         report = reports.get(display, {})
         store.write_datasets(benchmark.name, contexts[display].model.model_label, [
@@ -295,7 +292,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
             progress.close()
             raise cell
         if isinstance(cell, Exception):  # the job never returned (its worker was lost)
-            cell = Cell(**job.cell_base, status="failed", reason=failed_reason(cell))
+            cell = Cell(**job.cell_base, status="failed", reason=failure_line(cell))
         store.write_cell(cell)
         timing[job.context.model.display]["scoring"] += cell.seconds
     progress.close()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from oodbench.datasets.base import INTERPOLATIONS, DatasetRef, ImageSpec
-from oodbench.errors import OodbenchError, did_you_mean
+from oodbench.errors import OodbenchError, did_you_mean, require_file
 from oodbench.registry import BENCHMARKS, DATASETS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -76,8 +76,7 @@ class Benchmark:
 def read_yaml(path: Path, what: str) -> Any:
     import yaml
 
-    if not path.is_file():
-        raise OodbenchError(f"{what} not found: {path}")
+    require_file(path, f"{what} not found: {path}", what)
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -196,7 +195,8 @@ def holdout_classes(id_raw: Any, source: str) -> tuple[Any, list[int]]:
 def load_benchmark(name_or_path: str) -> Benchmark:
     """A registered benchmark name (configs/benchmarks/*.yaml) or a path to a YAML file."""
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.is_file():  # not a folder named like a benchmark (a data root's imagenet/)
+    given_as_path = "/" in name_or_path and path.is_dir()  # a bare name is a registered benchmark (not ./imagenet/)
+    if path.suffix in (".yaml", ".yml") or path.is_file() or given_as_path:
         return parse_benchmark(read_yaml(path, "benchmark file"), str(path))
     return BENCHMARKS.get(name_or_path)()
 

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean
+from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean, require_folder
 
 DEFAULT_DATA_ROOT = "./data"
 
 
 def resolve_data_root(data_root: str | None) -> Path:
-    """--data-root, else OODBENCH_DATA, else ./data."""
-    return Path(data_root or os.environ.get("OODBENCH_DATA") or DEFAULT_DATA_ROOT).expanduser()
+    """--data-root, else OODBENCH_DATA, else ./data; one line when a file is there."""
+    return require_folder(data_root or os.environ.get("OODBENCH_DATA") or DEFAULT_DATA_ROOT, "data root",
+                          "set by --data-root or OODBENCH_DATA")
 
 
 # --------------------------------------------------------------------------- status

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from oodbench.errors import OodbenchError
+from oodbench.errors import OodbenchError, require_file
 
 TRUST_HINT = "pass --trust-checkpoint (or trust_checkpoint: true in the config) only if you trust its source"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -35,6 +35,9 @@ _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 _TORCHSCRIPT_REFUSAL = "with TorchScript archives"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a file torch.save wrote in its pre-1.6 format
 _HTML_PREFIXES = (b"<!doctype", b"<html", b"<head", b"<?xml", b"<body")
+
+
+KIND = "checkpoint file"
 
 
 class CheckpointError(OodbenchError):
@@ -46,9 +49,7 @@ def checkpoint_path(path: str | Path | None, what: str) -> Path:
     if path is None:
         raise CheckpointError(f"{what} needs a checkpoint file: set 'checkpoint' in the model entry")
     resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise CheckpointError(f"checkpoint not found: {resolved} (needed by {what})")
-    return resolved
+    return require_file(resolved, f"checkpoint not found: {resolved} (needed by {what})", KIND, CheckpointError)
 
 
 def reject_html(path: Path) -> None:
@@ -90,12 +91,26 @@ def load_errors_as_one_line(path: str | Path, trust: bool, what: str) -> Iterato
             raise CheckpointError(_plain_pickle(path)) from None
         reason = "truncated" if "central directory" in str(exc) else "corrupt"
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}: {_first_line(exc)})") from None
-    except (EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as exc:
+        if _is_text(Path(path)):
+            raise CheckpointError(f"{path} is a text file, not a PyTorch checkpoint (a config or a list given as "
+                                  "the checkpoint?)") from None
         reason = "truncated" if isinstance(exc, EOFError) else "corrupt"
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}: "
                               f"{_first_line(exc) or type(exc).__name__})") from None
     except (AttributeError, ImportError) as exc:  # trusted unpickling of a class that is not importable here
         raise CheckpointError(f"{path} refers to code that is not importable here: {_first_line(exc)}") from None
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file's first KiB is UTF-8 text (YAML, JSON, a list), which no torch.save writes."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1024)
+        head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(head) and all(ch.isprintable() or ch in "\n\r\t" for ch in head.decode("utf-8"))
 
 
 def _plain_pickle(path: str | Path) -> str:
@@ -127,8 +142,7 @@ def pickle_kind(path: Path) -> str | None:
 def read_checkpoint(path: str | Path, trust: bool = False) -> Any:
     """``torch.load`` on CPU, weights only unless `trust`; every failure is one line naming `path`."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_file(path, f"checkpoint not found: {path}", KIND, CheckpointError)
     reject_html(path)
     with load_errors_as_one_line(path, trust, "the model"):
         return torch.load(path, map_location="cpu", weights_only=not trust)
@@ -140,8 +154,7 @@ def read_state_dict(path: str | Path, trust: bool = False) -> Any:
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         return read_checkpoint(path, trust)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_file(path, f"checkpoint not found: {path}", KIND, CheckpointError)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

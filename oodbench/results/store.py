@@ -183,6 +183,9 @@ class ResultStore:
                 raise NoSpaceLeft.writing(self.path, self.NO_SPACE_REMEDY) from None
             hint = (f" (another process holds its lock; waited {timeout:g} s, set OODBENCH_DB_TIMEOUT to wait longer)"
                     if "locked" in str(exc) else "")
+            if not readonly and not all(os.access(p, os.W_OK) for p in (self.path, self.path.parent) if p.exists()):
+                hint = (" (the store or its folder is read-only: copy it to a folder you can write, or write to "
+                        "another store with --results)")
             if readonly and "unable to open" in str(exc) and not os.access(self.path.parent, os.W_OK):
                 hint = (f" (its folder is read-only and {self.path}-wal holds writes not yet merged into it: "
                         "copy the store with its -wal file to a folder that can be written)")
