@@ -114,7 +114,10 @@ def failure_line(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     own = [f for f in frames if not os.path.realpath(f.filename).startswith(_LIBRARIES)]
     frame = (own or frames)[-1] if frames else None
-    return f"{line} ({frame.filename}, line {frame.lineno}, in {frame.name})" if frame else line
+    if frame is None:
+        return line
+    name = os.path.relpath(frame.filename) if frame.filename.startswith(os.getcwd() + os.sep) else frame.filename
+    return f"{line} ({name}, line {frame.lineno}, in {frame.name})"
 
 
 def debugging() -> bool:

@@ -668,3 +668,44 @@ def test_bad_input(case: Case, request):
         "the failed command changed the existing results store"
     if case.after is not None:
         case.after(outcome.folder)
+
+
+# --------------------------------------------------------------------------- a plugin's own failure; --debug
+
+PLUGIN_FIT_RAISES = '''import oodbench
+
+
+@oodbench.register_postprocessor("exploding")
+class Exploding(oodbench.Postprocessor):
+    needs_fit = True
+
+    def fit(self, train_outputs, val_outputs):
+        raise ValueError("my fit exploded")
+
+    def score(self, outputs):
+        return outputs.logits.max(dim=1).values
+'''
+
+
+def test_a_failing_plugin_is_named_by_file_and_line_and_debug_shows_tracebacks(trained_cache, tmp_path):
+    plugin = tmp_path / "exploding.py"
+    plugin.write_text(PLUGIN_FIT_RAISES)
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(merged(postprocessors=["msp", "exploding"], plugins=[str(plugin)],
+                                            fit_split="val")))
+    env = {**os.environ, "OODBENCH_CACHE": str(trained_cache)}
+    env.pop("OODBENCH_DEBUG", None)
+    done = FORKED.run(["run", config, "--results", tmp_path / "a.sqlite"], cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "exploding: failed: ValueError: my fit exploded (exploding.py, line 9, in fit)" in " ".join(
+        done.stdout.split()), done.stdout
+    for flag, extra in ((["--debug"], {}), ([], {"OODBENCH_DEBUG": "1"})):
+        shown = FORKED.run([*flag, "run", config, "--results", tmp_path / f"b{len(flag)}.sqlite"], cwd=tmp_path,
+                           env={**env, **extra})
+        assert shown.returncode == 0 and "Traceback (most recent call last)" in shown.stderr, shown.stderr[-2000:]
+        assert f'File "{plugin}", line 9, in fit' in shown.stderr
+    # any error: the traceback above the one line, which stays last
+    bad = FORKED.run(["--debug", "run", config, "--results", tmp_path / "c.sqlite", "--postprocessors", "mps"],
+                     cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "Traceback (most recent call last)" in bad.stderr
+    assert error_line(bad.stderr)[-1].startswith("oodbench: error: unknown postprocessor 'mps'")
