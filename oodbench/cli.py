@@ -87,7 +87,8 @@ def _add_table_args(parser: argparse.ArgumentParser) -> None:
                              "booktabs), csv or json (one tidy row per number)")
     parser.add_argument("--wide", action="store_true",
                         help="one column per OOD set (FPR / AUROC) instead of the compact near/far table")
-    parser.add_argument("--show-params", action="store_true", help="show the chosen hyperparameters")
+    parser.add_argument("--show-params", action="store_true",
+                        help="show the chosen hyperparameters (CSV and JSON always carry them: column params)")
     parser.add_argument("--ci", action="store_true",
                         help="95%% bootstrap intervals for AUROC and FPR@95 (resampling the test images, paired "
                              "across methods) and ~ on values not significantly worse than the column's best")
@@ -212,7 +213,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.format in ("csv", "json"):  # one tidy table, whatever the number of benchmarks
         import pandas as pd
 
-        tidies = [leaderboard_tidy(f, store, resamples, args.ci_seed, args.show_params) for f in frames]
+        tidies = [leaderboard_tidy(f, store, resamples, args.ci_seed) for f in frames]
         if args.reference:
             from oodbench.results.reference import tidy_reference
 

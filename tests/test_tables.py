@@ -184,6 +184,57 @@ def test_tidy_leaderboard_loads_with_pandas_and_matches_the_store(tmp_path, caps
     assert not tidy[tidy.metric == "fpr95"].higher_is_better.any() and tidy[tidy.metric == "auroc"].higher_is_better.all()
 
 
+def write_settings_store(path, order) -> None:
+    """msp and ebo searched, default and with a fixed temperature (equal numbers where the
+    hyperparameters agree, as real runs give), and a ViM cell that failed, written in `order`."""
+    rng = np.random.default_rng(1)
+    oods = {"near_set": rng.normal(0, 1, 40), "far_set": rng.normal(-1, 1, 40)}
+    id_scores = rng.normal(1, 1, 50)
+    metrics = {**{d: ood_metrics(id_scores, ood) for d, ood in oods.items()}, "id_test": {"acc": 0.9}}
+    groups = {"near_set": "near", "far_set": "far", "id_test": "id"}
+    cells = [Cell("bench", "net", method, setting, fingerprint=f"{method}-{setting}", data_fingerprint="data1",
+                  metrics=metrics, groups=groups, params=params)
+             for method, settings in (("msp", {"search": {}, "default": {}}),
+                                      ("ebo", {"search": {"temperature": 1}, "default": {"temperature": 1},
+                                               'default{"temperature": 2}': {"temperature": 2}}))
+             for setting, params in settings.items()]
+    cells.append(Cell("bench", "net", "vim", "default", fingerprint="vim-default", data_fingerprint="data1",
+                      status="failed", reason="ValueError: dim=256 must be below the feature dimension 128"))
+    store = ResultStore(path)
+    store.write_datasets("bench", "net", [{"dataset": d, "group": g, "status": "present", "samples": 40}
+                                          for d, g in groups.items()], "data1")
+    for index in order:
+        store.write_cell(cells[index])
+    store.close()
+
+
+def test_exports_tell_every_setting_apart_keep_failed_cells_and_do_not_depend_on_completion_order(tmp_path, capsys):
+    outputs = {}
+    for name, order in (("forward", range(6)), ("backward", reversed(range(6))), ("shuffled", [3, 0, 5, 2, 4, 1])):
+        write_settings_store(tmp_path / f"{name}.sqlite", list(order))
+        for command in (("results", tmp_path / f"{name}.sqlite", "export"),
+                        ("leaderboard", "--results", tmp_path / f"{name}.sqlite", "--format", "json")):
+            code, out, _ = cli(capsys, *command)
+            assert code == 0
+            outputs.setdefault(command[0], []).append(out)
+    for texts in outputs.values():  # the same bytes, whatever order the cells finished in
+        assert texts[0] == texts[1] == texts[2]
+    tidy = pd.read_csv(io.StringIO(outputs["results"][0]), keep_default_na=False)
+    numbers = tidy[tidy.status == "done"]
+    assert not numbers.drop(columns=["fingerprint", "value"]).duplicated().any()
+    assert not numbers.drop(columns=["fingerprint", "value", "setting"]).duplicated().any(), \
+        "searched and default cells are told apart by the searched column, fixed ones by params"
+    assert set(zip(numbers.postprocessor, numbers.searched.astype(str), numbers.params)) == {
+        ("msp", "True", "{}"), ("msp", "False", "{}"), ("ebo", "True", '{"temperature": 1}'),
+        ("ebo", "False", '{"temperature": 1}'), ("ebo", "False", '{"temperature": 2}')}
+    failed = tidy[tidy.postprocessor == "vim"]
+    assert len(failed) == 1 and failed.status.item() == "failed" and failed.value.item() == ""
+    assert failed.reason.item() == "ValueError: dim=256 must be below the feature dimension 128"
+    assert list(tidy.postprocessor.drop_duplicates()) == ["ebo", "msp", "vim"]
+    records = json.loads(outputs["leaderboard"][0])
+    assert [r["status"] for r in records if r["postprocessor"] == "vim"] == ["failed"]
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

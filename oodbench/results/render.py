@@ -282,7 +282,7 @@ def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = Fals
     if fmt in ("csv", "json"):
         from oodbench.results.tidy import leaderboard_tidy, render_tidy
 
-        tidy = leaderboard_tidy(frame, store, resamples, seed, show_params)
+        tidy = leaderboard_tidy(frame, store, resamples, seed)
         if ledger is not None:
             from oodbench.results.reference import tidy_reference
 

@@ -1,15 +1,22 @@
 """Machine-readable exports: one long ("tidy") table per command, the same columns for all.
 
 Each row is one number: ``benchmark, fingerprint, model, checkpoint, postprocessor,
-setting, dataset, group, metric, value, fpr_convention, higher_is_better`` — values are
-fractions (tables show them x100), ``fpr_convention`` is ``classic`` or ``openood`` on
-FPR@95 rows and empty elsewhere, and ``higher_is_better`` says which way each metric
-points. Gains (``*_gain`` metrics) are signed so that positive is always better: the
-AUROC difference, and the FPR@95 *reduction*. With bootstrap intervals, ``ci_low`` and
-``ci_high`` hold the 95% interval (AUROC and FPR@95 rows), and with ``--show-params`` a
-``params`` column the cell's hyperparameters (JSON). CSV and JSON (records) carry
-exactly the same rows; no prose, no comment lines, so ``pandas.read_csv`` loads the CSV
-as it is.
+setting, searched, params, dataset, group, metric, value, fpr_convention,
+higher_is_better, status, reason`` — values are fractions (tables show them x100),
+``fpr_convention`` is ``classic`` or ``openood`` on FPR@95 rows and empty elsewhere, and
+``higher_is_better`` says which way each metric points. Gains (``*_gain`` metrics) are
+signed so that positive is always better: the AUROC difference, and the FPR@95
+*reduction*. The setting columns tell every cell apart: ``setting`` (the store's key:
+searched or default, fixed hyperparameters, a convention profile), ``searched`` (whether
+the validation search chose the hyperparameters) and ``params`` (the hyperparameters the
+cell ran with, JSON). A cell that did not finish is one row with its ``status``
+(``failed`` or ``missing``), an empty metric and value, and its ``reason``; finished
+rows say ``done``. With bootstrap intervals, ``ci_low`` and ``ci_high`` hold the 95%
+interval (AUROC and FPR@95 rows). Rows come in a fixed order, whatever order the cells
+finished in (local or Ray): by benchmark, model, checkpoint, postprocessor, setting and
+cell fingerprint, then the cell's datasets in the benchmark's order. CSV and JSON
+(records) carry exactly the same rows; no prose, no comment lines, so
+``pandas.read_csv`` loads the CSV as it is.
 
 - leaderboard: ``attack`` (``none``) and ``eps`` (0) columns after these, as
   `leaderboard --attack`'s rows carry them (the threat model, the budget in [0,1] pixel
@@ -32,8 +39,9 @@ import pandas as pd
 
 from oodbench.results.tables import AVERAGES, FS
 
-COLUMNS = ["benchmark", "fingerprint", "model", "checkpoint", "postprocessor", "setting", "dataset", "group",
-           "metric", "value", "fpr_convention", "higher_is_better"]
+COLUMNS = ["benchmark", "fingerprint", "model", "checkpoint", "postprocessor", "setting", "searched", "params",
+           "dataset", "group", "metric", "value", "fpr_convention", "higher_is_better", "status", "reason"]
+CELL_ORDER = ["model", "checkpoint", "postprocessor", "setting", "fingerprint"]  # unique per cell
 CI_COLUMNS = ["ci_low", "ci_high"]
 CLEAN_ATTACK = {"attack": "none", "eps": 0.0}  # the leaderboard's rows: no attack
 FPR_ROWS = {"fpr95": "classic", "fpr95_openood": "openood"}  # stored metric -> convention
@@ -43,27 +51,33 @@ MEAN_GROUP = "mean"
 
 
 def tidy_row(**values) -> dict:
-    metric = values["metric"]
+    metric = values.get("metric", "")
     row = {column: values.get(column, "") for column in COLUMNS}
-    row["higher_is_better"] = values.get("higher_is_better", metric not in LOWER_IS_BETTER)
+    row["higher_is_better"] = values.get("higher_is_better", metric not in LOWER_IS_BETTER if metric else "")
+    row["status"] = values.get("status", "done")
     return row
 
 
 def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, seed: int = 0,
-                     show_params: bool = False, every_fpr: bool = False) -> pd.DataFrame:
+                     every_fpr: bool = False) -> pd.DataFrame:
     """Every stored metric of the frame's finished cells, plus the group means, with FPR@95 in
-    the frame's convention (the one its table shows), or with `every_fpr` in both; with
-    `show_params`, a ``params`` column holds each cell's hyperparameters (JSON)."""
-    cells = frame[frame.status == "done"]
+    the frame's convention (the one its table shows), or with `every_fpr` in both; one row per
+    cell that did not finish (its status and reason). Cells in `CELL_ORDER`."""
+    frame_cells = frame.sort_values(CELL_ORDER, kind="stable")
+    cells = frame_cells[frame_cells.status == "done"]
     results = store.frame("results", benchmark=frame.attrs["benchmark"])
     results = results[results.fingerprint.isin(set(cells.fingerprint))]
     values = {(r.fingerprint, r.dataset, r.metric): r.value for r in results.itertuples()}
     intervals = _cell_intervals(cells, frame.attrs, store, resamples, seed) if resamples else {}
     sets, groups = list(frame.attrs["datasets"]), frame.attrs["groups"]
     rows = []
-    for cell in cells.to_dict("records"):
-        base = {k: cell[k] for k in ("model", "checkpoint", "postprocessor", "setting", "fingerprint")}
-        base["benchmark"] = frame.attrs["benchmark"]
+    for cell in frame_cells.to_dict("records"):
+        base = {k: cell[k] for k in CELL_ORDER}
+        base.update(benchmark=frame.attrs["benchmark"], searched=cell["setting"].startswith("search"),
+                    params=cell["params"])
+        if cell["status"] != "done":
+            rows.append(tidy_row(**base, value=np.nan, status=cell["status"], reason=cell["reason"] or ""))
+            continue
         for dataset, group, metric in [("id_test", "id", "acc"), ("id_test", "id", "fs_acc"),
                                        *((c, "csid", "acc") for c in frame.attrs.get("csid", []))]:
             if (cell["fingerprint"], dataset, metric) in values:
@@ -88,10 +102,7 @@ def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, s
                     row["ci_low"], row["ci_high"] = intervals.get((cell["fingerprint"], column, short),
                                                                   (np.nan, np.nan))
                 rows.append(row)
-    tidy = pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else [])).assign(**CLEAN_ATTACK)
-    if show_params:
-        tidy["params"] = tidy.fingerprint.map(dict(zip(cells.fingerprint, cells.params)))
-    return tidy
+    return pd.DataFrame(rows, columns=COLUMNS + (CI_COLUMNS if intervals else [])).assign(**CLEAN_ATTACK)
 
 
 def _cell_intervals(cells: pd.DataFrame, attrs: dict, store, resamples: int,
