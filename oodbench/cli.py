@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from pathlib import Path
@@ -322,13 +323,21 @@ def add_list(sub) -> None:
                                             "(default: OODBENCH_DATA, else ./data)")
     parser.add_argument("--hf-cache", metavar="DIR",
                         help="models: the Hugging Face hub cache to look in (default: the hub's, HF_HUB_CACHE)")
+    _add_wide_arg(parser)
     parser.set_defaults(func=cmd_list)
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
+def _add_wide_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wide", action="store_true",
+                        help="every cell on one line (default: long cells wrapped to fit 100 columns)")
 
+
+def cmd_list(args: argparse.Namespace) -> int:
     from oodbench import registry
+    from oodbench.results.render import fit_table
+
+    def tabulate(rows: list, headers: list[str]) -> str:
+        return fit_table(rows, headers, args.wide)
 
     if args.kind == "postprocessors":
         for line in registry.load_plugins(args.plugin, strict=False):
@@ -442,6 +451,7 @@ def add_data(sub) -> None:
     status = actions.add_parser("status", help="list every dataset a benchmark needs: present/missing, sample counts")
     status.add_argument("benchmark", nargs="?", help="benchmark name or YAML (default: every registered benchmark)")
     status.add_argument("--data-root", help="data root (default: OODBENCH_DATA, else ./data)")
+    _add_wide_arg(status)
     status.set_defaults(func=cmd_data_status)
     fetch = actions.add_parser("fetch", help="the one command that downloads: a published release's lists, images "
                                              "and checkpoints (verified, resumable), or what torchvision can download")
@@ -459,11 +469,10 @@ def add_data(sub) -> None:
 
 
 def cmd_data_status(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
-
     from oodbench.benchmark.spec import load_benchmark
     from oodbench.datasets.fetch import benchmark_status, resolve_data_root
     from oodbench.registry import BENCHMARKS
+    from oodbench.results.render import WIDTH, fit_table
 
     root = resolve_data_root(args.data_root)
     print(f"data root: {root.resolve()}")
@@ -471,10 +480,12 @@ def cmd_data_status(args: argparse.Namespace) -> int:
         benchmark = load_benchmark(name)
         rows = benchmark_status(benchmark, root)
         print(f"\n{benchmark.name} (version {benchmark.version})")
-        print(tabulate([[r.split, r.dataset, r.status, "-" if r.samples is None else f"{r.samples:,}", r.detail]
-                        for r in rows], headers=["split", "source", "status", "samples", "from / why not"]))
+        print(fit_table([[r.split, r.dataset, r.status, "-" if r.samples is None else f"{r.samples:,}", r.detail]
+                         for r in rows], ["split", "source", "status", "samples", "from / why not"], args.wide))
         absent = [r.split for r in rows if r.status != "present"]
-        print(f"{len(rows) - len(absent)} of {len(rows)} present" + (f"; not present: {', '.join(absent)}" if absent else ""))
+        summary = f"{len(rows) - len(absent)} of {len(rows)} present" + (f"; not present: {', '.join(absent)}"
+                                                                        if absent else "")
+        print(summary if args.wide else textwrap.fill(summary, WIDTH, subsequent_indent="  "))
     return 0
 
 
@@ -565,6 +576,8 @@ def add_compare(sub) -> None:
     parser.add_argument("--attack", action="store_true",
                         help="also robust vs standard under the config's attack: (as `oodbench attack`; attacked "
                              "scores already cached are read, not recomputed)")
+    parser.add_argument("--wide", action="store_true",
+                        help="markdown: every model in one table (default: tables split to fit 100 columns)")
     _add_output_arg(parser)
     parser.set_defaults(func=cmd_compare)
 
@@ -577,7 +590,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, **_overrides(args))
     long = comparison_results(ResultStore(config.results, readonly=True), config, args.fpr or config.fpr)
-    print(render_comparison(long, args.format).rstrip("\n"))
+    print(render_comparison(long, args.format, args.wide).rstrip("\n"))
     if args.attack:
         from oodbench.cli_attack import attack_comparison
 

@@ -150,3 +150,32 @@ def test_render_shows_signed_deltas(store_and_config):
     store, config, _ = store_and_config
     text = render_comparison(comparison_results(store, config))
     assert "+5.00" in text  # pro_msp - msp near AUROC gain on std
+
+
+LONG_NAMES = {"std": ["Standard_WideResNet-28-10_seed0", "Standard_WideResNet-28-10_seed1"],
+              "rob": ["Diffenderfer2021Winning_LRR_CARD_Deck", "Hendrycks2020AugMix_ResNeXt_robust"]}
+
+
+def test_compare_fits_100_columns_unless_wide(tmp_path, capsys):
+    store_path = tmp_path / "store.sqlite"
+    store = ResultStore(store_path)
+    models = []
+    for short, names in LONG_NAMES.items():
+        for name in names:
+            for method in ("msp", "pro_msp"):
+                values = AUROC[(short, method)]
+                store.write_cell(Cell("digits", name, method, "default", groups=dict(SETS),
+                                      metrics={d: {"auroc": v, "fpr95": 1 - v} for d, v in zip(SETS, values)}))
+            models.append({"name": "digits-cnn", "label": name, "tags": ["standard" if short == "std" else "robust"]})
+    store.write_datasets("digits", names[0], [{"dataset": d, "group": g, "status": "present"} for d, g in SETS.items()])
+    store.close()
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({"benchmark": "digits", "search": False, "postprocessors": ["msp", "pro_msp"],
+                                    "results": str(store_path), "models": models}))
+    assert main(["compare", str(path), "--output", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 100, [line for line in out.splitlines() if len(line) > 100]
+    for name in (*LONG_NAMES["std"], *LONG_NAMES["rob"], DELTA):  # every column, in one of the split tables
+        assert f" {name} |" in out
+    assert main(["compare", str(path), "--wide", "--output", str(tmp_path / "plots")]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) > 100

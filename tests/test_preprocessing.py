@@ -94,3 +94,31 @@ def test_a_models_transform_reads_the_original_images_and_changes_the_split_fing
     assert len(set(fingerprints.values())) == 3
     benchmark_image = load_dataset(ref, tmp_path, benchmark)[0][0]  # resize_crop 64 -> 48, then nothing to do
     assert torch.equal(benchmark_image, to_image_tensor(original, ImageSpec(48, 3, 64)))
+
+
+def test_the_caption_states_the_transform_that_ran(tmp_path, session_cache):
+    """A benchmark whose sources resize 12 and crop 8 (as ImageNet's 256 -> 224) before the
+    8x8 transform: the caption says resize 12, crop 8, not the no-op resize 8, crop 8."""
+    import yaml
+
+    from oodbench.benchmark.runner import run_experiment
+    from oodbench.results.render import render_leaderboard
+
+    for index in range(12):
+        path = tmp_path / "data" / "mine" / f"c{index % 6}" / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture((16, 14), "L", seed=index).save(path)
+    crop = {"dataset": "image_folder", "options": {"path": "mine", "resize_crop": [12, 8]}}
+    bench = {"name": "cropped", "version": 1, "image": {"size": 8, "channels": 1}, "num_classes": 6,
+             "id": {"test": crop}, "near": {"cropped_too": crop},
+             "far": {"noise": {"dataset": "gaussian_noise", "options": {"count": 12}}}}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    config = {"benchmark": str(tmp_path / "bench.yaml"), "data_root": str(tmp_path / "data"), "search": False,
+              "models": ["digits-cnn"], "postprocessors": ["msp"], "results": str(tmp_path / "r.sqlite")}
+    frame = run_experiment(config, quiet=True, cache_dir=str(session_cache))
+    text = " ".join(render_leaderboard(frame).split())
+    assert ("Test transform: resize 12 (bilinear), center crop 8 on the sets whose source crops them, resize 8 "
+            "(bilinear), center crop 8 on the others (the benchmark's)") in text, text
+    assert ImageSpec(8, 1).describe([(12, 8), (12, 8)]) == "resize 12 (bilinear), center crop 8"
+    assert ImageSpec(8, 1, 10).describe([(12, 8)]) == ("resize 12 (bilinear), center crop 8, then resize 10 "
+                                                       "(bilinear), center crop 8")

@@ -432,3 +432,32 @@ def test_checkpoints_entry_errors_are_one_line(tmp_path, capsys):
         assert main(["validate", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------- widths
+
+
+def widest(text: str) -> int:
+    return max(map(len, text.splitlines()))
+
+
+def test_listings_and_params_fit_100_columns_unless_wide(tmp_path, capsys):
+    store = tmp_path / "settings.sqlite"
+    write_settings_store(store, range(6))
+    writer = ResultStore(store)  # hyperparameters longer than the table leaves them
+    writer.write_cell(Cell("bench", "net", "gen", 'default{"gamma": 0.1, "M": 100}', fingerprint="gen",
+                      data_fingerprint="data1", groups={"near_set": "near", "id_test": "id"},
+                      metrics={"near_set": {"auroc": 0.7, "fpr95": 0.5}, "id_test": {"acc": 0.9}},
+                      params={"gamma": 0.1, "M": 100, "a_long_hyperparameter_name": "x" * 60,
+                              "another_one": [1, 2, 3, 4, 5, 6, 7, 8]}))
+    writer.close()
+    for command, wide in ((("leaderboard", "--results", store, "--show-params"), None),
+                          (("list", "models"), "--wide"), (("list", "datasets"), "--wide"),
+                          (("list", "benchmarks"), "--wide"), (("data", "status", "--data-root", tmp_path), "--wide")):
+        code, out, _ = cli(capsys, *command)
+        assert code == 0 and widest(out) <= 100, (command, [line for line in out.splitlines() if len(line) > 100])
+        if wide:
+            code, out, _ = cli(capsys, *command, wide)
+            assert code == 0 and widest(out) > 100, command
+    code, out, _ = cli(capsys, "leaderboard", "--results", store, "--show-params")
+    assert "x" * 60 in out and "another_one=[1, 2, 3, 4, 5, 6, 7, 8]" in " ".join(out.split())  # wrapped, not cut

@@ -38,7 +38,7 @@ from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_place
                                    resolve_postprocessors, search_space_for)
 from oodbench.benchmark.spec import Benchmark, load_benchmark
 from oodbench.conventions import load_conventions
-from oodbench.datasets.base import ImageSpec
+from oodbench.datasets.base import ImageSpec, load_dataset, source_crop
 from oodbench.errors import DatasetMissing, OodbenchError, failure_line, writable_folder
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
 from oodbench.results.store import FALLBACK, Cell, ResultStore
@@ -107,9 +107,12 @@ def check_config(config: ExperimentConfig, benchmark: Benchmark | None = None) -
 BENCHMARK_TRANSFORM = "the benchmark's"
 
 
-def transform_note(image: ImageSpec) -> str:
-    """A model's test transform in words, and whose it is, as table captions name it."""
-    return f"{image.describe()} ({image.origin or BENCHMARK_TRANSFORM})"
+def transform_note(image: ImageSpec, plan: Plan, data_root: str) -> str:
+    """A model's test transform in words, and whose it is, as table captions name it: what ran,
+    the sources' own ``resize_crop`` of the splits read included."""
+    crops = [source_crop(load_dataset(split.ref, data_root, image, ood=split.ood, memo=plan.token))
+             for name, split in plan.splits.items() if plan.present(name)]
+    return f"{image.describe(crops)} ({image.origin or BENCHMARK_TRANSFORM})"
 
 
 def time_summary(timing: dict[str, dict[str, float]], wall: float) -> str:
@@ -197,6 +200,8 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
     provenance = {"benchmark_version": benchmark.version, "oodbench_version": oodbench.__version__,
                   "git_hash": git_hash(), "config_hash": config.digest, "fpr_convention": config.fpr}
 
+    notes = {display: transform_note(context.image, plan, config.data_root) for display, context in contexts.items()}
+
     def cell_base(display: str, name: str) -> dict[str, Any]:
         spec = contexts[display].model
         weights = probes[display]["weights_hash"] if display in probes else None
@@ -206,7 +211,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
                     setting=plan.methods[name].setting, fingerprint=fingerprints[display][name],
                     data_fingerprint=plan.fingerprint, tags=list(spec.tags),
                     provenance={**provenance, "weights_hash": weights},
-                    preprocessing=transform_note(contexts[display].image))
+                    preprocessing=notes[display])
 
     def fail_model(display: str, reason: str) -> None:
         for name in pending[display]:

@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -82,9 +82,21 @@ class ImageSpec:
         """What a source's listing depends on: the shape, and whether it is the benchmark's transform."""
         return f"{self.channels}x{self.size}" + (":model" if self.origin else "")
 
-    def describe(self) -> str:
-        """In words, for table captions: ``resize 256 (bilinear), center crop 224``."""
-        return f"resize {self.resize_to} ({self.interpolation}), center crop {self.size}"
+    def describe(self, pre_crops: Iterable[tuple[int, int] | None] = ()) -> str:
+        """In words, for table captions: ``resize 256 (bilinear), center crop 224``. `pre_crops`:
+        the sources' own ``resize_crop`` of the splits read (what `source_crop` finds), applied
+        to the files before this transform: the caption states what ran."""
+        own = f"resize {self.resize_to} ({self.interpolation}), center crop {self.size}"
+        crops = set(pre_crops)
+        first = [f"resize {resize} (bilinear), center crop {crop}" for resize, crop in sorted(c for c in crops if c)]
+        if not first:
+            return own
+        # after the source's crop to `size`, the plain resize-to-size and crop change nothing
+        then = "" if (self.resize_to, self.interpolation) == (self.size, "bilinear") and all(
+            c[1] == self.size for c in crops if c) else f", then {own}"
+        if None not in crops:
+            return " or ".join(first) + then
+        return f"{' or '.join(first)}{then} on the sets whose source crops them, {own} on the others"
 
     def for_model(self, preprocessing: dict[str, Any] | None) -> "ImageSpec":
         """This (the benchmark's) transform, or the model's own when it gives one (``size``,
@@ -264,6 +276,16 @@ class Selection(LabeledSamples):
         if callable(select):
             return select(chosen, files)
         return digest([dataset_fingerprint(self.base, files), array_digest(chosen)], 32)
+
+
+def source_crop(dataset: Dataset) -> tuple[int, int] | None:
+    """The ``resize_crop`` a source applies to its files before the benchmark's transform (None:
+    none), found through the wrappers (`Transformed`, `Selection`) around it."""
+    while dataset is not None:
+        if getattr(dataset, "resize_crop", None):
+            return tuple(dataset.resize_crop)
+        dataset = getattr(dataset, "base", None)
+    return None
 
 
 class Transformed(Dataset):

@@ -230,7 +230,8 @@ def zoo_listing() -> str:
         names = model_names()
     except OodbenchError as exc:
         return f"robustbench models: {exc}"
-    blocks = ["robustbench models (options dataset, threat_model; weights in <model_dir>/<dataset>/<threat_model>/):"]
+    blocks = ["robustbench models (options dataset, threat_model;\n"
+              "  weights in <model_dir>/<dataset>/<threat_model>/):"]
     for (dataset, threat), models in names.items():
         blocks.append(textwrap.fill(", ".join(models), width=100, initial_indent="    ", subsequent_indent="    ",
                                     break_on_hyphens=False))

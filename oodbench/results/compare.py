@@ -12,6 +12,8 @@ positive is better: the AUROC difference, the FPR@95 reduction.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 
@@ -19,6 +21,7 @@ from oodbench.benchmark.config import ExperimentConfig
 from oodbench.benchmark.plan import resolve_postprocessors, setting_of
 from oodbench.benchmark.spec import load_benchmark
 from oodbench.errors import OodbenchError
+from oodbench.results.render import WIDTH
 from oodbench.results.store import ResultStore
 from oodbench.results.tables import AVERAGES, FPR_CAPTION, aggregate_checkpoints, leaderboard_frame
 
@@ -131,9 +134,11 @@ def comparison_tidy(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def render_table(table: pd.DataFrame, title: str, fmt: str = "markdown", signed: bool = False,
-                 label: str = "tab:oodbench-compare") -> str:
+                 label: str = "tab:oodbench-compare", wide: bool = False) -> str:
     """A comparison table x100 (2 decimals; `signed`: the gain columns with their sign) as
-    markdown or latex, under its title (its caption in LaTeX)."""
+    markdown or latex, under its title (its caption in LaTeX). A Markdown table wider than
+    `WIDTH` is split into tables of as many model columns as fit (each with the row names),
+    unless `wide`."""
     from tabulate import tabulate
 
     if table.empty:
@@ -149,13 +154,25 @@ def render_table(table: pd.DataFrame, title: str, fmt: str = "markdown", signed:
         lines = tabular([" & ".join(escape(h) for h in headers) + r" \\"],
                         "l" * table.index.nlevels + "r" * len(table.columns), [[list(map(escape, r)) for r in body]])
         return latex_table(lines, title, label, scaled=False, packages="booktabs")
-    text = tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True,
-                    colalign=["left"] * table.index.nlevels + ["right"] * len(table.columns))
-    return f"{title}\n\n{text}"
+    names = table.index.nlevels
+
+    def pipe(columns: list[int]) -> str:
+        return tabulate([[*r[:names], *(r[names + c] for c in columns)] for r in body],
+                        headers=[*headers[:names], *(headers[names + c] for c in columns)], tablefmt="pipe",
+                        disable_numparse=True, colalign=["left"] * names + ["right"] * len(columns))
+
+    parts, columns = [], []
+    for column in range(len(table.columns)):
+        if columns and not wide and max(map(len, pipe(columns + [column]).splitlines())) > WIDTH:
+            parts.append(pipe(columns))
+            columns = []
+        columns.append(column)
+    parts.append(pipe(columns))
+    return "\n\n".join([textwrap.fill(title, WIDTH), *parts])
 
 
-def render_comparison(long: pd.DataFrame, fmt: str = "markdown") -> str:
-    """Markdown or LaTeX tables, or the tidy CSV / JSON."""
+def render_comparison(long: pd.DataFrame, fmt: str = "markdown", wide: bool = False) -> str:
+    """Markdown (within `WIDTH` columns unless `wide`) or LaTeX tables, or the tidy CSV / JSON."""
     if fmt in ("csv", "json"):
         from oodbench.results.tidy import render_tidy
 
@@ -167,13 +184,14 @@ def render_comparison(long: pd.DataFrame, fmt: str = "markdown") -> str:
     counts = sorted(set(long.checkpoints))
     if counts[-1] > 1:
         intro += " Models with several checkpoints count with their mean."
-    parts = [] if fmt == "latex" else [intro]
+    parts = [] if fmt == "latex" else [intro if wide else textwrap.fill(intro, WIDTH)]
     prefix = f"{intro} " if fmt == "latex" else ""
     for metric, label in METRICS.items():
         better = "higher" if metric == "auroc" else "lower"
         parts.append(render_table(delta_table(long, metric), f"{prefix}{label} per model ({better} is better) and the "
-                                  "gain of the robust models", fmt, label=f"tab:oodbench-robust-{metric}"))
+                                  "gain of the robust models", fmt, label=f"tab:oodbench-robust-{metric}", wide=wide))
     for metric, label in METRICS.items():
         parts.append(render_table(pro_gain_table(long, metric), f"{prefix}PRO gain over its base score: {label} "
-                                  "(positive = better)", fmt, signed=True, label=f"tab:oodbench-pro-{metric}"))
+                                  "(positive = better)", fmt, signed=True, label=f"tab:oodbench-pro-{metric}",
+                                  wide=wide))
     return "\n\n".join(parts)

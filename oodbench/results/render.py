@@ -105,9 +105,9 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
     accuracies = ["acc", FS_ACC] if rows.attrs.get("csid") else ["acc"]
     marks = {(c, m): rank_marks(rows, c, m) for c, m in compact}
     symbol = {"best": "*", "tie": "~"}
-    header = ([] if blocks else ["model"]) + ["postprocessor"] + (["params"] if show_params else []) + (
+    header = ([] if blocks else ["model"]) + ["postprocessor"] + (["params"] if show_params and markdown else []) + (
         [] if blocks else [accuracy_header(a) for a in accuracies]) + [compact_header(c, m) for c, m in compact]
-    body, titles, previous = [], {}, None
+    body, titles, params, previous = [], {}, {}, None
     for index, row in zip(rows.index, rows.to_dict("records")):
         first = row["model"] != previous
         if first and previous is not None and not markdown:
@@ -117,8 +117,9 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
         previous = row["model"]
         line = [] if blocks else [row["model"] if first or markdown else ""]
         line.append(row["label"])
-        if show_params:
-            line.append(", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-")
+        if show_params:  # a column in Markdown; in text, a line under the row (the table stays within WIDTH)
+            chosen = ", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-"
+            line.append(chosen) if markdown else params.__setitem__(len(body), chosen)
         if not blocks:
             line += [number(row, a) if row["status"] == "done" else "-" for a in accuracies]
         for column, metric in compact:
@@ -144,10 +145,15 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
         table = tabulate(body, headers=header, tablefmt="pipe", disable_numparse=True,
                          colalign=["left"] * (len(header) - numeric) + ["right"] * numeric)
         return "\n".join([text, "", table, *notes, *([gap] if gap else [])])
-    lines = aligned(header, body, numeric=len(compact) + (0 if blocks else len(accuracies)), fit=not show_params,
+    table = aligned(header, body, numeric=len(compact) + (0 if blocks else len(accuracies)), fit=True,
                     indent=2 if blocks else 0)
-    for position in sorted(titles, reverse=True):
-        lines.insert(position + 2, titles[position])
+    under = " " * table[0].index("postprocessor") + "  "
+    lines = table[:2]
+    for position, line in enumerate(table[2:]):
+        lines += ([titles[position]] if position in titles else []) + [line]
+        if position in params:
+            lines += textwrap.wrap(f"params: {params[position]}", WIDTH, initial_indent=under,
+                                   subsequent_indent=under + "  ", break_on_hyphens=False)
     if blocks:  # the column header under the first model's line
         lines = [lines[2], *lines[:2], *lines[3:]]
     wrap = lambda line: textwrap.fill(line, WIDTH, subsequent_indent="  ")  # noqa: E731
@@ -185,6 +191,25 @@ def aligned(header: list[str], body: list[list[str]], numeric: int, fit: bool, i
     lines = ["  ".join(cell(h, i) for i, h in enumerate(header)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(cell(t, i) for i, t in enumerate(r)) for r in body]
     return [(" " * indent + line).rstrip() for line in lines]
+
+
+def fit_table(rows: list[list], headers: list[str], wide: bool = False, tablefmt: str = "simple") -> str:
+    """`tabulate` of `rows` within `WIDTH` columns: the widest text columns are wrapped (never
+    cut) at the widest width that makes the table fit; `wide` leaves every cell on one line."""
+    from tabulate import tabulate
+
+    texts = [[str(cell) for cell in row] for row in rows]
+    table = tabulate(texts, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    natural = [max(len(text) for text in [header, *(r[i] for r in texts)]) for i, header in enumerate(headers)]
+    cap = max(natural) + 1
+    while cap > 1 and sum(min(w, cap) for w in natural) + 4 * len(natural) > WIDTH:
+        cap -= 1  # the first guess: every column padded by 4 (tabulate's separator and padding)
+    while not wide and cap > 10 and max(map(len, table.splitlines())) > WIDTH:
+        cap -= 1  # the widest columns share what the others leave (tabulate pads and keeps long words)
+        limits = [cap if w > cap else None for w in natural]
+        table = tabulate(texts, headers=headers, tablefmt=tablefmt, disable_numparse=True, maxcolwidths=limits,
+                         maxheadercolwidths=limits)
+    return table
 
 
 def failure_notes(rows: pd.DataFrame) -> list[str]:
@@ -234,8 +259,9 @@ def wide_markdown(rows: pd.DataFrame, show_params: bool = False) -> str:
     body = []
     for index, row in zip(rows.index, rows.to_dict("records")):
         line = [row["model"], row["label"]]
-        if show_params:
-            line.append(", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-")
+        if show_params:  # a column in Markdown; in text, a line under the row (the table stays within WIDTH)
+            chosen = ", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-"
+            line.append(chosen) if markdown else params.__setitem__(len(body), chosen)
         line += [number(row, a) if row["status"] == "done" else "-" for a in accuracies]
         for column in columns:
             if row["status"] != "done":
