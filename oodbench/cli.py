@@ -38,12 +38,16 @@ def _add_common_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-data", action="store_true", default=None,
                         help="fingerprint image files by their full contents, not path, size and modification "
                              "time (slower; single-file formats are always hashed)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="at most N images per dataset split (a seeded stratified subset, the same on every "
+                             "machine; named in the table caption); the commands that read a run (compare, "
+                             "calibration, report, plot) read the run made with the same --limit")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {"plugins": args.plugin, "results": args.results, "data_root": args.data_root,
             "cache_dir": args.cache_dir, "device": args.device, "batch_size": args.batch_size,
-            "num_workers": args.num_workers,
+            "num_workers": args.num_workers, "limit": args.limit,
             "trust_checkpoint": args.trust_checkpoint, "verify_data": args.verify_data}
 
 
@@ -63,9 +67,6 @@ def add_run(sub) -> None:
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --executor ray: join this Ray cluster (host:port, or auto for the one this node "
                              "belongs to) instead of starting a local Ray instance")
-    parser.add_argument("--limit", type=int, metavar="N",
-                        help="at most N images per dataset split (a seeded stratified subset, the same on every "
-                             "machine; named in the table caption)")
     parser.add_argument("--postprocessors", type=_names, metavar="A,B",
                         help="run these postprocessors instead of the config's list")
     parser.add_argument("--models", type=_names, metavar="X,Y", help="run only these models of the config")
@@ -120,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise OodbenchError("--ray-address needs --executor ray")
         options["address"] = args.ray_address
     frame = run_experiment(args.config, executor=args.executor, executor_options=options, search=args.search,
-                           limit=args.limit, postprocessors=args.postprocessors, models=args.models,
+                           postprocessors=args.postprocessors, models=args.models,
                            conventions=args.conventions,
                            threads=args.threads, **_overrides(args))
     store = ResultStore(frame.attrs["store"], readonly=True)

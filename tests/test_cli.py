@@ -229,3 +229,27 @@ def test_misspelled_config_key_suggests_the_right_one(run_cli, tmp_path):
     result = run_cli("validate", config)
     assert result.returncode == 2
     assert "unknown key 'postprocesors'" in result.stderr and "did you mean: postprocessors" in result.stderr
+
+
+def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_path, digits_models):
+    """After `run --limit`, plot, report, calibration and compare read that run with the same
+    --limit; without it they say which --limit the store holds."""
+    config = digits_config(tmp_path, models=[{"name": "digits-cnn", "tags": ["standard"]},
+                                             {"name": "digits-cnn-robust", "tags": ["robust"]}])
+    assert run_cli("run", config, "--limit", "60").returncode == 0
+    out = str(tmp_path / "figures")
+    commands = [("plot", "hist", config, "--postprocessor", "ebo", "--output", out),
+                ("report", config, "--operating-point", "--postprocessor", "ebo"),
+                ("calibration", config, "--levels", "2", "--output", out),
+                ("compare", config, "--output", out)]
+    for command in commands:
+        done = run_cli(*command, "--limit", "60")
+        assert done.returncode == 0, (command, done.stderr[-1500:])
+        if command[0] == "compare":  # the sampled rows (no whole run yet), and it says so
+            assert "ID test 60 of 216" in " ".join(done.stdout.split())
+            continue
+        unlimited = run_cli(*command)
+        assert unlimited.returncode == 2 and "add --limit 60 to read the --limit 60 run it holds" in unlimited.stderr, \
+            (command, unlimited.stderr[-1500:])
+    other = run_cli(*commands[0], "--limit", "30")
+    assert other.returncode == 2 and "run `oodbench run" in other.stderr and "--limit 30` first" in other.stderr

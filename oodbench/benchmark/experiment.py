@@ -53,7 +53,10 @@ class CachedExperiment:
 
     @property
     def run_first(self) -> str:
-        return f"run `oodbench run {self.config.source}` first"
+        from oodbench.results.tables import run_first
+
+        store = self.store if Path(self.config.results).expanduser().is_file() else None
+        return run_first(store, self.benchmark.name, self.config.source, self.config.limit)
 
     def context(self, spec: ModelSpec) -> RunContext:
         """The model's run context, with its own test transform when it has one (as in the run)."""

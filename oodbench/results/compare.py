@@ -23,7 +23,7 @@ from oodbench.benchmark.spec import load_benchmark
 from oodbench.errors import OodbenchError
 from oodbench.results.render import WIDTH
 from oodbench.results.store import ResultStore
-from oodbench.results.tables import AVERAGES, FPR_CAPTION, aggregate_checkpoints, leaderboard_frame
+from oodbench.results.tables import AVERAGES, FPR_CAPTION, aggregate_checkpoints, leaderboard_frame, run_first
 
 TAGS = ("standard", "robust")
 GROUPS = ("near", "far")
@@ -64,14 +64,15 @@ def comparison_results(store: ResultStore, config: ExperimentConfig, fpr: str = 
     absent = [m for m in tag_of if board.empty or m not in set(board.model)]
     if absent:
         raise OodbenchError(f"{store.path} has no {benchmark} results for {', '.join(absent)}; "
-                            f"run `oodbench run {config.source}` first")
+                            f"{run_first(store, benchmark, config.source, config.limit)}")
     rows = [{"model": row["model"], "tag": tag_of[row["model"]], "postprocessor": row["postprocessor"],
              "group": group, "metric": metric, "value": row[f"{AVERAGES[group]}|{metric}"],
              "checkpoint": row["checkpoint"].replace(", ", "+"), "fingerprint": "+".join(row["fingerprints"]),
              "setting": row["setting"], "checkpoints": row["checkpoints"]}
             for row in aggregate_checkpoints(board).to_dict("records") for group in GROUPS for metric in METRICS]
     frame = pd.DataFrame(rows)
-    frame.attrs.update(benchmark=benchmark, fpr=fpr, tagged=tagged, postprocessors=names)
+    frame.attrs.update(benchmark=benchmark, fpr=fpr, tagged=tagged, postprocessors=names,
+                       sampling=board.attrs.get("sampling", ""))
     return frame
 
 
@@ -184,6 +185,8 @@ def render_comparison(long: pd.DataFrame, fmt: str = "markdown", wide: bool = Fa
     counts = sorted(set(long.checkpoints))
     if counts[-1] > 1:
         intro += " Models with several checkpoints count with their mean."
+    if long.attrs.get("sampling"):  # rows of a --limit run, where the store holds no whole one
+        intro += f" {long.attrs['sampling']}"
     parts = [] if fmt == "latex" else [intro if wide else textwrap.fill(intro, WIDTH)]
     prefix = f"{intro} " if fmt == "latex" else ""
     for metric, label in METRICS.items():

@@ -47,10 +47,33 @@ def setting_label(setting: str) -> str:
     return f"{fixed} {mode}".strip() if fixed and base == "search" else (fixed or mode)
 
 
+def stored_limits(store, benchmark: str) -> list[int]:
+    """The ``--limit`` of each sampled run of `benchmark` in `store`, newest first: per (model,
+    data fingerprint), the most images of a split it sampled below the split's size."""
+    limited = sampled_splits(store.frame("datasets", benchmark=benchmark))
+    runs = limited.groupby(["model", "data_fingerprint"]).agg(limit=("samples", "max"), created=("created", "max"))
+    return list(dict.fromkeys(int(n) for n in runs.sort_values("created", ascending=False).limit))
+
+
+def run_first(store, benchmark: str, source: str, limit: int | None) -> str:
+    """What to do when a command finds no result of the run it reads: run it (with the same
+    ``--limit``), or read the sampled run the store (None: none yet) holds with its ``--limit``."""
+    if limit is not None:
+        return f"run `oodbench run {source} --limit {limit}` first"
+    limits = stored_limits(store, benchmark) if store is not None else []
+    held = f", or add --limit {limits[0]} to read the --limit {limits[0]} run it holds" if limits else ""
+    return f"run `oodbench run {source}` first{held}"
+
+
+def sampled_splits(datasets: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the datasets table whose run read fewer images than the split holds (``limit``)."""
+    return datasets[datasets.samples.notna() & datasets.available.notna() & (datasets.available > datasets.samples)]
+
+
 def sampled_data(datasets: pd.DataFrame) -> set[tuple[str, str]]:
     """(model, data fingerprint) pairs of runs that sampled a split (``limit``: fewer images
     than the split holds)."""
-    limited = datasets[datasets.samples.notna() & datasets.available.notna() & (datasets.available > datasets.samples)]
+    limited = sampled_splits(datasets)
     return set(zip(limited.model, limited.data_fingerprint))
 
 
