@@ -497,6 +497,15 @@ CASES = [
          data_config(), args=RUN + ("--data-root", "{dir}/rootfile"),
          files=with_benchmark(small_benchmark({"dataset": "mnist", "options": {"split": "test"}}),
                               write("rootfile", "x")), needs_model=True),
+    Case("empty-part", ("the 'test' part of", "mine/ (24 images) has no images", "test the rest, val 24",
+                        "none of the 24"),
+         data_config(), files=with_benchmark(small_benchmark(
+             {"dataset": "image_folder", "options": {"path": "mine"}, "parts": {"val": 24, "test": "rest"},
+              "part": "test"}), jpeg_folder(truncated=False)), needs_model=True),
+    Case("parts-too-large", ("the parts (test the rest, val 30) ask for more than the 24 images available",),
+         data_config(), files=with_benchmark(small_benchmark(
+             {"dataset": "image_folder", "options": {"path": "mine"}, "parts": {"val": 30, "test": "rest"},
+              "part": "test"}), jpeg_folder(truncated=False)), needs_model=True),
     Case("truncated-jpeg-in-a-worker", ("cannot decode image", "c3/09.jpg"),
          data_config(), args=RUN + ("--num-workers", "1"),
          files=with_benchmark(small_benchmark({"dataset": "image_folder", "options": {"path": "mine"}}),

@@ -154,6 +154,12 @@ def check_limit(value: Any, what: str) -> int | None:
     return value
 
 
+def describe_parts(parts: dict[str, Any]) -> str:
+    """A split's ``parts`` in words: ``val 5,000, test the rest`` (fractions as percentages)."""
+    return ", ".join(f"{name} " + ("the rest" if size == "rest" else f"{size:.0%}" if isinstance(size, float) and
+                                   size <= 1 else f"{int(size):,}") for name, size in parts.items())
+
+
 def stratified_parts(labels: np.ndarray, parts: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     """Split indices into named parts, stratified by label, deterministic given `seed`.
 
@@ -174,7 +180,7 @@ def stratified_parts(labels: np.ndarray, parts: dict[str, Any], seed: int) -> di
     if rest:
         sizes[rest[0]] = n - taken
     if taken > n or any(v < 0 for v in sizes.values()):
-        raise OodbenchError(f"parts {parts} ask for more than the {n} samples available")
+        raise OodbenchError(f"the parts ({describe_parts(parts)}) ask for more than the {n:,} images available")
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     # Walk the samples grouped by label (shuffled within each label) and hand each to the
@@ -423,12 +429,17 @@ def load_source(ref: DatasetRef, data_root: str | Path, image: ImageSpec, memo: 
     source_key = (memo, ref.dataset, json.dumps(ref.options, sort_keys=True, default=str), str(root.resolve()),
                   image.source_key())
     source = _memoized(source_key, lambda: DATASETS.get(ref.dataset)(root, image, **ref.options))
+    whole = source
     if ref.parts is not None:
         parts_key = (*source_key, json.dumps(ref.parts, sort_keys=True, default=str), ref.seed)
         indices = _memoized(parts_key, lambda: stratified_parts(dataset_labels(source), ref.parts, ref.seed))
         source = Selection(source, indices[ref.part], f"{getattr(source, 'origin', ref.dataset)}, part '{ref.part}'")
     if len(source) == 0:
-        raise OodbenchError(f"dataset {ref.dataset} {ref.options or ''} has no samples")
+        origin = getattr(whole, "origin", "") or f"dataset source '{ref.dataset}'"
+        if ref.parts is not None and len(whole):
+            raise OodbenchError(f"the '{ref.part}' part of {origin} has no images: the parts ({describe_parts(ref.parts)}) "
+                                f"leave it none of the {len(whole):,} there; give it more images or smaller parts")
+        raise OodbenchError(f"{origin} has no images")
     available = len(source)
     if ref.limit is not None and ref.limit < available:
         keep = stratified_parts(dataset_labels(source), {"limit": ref.limit}, ref.seed)["limit"]

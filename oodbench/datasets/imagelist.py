@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import (DatasetRef, ImageSpec, LabeledSamples, Selection, dataset_labels,
+from oodbench.datasets.base import (DatasetRef, ImageSpec, LabeledSamples, Selection, dataset_labels, describe_parts,
                                    register_dataset, stratified_parts)
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.identity import FileState, array_digest
@@ -356,7 +356,7 @@ def any_of(data_root: Path, image: ImageSpec, candidates: list[dict]) -> Dataset
         if ref.parts is not None:
             indices = stratified_parts(dataset_labels(source), ref.parts, ref.seed)[ref.part]
             source = Selection(source, indices, f"{getattr(source, 'origin', ref.dataset)}, part '{ref.part}' "
-                                                f"of {ref.parts}")
+                                                f"of {describe_parts(ref.parts)}")
         if number:  # not the first choice (a benchmark's published list): results say the split differs
             source.fallback = f"{ref.dataset} (candidate {number + 1} of {len(candidates)})"
         return source

@@ -67,8 +67,8 @@ def class_split(data_root: Path, image: ImageSpec, source: dict, classes: list[i
     labels = dataset_labels(base)
     absent = sorted(set(classes) - set(labels.tolist()))
     if absent:
-        raise OodbenchError(f"class_split: known classes {absent} have no samples in {ref.dataset} "
-                            f"{ref.options or ''} (its labels run {labels.min()}..{labels.max()})")
+        raise OodbenchError(f"class_split: known classes {absent} have no images in "
+                            f"{getattr(base, 'origin', '') or ref.dataset} (its labels run {labels.min()}..{labels.max()})")
     is_known = np.isin(labels, classes)
     origin = getattr(base, "origin", ref.dataset)
     if keep == "known":
