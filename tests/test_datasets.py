@@ -651,3 +651,27 @@ def test_partial_benchmark_names_the_missing_sets_in_one_warning_line(tmp_path, 
     result = run_partial_benchmark(tmp_path, run_cli, lenet_checkpoint, cache=tmp_path / "fresh-cache")
     lines = [line for line in message_lines(result.stderr) if line.startswith("warning: missing datasets")]
     assert lines == ["warning: missing datasets (marked missing in the table): kmnist, svhn"]
+
+
+def test_the_readme_benchmark_example_finds_a_users_folders(tmp_path):
+    """The worked example of README's "Your own data" section, as printed, on folders laid out
+    as it says: every split present, with the counts its parts give."""
+    from PIL import Image
+
+    from oodbench.benchmark.spec import load_benchmark
+    from oodbench.datasets.fetch import benchmark_status
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```yaml\n(# my_bench\.yaml\n.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_bench.yaml").write_text(example)
+    counts = {"mine/train/cats": 6, "mine/train/dogs": 6, "mine/test/cats": 10, "mine/test/dogs": 10,
+              "ood/screenshots/2024": 130, "ood/other_animals": 7}
+    for folder, count in counts.items():
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / "data" / folder / f"{index}.jpg")
+    rows = benchmark_status(load_benchmark(str(tmp_path / "my_bench.yaml")), tmp_path / "data")
+    assert {r.split: (r.status, r.samples) for r in rows} == {
+        "id:train": ("present", 12), "id:val": ("present", 4), "id:test": ("present", 16),
+        "ood_val:screenshots": ("present", 100), "near:other_animals": ("present", 7),
+        "far:screenshots": ("present", 30)}
