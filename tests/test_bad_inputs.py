@@ -221,49 +221,36 @@ def store_locked(folder: Path):
 
 
 @contextmanager
-def read_only_folder(folder: Path):
-    """`folder/ro` that this process's user cannot write: chmod, or a read-only tmpfs for root."""
+def read_only_folder(folder: Path, holding: tuple[str, ...] = ()):
+    """`folder/ro` that this process's user cannot write (chmod, or a read-only tmpfs for root),
+    holding copies of the case folder's files named in `holding`."""
     target = folder / "ro"
     target.mkdir()
     if os.geteuid() != 0:
+        for name in holding:
+            shutil.copy(folder / name, target / name)
+            (target / name).chmod(0o444)
         target.chmod(0o555)
         try:
             yield
         finally:
             target.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip("running as root where no read-only folder can be made (mount refused)")
     try:
-        yield
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
-
-
-
-@contextmanager
-def read_only_store(folder: Path):
-    """`folder/ro/results.sqlite`, a copy of the case's store, in a folder and file nobody can write."""
-    target = folder / "ro"
-    target.mkdir()
-    if os.geteuid() != 0:
-        shutil.copy(folder / "results.sqlite", target / "results.sqlite")
-        (target / "results.sqlite").chmod(0o444)
-        target.chmod(0o555)
-        try:
-            yield
-        finally:
-            target.chmod(0o755)
-        return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], capture_output=True).returncode:
-        pytest.skip("running as root where no read-only folder can be made (mount refused)")
-    try:
-        shutil.copy(folder / "results.sqlite", target / "results.sqlite")
+        for name in holding:
+            shutil.copy(folder / name, target / name)
         subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
         yield
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+def read_only_store(folder: Path) -> ContextManager:
+    """`folder/ro/results.sqlite`, a copy of the case's store, in a folder nobody can write."""
+    return read_only_folder(folder, ("results.sqlite",))
 
 
 @contextmanager
