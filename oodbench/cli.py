@@ -335,10 +335,13 @@ def _add_wide_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from oodbench import registry
-    from oodbench.results.render import fit_table
+    from oodbench.results.render import WIDTH, fit_table
 
     def tabulate(rows: list, headers: list[str]) -> str:
         return fit_table(rows, headers, args.wide)
+
+    def say(paragraph: str) -> None:  # a blank line, then prose within WIDTH unless --wide
+        print("\n" + (paragraph if args.wide else textwrap.fill(paragraph, WIDTH, subsequent_indent="  ")))
 
     if args.kind == "postprocessors":
         for line in registry.load_plugins(args.plugin, strict=False):
@@ -367,19 +370,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = [[entry.name, entry.origin, " ".join((entry.obj.__doc__ or "").strip().split("\n\n")[0].split())]
                 for entry in registry.MODELS.entries()]
         print(tabulate(rows, headers=["source", "origin", "description"]))
-        print("\nbuilt-in models: " + ", ".join(BUILTIN_MODELS))
+        say("built-in models: " + ", ".join(BUILTIN_MODELS))
         from oodbench.models.catalog import offline_rows
         from oodbench.models.robustbench_source import zoo_listing
 
         print("\n" + zoo_listing())
-        print("\nImageNet backbones available offline here (weights found, or the path where they are expected):")
+        say("ImageNet backbones available offline here (weights found, or the path where they are expected):")
         print(tabulate(offline_rows(args.model_dir, args.openood_dir, args.hf_cache),
                        headers=["model", "options", "weights", "path"]))
         from oodbench.datasets.fetch import resolve_data_root
         from oodbench.models.catalog import release_rows
 
-        print("\nOpenOOD v1.5's official checkpoints, by name (each seed one model; under the data root, where "
-              "`oodbench data fetch` puts them):")
+        say("OpenOOD v1.5's official checkpoints, by name (each seed one model; under the data root, where "
+            "`oodbench data fetch` puts them):")
         print(tabulate(release_rows(resolve_data_root(args.data_root)),
                        headers=["model", "seeds", "checkpoints", "path", "get it with"]))
     elif args.kind == "datasets":

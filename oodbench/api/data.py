@@ -193,8 +193,7 @@ def _unpack(batch: Any, what: str) -> tuple[Any, Any]:
             return batch[0], None
         if len(batch) == 2 or _looks_like_labels(batch[1]):  # (images, labels, index...) as some datasets yield
             return batch[0], batch[1]
-        raise OodbenchError(f"{what}: a tuple of {len(batch)} entries; expected (images, labels) or (images,)")
-    return batch, None
+    return batch, None  # images as they are (nested lists of numbers included)
 
 
 def _is_number(value: Any) -> bool:
