@@ -437,8 +437,8 @@ def load_source(ref: DatasetRef, data_root: str | Path, image: ImageSpec, memo: 
     if len(source) == 0:
         origin = getattr(whole, "origin", "") or f"dataset source '{ref.dataset}'"
         if ref.parts is not None and len(whole):
-            raise OodbenchError(f"the '{ref.part}' part of {origin} has no images: the parts ({describe_parts(ref.parts)}) "
-                                f"leave it none of the {len(whole):,} there; give it more images or smaller parts")
+            raise OodbenchError(f"the '{ref.part}' part of {origin} has no images: the parts "
+                                f"({describe_parts(ref.parts)}) leave it none of the {len(whole):,} there; give it more images or smaller parts")
         raise OodbenchError(f"{origin} has no images")
     available = len(source)
     if ref.limit is not None and ref.limit < available:

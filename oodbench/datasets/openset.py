@@ -67,8 +67,9 @@ def class_split(data_root: Path, image: ImageSpec, source: dict, classes: list[i
     labels = dataset_labels(base)
     absent = sorted(set(classes) - set(labels.tolist()))
     if absent:
-        raise OodbenchError(f"class_split: known classes {absent} have no images in "
-                            f"{getattr(base, 'origin', '') or ref.dataset} (its labels run {labels.min()}..{labels.max()})")
+        where = getattr(base, "origin", "") or ref.dataset
+        raise OodbenchError(f"class_split: known classes {absent} have no images in {where} (its labels run "
+                            f"{labels.min()}..{labels.max()})")
     is_known = np.isin(labels, classes)
     origin = getattr(base, "origin", ref.dataset)
     if keep == "known":
