@@ -164,16 +164,16 @@ def test_imagenet_v2_and_r_labels(imagenet_root):
 
 
 def test_shifted_sets_through_data_status(run_cli, imagenet_root):
-    done = run_cli("data", "status", "imagenet_fs", "--data-root", imagenet_root)
+    done = run_cli("data", "status", "imagenet_fs", "--data-root", imagenet_root, "--wide")  # one line per split
     status = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("csid:")}
     assert "present" in status["csid:imagenet_v2"] and "imagenetv2-matched-frequency-format-val/ (2 images)" in \
         status["csid:imagenet_v2"]
     assert "present" in status["csid:imagenet_r"] and "imagenet-r/ (2 images)" in status["csid:imagenet_r"]
     assert "missing" in status["csid:imagenet_c"] and "missing" in status["csid:imagenet_es"]
-    done = run_cli("data", "status", "imagenet200_fs", "--data-root", imagenet_root)
+    done = run_cli("data", "status", "imagenet200_fs", "--data-root", imagenet_root, "--wide")
     line = next(line for line in done.stdout.splitlines() if line.startswith("csid:imagenet_r"))
     assert "present" in line and "test_imagenet200_r.txt (1 images)" in line
-    listed = run_cli("list", "benchmarks").stdout
+    listed = run_cli("list", "benchmarks", "--wide").stdout  # one line per benchmark
     assert "imagenet_v2, imagenet_c, imagenet_r, imagenet_es" in next(
         line for line in listed.splitlines() if line.startswith("imagenet_fs "))
 
@@ -194,6 +194,6 @@ def test_cifar_c_corruption_and_severity_lists(tmp_path, run_cli):
                        ImageSpec(32, 3))
     assert [int(data[i][0][0, 0, 0]) for i in range(len(data))] == [115] * 4 + [112] * 4 + [125] * 4 + [122] * 4
     assert [data[i][1] for i in range(len(data))] == [0, 1, 2, 3] * 4
-    done = run_cli("data", "status", "cifar10_fs", "--data-root", tmp_path)
+    done = run_cli("data", "status", "cifar10_fs", "--data-root", tmp_path, "--wide")
     line = next(line for line in done.stdout.splitlines() if line.startswith("csid:cifar10c"))
     assert "present" in line and "300" in line and "15 corruptions severities [1, 2, 3, 4, 5]" in line

@@ -189,7 +189,7 @@ def test_openood_imagenet200_resnet18_is_torchvisions_layout(tmp_path, capsys):
     assert features.shape == (2, 512)
 
     assert main(["list", "models", "--openood-dir", str(tmp_path / "results"), "--model-dir", str(tmp_path / "m"),
-                 "--hf-cache", str(tmp_path / "hub")]) == 0
+                 "--hf-cache", str(tmp_path / "hub"), "--wide"]) == 0  # one line per model
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("openood:", "robustbench:", "timm:"))]
     found = [row for row in rows if row[0] == "openood:resnet18_224x224" and "found" in row and "not" not in row]

@@ -135,7 +135,7 @@ def test_cifar10_benchmark_runs_with_its_missing_sets_marked(tmp_path, run_cli):
 
 
 def test_data_status_on_shared(run_cli):
-    result = run_cli("data", "status", "cifar10", "--data-root", SHARED_DATA)
+    result = run_cli("data", "status", "cifar10", "--data-root", SHARED_DATA, "--wide")  # one line per split
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[2:4] for line in result.stdout.splitlines()
             if line[:1].isalpha() and ":" in line.split()[0]}
