@@ -119,7 +119,10 @@ def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool =
         line.append(row["label"])
         if show_params:  # a column in Markdown; in text, a line under the row (the table stays within WIDTH)
             chosen = ", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-"
-            line.append(chosen) if markdown else params.__setitem__(len(body), chosen)
+            if markdown:
+                line.append(chosen)
+            else:
+                params[len(body)] = chosen
         if not blocks:
             line += [number(row, a) if row["status"] == "done" else "-" for a in accuracies]
         for column, metric in compact:
@@ -259,9 +262,8 @@ def wide_markdown(rows: pd.DataFrame, show_params: bool = False) -> str:
     body = []
     for index, row in zip(rows.index, rows.to_dict("records")):
         line = [row["model"], row["label"]]
-        if show_params:  # a column in Markdown; in text, a line under the row (the table stays within WIDTH)
-            chosen = ", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-"
-            line.append(chosen) if markdown else params.__setitem__(len(body), chosen)
+        if show_params:
+            line.append(", ".join(f"{k}={v}" for k, v in json.loads(row["params"] or "{}").items()) or "-")
         line += [number(row, a) if row["status"] == "done" else "-" for a in accuracies]
         for column in columns:
             if row["status"] != "done":
