@@ -40,7 +40,7 @@ def _add_common_run_args(parser: argparse.ArgumentParser) -> None:
                              "time (slower; single-file formats are always hashed)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="at most N images per dataset split (a seeded stratified subset, the same on every "
-                             "machine; named in the table caption); the commands that read a run (compare, "
+                             "machine; named in the table caption); the commands that read a run (compare, attack, "
                              "calibration, report, plot) read the run made with the same --limit")
 
 

@@ -33,7 +33,6 @@ def add_attack(sub, common, overrides_of, names_type) -> None:
                         help="also score ID test images attacked against the classifier as OOD sets")
     parser.add_argument("--postprocessors", type=names_type, metavar="A,B", help="only these methods of the run")
     parser.add_argument("--models", type=names_type, metavar="X,Y", help="only these models of the config")
-    parser.add_argument("--limit", type=int, metavar="N", help="the --limit the run was made with")
     parser.add_argument("--fpr", choices=["classic", "openood"], help="FPR@95 convention (default: the config's)")
     parser.add_argument("--format", choices=["markdown", "latex", "csv", "json"], default="markdown",
                         help="markdown (default), latex, or csv / json (one tidy row per number)")
@@ -57,7 +56,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from oodbench.results.store import ResultStore
     from oodbench.results.tidy import render_tidy
 
-    experiment = CachedExperiment.open(args.config, limit=args.limit, **args.overrides_of(args))
+    experiment = CachedExperiment.open(args.config, **args.overrides_of(args))  # --limit: the run's, as common
     spec = threat_model(experiment, {key: getattr(args, key) for key in FLAGS if getattr(args, key) is not None})
     for kind in args.adversarial_id or []:
         if kind not in KINDS:
