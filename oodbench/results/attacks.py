@@ -33,6 +33,8 @@ NOT_EXACT = "†"  # marks methods attacked through a surrogate or a partial gra
 def attack_tidy(frame: pd.DataFrame, benchmark: str, fingerprint: str) -> pd.DataFrame:
     """One row per number (see the module doc); FPR@95 rows say their convention."""
     tidy = frame.rename(columns={"params": "setting"}).copy()
+    tidy["params"], tidy["searched"] = frame["params"], ""  # the cell's setting column is its hyperparameters here
+    tidy["status"], tidy["reason"] = "done", ""
     tidy["benchmark"], tidy["fingerprint"] = benchmark, fingerprint
     tidy["fpr_convention"] = tidy.metric.map({"fpr95": "classic", "fpr95_openood": "openood"}).fillna("")
     tidy["metric"] = tidy.metric.replace({"fpr95_openood": "fpr95"})
