@@ -68,7 +68,7 @@ def class_split(data_root: Path, image: ImageSpec, source: dict, classes: list[i
     absent = sorted(set(classes) - set(labels.tolist()))
     if absent:
         where = getattr(base, "origin", "") or ref.dataset
-        raise OodbenchError(f"class_split: known classes {absent} have no images in {where} (its labels run "
+        raise OodbenchError(f"class_split: known classes {absent} have no samples in {where} (its labels run "
                             f"{labels.min()}..{labels.max()})")
     is_known = np.isin(labels, classes)
     origin = getattr(base, "origin", ref.dataset)
