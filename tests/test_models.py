@@ -190,10 +190,10 @@ def test_list_models_names_each_official_release_its_files_and_fetch_command(tmp
     rows = {row[0]: row for row in release_rows(tmp_path)}
     assert rows["openood:cifar10_resnet18"] == [
         "openood:cifar10_resnet18", "s0, s1, s2", "2 of 3 found", f"{folder}/s*/best.ckpt",
-        "oodbench data fetch openood-v1.5/cifar10_res18_v1.5"]
+        f"oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root {tmp_path}"]
     assert rows["openood:imagenet_resnet50"][2:] == [
         "not found", f"{tmp_path}/openood_results/pretrained_weights/resnet50-0676ba61.pth",
-        "oodbench data fetch openood-v1.5/resnet50_imagenet1k_v1"]
+        f"oodbench data fetch openood-v1.5/resnet50_imagenet1k_v1 --data-root {tmp_path}"]
 
 def test_openood_resnet50_is_torchvisions(context, tmp_path):
     """OpenOOD's ImageNet-1K model is torchvision's ResNet-50 (IMAGENET1K_V1), ImageNet normalisation."""
