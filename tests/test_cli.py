@@ -254,3 +254,10 @@ def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_p
             (command, unlimited.stderr[-1500:])
     other = run_cli(*commands[0], "--limit", "30")
     assert other.returncode == 2 and "run `oodbench run" in other.stderr and "--limit 30` first" in other.stderr
+    # Beside a whole run, compare --limit 60 still reads the sampled run; without --limit, the whole one.
+    assert run_cli("run", config).returncode == 0
+    sampled, whole = run_cli(*commands[3], "--limit", "60"), run_cli(*commands[3])
+    assert sampled.returncode == 0 and whole.returncode == 0, (sampled.stderr[-1500:], whole.stderr[-1500:])
+    assert "ID test 60 of 216" in " ".join(sampled.stdout.split())
+    assert "ID test 60 of 216" not in " ".join(whole.stdout.split())
+    assert sampled.stdout.split("\n\n")[0] != whole.stdout.split("\n\n")[0]

@@ -55,7 +55,7 @@ def comparison_results(store: ResultStore, config: ExperimentConfig, fpr: str = 
     tag_of = {m: tag for tag, models in tagged.items() for m in models}
     benchmark = load_benchmark(config.benchmark).name
     names = resolve_postprocessors(config.postprocessors, config.plugins)
-    board = leaderboard_frame(store, benchmark, list(tag_of), names, fpr=fpr)
+    board = leaderboard_frame(store, benchmark, list(tag_of), names, fpr=fpr, limit=config.limit)
     if not board.empty:
         settings = board.postprocessor.map(
             lambda n: setting_of(config.search, config.params.get(n, {}), config.conventions))

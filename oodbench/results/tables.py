@@ -55,6 +55,14 @@ def stored_limits(store, benchmark: str) -> list[int]:
     return list(dict.fromkeys(int(n) for n in runs.sort_values("created", ascending=False).limit))
 
 
+def limited_runs(datasets: pd.DataFrame, limit: int) -> set[tuple[str, str]]:
+    """(model, data fingerprint) pairs of the runs sampled with ``--limit limit``: those whose
+    largest sampled split read exactly `limit` images."""
+    limited = sampled_splits(datasets)
+    runs = limited.groupby(["model", "data_fingerprint"]).samples.max()
+    return {pair for pair, most in runs.items() if int(most) == limit}
+
+
 def run_first(store, benchmark: str, source: str, limit: int | None) -> str:
     """What to do when a command finds no result of the run it reads: run it (with the same
     ``--limit``), or read the sampled run the store (None: none yet) holds with its ``--limit``."""
@@ -178,10 +186,13 @@ def leaderboard_frames(store: ResultStore, benchmark: str, models: list[str] | N
 def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | None = None,
                       postprocessors: list[str] | None = None, fpr: str = "classic",
                       fingerprints: list[str] | None = None, fingerprint: str | None = None,
-                      every: bool = False, conventions: str | None = None) -> pd.DataFrame:
+                      every: bool = False, conventions: str | None = None,
+                      limit: int | None = None) -> pd.DataFrame:
     """One row per shown cell (see `select_cells`); columns ``<set>|fpr``, ``<set>|auroc``.
     `conventions`: only cells computed under that profile (`oodbench.conventions`), named in
-    the caption; None: every profile's cells.
+    the caption; None: every profile's cells. `limit`: only cells of the ``--limit limit`` run
+    where the store holds one (a command given ``--limit`` reads that run even beside a whole
+    one); with none sampled so, the usual choice (a limit above every split's size reads them whole).
 
     ``label`` names the postprocessor, with its setting when the table holds more than one
     setting of it for a model (``msp [searched]``, ``ebo temperature=2``), and with the cell's
@@ -191,6 +202,8 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
     if conventions is not None:
         cells = cells[cells.setting.map(conventions_of) == conventions]
     datasets = store.frame("datasets", benchmark=benchmark, model=models)
+    if limit is not None and (runs := limited_runs(datasets, limit)):
+        cells = cells[[pair in runs for pair in zip(cells.model, cells.data_fingerprint)]]
     read = last_read(datasets)
     cells, hidden = select_cells(cells, fingerprints, fingerprint, every, sampled_data(datasets), read)
     results = store.frame("results", benchmark=benchmark, model=models, postprocessor=postprocessors)
