@@ -231,7 +231,7 @@ def test_odin_composites_refuse_what_cannot_follow_a_perturbation():
 def test_list_names_the_composite_syntax_and_what_bats_needs(capsys):
     from oodbench.cli import main
 
-    assert main(["list", "postprocessors"]) == 0
+    assert main(["list", "postprocessors", "--wide"]) == 0  # one line per method
     out = capsys.readouterr().out
     assert "composites: <shaper>+<scorer>" in out and "bats, optfs" in out and "odin+<scorer>" in out
     assert "model weights" in next(line for line in out.splitlines() if line.startswith("bats "))

@@ -178,7 +178,7 @@ def test_run_never_imports_the_fetch_machinery_nor_opens_a_socket(tmp_path, sess
 
 def test_list_models_gives_fetch_commands_for_the_users_data_root(run_cli, tmp_path):
     root = tmp_path / "elsewhere"
-    result = run_cli("list", "models", "--data-root", str(root))
+    result = run_cli("list", "models", "--wide", "--data-root", str(root))  # one line per row
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("openood:cifar10_resnet18 "))
     assert row.rstrip().endswith(f"oodbench data fetch openood-v1.5/cifar10_res18_v1.5 --data-root {root}")
