@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from oodbench.results.render import accuracy_header, marks_legend, rank_marks, ranked
+from oodbench.results.ranking import accuracy_header, marks_legend, rank_marks, ranked
 from oodbench.results.tables import FS, FS_ACC, accuracy_columns, caption, compact_columns, metric_columns
 
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",

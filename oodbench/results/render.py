@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from oodbench.results.ranking import accuracy_header, marks_legend, rank_marks, ranked
 from oodbench.results.tables import (FS, FS_ACC, accuracy_columns, aggregate_checkpoints, caption, compact_columns,
                                      metric_columns)
 
@@ -39,32 +40,10 @@ def compact_header(column: str, metric: str) -> str:
     return name.replace("FPR@95", "FPR") if column.startswith(FS) else name
 
 
-def accuracy_header(column: str) -> str:
-    """``acc`` -> ``ACC``, ``FS|acc`` -> ``FS ACC``, ``<shifted set>|acc`` -> ``ACC <set>``."""
-    return "ACC" if column == "acc" else "FS ACC" if column == FS_ACC else f"ACC {column.split('|')[0]}"
 
 
-def ranked(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows by model (in their order), then by near-OOD AUROC (FS-OOD for a full-spectrum
-    benchmark), highest first (the overall average breaks ties and ranks a benchmark without
-    near-OOD sets); unscored rows last."""
-    model_order = {m: i for i, m in enumerate(dict.fromkeys(rows.model))}
-    near = "|".join(compact_columns(rows)[0])
-    average = near.replace("near-OOD", "average")
-    keys = pd.DataFrame({"model": rows.model.map(model_order), "near": -rows[near].fillna(-np.inf),
-                         "all": -rows[average].fillna(-np.inf)})
-    return rows.loc[keys.sort_values(["model", "near", "all"], kind="stable").index]
 
 
-def rank_marks(rows: pd.DataFrame, column: str, metric: str) -> dict[int, str]:
-    """Row index -> ``best``, ``second`` or ``tie`` (not significantly worse than the best)."""
-    values = rows[f"{column}|{metric}"].where(rows.status == "done").dropna().round(12)
-    distinct = sorted(set(values), reverse=metric == "auroc")
-    marks = {i: "best" if v == distinct[0] else "second" for i, v in values.items() if v in distinct[:2]}
-    if f"{column}|{metric}|tie" in rows:
-        marks.update({i: "tie" for i in rows.index[rows[f"{column}|{metric}|tie"].astype(bool)] if i not in marks
-                      or marks[i] == "second"})
-    return marks
 
 
 def number(row: dict, name: str, decimals: int = 2) -> str:
@@ -83,16 +62,6 @@ def number(row: dict, name: str, decimals: int = 2) -> str:
     return text if np.isnan(std) else f"{text}±{100 * std:.2f}"
 
 
-def marks_legend(rows: pd.DataFrame, best: str, second: str | None, tie: str) -> str:
-    text = f"Best per column {best}" + (f", second {second}" if second else "")
-    if rows.attrs.get("ci"):
-        text += (f"; {tie} not significantly worse than the best (paired bootstrap, 95%); [low, high] is the 95% "
-                 "interval")
-    if "checkpoints" in rows and (rows.checkpoints > 1).any():
-        over = "seeds" if rows.attrs.get("seeds") else "checkpoints"
-        text += f"; ± is the standard deviation over {over}" if not rows.attrs.get("ci") else (
-            "; intervals are those of the mean over checkpoints")
-    return text
 
 
 def compact_text(rows: pd.DataFrame, markdown: bool = False, show_params: bool = False) -> str:
