@@ -12,7 +12,7 @@ from torch import nn
 
 from oodbench.errors import OodbenchError
 from oodbench.postprocessors import optfs
-from oodbench.postprocessors.base import Number
+from oodbench.postprocessors.base import Number, Outputs
 from oodbench.postprocessors.shaping import PRUNING_PERCENTILE, ash, kept_count, percentile, scale
 from oodbench.postprocessors.streaming import column_mean
 
