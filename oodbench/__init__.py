@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "OodbenchError": "oodbench.errors",
-    "Outputs": "oodbench.postprocessors.base",
+    "Outputs": "oodbench.outputs",
     "Postprocessor": "oodbench.postprocessors.base",
     "register_postprocessor": "oodbench.registry",
     "Model": "oodbench.api",

@@ -47,43 +47,15 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 
 from oodbench.errors import MissingExtras, OodbenchError, did_you_mean
+from oodbench.outputs import Outputs
 
 FAMILIES = ("softmax", "logit", "feature", "activation", "gradient", "other")
-
-
-@dataclass
-class Outputs:
-    """Cached outputs of one model on one dataset split.
-
-    ``logits``: N x C (for models that output probabilities, their log), ``features``:
-    N x D penultimate activations, ``labels``: N class labels (-1 for OOD samples),
-    ``fc``: the classifier's (W: C x D, b: C) that maps features to logits.
-    ``model`` and ``inputs`` (a dataset of [0,1] images) are set only for methods that
-    need the model. ``extras``: auxiliary per-sample tensors the model was asked for
-    (name -> N x ...), cached with the logits.
-    """
-
-    logits: torch.Tensor
-    features: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    fc: tuple[torch.Tensor, torch.Tensor] | None = None
-    model: Any = None
-    inputs: Any = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
 
 
 class InvalidHyperparameter(OodbenchError):
