@@ -2,7 +2,7 @@
 
 A PGD attack with S steps costs, per image, S+1 forward and S backward passes (one per
 iterate, the last iterate only scored). This script attacks random 32x32 images with
-``pgd`` on the MSP score through the attack task's own path (`oodbench.attacks.evaluate.
+``pgd`` on the MSP score through the attack task's own path (`oodbench.tasks.attacks.evaluate.
 attacked_scores`: a DataLoader over a dataset, batches moved to the device, per-image random
 starts, the best iterate kept, the attacked images scored by the method and written to the
 attack cache), and in the same run times the bare S+1 forward and S input-backward passes
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from oodbench.attacks.evaluate import AttackCache, attacked_scores
-from oodbench.attacks.objectives import detector_objective
-from oodbench.attacks.spec import parse_attack
+from oodbench.tasks.attacks.evaluate import AttackCache, attacked_scores
+from oodbench.tasks.attacks.objectives import detector_objective
+from oodbench.tasks.attacks.spec import parse_attack
 from oodbench.models.adapter import ModelAdapter
 from oodbench.models.cifar_resnet import TRAINING_MEAN, TRAINING_STD
 from oodbench.postprocessors.base import Outputs

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from oodbench.evaluators.bootstrap import bootstrap_replicates
+from oodbench.metrics.bootstrap import bootstrap_replicates
 
 
 def main() -> None:

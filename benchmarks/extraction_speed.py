@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from oodbench.benchmark.cache import OutputCache, extract
+from oodbench.storage.caches import OutputCache
+from oodbench.benchmark.extraction import extract
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset
 from oodbench.models.adapter import ModelAdapter
 

@@ -34,14 +34,14 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
-from oodbench.benchmark.cache import extract
+from oodbench.benchmark.extraction import extract
 from oodbench.benchmark.jobs import fit_cached
 from oodbench.benchmark.plan import benchmark_splits, search_space_for
 from oodbench.benchmark.runner import run_experiment
 from oodbench.benchmark.search import search_hyperparameters
-from oodbench.benchmark.spec import load_benchmark
+from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.datasets.base import load_dataset
-from oodbench.evaluators.metrics import ood_metrics
+from oodbench.metrics.detection import ood_metrics
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
 from oodbench.registry import POSTPROCESSORS
 

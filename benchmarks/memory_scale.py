@@ -126,9 +126,10 @@ def worker(stage: str, size: int, folder: Path, score_rows: int, methods: list[s
 
     import torch
 
-    from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
+    from oodbench.storage.caches import FitStateCache, OutputCache
+    from oodbench.benchmark.extraction import extract
     from oodbench.benchmark.jobs import nonfinite_count
-    from oodbench.evaluators.metrics import accuracy
+    from oodbench.metrics.detection import accuracy
     from oodbench.registry import POSTPROCESSORS
 
     torch.set_num_threads(1)

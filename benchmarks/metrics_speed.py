@@ -26,7 +26,7 @@ import time
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from oodbench.evaluators.metrics import ood_metrics, threshold_keeping
+from oodbench.metrics.detection import ood_metrics, threshold_keeping
 
 
 def sklearn_metrics(id_score: np.ndarray, ood_score: np.ndarray) -> dict[str, float]:

@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodbench.benchmark.cache import FitStateCache, extract
+from oodbench.storage.caches import FitStateCache
+from oodbench.benchmark.extraction import extract
 from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.jobs import ExtractJob, RunContext, fit_cached, get_model, load_cached_outputs
 from oodbench.benchmark.plan import benchmark_splits, search_space_for, split_state
 from oodbench.benchmark.search import search_hyperparameters, validation_auroc
-from oodbench.benchmark.spec import load_benchmark
+from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.datasets.base import load_dataset
 from oodbench.identity import FileState, output_key_text
 from oodbench.models.adapter import ModelContext, ModelSpec

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from oodbench.version import __version__
 
 _LAZY = {
     "OodbenchError": "oodbench.errors",

@@ -112,8 +112,8 @@ def _names(text: str) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from oodbench.benchmark.runner import run_experiment
-    from oodbench.results.render import render_leaderboard, say_where, write_tables
-    from oodbench.results.store import ResultStore
+    from oodbench.report.render import render_leaderboard, say_where, write_tables
+    from oodbench.storage.store import ResultStore
 
     options = {}
     if args.ray_address:
@@ -170,11 +170,11 @@ def add_leaderboard(sub) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from oodbench.results.render import render_leaderboard, say_where, write_tables
-    from oodbench.results.seeds import average_frames, averaged_tidy, mixed_fpr, seed_families
-    from oodbench.results.store import ResultStore
-    from oodbench.results.tables import leaderboard_frames
-    from oodbench.results.tidy import CLEAN_ATTACK, leaderboard_tidy, render_tidy
+    from oodbench.report.render import render_leaderboard, say_where, write_tables
+    from oodbench.report.seeds import average_frames, averaged_tidy, mixed_fpr, seed_families
+    from oodbench.storage.store import ResultStore
+    from oodbench.benchmark.leaderboard import leaderboard_frames
+    from oodbench.report.tidy import CLEAN_ATTACK, leaderboard_tidy, render_tidy
 
     store = ResultStore(args.results, readonly=True)
     stored = sorted(set(store.frame("cells").benchmark))
@@ -190,7 +190,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                             "(--benchmark <family>_seed<N>)")
     resamples = args.resamples if args.ci else None
     if args.reference:
-        from oodbench.results.ledger import load_ledger
+        from oodbench.report.ledger import load_ledger
 
         ledger = load_ledger(args.reference)  # an unknown or broken ledger fails before any table is built
     if args.attack:
@@ -217,7 +217,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
         tidies = [leaderboard_tidy(f, store, resamples, args.ci_seed) for f in frames]
         if args.reference:
-            from oodbench.results.reference import tidy_reference
+            from oodbench.report.reference import tidy_reference
 
             tidies = [tidy_reference(t, f, ledger) for t, f in zip(tidies, frames)]
         tidy = pd.concat(tidies)
@@ -287,8 +287,8 @@ def add_results(sub) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from oodbench.results import inventory
-    from oodbench.results.store import ResultStore
+    from oodbench.report import inventory
+    from oodbench.storage.store import ResultStore
 
     store = ResultStore(args.store, readonly=True)
     known = sorted(set(store.frame("cells").benchmark))
@@ -335,7 +335,7 @@ def _add_wide_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from oodbench import registry
-    from oodbench.results.render import WIDTH, fit_table
+    from oodbench.report.render import WIDTH, fit_table
 
     def tabulate(rows: list, headers: list[str]) -> str:
         return fit_table(rows, headers, args.wide)
@@ -378,7 +378,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         say("ImageNet backbones available offline here (weights found, or the path where they are expected):")
         print(tabulate(offline_rows(args.model_dir, args.openood_dir, args.hf_cache),
                        headers=["model", "options", "weights", "path"]))
-        from oodbench.datasets.fetch import resolve_data_root
+        from oodbench.tasks.data import resolve_data_root
         from oodbench.models.catalog import release_rows
 
         say("OpenOOD v1.5's official checkpoints, by name (each seed one model; under the data root, where "
@@ -389,7 +389,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = [[entry.name, ((entry.obj.__doc__ or "").strip().splitlines() or [""])[0]] for entry in registry.DATASETS.entries()]
         print(tabulate(rows, headers=["dataset source", "description"]))
     elif args.kind == "references":
-        from oodbench.results.ledger import available, load_ledger
+        from oodbench.report.ledger import available, load_ledger
 
         rows = []
         for name in available():
@@ -398,7 +398,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                          ", ".join(sorted(set(ledger.date))), ", ".join(dict.fromkeys(ledger.table))])
         print(tabulate(rows, headers=["reference", "values", "benchmarks", "dates", "tables"]))
     else:
-        from oodbench.benchmark.spec import load_benchmark
+        from oodbench.datasets.benchmarks import load_benchmark
 
         rows = []
         for name in registry.BENCHMARKS.names():
@@ -423,14 +423,14 @@ def add_validate(sub) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from oodbench.benchmark.config import load_config
     from oodbench.benchmark.runner import check_config
-    from oodbench.benchmark.spec import load_benchmark
+    from oodbench.datasets.benchmarks import load_benchmark
 
     from oodbench.models.adapter import check_model, missing_checkpoint
 
     config = load_config(args.config, plugins=args.plugin, data_root=args.data_root)
     names = check_config(config)
     if config.attack is not None:
-        from oodbench.attacks.spec import parse_attack
+        from oodbench.tasks.attacks.spec import parse_attack
 
         parse_attack(config.attack, f"{config.source}: attack")
     for spec in config.models:  # what `run` would refuse when it loads the model
@@ -473,10 +473,10 @@ def add_data(sub) -> None:
 
 
 def cmd_data_status(args: argparse.Namespace) -> int:
-    from oodbench.benchmark.spec import load_benchmark
-    from oodbench.datasets.fetch import benchmark_status, resolve_data_root
+    from oodbench.datasets.benchmarks import load_benchmark
+    from oodbench.tasks.data import benchmark_status, resolve_data_root
     from oodbench.registry import BENCHMARKS
-    from oodbench.results.render import WIDTH, fit_table
+    from oodbench.report.render import WIDTH, fit_table
 
     root = resolve_data_root(args.data_root)
     print(f"data root: {root.resolve()}")
@@ -494,7 +494,7 @@ def cmd_data_status(args: argparse.Namespace) -> int:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from oodbench.datasets.fetch import fetch, resolve_data_root
+    from oodbench.tasks.data import fetch, resolve_data_root
 
     root = resolve_data_root(args.data_root)
     for name in args.name:
@@ -534,9 +534,9 @@ def add_reproduce(sub) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from oodbench.benchmark.reproduce import reproduce
-    from oodbench.datasets.fetch import resolve_data_root
-    from oodbench.results.seeds import seed_families
+    from oodbench.tasks.reproduce import reproduce
+    from oodbench.tasks.data import resolve_data_root
+    from oodbench.report.seeds import seed_families
 
     if args.source_dir and not args.fetch:
         raise OodbenchError("--from imports archives for --fetch; add --fetch")
@@ -549,7 +549,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         num_workers=args.num_workers, threads=args.threads, limit=args.limit, search=args.search)
     # the table: `oodbench leaderboard` on the store, its cells of this release's models and profile, with the
     # release's published values beside them when a ledger holds them (configs/reference/<release>.csv)
-    from oodbench.results.ledger import available
+    from oodbench.report.ledger import available
 
     reference = ["--reference", release.name] if release.name in available() else []
     tables = sorted(seed_families(ran)) if len(ran) > 1 else ran
@@ -588,9 +588,10 @@ def add_compare(sub) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from oodbench.benchmark.config import load_config
-    from oodbench.results.compare import comparison_results, render_comparison
-    from oodbench.results.plots import auroc_bars, save_figure
-    from oodbench.results.store import ResultStore
+    from oodbench.tasks.compare import comparison_results
+    from oodbench.report.compare import render_comparison
+    from oodbench.report.plots import auroc_bars, save_figure
+    from oodbench.storage.store import ResultStore
 
     config = load_config(args.config, **_overrides(args))
     long = comparison_results(ResultStore(config.results, readonly=True), config, args.fpr or config.fpr)
@@ -618,16 +619,17 @@ def add_calibration(sub) -> None:
 
 
 def cmd_calibration(args: argparse.Namespace) -> int:
-    from oodbench.evaluators.calibration import experiment_calibration, noise_levels, render_calibration
+    from oodbench.tasks.calibration import experiment_calibration, noise_levels
+    from oodbench.report.calibration import render_calibration
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.results.plots import calibration_figure, save_figure
+    from oodbench.report.plots import calibration_figure, save_figure
 
     if args.levels < 1:
         raise OodbenchError("--levels must be at least 1")
     experiment = CachedExperiment.open(args.config, **_overrides(args))
     frame = experiment_calibration(experiment, noise_levels(args.levels, args.max_level), args.seed)
     if args.format in ("csv", "json"):
-        from oodbench.results.tidy import calibration_tidy, render_tidy
+        from oodbench.report.tidy import calibration_tidy, render_tidy
 
         models = {m.display: (m.model_label, m.member or "") for m in experiment.config.models}
         print(render_tidy(calibration_tidy(frame, experiment.benchmark.name, experiment.plan.fingerprint, models),
@@ -657,8 +659,7 @@ def add_report(sub) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.evaluators.operating_point import (model_operating_point, render_operating_point, render_summary,
-                                                     summary_frame)
+    from oodbench.tasks.operating_point import (model_operating_point, render_operating_point, render_summary, summary_frame)
     from oodbench.registry import POSTPROCESSORS
 
     experiment = CachedExperiment.open(args.config, **_overrides(args))
@@ -692,8 +693,9 @@ def add_failure(sub) -> None:
 
 def cmd_failure(args: argparse.Namespace) -> int:
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.evaluators.failure import experiment_failure, render_failure
-    from oodbench.results.plots import risk_coverage_figure, save_figure
+    from oodbench.tasks.failure import experiment_failure
+    from oodbench.report.failure import render_failure
+    from oodbench.report.plots import risk_coverage_figure, save_figure
 
     experiment = CachedExperiment.open(args.config, **_overrides(args))
     frame, curves = experiment_failure(experiment, args.postprocessor, args.model)
@@ -739,7 +741,7 @@ def add_plot(sub) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.results.plots import build_plot, save_figure
+    from oodbench.report.plots import build_plot, save_figure
 
     experiment = CachedExperiment.open(args.config, **_overrides(args))
     figure, stem = build_plot(args.kind, experiment, postprocessor=args.postprocessor, eps=args.eps,

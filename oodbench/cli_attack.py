@@ -1,6 +1,6 @@
 """`oodbench attack`: detectors under attack, on a finished run (its output cache and store).
 
-The threat model comes from the config's ``attack:`` mapping (`oodbench.attacks.spec`),
+The threat model comes from the config's ``attack:`` mapping (`oodbench.tasks.attacks.spec`),
 each flag overriding its key. Prints clean vs attacked AUROC / FPR@95 per model, method and
 eps, and robust vs standard models under the same attack; writes the tidy CSV (with
 ``attack``, ``eps`` and ``gradient`` columns) and the AUROC-vs-eps figure to ``--output``,
@@ -47,14 +47,14 @@ FLAGS = ("kind", "norm", "eps", "steps", "restarts", "step_size", "schedule", "t
 def cmd_attack(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from oodbench.attacks.adversarial_ood import KINDS, adversarial_ood
-    from oodbench.attacks.evaluate import attack_experiment
+    from oodbench.tasks.attacks.adversarial_ood import KINDS, adversarial_ood
+    from oodbench.tasks.attacks.evaluate import attack_experiment
     from oodbench.benchmark.experiment import CachedExperiment
     from oodbench.errors import OodbenchError
-    from oodbench.results.attacks import attack_figure, attack_table, attack_tidy, robust_vs_standard, store_rows
-    from oodbench.results.plots import save_figure
-    from oodbench.results.store import ResultStore
-    from oodbench.results.tidy import render_tidy
+    from oodbench.report.attacks import attack_figure, attack_table, attack_tidy, robust_vs_standard, store_rows
+    from oodbench.report.plots import save_figure
+    from oodbench.storage.store import ResultStore
+    from oodbench.report.tidy import render_tidy
 
     experiment = CachedExperiment.open(args.config, **args.overrides_of(args))  # --limit: the run's, as common
     spec = threat_model(experiment, {key: getattr(args, key) for key in FLAGS if getattr(args, key) is not None})
@@ -103,8 +103,8 @@ def attack_leaderboard(store, benchmarks: list[str], args: argparse.Namespace) -
     import pandas as pd
 
     from oodbench.errors import OodbenchError
-    from oodbench.results.attacks import attack_table, attack_tidy, robust_vs_standard, stored_attacks
-    from oodbench.results.tidy import render_tidy
+    from oodbench.report.attacks import attack_table, attack_tidy, robust_vs_standard, stored_attacks
+    from oodbench.report.tidy import render_tidy
 
     if args.ci or args.reference or args.tables or args.average_seeds or args.wide:
         raise OodbenchError("--attack shows the stored attack runs alone; leave out --ci, --reference, --tables, "
@@ -127,18 +127,18 @@ def attack_leaderboard(store, benchmarks: list[str], args: argparse.Namespace) -
 
 
 def threat_model(experiment, flags: dict):
-    """The config's ``attack:`` with `flags` over its keys, checked (`oodbench.attacks.spec`)."""
-    from oodbench.attacks.spec import parse_attack
+    """The config's ``attack:`` with `flags` over its keys, checked (`oodbench.tasks.attacks.spec`)."""
+    from oodbench.tasks.attacks.spec import parse_attack
 
     return parse_attack({**(experiment.config.attack or {}), **flags}, f"{experiment.config.source}: attack")
 
 
 def attack_comparison(config: str, overrides: dict, fmt: str) -> str:
     """`oodbench compare --attack`: robust vs standard under the config's attack (markdown or LaTeX)."""
-    from oodbench.attacks.evaluate import attack_experiment
+    from oodbench.tasks.attacks.evaluate import attack_experiment
     from oodbench.benchmark.experiment import CachedExperiment
     from oodbench.errors import OodbenchError
-    from oodbench.results.attacks import robust_vs_standard
+    from oodbench.report.attacks import robust_vs_standard
 
     experiment = CachedExperiment.open(config, **overrides)
     if experiment.config.attack is None:

@@ -322,7 +322,7 @@ def fit_key_text(method: Any, output_keys: Iterable[str]) -> str:
                      "params": {name: method.params[name] for name in names}, "outputs": list(output_keys)})
 
 
-ATTACK_VERSION = 2  # bump when `oodbench.attacks` changes the images an attack produces (2: KNN's bank normalised)
+ATTACK_VERSION = 2  # bump when `oodbench.tasks.attacks` changes the images an attack produces (2: KNN's bank normalised)
 
 
 def attack_key_text(method: Any, fit_keys: Iterable[str], output_key: str, attack: dict, eps: float,
@@ -346,7 +346,7 @@ def cell_fingerprint(*, model_identity: str, weights_hash: str, postprocessor: t
                      params: dict, search_space: dict, splits: dict[str, str],
                      conventions: dict | None = None) -> str:
     """One cell of the store: model, method (class, code, settings), the splits it read and the
-    convention profile (`oodbench.conventions`; the default ``paper`` profile adds nothing, so
+    convention profile (`oodbench.benchmark.conventions`; the default ``paper`` profile adds nothing, so
     its cells keep the keys they had before profiles existed)."""
     payload = {"model": model_identity, "weights": weights_hash,
                "postprocessor": f"{postprocessor.__module__}.{postprocessor.__qualname__}",

@@ -179,7 +179,7 @@ DATASETS: Registry[Any] = Registry("dataset", lazy_modules=(
     "oodbench.datasets.openset",
     "oodbench.datasets.svhn",
 ))
-BENCHMARKS: Registry[Any] = Registry("benchmark", lazy_modules=("oodbench.benchmark.spec",))
+BENCHMARKS: Registry[Any] = Registry("benchmark", lazy_modules=("oodbench.datasets.benchmarks",))
 
 
 def register_postprocessor(*names: str) -> Callable[[T], T]:

@@ -39,10 +39,10 @@ import oodbench.registry
 from oodbench.benchmark.experiment import CachedExperiment
 from oodbench.benchmark.jobs import get_model
 from oodbench.benchmark.plan import benchmark_splits
-from oodbench.benchmark.spec import load_benchmark
+from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.datasets.base import load_dataset
 from oodbench.errors import OodbenchError
-from oodbench.evaluators.metrics import threshold_keeping
+from oodbench.metrics.detection import threshold_keeping
 from oodbench.models.adapter import ModelAdapter, ModelContext, ModelSpec
 from oodbench.postprocessors.base import Outputs
 from oodbench.postprocessors.latent import kl_to_standard_normal
@@ -185,7 +185,7 @@ def test_limit_samples_every_split_and_nothing_is_kept_alive(digits, tmp_path):
     from oodbench.api import data as api_data, models as api_models
     from oodbench.benchmark.jobs import _MODELS
     from oodbench.datasets import base
-    from oodbench.results.store import ResultStore
+    from oodbench.storage.store import ResultStore
 
     store = tmp_path / "limited.sqlite"
     oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp"], limit=50,
@@ -215,7 +215,7 @@ def test_a_store_keeps_the_cells(digits, tmp_path):
     store = tmp_path / "api.sqlite"
     frame = oodbench.evaluate(digits.net, digits.test, {"noise": digits.ood["gaussian"]}, ["msp"], store=str(store),
                               cache_dir=str(tmp_path), benchmark="digits-tensors")
-    from oodbench.results.store import ResultStore
+    from oodbench.storage.store import ResultStore
 
     cells = ResultStore(store, readonly=True).frame("cells", benchmark="digits-tensors")
     assert list(cells.postprocessor) == ["msp"] and list(cells.fingerprint) == list(frame.fingerprint)

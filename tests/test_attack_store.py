@@ -83,11 +83,11 @@ def test_leaderboard_attack_rows_are_the_attack_commands_and_clean_stays(digits_
 
 
 def test_a_killed_attack_run_keeps_its_rows_and_a_rerun_resumes(digits_store, capsys, tmp_path):
-    from oodbench.attacks.evaluate import attack_experiment
-    from oodbench.attacks.spec import parse_attack
+    from oodbench.tasks.attacks.evaluate import attack_experiment
+    from oodbench.tasks.attacks.spec import parse_attack
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.results.attacks import store_rows as rows_of
-    from oodbench.results.store import ResultStore
+    from oodbench.report.attacks import store_rows as rows_of
+    from oodbench.storage.store import ResultStore
 
     config, path = digits_store
     experiment = CachedExperiment.open(config)
@@ -116,7 +116,7 @@ def test_a_killed_attack_run_keeps_its_rows_and_a_rerun_resumes(digits_store, ca
 
 
 def test_a_store_without_the_attacks_table_still_opens(digits_store, capsys, tmp_path):
-    from oodbench.results.store import SCHEMA_VERSION, ResultStore
+    from oodbench.storage.store import SCHEMA_VERSION, ResultStore
 
     _, path = digits_store
     old = tmp_path / "old.sqlite"

@@ -1,4 +1,4 @@
-"""Attacks on detectors (oodbench.attacks): the threat model, PGD against oracles, the
+"""Attacks on detectors (oodbench.tasks.attacks): the threat model, PGD against oracles, the
 differentiable forms against the methods' own scores, and on the built-in digits models:
 attacks lower AUROC, monotonically in eps and steps, eps = 0 gives the clean numbers, the
 attacked images stay in the ball, batched equals one by one, results come from the cache."""
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from oodbench.attacks.objectives import EXACT, INNER, SURROGATE, TOPK, detector_objective, method_scores
-from oodbench.attacks.pgd import apgd, fgsm, pgd, project
-from oodbench.attacks.spec import eps_label, parse_attack
+from oodbench.tasks.attacks.objectives import EXACT, INNER, SURROGATE, TOPK, detector_objective, method_scores
+from oodbench.tasks.attacks.pgd import apgd, fgsm, pgd, project
+from oodbench.tasks.attacks.spec import eps_label, parse_attack
 from oodbench.errors import OodbenchError
 from tests.conftest import digits_config
 
@@ -136,7 +136,7 @@ def average_auroc(frame, model, method, attack=None, eps=None):
 
 
 def test_attacks_lower_auroc_monotonically_and_eps_zero_is_clean(digits_run):
-    from oodbench.attacks.evaluate import AttackCache, attack_experiment
+    from oodbench.tasks.attacks.evaluate import AttackCache, attack_experiment
 
     experiment, leaderboard = digits_run
     spec = parse_attack({"eps": EPS, "steps": 5})
@@ -166,7 +166,7 @@ def test_attacks_lower_auroc_monotonically_and_eps_zero_is_clean(digits_run):
 
 
 def test_more_steps_attack_no_less(digits_run):
-    from oodbench.attacks.evaluate import attack_experiment
+    from oodbench.tasks.attacks.evaluate import attack_experiment
 
     experiment, _ = digits_run
     curve = []

@@ -551,7 +551,7 @@ def store_fingerprint(path: Path) -> tuple[str, str]:
 
 def make_template_store(path: Path) -> None:
     """A store holding one finished cell, written through the store's API."""
-    from oodbench.results.store import Cell, ResultStore
+    from oodbench.storage.store import Cell, ResultStore
 
     store = ResultStore(path)
     store.write_datasets("digits", "digits-cnn", [{"dataset": "id:test", "group": "id", "status": "present",

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from oodbench.evaluators import bootstrap
-from oodbench.evaluators.bootstrap import (bootstrap_replicates, interval, not_significant, resample_counts,
-                                           resample_indices, stream_of)
+from oodbench.metrics import bootstrap
+from oodbench.metrics.bootstrap import (bootstrap_replicates, interval, not_significant, resample_counts, resample_indices, stream_of)
 
 
 def slow_reference(id_scores, ood_scores, resamples, seed, fpr):

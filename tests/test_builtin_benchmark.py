@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from oodbench.benchmark.spec import load_benchmark
+from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.datasets.base import dataset_labels, load_dataset, stratified_parts
 from oodbench.models import digits
 

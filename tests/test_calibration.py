@@ -13,11 +13,11 @@ import torch
 
 import oodbench
 from oodbench.cli import main
-from oodbench.evaluators.calibration import calibration_under_noise, id_metrics, noise_levels, noisy_logits
-from oodbench.evaluators.metrics import accuracy, auroc, expected_calibration_error
-from oodbench.results import plots
-from oodbench.results.store import ResultStore
-from oodbench.results.tidy import COLUMNS as TIDY_COLUMNS
+from oodbench.tasks.calibration import calibration_under_noise, id_metrics, noise_levels, noisy_logits
+from oodbench.metrics.detection import accuracy, auroc, expected_calibration_error
+from oodbench.report import plots
+from oodbench.storage.store import ResultStore
+from oodbench.report.tidy import COLUMNS as TIDY_COLUMNS
 from tests.conftest import digits_config
 
 

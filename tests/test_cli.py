@@ -14,8 +14,8 @@ import yaml
 
 from oodbench.benchmark.runner import run_experiment
 from oodbench.models.adapter import ModelAdapter
-from oodbench.results.store import ResultStore
-from oodbench.results.tables import leaderboard_frame
+from oodbench.storage.store import ResultStore
+from oodbench.benchmark.leaderboard import leaderboard_frame
 from tests.conftest import REPO, compact_rows, digits_config
 
 PLUGINS = Path(__file__).parent / "plugins"

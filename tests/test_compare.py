@@ -13,10 +13,11 @@ import yaml
 from oodbench.benchmark.config import load_config
 from oodbench.cli import main
 from oodbench.errors import OodbenchError
-from oodbench.results import plots
-from oodbench.results.compare import DELTA, comparison_results, delta_table, pro_gain_table, render_comparison
-from oodbench.results.store import Cell, ResultStore
-from oodbench.results.tidy import COLUMNS as TIDY_COLUMNS
+from oodbench.report import plots
+from oodbench.tasks.compare import DELTA, comparison_results, delta_table, pro_gain_table
+from oodbench.report.compare import render_comparison
+from oodbench.storage.store import Cell, ResultStore
+from oodbench.report.tidy import COLUMNS as TIDY_COLUMNS
 
 POSTPROCESSORS = ["msp", "entropy", "pro_msp", "pro_ent", "gen"]  # pro_ent's base entropy present; gen has no PRO
 # AUROC per (model, postprocessor): near set digits_6_9; far sets textures and gaussian

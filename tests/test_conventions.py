@@ -1,4 +1,4 @@
-"""Convention profiles (oodbench.conventions): each OpenOOD rule against an independent
+"""Convention profiles (oodbench.benchmark.conventions): each OpenOOD rule against an independent
 implementation of OpenOOD v1.5's code on fixed inputs, and the profile through a real CLI run.
 
 The metric (trapezoid AUPR, OOD-positive FPR@95), temperature-fit, ODIN-table and PRO-units
@@ -17,8 +17,8 @@ import torch
 from oodbench.benchmark import search
 from oodbench.benchmark.config import load_config
 from oodbench.benchmark.plan import Plan, search_space_for
-from oodbench.benchmark.spec import load_benchmark
-from oodbench.conventions import load_conventions
+from oodbench.datasets.benchmarks import load_benchmark
+from oodbench.benchmark.conventions import load_conventions
 from oodbench.errors import OodbenchError
 from oodbench.postprocessors.base import Outputs, Postprocessor, grid
 from oodbench.registry import POSTPROCESSORS
@@ -106,7 +106,7 @@ def test_odin_and_iodin_read_the_id_datasets_std_on_every_benchmark():
     built-in benchmark's ID dataset is itself, or for *_fs the benchmark it extends."""
     import yaml
 
-    from oodbench.benchmark.spec import BENCHMARK_DIR
+    from oodbench.datasets.benchmarks import BENCHMARK_DIR
 
     openood = load_conventions("openood")
     benchmarks = sorted(BENCHMARK_DIR.glob("*.yaml"))
@@ -240,7 +240,7 @@ def test_openood_profile_scores_the_run_as_openoods_code(tmp_path, session_cache
     from oodbench.benchmark.jobs import RunContext, split_outputs
     from oodbench.benchmark.plan import benchmark_splits
     from oodbench.benchmark.runner import run_experiment
-    from oodbench.results.store import ResultStore
+    from oodbench.storage.store import ResultStore
 
     config = load_config(digits_config(tmp_path, postprocessors=[name], limit=300), conventions="openood",
                          cache_dir=str(session_cache), data_root=str(session_cache))

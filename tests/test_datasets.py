@@ -515,7 +515,7 @@ def test_any_of_falls_back_and_applies_the_candidates_part(tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist"])
 def test_shipped_benchmarks_parse_with_version_and_openood_groups(name):
-    from oodbench.benchmark.spec import load_benchmark
+    from oodbench.datasets.benchmarks import load_benchmark
 
     bench = load_benchmark(name)
     assert bench.version == 1 and set(bench.id_splits) == {"train", "val", "test"}
@@ -658,8 +658,8 @@ def test_the_readme_benchmark_example_finds_a_users_folders(tmp_path):
     as it says: every split present, with the counts its parts give."""
     from PIL import Image
 
-    from oodbench.benchmark.spec import load_benchmark
-    from oodbench.datasets.fetch import benchmark_status
+    from oodbench.datasets.benchmarks import load_benchmark
+    from oodbench.tasks.data import benchmark_status
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = re.search(r"```yaml\n(# my_bench\.yaml\n.*?)```", readme, re.S).group(1)

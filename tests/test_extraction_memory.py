@@ -12,8 +12,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from oodbench.benchmark.cache import OutputCache, extract
-from oodbench.benchmark.entries import EntryFile
+from oodbench.storage.caches import OutputCache
+from oodbench.benchmark.extraction import extract
+from oodbench.storage.entries import EntryFile
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset
 from oodbench.models.adapter import ModelAdapter
 

@@ -13,10 +13,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 import oodbench
 from oodbench.benchmark.experiment import CachedExperiment
 from oodbench.cli import main
-from oodbench.evaluators import failure
+from oodbench.tasks import failure
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
-from oodbench.results import plots
+from oodbench.report import plots
 from tests.conftest import digits_config
 
 

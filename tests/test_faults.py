@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oodbench.benchmark.entries import entry_checksum, read_entry
+from oodbench.storage.entries import entry_checksum, read_entry
 from tests.forked_cli import FORKED
 
 SEED = 4
@@ -40,7 +40,7 @@ if _event == "forward":
     from oodbench.models.adapter import ModelAdapter as _owner
     _name = "forward"
 else:
-    from oodbench.results.store import ResultStore as _owner
+    from oodbench.storage.store import ResultStore as _owner
     _name = "write_cell"
 _original, _calls = getattr(_owner, _name), [0]
 def _paused(*args, **kwargs):
@@ -200,7 +200,7 @@ def test_killed_runs_resume_to_the_same_store(tmp_path, trained, baseline):
 # test can kill the process at that exact point.
 PAUSE_IN_TRANSACTION = """
 import sys, time as _time
-import oodbench.results.store as _store
+import oodbench.storage.store as _store
 class _Clock:
     def __getattr__(self, name):
         return getattr(_time, name)
@@ -446,7 +446,7 @@ def test_a_finished_store_on_a_read_only_filesystem_is_readable(tmp_path, baseli
 # after deleting the cell's old rows), so a signal arrives with a cell half written.
 PAUSE_IN_SECOND_CELL = f"""
 import sys, time as _time
-import oodbench.results.store as _store
+import oodbench.storage.store as _store
 class _Clock:
     cells = 0
     def __getattr__(self, name):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from scipy.special import logsumexp, softmax
 
-from oodbench.benchmark.cache import OutputCache, extract
+from oodbench.storage.caches import OutputCache
+from oodbench.benchmark.extraction import extract
 from oodbench.errors import OodbenchError
 from oodbench.postprocessors import distance, subspace
 from oodbench.postprocessors.base import InvalidHyperparameter, Outputs
@@ -269,7 +270,7 @@ def test_all_zero_feature_keeps_a_finite_score(data):
 
 def test_output_cache_carries_the_classifier(tmp_path):
     """extract() records the model's (W, b); the cache round-trips them with the checksum."""
-    from oodbench.benchmark.spec import load_benchmark
+    from oodbench.datasets.benchmarks import load_benchmark
     from oodbench.datasets.base import load_dataset
     from oodbench.models.adapter import ModelAdapter
     from oodbench.models.digits import DigitsCNN

@@ -427,7 +427,7 @@ def test_from_a_missing_folder_is_one_line_and_a_partial_import_says_what_to_do(
 
 
 def test_a_failed_torchvision_download_leaves_no_empty_folder(tmp_path, monkeypatch):
-    from oodbench.datasets import fetch as fetching
+    from oodbench.tasks import data as fetching
     from oodbench.errors import OodbenchError
 
     def offline(root):

@@ -16,10 +16,10 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from oodbench.benchmark.spec import load_benchmark, parse_benchmark
+from oodbench.datasets.benchmarks import load_benchmark, parse_benchmark
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_source
 from oodbench.errors import OodbenchError
-from oodbench.results.store import ResultStore
+from oodbench.storage.store import ResultStore
 
 ID_DIGITS = {"dataset": "sklearn_digits", "options": {"classes": [0, 1, 2, 3, 4, 5]},
              "parts": {"train": 0.6, "val": 0.2, "test": "rest"}}

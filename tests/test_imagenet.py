@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from oodbench.benchmark.spec import BENCHMARK_DIR, load_benchmark
+from oodbench.datasets.benchmarks import BENCHMARK_DIR, load_benchmark
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, load_source
 from oodbench.datasets.imagelist import resize_then_crop
 from oodbench.errors import OodbenchError

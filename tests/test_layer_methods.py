@@ -267,7 +267,7 @@ def test_mds_ensemble_with_openoods_defaults_follows_its_code(openood_style, noi
 
 
 def load_conventions_params(name: str) -> dict:
-    from oodbench.conventions import load_conventions
+    from oodbench.benchmark.conventions import load_conventions
 
     return load_conventions("openood").method_params(name, "cifar10")
 
@@ -484,7 +484,7 @@ def test_a_cell_reading_layer_statistics_is_keyed_by_their_code(tmp_path, sessio
     """Changing how statistics are computed (LAYERS_VERSION) changes gram's cell key, not msp's."""
     from oodbench.benchmark import plan as plan_module
     from oodbench.benchmark.config import load_config
-    from oodbench.benchmark.spec import load_benchmark
+    from oodbench.datasets.benchmarks import load_benchmark
     from tests.conftest import digits_config
 
     config = load_config(digits_config(tmp_path, postprocessors=["gram", "msp"]), cache_dir=str(session_cache),

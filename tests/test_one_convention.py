@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from oodbench.cli import main
-from oodbench.results.store import ResultStore
+from oodbench.storage.store import ResultStore
 from tests.conftest import compact_rows, digits_config
 
 CLASSIC = "FPR@95 with ID as positive"
@@ -173,8 +173,8 @@ def test_run_says_in_one_line_that_nothing_is_published_for_its_benchmark(openoo
 
 
 def test_seeds_run_under_two_conventions_are_averaged_only_in_one_asked_for(tmp_path, capsys):
-    from oodbench.evaluators.metrics import ood_metrics
-    from oodbench.results.store import Cell
+    from oodbench.metrics.detection import ood_metrics
+    from oodbench.storage.store import Cell
 
     rng = np.random.default_rng(0)
     store = ResultStore(tmp_path / "seeds.sqlite")

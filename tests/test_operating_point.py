@@ -10,9 +10,9 @@ from sklearn.metrics import precision_recall_fscore_support
 
 import oodbench
 from oodbench.cli import main
-from oodbench.evaluators.metrics import auroc, fpr_at_tpr, threshold_keeping
+from oodbench.metrics.detection import auroc, fpr_at_tpr, threshold_keeping
 from oodbench.benchmark.experiment import CachedExperiment
-from oodbench.evaluators.operating_point import model_operating_point, operating_point
+from oodbench.tasks.operating_point import model_operating_point, operating_point
 from tests.conftest import digits_config
 
 

@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from tests.conftest import SHARED_DATA, SHARED_MODELS, requires_shared
-from oodbench.benchmark.spec import BENCHMARK_DIR, load_benchmark
+from oodbench.datasets.benchmarks import BENCHMARK_DIR, load_benchmark
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_source
-from oodbench.results.seeds import average_over_seeds
+from oodbench.report.seeds import average_over_seeds
 
 # ARPL split.py, splits_2020 (iCGY96/ARPL), copied by hand: known classes in label order.
 ARPL = {
@@ -129,7 +129,7 @@ def test_average_over_seeds():
 def test_leaderboard_averages_seeds_through_cli(run_cli, tmp_path):
     """A store holding fam_seed1..3 (and another benchmark): `--benchmark fam` and
     `--average-seeds` give one row per method with the mean ± sample std over the seeds."""
-    from oodbench.results.store import Cell, ResultStore
+    from oodbench.storage.store import Cell, ResultStore
 
     store = ResultStore(tmp_path / "r.sqlite")
     aurocs = {1: 0.90, 2: 0.80, 3: 0.70}

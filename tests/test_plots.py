@@ -20,9 +20,9 @@ from oodbench.errors import OodbenchError
 from oodbench.benchmark.experiment import CachedExperiment
 from oodbench.postprocessors.base import FAMILIES, Postprocessor
 from oodbench.registry import POSTPROCESSORS
-from oodbench.results import plots
-from oodbench.results.store import ResultStore
-from oodbench.results.tables import leaderboard_frame
+from oodbench.report import plots
+from oodbench.storage.store import ResultStore
+from oodbench.benchmark.leaderboard import leaderboard_frame
 from tests.conftest import digits_config
 
 OOD_SETS = ["digits_6_9 (near)", "textures (far)", "gaussian (far)", "uniform (far)"]

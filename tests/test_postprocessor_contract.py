@@ -23,10 +23,10 @@ import torch
 
 from oodbench.benchmark.jobs import RunContext, get_model, split_outputs
 from oodbench.benchmark.plan import benchmark_splits, search_space_for
-from oodbench.benchmark.spec import load_benchmark
+from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.datasets.base import load_dataset
 from oodbench.errors import MissingExtras, OodbenchError
-from oodbench.evaluators.metrics import auroc
+from oodbench.metrics.detection import auroc
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, grid
 from oodbench.registry import POSTPROCESSORS, load_plugin_file

@@ -102,7 +102,7 @@ def test_the_caption_states_the_transform_that_ran(tmp_path, session_cache):
     import yaml
 
     from oodbench.benchmark.runner import run_experiment
-    from oodbench.results.render import render_leaderboard
+    from oodbench.report.render import render_leaderboard
 
     for index in range(12):
         path = tmp_path / "data" / "mine" / f"c{index % 6}" / f"{index}.png"

@@ -101,7 +101,7 @@ def test_openood_mds_ensemble_on_the_openood_lenet_follows_its_code(mnist_test, 
     data - 0.0014 * that. The stem rule finds block1."""
     from torch.utils.data import TensorDataset
 
-    from oodbench.conventions import load_conventions
+    from oodbench.benchmark.conventions import load_conventions
     from oodbench.models.layers import layer_names
     from oodbench.postprocessors.base import Outputs
     from oodbench.registry import POSTPROCESSORS

@@ -18,12 +18,12 @@ import pytest
 from oodbench import registry
 from oodbench.cli import main
 from oodbench.errors import OodbenchError
-from oodbench.evaluators.metrics import ood_metrics
-from oodbench.results.ledger import COLUMNS, REFERENCE_DIR, architecture_pattern, load_ledger, published_entry
-from oodbench.results.reference import comparisons
-from oodbench.results.render import leaderboard_rows
-from oodbench.results.store import Cell, ResultStore
-from oodbench.results.tables import leaderboard_frame
+from oodbench.metrics.detection import ood_metrics
+from oodbench.report.ledger import COLUMNS, REFERENCE_DIR, architecture_pattern, load_ledger, published_entry
+from oodbench.report.reference import comparisons
+from oodbench.report.render import leaderboard_rows
+from oodbench.storage.store import Cell, ResultStore
+from oodbench.benchmark.leaderboard import leaderboard_frame
 from tests.conftest import REPO, SHARED
 from tests.test_tables import compile_latex, requires_pdflatex
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from oodbench.benchmark import jobs, plan, runner, search
-from oodbench.benchmark.cache import FitStateCache
+from oodbench.storage.caches import FitStateCache
 from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, Outputs, Postprocessor
 from oodbench.postprocessors.subspace import ViM
-from oodbench.results.store import ResultStore
+from oodbench.storage.store import ResultStore
 
 from tests.conftest import digits_config
 
@@ -222,7 +222,7 @@ def test_a_cell_whose_fit_state_is_cached_does_not_read_the_fit_split(tmp_path):
     """ScoreJob reads the (largest) fit split only for a fit the fit-state cache does not hold."""
     from types import SimpleNamespace
 
-    from oodbench.results.store import Cell
+    from oodbench.storage.store import Cell
 
     train, val, ood_val = constructed_case()
     test = Outputs(logits=torch.zeros(30, 3), features=val.features[:30], labels=torch.zeros(30, dtype=torch.long))

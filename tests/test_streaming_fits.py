@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodbench.benchmark.cache import OutputCache
+from oodbench.storage.caches import OutputCache
 from oodbench.postprocessors import distance, neighbours, prototypes, shapers, shaping, streaming
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS

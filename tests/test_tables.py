@@ -20,9 +20,9 @@ from sklearn.metrics import roc_auc_score
 
 from oodbench.benchmark.runner import run_experiment
 from oodbench.cli import main
-from oodbench.evaluators.metrics import ood_metrics
-from oodbench.results.store import Cell, ResultStore
-from oodbench.results.tidy import COLUMNS as TIDY_COLUMNS
+from oodbench.metrics.detection import ood_metrics
+from oodbench.storage.store import Cell, ResultStore
+from oodbench.report.tidy import COLUMNS as TIDY_COLUMNS
 from tests.conftest import compact_rows, digits_config
 
 requires_pdflatex = pytest.mark.skipif(shutil.which("pdflatex") is None,
@@ -315,7 +315,7 @@ def test_stored_scores_reproduce_the_stored_metrics(digits_store):
 
 
 def test_ci_intervals_hold_the_estimates_and_mark_ties(digits_store, capsys):
-    from oodbench.evaluators.bootstrap import bootstrap_replicates, interval
+    from oodbench.metrics.bootstrap import bootstrap_replicates, interval
 
     code, out, _ = cli(capsys, "leaderboard", "--results", digits_store, "--ci", "--resamples", "300", "--format", "csv")
     assert code == 0

@@ -22,8 +22,8 @@ import torch
 import yaml
 from PIL import Image
 
-from oodbench.benchmark.cache import FitStateCache
-from oodbench.benchmark.entries import read_entry
+from oodbench.storage.caches import FitStateCache
+from oodbench.storage.entries import read_entry
 from tests.conftest import SHARED_MODELS, compact_rows
 from tests.forked_cli import FORKED
 
@@ -308,7 +308,7 @@ def test_a_swapped_output_entry_is_not_used(tmp_path, cache):
     config = experiment(tmp_path / "d.yaml", "digits", None)
     assert cli("run", config, "--results", tmp_path / "one.sqlite", cache=cache).returncode == 0
     expected = board(tmp_path / "one.sqlite", cache=cache)
-    from oodbench.benchmark.cache import OutputCache
+    from oodbench.storage.caches import OutputCache
     from oodbench.benchmark.experiment import CachedExperiment
 
     run = CachedExperiment.open(config, cache_dir=str(cache))

@@ -3,7 +3,7 @@
 Input: a folder holding the leaderboard repository's ``results/<benchmark>.csv`` files
 (GitHub ``zjysteven/OpenOOD``, branch ``leaderboard``, last commit 2025-07-19), e.g. the
 project's ``../shared/reference/openood-v1.5``. Output: one ledger row per benchmark, method,
-training, architecture and metric (`oodbench.results.ledger` documents the columns). Nothing
+training, architecture and metric (`oodbench.report.ledger` documents the columns). Nothing
 reads the input at run time: run this once when the leaderboard changes and commit the CSV.
 
     python tools/openood_ledger.py ../shared/reference/openood-v1.5 > configs/reference/openood-v1.5.csv

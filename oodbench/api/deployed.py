@@ -23,18 +23,20 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-import oodbench
+from oodbench.version import __version__
 from oodbench.api import data as api_data
 from oodbench.api import models as api_models
 from oodbench.api.data import image_spec, ood_sets, read_split
 from oodbench.api.models import Model, adapt, as_models, borrowed, model_device
-from oodbench.benchmark.cache import FitStateCache, atomic_save, extract
+from oodbench.storage.caches import FitStateCache
+from oodbench.storage.files import atomic_save
+from oodbench.benchmark.extraction import extract
 from oodbench.benchmark.jobs import RunContext, fit_cached, load_cached_outputs, split_outputs
 from oodbench.benchmark.plan import SplitRef, search_space_for
 from oodbench.benchmark.search import finite_scores, search_hyperparameters
 from oodbench.datasets.base import ImageSpec, TensorImages, Transformed
 from oodbench.errors import OodbenchError
-from oodbench.evaluators.metrics import threshold_keeping
+from oodbench.metrics.detection import threshold_keeping
 from oodbench.models.adapter import ModelAdapter, ModelContext
 from oodbench.postprocessors.base import Outputs, Postprocessor
 from oodbench.registry import POSTPROCESSORS
@@ -103,7 +105,7 @@ class Detector:
                    "extras": {k: v for k, v in (self.model.extras or {}).items() if isinstance(v, str)},
                    "classifier": api_models._layer_name(self.model.net, self.adapter.classifier),
                    "outputs_probabilities": self.model.outputs_probabilities}
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, "oodbench_version": oodbench.__version__,
+        payload = {"format": FORMAT, "version": FORMAT_VERSION, "oodbench_version": __version__,
                    "postprocessor": self.method.name, "params": dict(self.method.params), "fit_state": state,
                    "threshold": self.threshold, "rule": self.rule, "batch_size": self.batch_size,
                    "image": [self.image.size, self.image.channels], "num_classes": self.adapter.num_classes,

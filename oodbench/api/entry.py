@@ -45,7 +45,7 @@ def evaluate(model: Any, id_test: Any, ood: Any, postprocessors: Sequence[str] |
     ``.oodbench_cache``); `device`: default the model's; `limit`: at most that many images
     per split (a seeded stratified subset, as ``--limit``); `plugins`: postprocessor files.
 
-    Returns the DataFrame of `oodbench.results.tables.leaderboard_frame` (FPR and AUROC as
+    Returns the DataFrame of `oodbench.report.tables.leaderboard_frame` (FPR and AUROC as
     fractions in [0, 1]). Raises `OodbenchError` in one line for bad input.
     """
     models = as_models(model, normalization=normalization, output=output, extras=extras, classifier=classifier,
@@ -60,11 +60,11 @@ def calibration(model: Any, id_test: Any, ood: Any, *, groups: Mapping[str, Sequ
                 levels: Sequence[float] | None = None, seed: int = 0, cache_dir: str | None = None,
                 device: str | None = None, limit: int | None = None, normalization: Any = None, output: Any = None,
                 outputs_probabilities: bool = False, batch_size: int = 256) -> pd.DataFrame:
-    """Calibration under logit noise (`oodbench.evaluators.calibration`): per model and noise
+    """Calibration under logit noise (`oodbench.tasks.calibration`): per model and noise
     level s (default ``linspace(0, 2, 10)``), accuracy, ECE (15 bins), NLL (nats) and the MSP
     AUROC per OOD group, with N(0, (s * std(logits))^2) noise added to each split's logits.
     `model` as in `evaluate` (``{name: model}`` compares several, e.g. a softmax baseline)."""
-    from oodbench.evaluators.calibration import experiment_calibration
+    from oodbench.tasks.calibration import experiment_calibration
 
     models = as_models(model, normalization=normalization, output=output,
                        outputs_probabilities=outputs_probabilities)
@@ -97,7 +97,7 @@ def operating_point(model: Any, id_test: Any, ood: Any, postprocessor: str = "ms
     be rejected, and they are removed from `fit` and `val`. The full report of each head
     (per OOD set, precision / recall) is in ``frame.attrs["reports"]``.
     """
-    from oodbench.evaluators.operating_point import model_operating_point, summary_frame
+    from oodbench.tasks.operating_point import model_operating_point, summary_frame
 
     (base,) = as_models(model, normalization=normalization, extras=extras)
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:

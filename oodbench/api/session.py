@@ -24,7 +24,7 @@ from oodbench.api import models as api_models
 from oodbench.api.data import Split, image_spec, ood_sets, read_split
 from oodbench.api.models import Model, adapt, borrowed, model_device
 from oodbench.benchmark.config import FPR_CONVENTIONS, ExperimentConfig
-from oodbench.benchmark.spec import Benchmark
+from oodbench.datasets.benchmarks import Benchmark
 from oodbench.datasets.base import check_limit
 from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.models.adapter import ModelAdapter

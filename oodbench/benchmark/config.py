@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from oodbench.benchmark.spec import read_yaml
-from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
-from oodbench.conventions import load_conventions
+from oodbench.datasets.benchmarks import read_yaml
+from oodbench.benchmark.conventions import DEFAULT as DEFAULT_CONVENTIONS
+from oodbench.benchmark.conventions import load_conventions
 from oodbench.datasets.base import check_limit
 from oodbench.errors import OodbenchError, did_you_mean, require_folder
 from oodbench.models.adapter import ModelSpec
@@ -48,7 +48,7 @@ class ExperimentConfig:
     limit: int | None = None
     search_limit: int = 1000
     threads: int | None = None  # torch intra-op threads of the run; None: `default_threads()`
-    attack: dict[str, Any] | None = None  # the threat model of `oodbench attack` (`oodbench.attacks.spec`)
+    attack: dict[str, Any] | None = None  # the threat model of `oodbench attack` (`oodbench.tasks.attacks.spec`)
     name: str = ""
     source: str = ""
 

@@ -13,18 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from oodbench.benchmark.cache import FitStateCache, OutputCache
+from oodbench.storage.caches import FitStateCache, OutputCache
 from oodbench.benchmark.config import ExperimentConfig, load_config
 from oodbench.benchmark.jobs import RunContext, fit_cached, get_model, load_cached_outputs
 from oodbench.benchmark.plan import Plan, resolve_postprocessors
 from oodbench.benchmark.reads import attach
 from oodbench.benchmark.runner import resolve_device
-from oodbench.benchmark.spec import Benchmark, load_benchmark
+from oodbench.datasets.benchmarks import Benchmark, load_benchmark
 from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelSpec
 from oodbench.postprocessors.base import Outputs, Postprocessor
 from oodbench.registry import POSTPROCESSORS, load_plugins
-from oodbench.results.store import ResultStore
+from oodbench.storage.store import ResultStore
 
 
 @dataclass
@@ -53,7 +53,7 @@ class CachedExperiment:
 
     @property
     def run_first(self) -> str:
-        from oodbench.results.tables import run_first
+        from oodbench.benchmark.leaderboard import run_first
 
         store = self.store if Path(self.config.results).expanduser().is_file() else None
         return run_first(store, self.benchmark.name, self.config.source, self.config.limit)

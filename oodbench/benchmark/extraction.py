@@ -47,7 +47,7 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
     memory for a CUDA device), so memory holds a few batches of images, never the split.
 
     With `cache` and `key`, each batch's outputs go straight to their rows of the entry's
-    file, reserved at its final size after the first batch (`oodbench.benchmark.entries`),
+    file, reserved at its final size after the first batch (`oodbench.storage.entries`),
     and the entry comes back memory-mapped: memory does not grow with the split, and the
     disk holds the entry once. Every `shard_seconds()` (at batch boundaries) the rows so far
     are synced and a journal beside the file records them with their checksum: a killed

@@ -28,21 +28,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from oodbench.benchmark.cache import FitStateCache, OutputCache, extract
+from oodbench.storage.caches import FitStateCache, OutputCache
+from oodbench.benchmark.extraction import extract
 from oodbench.benchmark.config import ExperimentConfig
 from oodbench.benchmark.plan import SplitRef, split_state
 from oodbench.benchmark.reads import attach, ensure_statistics
 from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_scores, limit_validation,
                                       limited_sizes, search_hyperparameters, split_grid)
-from oodbench.conventions import load_conventions
+from oodbench.benchmark.conventions import load_conventions
 from oodbench.datasets.base import ImageSpec, load_dataset
 from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError, debugging, failure_line
-from oodbench.evaluators.metrics import accuracy, ood_metrics
+from oodbench.metrics.detection import accuracy, ood_metrics
 from oodbench.identity import FileState, output_key_text
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
 from oodbench.postprocessors.base import Outputs, Postprocessor, grid
 from oodbench.registry import POSTPROCESSORS, load_plugins
-from oodbench.results.store import Cell
+from oodbench.storage.store import Cell
 
 ID_TEST = "id_test"
 FS = "fs_"  # prefix of the full-spectrum metrics: ID test + covariate-shifted sets as ID (OpenOOD v1.5 fsood)
@@ -219,7 +220,7 @@ class ScoreJob:
     cell_base: dict[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
     search_limit: int | None = None  # input-gradient searches: validation images per side
-    conventions: str = "paper"  # the profile: the AUPR rule and the search's order (`oodbench.conventions`)
+    conventions: str = "paper"  # the profile: the AUPR rule and the search's order (`oodbench.benchmark.conventions`)
     statistics: tuple = ()  # the method's layer statistics, read from the layer cache
     members: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> other checkpoint -> output key
 

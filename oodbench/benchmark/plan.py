@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from oodbench.benchmark.config import ExperimentConfig
-from oodbench.benchmark.spec import CONFIG_DIR, Benchmark, read_yaml
-from oodbench.conventions import DEFAULT as CONVENTIONS
-from oodbench.conventions import Conventions, load_conventions
+from oodbench.datasets.benchmarks import CONFIG_DIR, Benchmark, read_yaml
+from oodbench.benchmark.conventions import DEFAULT as CONVENTIONS
+from oodbench.benchmark.conventions import Conventions, load_conventions
 from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, split_fingerprint_of
 from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean
 from oodbench.benchmark.reads import required_statistics

@@ -7,7 +7,7 @@ output-based scoring fans out over CPUs while extraction and input-gradient meth
 the GPUs. Results come back to the driver, which alone writes the results store; tasks
 share the output cache through the filesystem (on a cluster it must be a shared folder)
 and write it with an atomic rename, so no task reads a half-written entry. Tasks read
-entries memory-mapped (`oodbench.benchmark.entries`): the tasks of one node that read the
+entries memory-mapped (`oodbench.storage.entries`): the tasks of one node that read the
 same split (every cell fitted on the ImageNet train split) share its pages in the page
 cache instead of each holding a copy, and a cell whose fit state is cached does not read
 the fit split at all.

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from oodbench.benchmark.cache import LayerCache, OutputCache
+from oodbench.storage.caches import LayerCache, OutputCache
 from oodbench.errors import OodbenchError
 from oodbench.identity import layer_key_text
 from oodbench.models.layers import LayerStatistic, as_extras, extract_statistics

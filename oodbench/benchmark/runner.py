@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-import oodbench
+from oodbench.version import __version__
 from oodbench.benchmark.config import CACHE_OPTIONS, ExperimentConfig, load_config
 from oodbench.benchmark.executors import Executor, make_executor
 from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
@@ -36,12 +36,12 @@ from oodbench.benchmark.reads import (checkpoint_groups, group_weights, member_k
                                      statistics_by_split)
 from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_placeholder, resolve_params,
                                    resolve_postprocessors, search_space_for)
-from oodbench.benchmark.spec import Benchmark, load_benchmark
-from oodbench.conventions import load_conventions
+from oodbench.datasets.benchmarks import Benchmark, load_benchmark
+from oodbench.benchmark.conventions import load_conventions
 from oodbench.datasets.base import ImageSpec, load_dataset, source_crop
 from oodbench.errors import DatasetMissing, OodbenchError, failure_line, writable_folder
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
-from oodbench.results.store import FALLBACK, Cell, ResultStore
+from oodbench.storage.store import FALLBACK, Cell, ResultStore
 
 
 @lru_cache(maxsize=1)
@@ -148,7 +148,7 @@ def run_experiment(config: str | Path | dict | ExperimentConfig, executor: Execu
 def _run(config: ExperimentConfig, executor: Executor, names: list[str], device: str, quiet: bool,
          resolved_benchmark: Benchmark | None):
     """`run_experiment` once its config is checked, its executor made and its threads set."""
-    from oodbench.results.tables import leaderboard_frame
+    from oodbench.benchmark.leaderboard import leaderboard_frame
 
     started = time.time()
     benchmark = resolved_benchmark if resolved_benchmark is not None else load_benchmark(config.benchmark)
@@ -197,7 +197,7 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
             for n in names if n not in ensembles or group[0] == spec.display}
     done = store.done_fingerprints(benchmark.name)
     pending = {d: [n for n in fingerprints[d] if fingerprints[d][n] not in done] for d in fingerprints}
-    provenance = {"benchmark_version": benchmark.version, "oodbench_version": oodbench.__version__,
+    provenance = {"benchmark_version": benchmark.version, "oodbench_version": __version__,
                   "git_hash": git_hash(), "config_hash": config.digest, "fpr_convention": config.fpr}
 
     notes = {display: transform_note(context.image, plan, config.data_root) for display, context in contexts.items()}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from oodbench.errors import OodbenchError
-from oodbench.evaluators.metrics import auroc
+from oodbench.metrics.detection import auroc
 from oodbench.postprocessors.base import InvalidHyperparameter, Outputs, Postprocessor, grid
 
 

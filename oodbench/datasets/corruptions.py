@@ -1,5 +1,5 @@
 """Covariate-shifted copies of ID test sets in their release layouts: the ``csid:`` sets of
-the full-spectrum benchmarks (`oodbench.benchmark.spec`).
+the full-spectrum benchmarks (`oodbench.datasets.benchmarks`).
 
 - ``cifar_c``: CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich 2019) as released.
   ``<root>/<corruption>.npy`` holds the 10,000 test images once per severity, severity 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oodbench.benchmark.cache import VerifiedFiles
+from oodbench.storage.files import VerifiedFiles
 from oodbench.models.adapter import ModelAdapter, ModelContext, register_model_source
 from oodbench.errors import OodbenchError
 from oodbench.identity import key_of, model_weights_key_text
@@ -98,7 +98,7 @@ def _train(name: str, images: torch.Tensor, labels: torch.Tensor, seed: int | No
 
 def _training_data(context: ModelContext) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The digits ID train split as tensors, and its fingerprint (part of the weights' key)."""
-    from oodbench.benchmark.spec import load_benchmark
+    from oodbench.datasets.benchmarks import load_benchmark
     from oodbench.datasets.base import load_dataset, split_fingerprint_of
     from oodbench.identity import FileState
 

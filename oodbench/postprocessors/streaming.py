@@ -1,6 +1,6 @@
 """Fit statistics over a fit split of any size, a block of rows at a time.
 
-A fit split's outputs are memory-mapped from the output cache (`oodbench.benchmark.entries`),
+A fit split's outputs are memory-mapped from the output cache (`oodbench.storage.entries`),
 so a fit that reads them in blocks holds one block, whatever the split's size:
 
 - `column_mean`: the mean of each column, accumulated in float64;

@@ -42,7 +42,7 @@ class VerifiedFiles:
     def read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """(tensors, scalars) of the entry for `key`, or None when absent or failing a check
         (then it is removed, with one warning line naming the file). The tensors are
-        memory-mapped from the file (`oodbench.benchmark.entries`): pages the kernel can drop."""
+        memory-mapped from the file (`oodbench.storage.entries`): pages the kernel can drop."""
         path = self.path(key)
         if not path.exists():
             return None

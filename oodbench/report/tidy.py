@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from oodbench.results.tables import AVERAGES, FS
+from oodbench.benchmark.leaderboard import AVERAGES, FS
 
 COLUMNS = ["benchmark", "fingerprint", "model", "checkpoint", "postprocessor", "setting", "searched", "params",
            "dataset", "group", "metric", "value", "fpr_convention", "higher_is_better", "status", "reason"]
@@ -108,8 +108,8 @@ def leaderboard_tidy(frame: pd.DataFrame, store, resamples: int | None = None, s
 def _cell_intervals(cells: pd.DataFrame, attrs: dict, store, resamples: int,
                     seed: int) -> dict[tuple[str, str, str], tuple]:
     """(fingerprint, column, auroc | fpr) -> the 95% interval of that cell alone."""
-    from oodbench.results.intervals import add_intervals
-    from oodbench.results.tables import metric_columns
+    from oodbench.report.intervals import add_intervals
+    from oodbench.benchmark.leaderboard import metric_columns
 
     rows = cells.assign(checkpoints=1, fingerprints=[[fp] for fp in cells.fingerprint]).reset_index(drop=True)
     rows.attrs.update(attrs)

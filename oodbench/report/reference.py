@@ -1,7 +1,7 @@
 """The published column: each leaderboard row beside a ledger's value for the same benchmark and method.
 
-`comparisons` pairs every row of a table (`oodbench.results.render.leaderboard_rows`) with the
-ledger entry `oodbench.results.ledger.published_entry` picks (standard training; the row's
+`comparisons` pairs every row of a table (`oodbench.report.render.leaderboard_rows`) with the
+ledger entry `oodbench.report.ledger.published_entry` picks (standard training; the row's
 architecture when the ledger has it, else the benchmark's published one, named), and per
 published metric gives the published value, the difference (row minus published, x100) and
 whether the published value lies inside the row's 95% bootstrap interval (``--ci``) or else
@@ -9,7 +9,7 @@ inside the row's mean ± one standard deviation over its checkpoints (seeds). A 
 only under the conventions the source used (its ``conventions`` column): otherwise, and for an
 FPR@95 the table shows in another convention than the published one, the row says why not.
 `reference_block` lays that out for the block the renderers print below the table (text and
-Markdown: `oodbench.results.render`, LaTeX: `oodbench.results.latex`); `tidy_reference` adds
+Markdown: `oodbench.report.render`, LaTeX: `oodbench.report.latex`); `tidy_reference` adds
 the same as columns to the CSV/JSON rows.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from oodbench.results.ledger import METRICS, STANDARD_TRAINING, published_entry
-from oodbench.results.tables import FS, FS_ACC, conventions_of
+from oodbench.report.ledger import METRICS, STANDARD_TRAINING, published_entry
+from oodbench.benchmark.leaderboard import FS, FS_ACC, conventions_of
 
 AVERAGE = {"near": "near-OOD", "far": "far-OOD"}
 HEADER = {"auroc": "AUROC", "fpr95": "FPR@95", "acc": "ACC"}
@@ -182,8 +182,8 @@ def _cells(found: pd.DataFrame, index: int, shown: list[str]) -> list[str]:
 
 @dataclass
 class Block:
-    """The published block below a table, for the renderers (`oodbench.results.render` for text
-    and Markdown, `oodbench.results.latex`): per row of `rows` in order, its model, label,
+    """The published block below a table, for the renderers (`oodbench.report.render` for text
+    and Markdown, `oodbench.report.latex`): per row of `rows` in order, its model, label,
     published architecture and cells (published, Δ and inside per metric of ``header``)."""
     header: list[str]
     lines: list[tuple[str, str, str, list[str]]]
@@ -192,7 +192,7 @@ class Block:
 
 
 def reference_block(rows: pd.DataFrame, ledger: pd.DataFrame) -> Block:
-    """The published block of `rows` (`oodbench.results.render.leaderboard_rows`) against `ledger`."""
+    """The published block of `rows` (`oodbench.report.render.leaderboard_rows`) against `ledger`."""
     found, shown, legend, notes = reference_table(rows, ledger)
     full_spectrum = bool(rows.attrs.get("csid"))
     head = [name for metric in shown for name in (f"{header(metric, full_spectrum)} pub", "Δ, in")]
@@ -204,7 +204,7 @@ def reference_block(rows: pd.DataFrame, ledger: pd.DataFrame) -> Block:
 
 
 def tidy_reference(tidy: pd.DataFrame, frame: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
-    """`tidy` (`oodbench.results.tidy.leaderboard_tidy` of `frame`) with the published columns on
+    """`tidy` (`oodbench.report.tidy.leaderboard_tidy` of `frame`) with the published columns on
     the rows of a published metric: ``published``, ``published_std`` (fractions, as ``value``),
     ``published_architecture``, ``published_difference`` (value - published), ``published_inside``
     (yes/no, with ``ci_low``/``ci_high``), ``published_source`` and ``published_note`` (why the row

@@ -16,8 +16,9 @@ import re
 import numpy as np
 import pandas as pd
 
-from oodbench.results.ranking import accuracy_header, marks_legend, rank_marks, ranked
-from oodbench.results.tables import FS, FS_ACC, accuracy_columns, caption, compact_columns, metric_columns
+from oodbench.report.ranking import accuracy_header, marks_legend, rank_marks, ranked
+from oodbench.benchmark.leaderboard import FS, FS_ACC, accuracy_columns, metric_columns
+from oodbench.report.tables import caption, compact_columns
 
 SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
            "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
@@ -118,7 +119,7 @@ def _safe_label(label: str) -> str:
 
 
 def latex_reference(block, benchmark: str, reference: str) -> str:
-    """The published block (`oodbench.results.reference.Block`) as a second booktabs table; the
+    """The published block (`oodbench.report.reference.Block`) as a second booktabs table; the
     legend and the reasons rows are not compared make its caption."""
     body = [[escape(model if model != previous else ""), escape(label), escape(architecture),
              *map(escape, cells)] for (model, label, architecture, cells), previous

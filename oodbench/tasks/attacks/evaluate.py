@@ -7,7 +7,7 @@ through `CachedExperiment`), every method and every budget of the `AttackSpec`:
 - *in*: each ID test image is moved to **lower** it;
 - *both*: both at once, the worst case for AUROC and FPR@95.
 
-The loss is the method's own score (`oodbench.attacks.objectives`). The attacked images'
+The loss is the method's own score (`oodbench.tasks.attacks.objectives`). The attacked images'
 scores are the values PGD computed of them when its loss is the method's score (its exact
 forms, which the tests check against the method's own path), saving a forward pass; the
 images of a surrogate attack, FGSM and APGD are scored with the method's real score. An
@@ -28,11 +28,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from oodbench.attacks.objectives import SURROGATE, DetectorObjective, detector_objective, energy, method_scores
-from oodbench.attacks.pgd import apgd, fgsm, pgd_with_values
-from oodbench.attacks.spec import AttackSpec
-from oodbench.benchmark.cache import VerifiedFiles
-from oodbench.evaluators.metrics import ood_metrics
+from oodbench.tasks.attacks.objectives import SURROGATE, DetectorObjective, detector_objective, energy, method_scores
+from oodbench.tasks.attacks.pgd import apgd, fgsm, pgd_with_values
+from oodbench.tasks.attacks.spec import AttackSpec
+from oodbench.storage.files import VerifiedFiles
+from oodbench.metrics.detection import ood_metrics
 from oodbench.identity import attack_key_text
 from oodbench.postprocessors.base import InvalidHyperparameter
 

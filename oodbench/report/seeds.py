@@ -14,7 +14,7 @@ per seed (``osr_mnist6_seed1`` .. ``_seed5``). ``oodbench leaderboard --average-
   ``seeds`` short rather than silently averaging fewer.
 
     oodbench leaderboard --results r.sqlite --format json > rows.json
-    python -m oodbench.results.seeds rows.json
+    python -m oodbench.report.seeds rows.json
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m oodbench.results.seeds ROWS.json|ROWS.csv", file=sys.stderr)
+        print("usage: python -m oodbench.report.seeds ROWS.json|ROWS.csv", file=sys.stderr)
         return 2
     rows = average_over_seeds(read_rows(Path(argv[0])))
     print(f"{'benchmark':<14} {'model':<16} {'postprocessor':<14} {'dataset':<16} {'metric':<13} "

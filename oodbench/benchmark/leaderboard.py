@@ -1,12 +1,11 @@
-"""Leaderboard frames rebuilt from the results store alone (no model is loaded).
+"""Leaderboard frames: the stored cells of one benchmark as a DataFrame (no model is loaded).
 
 `leaderboard_frame`: one row per shown cell, with each OOD set's FPR@95 and AUROC and the
 near-OOD, far-OOD and overall averages (unweighted means over the sets present).
 `aggregate_checkpoints`: one row per (model, postprocessor, setting), the mean and standard
-deviation over the model's checkpoints (one row of one when it has one). The renderers
-(`oodbench.results.render`, `.latex`, `.tidy`) turn these into text; `caption` says what a
-table holds. Missing sets and failed cells are shown as such, and an average over fewer
-sets than the benchmark names says so.
+deviation over the model's checkpoints (one row of one when it has one). The run returns
+these frames; tasks (compare) read them; the report floor (`oodbench.report`) renders them
+as text, LaTeX, tidy exports and HTML. Missing sets and failed cells are kept as such.
 
 A full-spectrum benchmark (``csid:`` sets, covariate-shifted ID) adds, per row, the accuracy on
 each shifted set (``<set>|acc``) and over the ID test and all shifted sets together (``FS|acc``),
@@ -21,10 +20,10 @@ import json
 import numpy as np
 import pandas as pd
 
-from oodbench.conventions import DEFAULT as DEFAULT_CONVENTIONS
-from oodbench.conventions import load_conventions
+from oodbench.benchmark.conventions import DEFAULT as DEFAULT_CONVENTIONS
+from oodbench.benchmark.conventions import load_conventions
 from oodbench.errors import OodbenchError
-from oodbench.results.store import FALLBACK, ResultStore
+from oodbench.storage.store import FALLBACK, ResultStore
 
 AVERAGES = {"near": "near-OOD", "far": "far-OOD", "all": "average"}
 FS = "FS "  # column prefix of the full-spectrum metrics (stored as fs_<metric>)
@@ -189,7 +188,7 @@ def leaderboard_frame(store: ResultStore, benchmark: str, models: list[str] | No
                       every: bool = False, conventions: str | None = None,
                       limit: int | None = None) -> pd.DataFrame:
     """One row per shown cell (see `select_cells`); columns ``<set>|fpr``, ``<set>|auroc``.
-    `conventions`: only cells computed under that profile (`oodbench.conventions`), named in
+    `conventions`: only cells computed under that profile (`oodbench.benchmark.conventions`), named in
     the caption; None: every profile's cells. `limit`: only cells of the ``--limit limit`` run
     where the store holds one (a command given ``--limit`` reads that run even beside a whole
     one); with none sampled so, the usual choice (a limit above every split's size reads them whole).
@@ -290,22 +289,6 @@ def sampling_note(datasets: pd.DataFrame, cells: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
-def transforms_note(frame: pd.DataFrame) -> str:
-    """Which test transform the rows' images went through, and whose (the benchmark's, or a
-    model's own: timm data config, torchvision weights, RobustBench); per model when they differ."""
-    if "preprocessing" not in frame:
-        return ""
-    models: dict[str, list[str]] = {}
-    for model, transform in zip(frame.model, frame.preprocessing):
-        if transform and model not in models.setdefault(transform, []):
-            models[transform].append(model)
-    if len(models) == 1:
-        return f" Test transform: {next(iter(models))}."
-    if models:
-        return " Test transforms: " + "; ".join(f"{t} for {', '.join(m)}" for t, m in models.items()) + "."
-    return ""
-
-
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     """The table's columns of FPR/AUROC pairs: every OOD set, then the averages; for a
     full-spectrum benchmark, then the same again as FS-OOD (`fs_columns`)."""
@@ -325,13 +308,6 @@ def accuracy_columns(frame: pd.DataFrame) -> list[str]:
     ``FS|acc`` (the ID test and every shifted set together, OpenOOD's csid accuracy)."""
     csid = list(frame.attrs.get("csid", []))
     return ["acc"] + [f"{name}|acc" for name in csid] + ([FS_ACC] if csid else [])
-
-
-def compact_columns(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """The compact table's four (column, metric) pairs, the first its ranking: near- and
-    far-OOD AUROC and FPR@95, FS-OOD ones for a full-spectrum benchmark (OpenOOD's layout)."""
-    prefix = FS if frame.attrs.get("csid") else ""
-    return [(prefix + column, metric) for column in ("near-OOD", "far-OOD") for metric in ("auroc", "fpr")]
 
 
 def aggregate_checkpoints(frame: pd.DataFrame) -> pd.DataFrame:
@@ -360,79 +336,3 @@ def aggregate_checkpoints(frame: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     out.attrs.update(frame.attrs)
     return out
-
-
-def fpr_note(frame: pd.DataFrame) -> str:
-    """Where the table's FPR@95 convention is not simply the one its cells were run under."""
-    if frame.attrs.get("fpr_asked"):
-        return ", as asked (--fpr), for every row, whichever convention its cells were run under"
-    others = frame.attrs.get("fpr_others")
-    if others:
-        count = sum(others.values())
-        return (f", the convention these cells were run under; {count} other cell(s) of this benchmark were run "
-                "under the other one and are shown in a table of their own (--fpr shows every cell in one "
-                "convention)")
-    return ""
-
-
-def caption(frame: pd.DataFrame, marks: str) -> str:
-    """What a table holds, for every format: the metrics, the FPR@95 convention, how rows are
-    marked (`marks`, the renderer's own words), checkpoints, intervals, missing sets, what was
-    sampled and which data the rows come from."""
-    groups = frame.attrs["groups"]
-    missing = frame.attrs["missing"]
-    members = {g: ", ".join(d for d in frame.attrs["datasets"] if groups.get(d) == g) or "none"
-               for g in ("near", "far")}
-    text = (f"{frame.attrs['benchmark']}: AUROC and FPR@95 (x100); near-OOD ({members['near']}) and far-OOD "
-            f"({members['far']}) are unweighted means over their sets. {FPR_CAPTION[frame.attrs['fpr']]}"
-            f"{fpr_note(frame)}. {marks}.")
-    profiles = [load_conventions(name) for name in frame.attrs.get("conventions", [])]
-    if len(profiles) == 1:
-        text += " " + profiles[0].caption()
-    elif profiles:
-        text += (f" Rows of {len(profiles)} convention profiles, each row's named in its label: "
-                 + "; ".join(f"{p.name} ({p.description})" for p in profiles) + ".")
-    if frame.attrs.get("csid"):
-        shifted = ", ".join(frame.attrs["csid"])
-        text += (f" FS columns are full-spectrum OOD detection (OpenOOD v1.5's FS-OOD): the ID test set and the "
-                 f"covariate-shifted ID sets ({shifted}) together count as ID; the plain columns compare the ID "
-                 f"test set alone with each OOD set. FS ACC is the accuracy over the ID test and shifted sets "
-                 f"together; the full tables (--wide) give the accuracy on each shifted set (ACC <set>).")
-        if frame.attrs.get("csid_missing"):
-            text += f" MISSING shifted ID sets: {', '.join(frame.attrs['csid_missing'])} (FS over those present)."
-    counts = sorted(set(frame["checkpoints"])) if "checkpoints" in frame else []
-    if frame.attrs.get("seeds"):
-        text += (f" Mean ± standard deviation over seeds {', '.join(map(str, frame.attrs['seeds']))} (each seed its "
-                 f"own class split and checkpoint; one seed: --benchmark {frame.attrs['benchmark']}_seed<N>).")
-        if counts and counts[0] < len(frame.attrs["seeds"]):
-            text += " A row with fewer finished seeds averages those it has."
-    elif counts and counts[-1] > 1:
-        many = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
-        text += f" Mean ± standard deviation over {many} checkpoints per model (n per row in the full tables)."
-    ci = frame.attrs.get("ci")
-    if ci:
-        text += (f" 95% bootstrap intervals: {ci['resamples']:,} resamples of the ID and OOD test images "
-                 f"(paired across methods, seed {ci['seed']}), percentile.")
-        if ci.get("without"):
-            text += (f" {ci['without']} row(s) have no stored per-image scores (computed by an older oodbench): "
-                     "no interval.")
-    if missing:
-        by_group = {g: [d for d in missing if groups.get(d) == g] for g in ("near", "far")}
-        detail = "; ".join(f"{g}-OOD average over the sets present (missing: {', '.join(d)})"
-                           for g, d in by_group.items() if d)
-        text += f" MISSING datasets: {', '.join(missing)} — {detail}."
-    text += transforms_note(frame)
-    if any(name.startswith("pro_") for name in frame.get("postprocessor", [])):
-        text += " PRO eps is in [0,1]-pixel units (normalisation happens inside the model)."
-    text += f" Sampled: {frame.attrs['sampling']}." if frame.attrs.get("sampling") else " All test images used."
-    fingerprints = frame.attrs.get("data_fingerprints", [])
-    if len(fingerprints) == 1:
-        text += f" Data fingerprint {fingerprints[0]}."
-    elif fingerprints:
-        text += (f" Rows from {len(fingerprints)} data fingerprints (runs of different data or definitions), "
-                 f"the latest run's first: {', '.join(fingerprints)}.")
-    if frame.attrs.get("hidden"):
-        text += (f" {frame.attrs['hidden']} other result(s) of the same settings under other fingerprints are not "
-                 "shown: each row is the latest on whole splits, or of a sampled run where no whole one exists "
-                 "(leaderboard --all shows every stored version).")
-    return text

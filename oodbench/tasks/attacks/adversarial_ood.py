@@ -17,10 +17,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from oodbench.attacks.evaluate import (ID_TEST, ROW_COLUMNS, AttackCache, metric_rows, split_images)
-from oodbench.attacks.objectives import method_scores
-from oodbench.attacks.pgd import autoattack_module, fgsm, pgd
-from oodbench.attacks.spec import AttackSpec, eps_label
+from oodbench.tasks.attacks.evaluate import ID_TEST, ROW_COLUMNS, AttackCache, metric_rows, split_images
+from oodbench.tasks.attacks.objectives import method_scores
+from oodbench.tasks.attacks.pgd import autoattack_module, fgsm, pgd
+from oodbench.tasks.attacks.spec import AttackSpec, eps_label
 from oodbench.identity import key_text
 
 KINDS = ("fgsm", "pgd", "apgd")

@@ -3,7 +3,7 @@
 `add_intervals` reads each row's cells' test scores (`ResultStore.read_scores`: checksum
 and count verified; here also that they reproduce the cell's stored AUROC, so scores and
 numbers cannot come from different runs), draws paired resamples of the ID and OOD test
-images (`oodbench.evaluators.bootstrap`), and computes each row's replicate of a column
+images (`oodbench.metrics.bootstrap`), and computes each row's replicate of a column
 exactly as its point estimate: the mean over its checkpoints, and for the near/far/all
 averages the mean over the sets present. It adds, per column and metric,
 ``<column>|<metric>|low`` and ``|high`` (the 95% percentile interval) and ``|tie``: whether
@@ -20,10 +20,10 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from oodbench.evaluators.bootstrap import RESAMPLES, bootstrap_replicates, interval, not_significant
-from oodbench.evaluators.metrics import auroc
-from oodbench.results.store import ResultStore
-from oodbench.results.tables import AVERAGES, FS, metric_columns
+from oodbench.metrics.bootstrap import RESAMPLES, bootstrap_replicates, interval, not_significant
+from oodbench.metrics.detection import auroc
+from oodbench.storage.store import ResultStore
+from oodbench.benchmark.leaderboard import AVERAGES, FS, metric_columns
 
 ID_TEST = "id_test"
 METRICS = ("auroc", "fpr")

@@ -37,7 +37,7 @@ from typing import Hashable, Mapping
 
 import numpy as np
 
-from oodbench.evaluators.metrics import kept_count
+from oodbench.metrics.detection import kept_count
 
 RESAMPLES = 1000
 LEVEL = 0.95

@@ -58,7 +58,7 @@ def reproduce(release_name: str, table: str, root: Path, fetch: bool = False, so
     target = release.target(table)
     ready = readiness(release, target, root)
     if fetch and ready.missing:
-        from oodbench.datasets.fetch import fetch as fetch_name
+        from oodbench.tasks.data import fetch as fetch_name
 
         try:
             fetch_name(f"{release.name}:{table}", root, echo, source_dir)

@@ -44,7 +44,7 @@ from oodbench.postprocessors.base import Outputs, Postprocessor
 from oodbench.postprocessors.gradient import model_device
 from oodbench.postprocessors.pro import max_softmax, pro_trajectory
 from oodbench.registry import POSTPROCESSORS
-from oodbench.results.tables import AVERAGES, leaderboard_frame
+from oodbench.benchmark.leaderboard import AVERAGES, leaderboard_frame
 
 ID_LABEL = "ID test"
 CLASS_PREFIX = "class "
@@ -374,7 +374,7 @@ def risk_coverage_figure(curves: dict, title: str) -> Figure:
     """Selective risk (left) and generalized risk (right, x100) against coverage, one row of
     panels per model and one colour per postprocessor; a dotted black line is the perfect
     ranking at the model's accuracy. `curves`: (model, postprocessor) ->
-    `oodbench.evaluators.failure.RiskCoverage`."""
+    `oodbench.tasks.failure.RiskCoverage`."""
     models = list(dict.fromkeys(model for model, _ in curves))
     names = list(dict.fromkeys(name for _, name in curves))
     colours = dict(zip(names, palette(len(names))))

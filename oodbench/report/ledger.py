@@ -21,7 +21,7 @@ Columns (all required, no others):
 
 `load_ledger` reads and checks one (any bad column or value: `OodbenchError`, one line naming
 the file and line); `published_entry` finds the value a leaderboard row is compared with
-(`oodbench.results.reference` does the comparison). ``tools/openood_ledger.py`` writes the
+(`oodbench.report.reference` does the comparison). ``tools/openood_ledger.py`` writes the
 OpenOOD v1.5 ledger from the leaderboard's published CSV files.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from oodbench.benchmark.spec import BENCHMARK_DIR, CONFIG_DIR
+from oodbench.datasets.benchmarks import BENCHMARK_DIR, CONFIG_DIR
 from oodbench.errors import OodbenchError, did_you_mean
 
 REFERENCE_DIR = CONFIG_DIR / "reference"
@@ -75,7 +75,7 @@ def _load(path: str) -> pd.DataFrame:
     absent = [c for c in COLUMNS if c not in raw.columns]
     if absent:
         raise OodbenchError(f"{path}: missing column(s) {', '.join(absent)}")
-    from oodbench.conventions import available as profiles
+    from oodbench.benchmark.conventions import available as profiles
 
     benchmarks = {p.stem for p in BENCHMARK_DIR.glob("*.yaml")}
     for line, row in zip(range(2, len(raw) + 2), raw.to_dict("records")):

@@ -1,6 +1,6 @@
 """What the text, Markdown and LaTeX leaderboards share: the row order (`ranked`), the best /
 second / tie marks per column (`rank_marks`) and their legend, and the accuracy headers. Kept
-apart from `oodbench.results.render` and `oodbench.results.latex` so that neither imports the other.
+apart from `oodbench.report.render` and `oodbench.report.latex` so that neither imports the other.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from oodbench.results.tables import FS_ACC, compact_columns
+from oodbench.benchmark.leaderboard import FS_ACC
+from oodbench.report.tables import compact_columns
 
 
 def accuracy_header(column: str) -> str:

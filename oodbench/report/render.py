@@ -11,7 +11,7 @@
 Numbers are x100 with 2 decimals; ``±`` is the standard deviation over checkpoints, and with
 ``--ci`` the 95% bootstrap interval follows each value in brackets (in the compact text each
 model then heads its rows on a line of its own, so that the bounds fit). LaTeX is
-`oodbench.results.latex`, CSV/JSON `oodbench.results.tidy`; `render_leaderboard` dispatches
+`oodbench.report.latex`, CSV/JSON `oodbench.report.tidy`; `render_leaderboard` dispatches
 and `write_tables` writes the full tables of a run.
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oodbench.results.ranking import accuracy_header, marks_legend, rank_marks, ranked
-from oodbench.results.tables import (FS, FS_ACC, accuracy_columns, aggregate_checkpoints, caption, compact_columns,
-                                     metric_columns)
+from oodbench.report.ranking import accuracy_header, marks_legend, rank_marks, ranked
+from oodbench.benchmark.leaderboard import FS, FS_ACC, accuracy_columns, aggregate_checkpoints, metric_columns
+from oodbench.report.tables import caption, compact_columns
 
 WIDTH = 100
 HEADER = {"auroc": "AUROC", "fpr": "FPR@95"}
@@ -258,7 +258,7 @@ def leaderboard_rows(frame: pd.DataFrame, store=None, resamples: int | None = No
     """The rows a table shows: checkpoints aggregated, and bootstrap intervals with `resamples`."""
     rows = aggregate_checkpoints(frame)
     if resamples and not rows.empty:
-        from oodbench.results.intervals import add_intervals
+        from oodbench.report.intervals import add_intervals
 
         rows = add_intervals(rows, store, resamples, seed)
     return rows
@@ -267,27 +267,27 @@ def leaderboard_rows(frame: pd.DataFrame, store=None, resamples: int | None = No
 def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = False, show_params: bool = False,
                        store=None, resamples: int | None = None, seed: int = 0, reference: str | None = None) -> str:
     """`frame` (`leaderboard_frame`) in one of `FORMATS`; intervals need the store. `reference`: a
-    published ledger (``configs/reference/<name>.csv``, `oodbench.results.reference`) shown beside
+    published ledger (``configs/reference/<name>.csv``, `oodbench.report.reference`) shown beside
     the rows: a block below the table, or published columns in CSV/JSON."""
     if frame.empty:
         return f"(no results for benchmark '{frame.attrs.get('benchmark')}')"
     ledger = None
     if reference:
-        from oodbench.results.ledger import load_ledger
+        from oodbench.report.ledger import load_ledger
 
         ledger = load_ledger(reference)
     if fmt in ("csv", "json"):
-        from oodbench.results.tidy import leaderboard_tidy, render_tidy
+        from oodbench.report.tidy import leaderboard_tidy, render_tidy
 
         tidy = leaderboard_tidy(frame, store, resamples, seed)
         if ledger is not None:
-            from oodbench.results.reference import tidy_reference
+            from oodbench.report.reference import tidy_reference
 
             tidy = tidy_reference(tidy, frame, ledger)
         return render_tidy(tidy, fmt)
     rows = leaderboard_rows(frame, store, resamples, seed)
     if fmt == "latex":
-        from oodbench.results.latex import latex_leaderboard
+        from oodbench.report.latex import latex_leaderboard
 
         text = latex_leaderboard(rows, wide)
     elif wide:
@@ -295,14 +295,14 @@ def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = Fals
     else:
         text = compact_text(rows, markdown=fmt == "markdown", show_params=show_params)
     if ledger is not None:
-        from oodbench.results.reference import nothing_published, reference_block
+        from oodbench.report.reference import nothing_published, reference_block
 
         nothing = nothing_published(rows, ledger)
         if nothing:
             return text + "\n\n" + (f"% {nothing}" if fmt == "latex" else nothing)
         block = reference_block(rows if wide else ranked(rows), ledger)
         if fmt == "latex":
-            from oodbench.results.latex import latex_reference
+            from oodbench.report.latex import latex_reference
 
             text += "\n\n" + latex_reference(block, rows.attrs["benchmark"], ledger.attrs["name"])
         else:
@@ -311,7 +311,7 @@ def render_leaderboard(frame: pd.DataFrame, fmt: str = "text", wide: bool = Fals
 
 
 def reference_text(block, markdown: bool = False) -> str:
-    """The published block (`oodbench.results.reference.Block`) as a Markdown table, or as text
+    """The published block (`oodbench.report.reference.Block`) as a Markdown table, or as text
     within `WIDTH` columns: each model on a line of its own naming the published architecture
     (one per model, or each used), its rows indented below it."""
     if markdown:
@@ -345,8 +345,8 @@ def write_tables(frame: pd.DataFrame, folder: str | Path, store=None, resamples:
     per convention): leaderboard.md (wide Markdown), leaderboard.tex (wide LaTeX) and
     leaderboard.csv (tidy); returns their paths."""
     from oodbench.errors import OodbenchError
-    from oodbench.results.latex import latex_leaderboard
-    from oodbench.results.tidy import leaderboard_tidy, render_tidy
+    from oodbench.report.latex import latex_leaderboard
+    from oodbench.report.tidy import leaderboard_tidy, render_tidy
 
     limit = frame.attrs.get("limit")
     split = f"-fpr-{frame.attrs['fpr']}" if frame.attrs.get("fpr_others") else ""  # one table per convention

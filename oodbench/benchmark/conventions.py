@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterator
 
-from oodbench.benchmark.spec import CONFIG_DIR, read_yaml
+from oodbench.datasets.benchmarks import CONFIG_DIR, read_yaml
 from oodbench.errors import OodbenchError, did_you_mean
 
 PROFILE_DIR = CONFIG_DIR / "conventions"

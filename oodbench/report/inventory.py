@@ -4,7 +4,7 @@ Per benchmark: its data fingerprints (the benchmark as each run found it, newest
 with their cell counts), then one line per (model, checkpoint, setting) with its cells
 done, failed and missing, how many cell fingerprints (stored versions) it has and when it
 last ran; then the cells that did not finish, with their reasons. ``--failed`` prints
-only those; ``export`` writes the tidy CSV (`oodbench.results.tidy`): FPR@95 in the convention
+only those; ``export`` writes the tidy CSV (`oodbench.report.tidy`): FPR@95 in the convention
 each cell was run under unless ``--fpr`` names one, or ``both``.
 """
 
@@ -15,9 +15,9 @@ import time
 
 import pandas as pd
 
-from oodbench.results.render import WIDTH, aligned
-from oodbench.results.store import ResultStore
-from oodbench.results.tables import leaderboard_frames, setting_label
+from oodbench.report.render import WIDTH, aligned
+from oodbench.storage.store import ResultStore
+from oodbench.benchmark.leaderboard import leaderboard_frames, setting_label
 
 
 def _when(seconds: float) -> str:
@@ -72,7 +72,7 @@ def export(store: ResultStore, benchmarks: list[str], every: bool = False, fmt: 
     """The tidy table of every benchmark: each latest cell, or with `every` each stored version;
     FPR@95 rows in the convention each cell was run under, in `fpr`'s, or with ``both`` in both
     conventions (every stored number, each row naming its own)."""
-    from oodbench.results.tidy import CLEAN_ATTACK, COLUMNS, leaderboard_tidy, render_tidy
+    from oodbench.report.tidy import CLEAN_ATTACK, COLUMNS, leaderboard_tidy, render_tidy
 
     frames = [frame for b in benchmarks for frame in
               leaderboard_frames(store, b, every=every, fpr=None if fpr == "both" else fpr) if not frame.empty]

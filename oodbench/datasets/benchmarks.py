@@ -10,7 +10,7 @@ definitions reused in several places go under ``definitions:`` as YAML anchors.
 The ID test split may name ``holdout_classes: [c, ...]``: ID classes held out as
 pseudo-novel. Their test samples stay in the split; the operating-point report counts
 them as unseen (a deployed detector should call them novel) and reports the seen and
-unseen accuracy (`oodbench.evaluators.operating_point`). Keep them out of the training
+unseen accuracy (`oodbench.tasks.operating_point`). Keep them out of the training
 and validation data (the dataset's ``classes`` option) so that they really are unseen.
 
 ``csid:`` (optional) names covariate-shifted copies of the ID test set (CIFAR-10-C,

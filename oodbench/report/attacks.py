@@ -20,10 +20,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from oodbench.attacks.spec import AttackSpec, eps_label
+from oodbench.tasks.attacks.spec import AttackSpec, eps_label
 from oodbench.identity import digest
-from oodbench.results.plots import DOUBLE_COLUMN, _figure_legend, _title, paper_style, palette
-from oodbench.results.tidy import COLUMNS, LOWER_IS_BETTER
+from oodbench.report.plots import DOUBLE_COLUMN, _figure_legend, _title, paper_style, palette
+from oodbench.report.tidy import COLUMNS, LOWER_IS_BETTER
 
 ATTACK_COLUMNS = ["attack", "eps", "gradient"]
 FPR_METRIC = {"classic": "fpr95", "openood": "fpr95_openood"}
@@ -44,7 +44,7 @@ def attack_tidy(frame: pd.DataFrame, benchmark: str, fingerprint: str) -> pd.Dat
 
 
 def store_rows(block: list[dict], benchmark: str, data_fingerprint: str, spec: AttackSpec, fpr: str) -> list[dict]:
-    """Rows of `oodbench.attacks.evaluate.attack_experiment` (one block) as table ``attacks``
+    """Rows of `oodbench.tasks.attacks.evaluate.attack_experiment` (one block) as table ``attacks``
     holds them: keyed by the threat model's fingerprint (every setting but the budgets, so
     runs with other budget lists add to the same table), with the FPR@95 convention the run
     printed."""

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from oodbench.benchmark.experiment import CachedExperiment
-from oodbench.evaluators.metrics import threshold_keeping
+from oodbench.metrics.detection import threshold_keeping
 from oodbench.models.adapter import ModelSpec
 
 KEEP = 0.95

@@ -1,1 +1,0 @@
-"""Metrics (plain functions) and evaluators built on them."""
