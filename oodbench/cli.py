@@ -713,7 +713,7 @@ def cmd_failure(args: argparse.Namespace) -> int:
     return 0
 
 
-PLOT_KINDS = ("hist", "pro-shift", "landscape", "features", "tradeoff")  # the kinds of results.plots.build_plot
+PLOT_KINDS = ("hist", "pro-shift", "landscape", "features", "tradeoff")  # the kinds of report.plots.build_plot
 
 
 def add_plot(sub) -> None:

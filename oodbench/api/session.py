@@ -5,7 +5,7 @@ their ``python`` sources, builds a `Benchmark` of the splits (ID test/val/train,
 validation, near and far OOD test sets) and an `ExperimentConfig`, and runs them with the
 runner `oodbench run` uses (`run_experiment`): the same plan, fingerprints, output and fit
 caches, search, metrics and results store. After `run`, `experiment` reads the finished
-run back (`CachedExperiment`) for the evaluators. Use it as a context manager: the lent
+run back (`CachedExperiment`) for the tasks (`oodbench.tasks`). Use it as a context manager: the lent
 objects, and a temporary results store when none was given, live for the block only.
 """
 
@@ -192,7 +192,7 @@ class Session:
         return self.frame
 
     def experiment(self, extract: Sequence[str] = ()):
-        """The finished run read back (`CachedExperiment`), for the evaluators; the outputs of
+        """The finished run read back (`CachedExperiment`), for the tasks (`oodbench.tasks`); the outputs of
         the splits `extract` are computed first when no method of the run read them."""
         from oodbench.benchmark.experiment import CachedExperiment
         from oodbench.benchmark.jobs import split_outputs

@@ -1,5 +1,5 @@
 """A finished run, read back: a config, its benchmark, and the cached outputs of each
-(model, split). The evaluators (operating point, calibration under noise) and the plots
+(model, split). The tasks (`oodbench.tasks`: operating point, calibration under noise, ...) and the plots
 share it; it never extracts or trains — a missing entry says to run the experiment."""
 
 from __future__ import annotations
