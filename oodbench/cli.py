@@ -84,11 +84,11 @@ def add_run(sub) -> None:
 
 
 def _add_table_args(parser: argparse.ArgumentParser, page: bool = False) -> None:
+    page_help = ("; html: one self-contained page (sortable tables, the comparison, figures) written to --output, "
+                 "by default tables/<benchmark>/leaderboard.html beside the store")
     parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json", *(["html"] if page else [])],
                         default="text", help="text (default: the compact table, 100 columns), markdown, latex "
-                        "(compiles as pasted; booktabs), csv or json (one tidy row per number)" + (
-                            "; html: one self-contained page (sortable tables, the comparison, figures) written to "
-                            "--output, by default tables/<benchmark>/leaderboard.html beside the store" if page else ""))
+                        "(compiles as pasted; booktabs), csv or json (one tidy row per number)" + (page_help if page else ""))
     parser.add_argument("--wide", action="store_true",
                         help="one column per OOD set (FPR / AUROC) instead of the compact near/far table")
     parser.add_argument("--show-params", action="store_true",

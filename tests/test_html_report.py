@@ -15,7 +15,6 @@ import urllib.parse
 from html.parser import HTMLParser
 
 import numpy as np
-import pandas as pd
 import pytest
 from matplotlib.image import imread
 
@@ -114,6 +113,12 @@ def page_of(path, **options) -> str:
     return leaderboard_page(leaderboard_frames(store, "digits"), store, **options)
 
 
+@pytest.fixture(scope="module")
+def digits_page(digits_store) -> str:
+    """The page of `digits_store` with no options (built once: drawing its figures takes seconds)."""
+    return page_of(digits_store)
+
+
 def check_cells(rows: list[dict], path) -> None:
     """Every number of the leaderboard's rows is the store's, x100 with 2 decimals; the failed row
     shows its status in every metric cell and its reason on hover."""
@@ -134,8 +139,8 @@ def check_cells(rows: list[dict], path) -> None:
             assert float(attrs["data-sort"]) == pytest.approx(value, abs=1e-12), (key, column)
 
 
-def test_the_page_holds_the_stores_numbers_caption_notes_and_comparison(digits_store):
-    page = page_of(digits_store)
+def test_the_page_holds_the_stores_numbers_caption_notes_and_comparison(digits_store, digits_page):
+    page = digits_page
     tables = Tables(page)
     check_cells(records(tables.tables["leaderboard-0"]), digits_store)
     for phrase in ("FPR@95 with ID as positive", "near-OOD (digits_6_9)", "Sampled: ID test 200 of",
@@ -151,8 +156,8 @@ def test_the_page_holds_the_stores_numbers_caption_notes_and_comparison(digits_s
         assert gains[(postprocessor, "near")]["digits-cnn-robust"][0] == f"{100 * robust:.2f}"
 
 
-def test_the_page_is_one_file_with_its_figures_embedded(digits_store):
-    page = page_of(digits_store)
+def test_the_page_is_one_file_with_its_figures_embedded(digits_page):
+    page = digits_page
     assert "http://" not in page and "https://" not in page and "<link" not in page and "src=\"http" not in page
     images = Tables(page).images
     assert len(images) == 2  # the tradeoff and the robust-vs-standard bars, drawn from the rows
@@ -258,10 +263,10 @@ def browse(chromium: str, profile, *arguments: str) -> subprocess.CompletedProce
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def test_in_chromium_the_sorted_dom_holds_the_stores_numbers_and_a_screenshot_shows_it(digits_store, chromium,
-                                                                                       tmp_path):
+def test_in_chromium_the_sorted_dom_holds_the_stores_numbers_and_a_screenshot_shows_it(digits_store, digits_page,
+                                                                                       chromium, tmp_path):
     page = tmp_path / "leaderboard.html"
-    page.write_text(page_of(digits_store), encoding="utf-8")
+    page.write_text(digits_page, encoding="utf-8")
     fragment = urllib.parse.quote("sort=leaderboard-0:near-OOD|auroc:asc", safe="=")
     result = browse(chromium, tmp_path / "profile", "--dump-dom", f"{page.as_uri()}#{fragment}")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -39,8 +39,9 @@ import pandas as pd
 from oodbench import __version__
 from oodbench.errors import OodbenchError
 from oodbench.registry import POSTPROCESSORS
-from oodbench.results.compare import DELTA, GAIN_NOTE, METRICS, comparison_long, delta_table, pro_gain_table
-from oodbench.results.plots import DPI, PAPER_STYLE, auroc_bars, tradeoff_figure, tradeoff_points
+from oodbench.results.compare import (DELTA, GAIN_NOTE, METRICS, comparison_long, delta_table, pro_gain_table,
+                                      value_text)
+from oodbench.results.plots import DPI, PAPER_STYLE, auroc_bars, tradeoff_figure, tradeoff_points, tradeoff_title
 from oodbench.results.ranking import accuracy_header, marks_legend, rank_marks, ranked
 from oodbench.results.render import HEADER, failure_notes, leaderboard_rows, number
 from oodbench.results.tables import AVERAGES, FS, FPR_CAPTION, accuracy_columns, caption, metric_columns
@@ -214,8 +215,7 @@ def frame_table(table: pd.DataFrame, identifier: str, better: str) -> dict:
     for keys, values in table.iterrows():
         cells = [cell(str(key)) for key in keys]
         for name, value in values.items():
-            text = "-" if np.isnan(value) else f"{100 * value:+.2f}" if signed or name == DELTA else f"{100 * value:.2f}"
-            cells.append(cell(text, 100 * value))
+            cells.append(cell(value_text(value, signed or name == DELTA), 100 * value))
         body.append(cells)
     return {"id": identifier, "columns": columns, "rows": body}
 
@@ -233,8 +233,9 @@ def drawn_figures(rows: pd.DataFrame, long: pd.DataFrame | None) -> list[dict]:
             except OodbenchError:  # a plugin's method this process has not loaded
                 families[name] = "other"
         points = tradeoff_points(board, families)
-        title = f"{rows.attrs['benchmark']}: near-OOD ({', '.join(points.attrs['near'])}) detection per method"
-        figures.append({"kind": "tradeoff", "title": title, "png": png(tradeoff_figure(points, title, points.attrs["fpr"]))})
+        title = tradeoff_title(rows.attrs["benchmark"], points)
+        figures.append({"kind": "tradeoff", "title": title, "png": png(tradeoff_figure(points, title,
+                                                                                        points.attrs["fpr"]))})
     if long is not None:
         figures.append({"kind": "compare", "title": f"{long.attrs['benchmark']}: robust vs standard, AUROC",
                         "png": png(auroc_bars(long))})

@@ -567,6 +567,11 @@ def tradeoff_points(board: pd.DataFrame, families: dict[str, str], name: str = "
     return frame
 
 
+def tradeoff_title(benchmark: str, points: pd.DataFrame) -> str:
+    """The tradeoff figure's title: the benchmark and its near-OOD sets (`tradeoff_points`)."""
+    return f"{benchmark}: near-OOD ({', '.join(points.attrs['near'])}) detection per method"
+
+
 def build_plot(kind: str, experiment: CachedExperiment, postprocessor: str = "msp", eps: float = 1e-3,
                samples: int = 500, seed: int = 0, index: int = 0, radius: float = 1.0, steps: int = 41,
                projection: str = "pca", fpr: str | None = None) -> tuple[Figure, str]:
@@ -594,7 +599,5 @@ def build_plot(kind: str, experiment: CachedExperiment, postprocessor: str = "ms
                 f"features_{bench}_{projection}")
     if kind == "tradeoff":
         frame = tradeoff_data(experiment, fpr)
-        return (tradeoff_figure(frame, f"{bench}: near-OOD ({', '.join(frame.attrs['near'])}) detection per method",
-                                frame.attrs["fpr"]),
-                f"tradeoff_{bench}")
+        return tradeoff_figure(frame, tradeoff_title(bench, frame), frame.attrs["fpr"]), f"tradeoff_{bench}"
     raise OodbenchError(f"unknown plot kind '{kind}'; choose from hist, pro-shift, landscape, features, tradeoff")
