@@ -30,6 +30,8 @@ latex:
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    texlive-latex-base texlive-latex-recommended; }
 
+# The HTML page test (tests/test_html_report.py) opens the page in Debian's chromium, which it
+# installs itself when missing and run as root (and otherwise fails saying how to install it).
 test: $(STAMP) latex
 	$(PY) -m pytest -q tests
 

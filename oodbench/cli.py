@@ -83,10 +83,12 @@ def add_run(sub) -> None:
     parser.set_defaults(func=cmd_run)
 
 
-def _add_table_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json"], default="text",
-                        help="text (default: the compact table, 100 columns), markdown, latex (compiles as pasted; "
-                             "booktabs), csv or json (one tidy row per number)")
+def _add_table_args(parser: argparse.ArgumentParser, page: bool = False) -> None:
+    page_help = ("; html: one self-contained page (sortable tables, the comparison, figures) written to --output, "
+                 "by default tables/<benchmark>/leaderboard.html beside the store")
+    parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json", *(["html"] if page else [])],
+                        default="text", help="text (default: the compact table, 100 columns), markdown, latex "
+                        "(compiles as pasted; booktabs), csv or json (one tidy row per number)" + (page_help if page else ""))
     parser.add_argument("--wide", action="store_true",
                         help="one column per OOD set (FPR / AUROC) instead of the compact near/far table")
     parser.add_argument("--show-params", action="store_true",
@@ -153,7 +155,7 @@ def add_leaderboard(sub) -> None:
     parser.add_argument("--conventions", metavar="PROFILE",
                         help="only cells computed under this convention profile (paper, openood, pro), named in "
                              "the caption; default: every profile's cells")
-    _add_table_args(parser)
+    _add_table_args(parser, page=True)
     parser.add_argument("--attack", action="store_true",
                         help="clean vs attacked AUROC / FPR@95 per method and eps, from the runs of `oodbench "
                              "attack` (tidy CSV / JSON: its rows, with attack, eps and gradient columns)")
@@ -194,6 +196,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
         ledger = load_ledger(args.reference)  # an unknown or broken ledger fails before any table is built
     if args.attack:
+        if args.format == "html":
+            raise OodbenchError("--attack has no html page; use --format markdown, latex, csv or json")
         from oodbench.cli_attack import attack_leaderboard
 
         text = attack_leaderboard(store, benchmarks, args)
@@ -226,6 +230,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             tidy = pd.concat([tidy[~seeded].assign(std=float("nan"), seeds=""),
                               averaged_tidy(tidy[seeded]).assign(**CLEAN_ATTACK)])
         text = render_tidy(tidy, args.format)
+    elif args.format == "html":  # the page goes to a file; stdout names it
+        from oodbench.report.html import write_page
+
+        frames = average_frames(frames) if average else frames
+        text = f"report page: {write_page(frames, store, args.output, resamples, args.ci_seed, args.reference)}"
     else:
         frames = average_frames(frames) if average else frames
         text = "\n\n".join(render_leaderboard(f, args.format, args.wide, args.show_params, store, resamples,
@@ -233,7 +242,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     print(text.rstrip("\n"))
     for frame in frames if args.tables else []:
         say_where(write_tables(frame, args.tables, store, resamples, args.ci_seed))
-    if args.output:
+    if args.output and args.format != "html":
         write_output(args.output, text + "\n")
     return 0
 

@@ -45,6 +45,11 @@ def comparison_tidy(long: pd.DataFrame) -> pd.DataFrame:
 
 
 
+def value_text(value: float, signed: bool) -> str:
+    """A comparison value (a fraction) x100 with 2 decimals, with its sign when `signed` (a gain); NaN: ``-``."""
+    return "-" if np.isnan(value) else f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
 def render_table(table: pd.DataFrame, title: str, fmt: str = "markdown", signed: bool = False,
                  label: str = "tab:oodbench-compare", wide: bool = False) -> str:
     """A comparison table x100 (2 decimals; `signed`: the gain columns with their sign) as
@@ -55,10 +60,8 @@ def render_table(table: pd.DataFrame, title: str, fmt: str = "markdown", signed:
 
     if table.empty:
         return f"{title}\n\n(no pairs in the store)" if fmt != "latex" else f"% {title}: no pairs in the store"
-    shown = table * 100
-    body = [[*index, *("-" if np.isnan(v) else f"{v:+.2f}" if signed or column == DELTA else f"{v:.2f}"
-                       for column, v in row.items())]
-            for index, row in shown.iterrows()]
+    body = [[*index, *(value_text(v, signed or column == DELTA) for column, v in row.items())]
+            for index, row in table.iterrows()]
     headers = [*table.index.names, *table.columns]
     if fmt == "latex":
         from oodbench.report.latex import escape, table as latex_table, tabular

@@ -540,7 +540,7 @@ def tradeoff_data(experiment: CachedExperiment, fpr: str | None = None) -> pd.Da
                             "compares methods on them")
     board = leaderboard_frame(experiment.store, experiment.benchmark.name, [m.display for m in config.models],
                               list(methods), fpr=fpr)
-    near, groups = AVERAGES["near"], board.attrs.get("groups", {})
+    near = AVERAGES["near"]
     if not board.empty:
         settings = board.postprocessor.map(lambda name: methods[name].setting)
         board = board[(board.status == "done") & (board.setting == settings)]
@@ -548,12 +548,28 @@ def tradeoff_data(experiment: CachedExperiment, fpr: str | None = None) -> pd.Da
     if board.empty:
         raise OodbenchError(f"no near-OOD results of {config.source} in {experiment.store.path}; "
                             f"{experiment.run_first}")
-    family = {name: plan.cls.family if plan.cls.family in FAMILY_STYLE else "other" for name, plan in methods.items()}
-    frame = pd.DataFrame({"model": board.model, "postprocessor": board.postprocessor,
-                          "family": board.postprocessor.map(family), "auroc": 100 * board[f"{near}|auroc"],
-                          "fpr": 100 * board[f"{near}|fpr"]}).reset_index(drop=True)
-    frame.attrs.update(near=[d for d, g in groups.items() if g == "near"], fpr=fpr)
+    return tradeoff_points(board, {name: plan.cls.family for name, plan in methods.items()}, "postprocessor")
+
+
+def tradeoff_points(board: pd.DataFrame, families: dict[str, str], name: str = "label") -> pd.DataFrame:
+    """`tradeoff_figure`'s frame from `board` (`leaderboard_frame` rows, done, with near-OOD values):
+    per row its model, postprocessor (the board's column `name`: the row's label, or the bare
+    postprocessor where the board holds one setting of each), family (`families`: postprocessor name ->
+    `Postprocessor.family`; an unknown or unlisted one counts as other) and near-OOD AUROC and
+    FPR@95 (x100, the board's convention)."""
+    near = AVERAGES["near"]
+    family = board.postprocessor.map(lambda name: families.get(name) if families.get(name) in FAMILY_STYLE else "other")
+    frame = pd.DataFrame({"model": board.model, "postprocessor": board[name], "family": family,
+                          "auroc": 100 * board[f"{near}|auroc"], "fpr": 100 * board[f"{near}|fpr"]}
+                         ).reset_index(drop=True)
+    frame.attrs.update(near=[d for d, g in board.attrs.get("groups", {}).items() if g == "near"],
+                       fpr=board.attrs["fpr"])
     return frame
+
+
+def tradeoff_title(benchmark: str, points: pd.DataFrame) -> str:
+    """The tradeoff figure's title: the benchmark and its near-OOD sets (`tradeoff_points`)."""
+    return f"{benchmark}: near-OOD ({', '.join(points.attrs['near'])}) detection per method"
 
 
 def build_plot(kind: str, experiment: CachedExperiment, postprocessor: str = "msp", eps: float = 1e-3,
@@ -583,7 +599,5 @@ def build_plot(kind: str, experiment: CachedExperiment, postprocessor: str = "ms
                 f"features_{bench}_{projection}")
     if kind == "tradeoff":
         frame = tradeoff_data(experiment, fpr)
-        return (tradeoff_figure(frame, f"{bench}: near-OOD ({', '.join(frame.attrs['near'])}) detection per method",
-                                frame.attrs["fpr"]),
-                f"tradeoff_{bench}")
+        return tradeoff_figure(frame, tradeoff_title(bench, frame), frame.attrs["fpr"]), f"tradeoff_{bench}"
     raise OodbenchError(f"unknown plot kind '{kind}'; choose from hist, pro-shift, landscape, features, tradeoff")

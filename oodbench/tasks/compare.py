@@ -61,14 +61,22 @@ def comparison_results(store: ResultStore, config: ExperimentConfig, fpr: str = 
     if absent:
         raise OodbenchError(f"{store.path} has no {benchmark} results for {', '.join(absent)}; "
                             f"{run_first(store, benchmark, config.source, config.limit)}")
+    return comparison_long(board, tagged, names)
+
+
+def comparison_long(board: pd.DataFrame, tagged: dict[str, list[str]], names: list[str]) -> pd.DataFrame:
+    """The long frame of `comparison_results` from `board` (`leaderboard_frame` rows, one setting
+    per model and postprocessor, done), `tagged` (standard / robust -> models) and `names` (the
+    postprocessors in table order)."""
+    tag_of = {m: tag for tag, models in tagged.items() for m in models}
     rows = [{"model": row["model"], "tag": tag_of[row["model"]], "postprocessor": row["postprocessor"],
              "group": group, "metric": metric, "value": row[f"{AVERAGES[group]}|{metric}"],
              "checkpoint": row["checkpoint"].replace(", ", "+"), "fingerprint": "+".join(row["fingerprints"]),
              "setting": row["setting"], "checkpoints": row["checkpoints"]}
             for row in aggregate_checkpoints(board).to_dict("records") for group in GROUPS for metric in METRICS]
     frame = pd.DataFrame(rows)
-    frame.attrs.update(benchmark=benchmark, fpr=fpr, tagged=tagged, postprocessors=names,
-                       sampling=board.attrs.get("sampling", ""))
+    frame.attrs.update(benchmark=board.attrs["benchmark"], fpr=board.attrs["fpr"], tagged=tagged,
+                       postprocessors=names, sampling=board.attrs.get("sampling", ""))
     return frame
 
 
