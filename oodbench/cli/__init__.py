@@ -198,7 +198,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.attack:
         if args.format == "html":
             raise OodbenchError("--attack has no html page; use --format markdown, latex, csv or json")
-        from oodbench.cli_attack import attack_leaderboard
+        from oodbench.cli.attack import attack_leaderboard
 
         text = attack_leaderboard(store, benchmarks, args)
         print(text.rstrip("\n"))
@@ -606,7 +606,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     long = comparison_results(ResultStore(config.results, readonly=True), config, args.fpr or config.fpr)
     print(render_comparison(long, args.format, args.wide).rstrip("\n"))
     if args.attack:
-        from oodbench.cli_attack import attack_comparison
+        from oodbench.cli.attack import attack_comparison
 
         print("\n" + attack_comparison(args.config, _overrides(args), args.format))
     paths = save_figure(auroc_bars(long), args.output, f"compare_{long.attrs['benchmark']}")
@@ -763,7 +763,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ main
 
 def add_attack(sub) -> None:
-    from oodbench.cli_attack import add_attack as add
+    from oodbench.cli.attack import add_attack as add
 
     add(sub, _add_common_run_args, _overrides, _names)
 
