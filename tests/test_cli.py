@@ -261,3 +261,32 @@ def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_p
     assert "ID test 60 of 216" in " ".join(sampled.stdout.split())
     assert "ID test 60 of 216" not in " ".join(whole.stdout.split())
     assert sampled.stdout.split("\n\n")[0] != whole.stdout.split("\n\n")[0]
+
+
+HEAVY = ("torch", "numpy", "pandas", "matplotlib", "sklearn", "scipy")
+
+
+def test_the_cli_is_thin_modules_and_builds_its_parser_without_heavy_imports():
+    """One module per command group (issue 27): none over 300 lines; `python -m oodbench.cli`
+    works; building the parser (every command's options) imports none of the heavy libraries,
+    which each handler imports when it runs; every command's --help exits 0."""
+    folder = REPO / "oodbench" / "cli"
+    sizes = {path.name: len(path.read_text().splitlines()) for path in folder.glob("*.py")}
+    assert len(sizes) > 5 and max(sizes.values()) <= 300, sizes
+    probe = ("import sys, oodbench.cli; parser = oodbench.cli.build_parser(); "
+             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules)); "
+             "print(' '.join(parser._subparsers._group_actions[0].choices))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    heavy, commands = done.stdout.splitlines()
+    assert heavy == "[]"
+    assert commands.split() == ["run", "leaderboard", "reproduce", "results", "list", "validate", "data", "compare",
+                                "calibration", "report", "failure", "plot", "attack"]
+    usage = subprocess.run([sys.executable, "-m", "oodbench.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert usage.returncode == 0 and "leaderboard" in usage.stdout, usage.stderr
+    from oodbench.cli import main
+
+    for command in [*commands.split(), "data status", "data fetch"]:
+        with pytest.raises(SystemExit) as stop:
+            main([*command.split(), "--help"])
+        assert stop.value.code == 0, command

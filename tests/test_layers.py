@@ -21,7 +21,7 @@ FLOORS = [
     ("engine", {"benchmark"}),
     ("tasks", {"tasks"}),
     ("report", {"report"}),
-    ("entry points", {"api", "cli", "cli_attack", "__main__", ""}),  # "" is oodbench/__init__.py, the public face
+    ("entry points", {"api", "cli", "__main__", ""}),  # "" is oodbench/__init__.py, the public face
 ]
 FLOOR_OF = {part: level for level, (_, parts) in enumerate(FLOORS) for part in parts}
 

@@ -15,6 +15,7 @@ import time
 
 import pandas as pd
 
+from oodbench.errors import OodbenchError, did_you_mean
 from oodbench.report.render import WIDTH, aligned
 from oodbench.storage.store import ResultStore
 from oodbench.benchmark.leaderboard import leaderboard_frames, setting_label
@@ -22,6 +23,17 @@ from oodbench.benchmark.leaderboard import leaderboard_frames, setting_label
 
 def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if pd.notna(seconds) else "-"
+
+
+def benchmarks_in(store: ResultStore, asked: list[str] | None = None) -> list[str]:
+    """`asked` (None: every benchmark `store` holds, sorted), each checked to be in the store;
+    raises OodbenchError naming the close names and what it holds."""
+    known = sorted(set(store.frame("cells").benchmark))
+    for name in asked or []:
+        if name not in known:
+            raise OodbenchError(f"no benchmark '{name}' in {store.path}{did_you_mean(name, known)}; "
+                                f"it holds: {', '.join(known) or 'nothing yet'}")
+    return asked or known
 
 
 def summary(store: ResultStore, benchmarks: list[str]) -> str:

@@ -130,3 +130,9 @@ def parse_attack(raw: Any, where: str = "attack") -> AttackSpec:
                       step_size=None if step_size is None else float(step_size),
                       schedule=_choice(raw, "schedule", SCHEDULES, where),
                       target=_choice(raw, "target", TARGETS, where), seed=_count(raw, "seed", where, 0))
+
+
+def threat_model(config, flags: dict[str, Any] | None = None) -> AttackSpec:
+    """An experiment config's ``attack:`` mapping with `flags` (e.g. a command's ``--eps``) over
+    its keys, checked as `parse_attack` checks it."""
+    return parse_attack({**(config.attack or {}), **(flags or {})}, f"{config.source}: attack")

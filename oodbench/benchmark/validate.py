@@ -1,0 +1,32 @@
+"""`oodbench validate`: everything about an experiment config that can fail before any data is
+read — plugins, postprocessor names and hyperparameters (fixed and searched), model sources
+and options, checkpoint files — checked in the order `run` would meet them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from oodbench.benchmark.config import ExperimentConfig
+from oodbench.benchmark.runner import check_config
+from oodbench.datasets.benchmarks import load_benchmark
+from oodbench.errors import OodbenchError
+from oodbench.models.adapter import check_model, missing_checkpoint
+
+
+def validate_config(config: ExperimentConfig) -> str:
+    """A one-line summary of a valid `config` (benchmark, models, postprocessors, OOD sets).
+    Raises OodbenchError with the first problem; every missing checkpoint but the last is
+    printed on stderr first, so one run of `validate` names them all."""
+    names = check_config(config)
+    for spec in config.models:  # what `run` would refuse when it loads the model
+        check_model(spec)
+    benchmark = load_benchmark(config.benchmark)
+    missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
+    if missing:
+        for line in missing[:-1]:
+            print(line, file=sys.stderr)
+        raise OodbenchError(missing[-1] + (f" ({len(missing)} checkpoints missing, listed above)"
+                                           if len(missing) > 1 else ""))
+    return (f"ok: {benchmark.name} v{benchmark.version}, {len(config.models)} model(s), "
+            f"{len(names)} postprocessor(s), {len(benchmark.near)} near + {len(benchmark.far)} far OOD sets")

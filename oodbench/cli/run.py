@@ -1,0 +1,61 @@
+"""`oodbench run`: run (or resume) an experiment, print its leaderboard and write its tables."""
+
+from __future__ import annotations
+
+import argparse
+
+from oodbench.cli.common import add_run_options, add_table_options, names, overrides
+from oodbench.errors import OodbenchError
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("run", help="run (or resume) an experiment and print its leaderboard")
+    add_run_options(parser)
+    search = parser.add_mutually_exclusive_group()
+    search.add_argument("--search", dest="search", action="store_true", default=None,
+                        help="search hyperparameters on the validation split (the config's default)")
+    search.add_argument("--no-search", dest="search", action="store_false", help="use the default hyperparameters")
+    parser.add_argument("--executor", default="local",
+                        help="local (default: jobs in this process) or ray (jobs as Ray tasks; "
+                             "needs pip install 'oodbench[ray]')")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="with --executor ray: join this Ray cluster (host:port, or auto for the one this node "
+                             "belongs to) instead of starting a local Ray instance")
+    parser.add_argument("--postprocessors", type=names, metavar="A,B",
+                        help="run these postprocessors instead of the config's list")
+    parser.add_argument("--models", type=names, metavar="X,Y", help="run only these models of the config")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads for this run's forward and backward passes (default: the config's, "
+                             "else one per physical core; see the README)")
+    parser.add_argument("--conventions", metavar="PROFILE",
+                        help="convention profile (configs/conventions/): paper (the default: each method as its "
+                             "paper defines it), openood (OpenOOD v1.5's numbers) or pro (the PRO code's); "
+                             "default: the config's")
+    add_table_options(parser)
+    parser.add_argument("--tables", metavar="DIR", help="write the full tables (Markdown, LaTeX, tidy CSV) to "
+                        "DIR/<benchmark>/ (default: tables/ next to the results store)")
+    parser.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from oodbench.benchmark.runner import run_experiment
+    from oodbench.report.render import render_leaderboard, say_where, write_tables
+    from oodbench.storage.store import ResultStore
+
+    options = {}
+    if args.ray_address:
+        if args.executor != "ray":
+            raise OodbenchError("--ray-address needs --executor ray")
+        options["address"] = args.ray_address
+    frame = run_experiment(args.config, executor=args.executor, executor_options=options, search=args.search,
+                           postprocessors=args.postprocessors, models=args.models,
+                           conventions=args.conventions,
+                           threads=args.threads, **overrides(args))
+    store = ResultStore(frame.attrs["store"], readonly=True)
+    resamples = args.resamples if args.ci else None
+    print(render_leaderboard(frame, args.format, args.wide, args.show_params, store, resamples, args.ci_seed,
+                             args.reference))
+    if not frame.empty:
+        folder = args.tables or store.path.parent / "tables"
+        say_where(write_tables(frame, folder, store, resamples, args.ci_seed))
+    return 0
