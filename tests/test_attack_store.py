@@ -86,7 +86,7 @@ def test_a_killed_attack_run_keeps_its_rows_and_a_rerun_resumes(digits_store, ca
     from oodbench.tasks.attacks.evaluate import attack_experiment
     from oodbench.tasks.attacks.spec import parse_attack
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.report.attacks import store_rows as rows_of
+    from oodbench.tasks.attacks.record import store_rows as rows_of
     from oodbench.storage.store import ResultStore
 
     config, path = digits_store

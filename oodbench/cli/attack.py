@@ -49,7 +49,8 @@ FLAGS = ("kind", "norm", "eps", "steps", "restarts", "step_size", "schedule", "t
 def cmd_attack(args: argparse.Namespace) -> int:
     from oodbench.tasks.attacks.spec import threat_model
     from oodbench.benchmark.experiment import CachedExperiment
-    from oodbench.report.attack_report import attack_and_record, attack_report, write_attack_files
+    from oodbench.report.attack_report import attack_report, write_attack_files
+    from oodbench.tasks.attacks.record import attack_and_record
     from oodbench.report.attacks import attack_tidy
 
     experiment = CachedExperiment.open(args.config, **overrides(args))  # --limit: the run's, as common

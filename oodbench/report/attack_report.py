@@ -1,8 +1,6 @@
-"""What `oodbench attack`, `leaderboard --attack` and `compare --attack` print and write.
+"""What `oodbench attack`, `leaderboard --attack` and `compare --attack` print and write (the run
+and its store rows: `oodbench.tasks.attacks.record`).
 
-- `attack_and_record`: attack a finished run's detectors (`oodbench.tasks.attacks.evaluate`), every
-  clean and attacked number written to the results store (table ``attacks``) as each (model,
-  method, eps) finishes, so a killed run keeps what it finished; adversarial ID sets after;
 - `attack_report`: clean vs attacked per model, method and eps, robust vs standard under the
   same attack, adversarial ID sets (Markdown / LaTeX), or the tidy rows (CSV / JSON);
 - `write_attack_files`: the tidy CSV and the AUROC-vs-eps figure of a run;
@@ -17,12 +15,11 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from oodbench.tasks.attacks.adversarial_ood import KINDS, adversarial_ood
 from oodbench.tasks.attacks.evaluate import attack_experiment
 from oodbench.tasks.attacks.spec import AttackSpec, threat_model
 from oodbench.errors import OodbenchError
-from oodbench.report.attacks import (attack_figure, attack_table, attack_tidy, robust_vs_standard, store_rows,
-                                      stored_attacks)
+from oodbench.report.attacks import attack_figure, attack_table, attack_tidy, robust_vs_standard
+from oodbench.tasks.attacks.record import stored_attacks
 from oodbench.report.plots import save_figure
 from oodbench.storage.store import ResultStore
 from oodbench.report.tidy import render_tidy
@@ -32,32 +29,6 @@ ADVERSARIAL_ID = "adv-id"  # the prefix of `adversarial_ood`'s attack labels
 
 def _table_format(fmt: str) -> str:
     return "latex_booktabs" if fmt == "latex" else "github"
-
-
-def attack_and_record(experiment, spec: AttackSpec, fpr: str, postprocessors: list[str] | None = None,
-                      models: list[str] | None = None, adversarial_id: list[str] | None = None) -> pd.DataFrame:
-    """Rows of `attack_experiment` (and of `adversarial_ood` for each kind of `adversarial_id`)
-    of `experiment` under `spec`; the detector rows are stored with the FPR@95 convention `fpr`
-    as they finish. Raises OodbenchError for an unknown adversarial kind or a postprocessor
-    that is not part of the run."""
-    for kind in adversarial_id or []:
-        if kind not in KINDS:
-            raise OodbenchError(f"--adversarial-id: '{kind}' is not one of {', '.join(KINDS)}")
-    for name in postprocessors or []:
-        if name not in experiment.plan.methods:
-            raise OodbenchError(f"--postprocessors: '{name}' is not a postprocessor of {experiment.config.source}")
-    benchmark, fingerprint = experiment.benchmark.name, experiment.plan.fingerprint
-    store = ResultStore(experiment.config.results)
-    try:
-        frame = attack_experiment(experiment, spec, postprocessors, models,
-                                  sink=lambda block: store.write_attack(store_rows(block, benchmark, fingerprint,
-                                                                                   spec, fpr)))
-    finally:
-        store.close()
-    if adversarial_id:
-        frame = pd.concat([frame, adversarial_ood(experiment, spec, adversarial_id, postprocessors, models)],
-                          ignore_index=True)
-    return frame
 
 
 def attack_report(frame: pd.DataFrame, tidy: pd.DataFrame, spec: AttackSpec, fpr: str, fmt: str,

@@ -8,20 +8,16 @@
   method and eps, x100, with a caption stating the threat model;
 - `robust_vs_standard`: the same attack on robust and standard models (config tags), side by side;
 - `attack_figure`: AUROC vs eps per method, one panel per model (standard and robust side by side);
-- `store_rows` / `stored_attacks`: the rows of `oodbench attack` as the results store keeps them
-  (table ``attacks``) and read back per threat model, for `oodbench leaderboard --attack`.
+(The rows as the results store keeps them: `oodbench.tasks.attacks.record`.)
 """
 
 from __future__ import annotations
-
-import json
 
 import pandas as pd
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from oodbench.tasks.attacks.spec import AttackSpec, eps_label
-from oodbench.identity import digest
+from oodbench.tasks.attacks.spec import eps_label
 from oodbench.report.plots import DOUBLE_COLUMN, _figure_legend, _title, paper_style, palette
 from oodbench.report.tidy import COLUMNS, LOWER_IS_BETTER
 
@@ -41,39 +37,6 @@ def attack_tidy(frame: pd.DataFrame, benchmark: str, fingerprint: str) -> pd.Dat
     tidy["higher_is_better"] = ~tidy.metric.isin(LOWER_IS_BETTER)
     extra = ["success_rate"] if "success_rate" in tidy else []
     return tidy[COLUMNS + ATTACK_COLUMNS + extra].reset_index(drop=True)
-
-
-def store_rows(block: list[dict], benchmark: str, data_fingerprint: str, spec: AttackSpec, fpr: str) -> list[dict]:
-    """Rows of `oodbench.tasks.attacks.evaluate.attack_experiment` (one block) as table ``attacks``
-    holds them: keyed by the threat model's fingerprint (every setting but the budgets, so
-    runs with other budget lists add to the same table), with the FPR@95 convention the run
-    printed."""
-    payload = spec.fingerprint_payload()
-    threat = json.dumps(payload, sort_keys=True)
-    return [{"benchmark": benchmark, "data_fingerprint": data_fingerprint, "model": row["model"],
-             "checkpoint": row["checkpoint"], "tags": row["tags"], "postprocessor": row["postprocessor"],
-             "setting": row["params"], "threat": threat, "threat_fingerprint": digest(payload), "attack": row["attack"],
-             "eps": row["eps"], "gradient": row["gradient"], "fpr_convention": fpr, "dataset": row["dataset"],
-             "ood_group": row["group"], "metric": row["metric"], "value": row["value"], "created": None}
-            for row in block]
-
-
-def stored_attacks(store, benchmark: str, models: list[str] | None = None,
-                   postprocessors: list[str] | None = None) -> list[tuple[pd.DataFrame, AttackSpec, str]]:
-    """Per stored threat model of `benchmark`: (rows as `attack_experiment` returns them plus
-    ``data_fingerprint``, the threat model with every stored budget, the FPR@95 convention of
-    its last run). Of each model, only the rows of the data it was last attacked on."""
-    rows = store.frame("attacks", benchmark=benchmark, model=models, postprocessor=postprocessors)
-    found = []
-    for _, part in rows.groupby("threat_fingerprint", sort=False):
-        part = part.sort_values("created", kind="stable")
-        latest = part.groupby("model").data_fingerprint.last()
-        part = part[part.data_fingerprint == part.model.map(latest)]
-        spec = AttackSpec(**json.loads(part.threat.iloc[-1]),
-                          eps=tuple(sorted(set(part.eps[part.attack != "none"]))))
-        frame = part.rename(columns={"setting": "params", "ood_group": "group"}).reset_index(drop=True)
-        found.append((frame, spec, part.fpr_convention.iloc[-1]))
-    return found
 
 
 def _averages(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
