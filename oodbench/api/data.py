@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from oodbench.datasets.base import DatasetRef, ImageSpec, TensorImages, register_dataset
+from oodbench.datasets.base import DatasetRef, TensorImages, register_dataset
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 from oodbench.identity import array_digest
 

@@ -34,7 +34,8 @@ from oodbench.benchmark.extraction import extract
 from oodbench.benchmark.jobs import RunContext, fit_cached, load_cached_outputs, split_outputs
 from oodbench.benchmark.plan import SplitRef, search_space_for
 from oodbench.benchmark.search import finite_scores, search_hyperparameters
-from oodbench.datasets.base import ImageSpec, TensorImages, Transformed
+from oodbench.datasets.base import TensorImages
+from oodbench.datasets.transform import ImageSpec, Transformed
 from oodbench.errors import OodbenchError
 from oodbench.metrics.detection import threshold_keeping
 from oodbench.models.adapter import ModelAdapter, ModelContext

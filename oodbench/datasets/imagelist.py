@@ -41,8 +41,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import (DatasetRef, ImageSpec, LabeledSamples, Selection, dataset_labels, describe_parts,
-                                   register_dataset, stratified_parts)
+from oodbench.datasets.base import DatasetRef, LabeledSamples, Selection, dataset_labels, register_dataset
+from oodbench.datasets.parts import describe_parts, stratified_parts
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 from oodbench.identity import FileState, array_digest
 
@@ -95,7 +96,7 @@ class ImageFiles(LabeledSamples):
         self.paths = list(paths)
         self.origin = origin
         self.resize_crop = check_resize_crop(resize_crop)
-        self.as_is = as_is  # read at the stored size under every transform (`oodbench.datasets.base.Transformed`)
+        self.as_is = as_is  # read at the stored size under every transform (`oodbench.datasets.transform.Transformed`)
 
     def load(self, index: int):
         image = open_image(self.paths[index])
