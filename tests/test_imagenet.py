@@ -16,7 +16,7 @@ from PIL import Image
 
 from oodbench.datasets.benchmarks import BENCHMARK_DIR, load_benchmark
 from oodbench.datasets.base import DatasetRef, load_dataset, load_source
-from oodbench.datasets.imagelist import resize_then_crop
+from oodbench.datasets.files import resize_then_crop
 from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 

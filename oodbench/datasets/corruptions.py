@@ -32,8 +32,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from oodbench.datasets.base import Selection, check_limit, register_dataset
-from oodbench.datasets.imagelist import (ArrayImages, ImageFiles, benchmark_crop, class_folders, first, folder_images,
-                                        require)
+from oodbench.datasets.files import (ArrayImages, ImageFiles, benchmark_crop, class_folders, first, folder_images,
+                                     require)
 from oodbench.datasets.imagenet import WNID
 from oodbench.datasets.parts import stratified_parts
 from oodbench.datasets.transform import ImageSpec
