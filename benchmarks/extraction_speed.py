@@ -28,7 +28,8 @@ from PIL import Image
 
 from oodbench.storage.caches import OutputCache
 from oodbench.benchmark.extraction import extract
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset
+from oodbench.datasets.base import DatasetRef, load_dataset
+from oodbench.datasets.transform import ImageSpec
 from oodbench.models.adapter import ModelAdapter
 
 TRANSFORMS = {  # the ResNet-50 test transforms of the three kinds of sources

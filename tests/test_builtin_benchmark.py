@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from oodbench.datasets.benchmarks import load_benchmark
-from oodbench.datasets.base import dataset_labels, load_dataset, stratified_parts
+from oodbench.datasets.base import dataset_labels, load_dataset
+from oodbench.datasets.parts import stratified_parts
 from oodbench.models import digits
 
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_source
+from oodbench.datasets.base import DatasetRef, load_source
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 
 PER = 4  # test images per severity in the tiny release

@@ -16,8 +16,9 @@ import torch
 import yaml
 from PIL import Image
 
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset
+from oodbench.datasets.base import DatasetRef, load_dataset
 from oodbench.datasets.cifar import CIFAR10_CLASSES
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 
 RGB32 = ImageSpec(32, 3)
@@ -183,7 +184,7 @@ def test_decoding_equals_torchvision_resize_center_crop_to_tensor_bit_for_bit(mo
     exactly its test transform: PIL images, and the same pixels as arrays and tensors."""
     from torchvision.transforms import functional as TF
 
-    from oodbench.datasets.base import to_image_tensor
+    from oodbench.datasets.transform import to_image_tensor
 
     rng = np.random.default_rng(source_size[0])
     shape = source_size[::-1] + ((3,) if mode == "RGB" else ())
@@ -224,7 +225,7 @@ def stratified_reference(labels: np.ndarray, sizes: list[int], seed: int) -> lis
                                                      (50, 3, [0, 49], 1), (1, 1, [1], 0), (2000, 200, [1000, 1000], 5)])
 def test_stratified_parts_equal_the_numpy_reference(n, classes, sizes, seed):
     """The parts (and so every selection and its fingerprint) stay exactly what they were."""
-    from oodbench.datasets.base import stratified_parts
+    from oodbench.datasets.parts import stratified_parts
 
     labels = np.random.default_rng(n).integers(0, classes, n)
     got = stratified_parts(labels, {f"part{i}": size for i, size in enumerate(sizes)}, seed)

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from oodbench.storage.caches import OutputCache
 from oodbench.benchmark.extraction import extract
 from oodbench.storage.entries import EntryFile
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset
+from oodbench.datasets.base import DatasetRef, load_dataset
+from oodbench.datasets.transform import ImageSpec
 from oodbench.models.adapter import ModelAdapter
 
 BATCH = 4

@@ -290,8 +290,9 @@ def test_a_differing_file_is_never_overwritten(fetch):
 def test_a_google_drive_id_is_resolved_through_its_confirmation_page(server, tmp_path, monkeypatch):
     """Production's Drive path: gdown reads the confirmation page's form into the file's address,
     then the same streaming, verification and unpacking as above."""
-    from oodbench.datasets.download import MIRROR_ENV, install
+    from oodbench.datasets.download import install
     from oodbench.datasets.release import load_release
+    from oodbench.datasets.transfer import MIRROR_ENV
 
     monkeypatch.delenv(MIRROR_ENV, raising=False)
     release = dataclasses.replace(load_release("openood-v1.5"), drive_url=server.url + "/uc?id={id}")

@@ -17,7 +17,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from oodbench.datasets.benchmarks import load_benchmark, parse_benchmark
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_source
+from oodbench.datasets.base import DatasetRef, load_source
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 from oodbench.storage.store import ResultStore
 

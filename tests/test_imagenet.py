@@ -15,8 +15,9 @@ import yaml
 from PIL import Image
 
 from oodbench.datasets.benchmarks import BENCHMARK_DIR, load_benchmark
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, load_source
-from oodbench.datasets.imagelist import resize_then_crop
+from oodbench.datasets.base import DatasetRef, load_dataset, load_source
+from oodbench.datasets.files import resize_then_crop
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 
 SPEC = ImageSpec(224, 3)

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from oodbench.cli import main
-from oodbench.datasets.base import ImageSpec, to_image_tensor
+from oodbench.datasets.transform import ImageSpec, to_image_tensor
 from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
 

@@ -16,7 +16,8 @@ import yaml
 
 from tests.conftest import SHARED_DATA, SHARED_MODELS, requires_shared
 from oodbench.datasets.benchmarks import BENCHMARK_DIR, load_benchmark
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_source
+from oodbench.datasets.base import DatasetRef, load_source
+from oodbench.datasets.transform import ImageSpec
 from oodbench.report.seeds import average_over_seeds
 
 # ARPL split.py, splits_2020 (iCGY96/ARPL), copied by hand: known classes in label order.

@@ -21,6 +21,7 @@ from oodbench.benchmark.experiment import CachedExperiment
 from oodbench.postprocessors.base import FAMILIES, Postprocessor
 from oodbench.registry import POSTPROCESSORS
 from oodbench.report import plots
+from oodbench.report.plots.images import subsample_images
 from oodbench.storage.store import ResultStore
 from oodbench.benchmark.leaderboard import leaderboard_frame
 from tests.conftest import digits_config
@@ -150,7 +151,7 @@ def test_pro_shift_is_one_pro_step_of_msp(run):
     experiment = CachedExperiment.open(run[0], cache_dir=str(run[1]))
     data = plots.pro_shift_data(experiment, eps=0.01, samples=30, seed=0)
     model = experiment.model(experiment.config.models[0])
-    images = plots._subsample(experiment, experiment.config.models[0], "id:test", 30, 0).requires_grad_(True)
+    images = subsample_images(experiment, experiment.config.models[0], "id:test", 30, 0).requires_grad_(True)
     msp = torch.softmax(model(images), dim=1).max(dim=1).values
     (grad,) = torch.autograd.grad(msp.sum(), images)
     with torch.no_grad():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, split_fingerprint_of, to_image_tensor
+from oodbench.datasets.base import DatasetRef, load_dataset, split_fingerprint_of
+from oodbench.datasets.transform import ImageSpec, to_image_tensor
 from oodbench.errors import OodbenchError
 from oodbench.identity import FileState
 

@@ -159,7 +159,8 @@ NETWORK_FREE = textwrap.dedent("""
     code = main(["run", sys.argv[1]])
     # (pooch may be there: scikit-image's bundled images, which the digits benchmark cuts textures
     # from, are read through it, from the package's own folder)
-    fetchers = sorted(m for m in ("oodbench.datasets.download", "requests", "gdown", "urllib3") if m in sys.modules)
+    fetchers = sorted(m for m in ("oodbench.datasets.download", "oodbench.datasets.transfer", "requests", "gdown",
+                                 "urllib3") if m in sys.modules)
     print("RESULT", code, opened, fetchers)
 """)
 

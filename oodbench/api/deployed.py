@@ -26,15 +26,16 @@ from torch import nn
 from oodbench.version import __version__
 from oodbench.api import data as api_data
 from oodbench.api import models as api_models
-from oodbench.api.data import image_spec, ood_sets, read_split
 from oodbench.api.models import Model, adapt, as_models, borrowed, model_device
+from oodbench.api.reading import image_spec, ood_sets, read_split
 from oodbench.storage.caches import FitStateCache
 from oodbench.storage.files import atomic_save
 from oodbench.benchmark.extraction import extract
 from oodbench.benchmark.jobs import RunContext, fit_cached, load_cached_outputs, split_outputs
 from oodbench.benchmark.plan import SplitRef, search_space_for
 from oodbench.benchmark.search import finite_scores, search_hyperparameters
-from oodbench.datasets.base import ImageSpec, TensorImages, Transformed
+from oodbench.datasets.base import TensorImages
+from oodbench.datasets.transform import ImageSpec, Transformed
 from oodbench.errors import OodbenchError
 from oodbench.metrics.detection import threshold_keeping
 from oodbench.models.adapter import ModelAdapter, ModelContext
@@ -144,7 +145,7 @@ def detector(name: str, model: nn.Module | Model, *, fit: Any = None, val: Any =
              classifier: Any = None, outputs_probabilities: bool = False) -> Detector:
     """Fit the postprocessor `name` for `model` and choose its threshold.
 
-    `val`: ID validation data (images and labels; see `oodbench.api.data` for the forms),
+    `val`: ID validation data (images and labels; see `oodbench.api.reading` for the forms),
     required unless `tau` is given and the method needs no fit; tau keeps a share `keep`
     (default 0.95) of its scores. `fit`: ID training data for methods that fit (default:
     `val`). `ood_val`: OOD validation data (or ``{name: data}``): the hyperparameters are

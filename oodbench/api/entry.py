@@ -3,7 +3,7 @@
 Every function runs the harness of `oodbench run` on the data it is given
 (`oodbench.api.session.Session`): the same extraction and output cache (keyed by the
 module's weights and class code and a content hash of the images), fit-state cache,
-validation search, metrics and results store. Data forms: see `oodbench.api.data`
+validation search, metrics and results store. Data forms: see `oodbench.api.reading`
 (DataLoader, Dataset, ``(images, labels)`` or an images tensor; images in [0,1]).
 Reading options (``normalization``, ``output``, ``extras``, ``classifier``,
 ``outputs_probabilities``): see `oodbench.api.models.Model`.

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from oodbench.datasets.base import ImageSpec
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 from oodbench.identity import digest
 from oodbench.models.adapter import ModelAdapter, ModelContext, ModelSpec, register_model_source, state_dict_hash

@@ -21,8 +21,8 @@ import torch
 
 from oodbench.api import data as api_data
 from oodbench.api import models as api_models
-from oodbench.api.data import Split, image_spec, ood_sets, read_split
 from oodbench.api.models import Model, adapt, borrowed, model_device
+from oodbench.api.reading import Split, image_spec, ood_sets, read_split
 from oodbench.benchmark.config import FPR_CONVENTIONS, ExperimentConfig
 from oodbench.datasets.benchmarks import Benchmark
 from oodbench.datasets.base import check_limit

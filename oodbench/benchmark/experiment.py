@@ -53,7 +53,7 @@ class CachedExperiment:
 
     @property
     def run_first(self) -> str:
-        from oodbench.benchmark.leaderboard import run_first
+        from oodbench.benchmark.cells import run_first
 
         store = self.store if Path(self.config.results).expanduser().is_file() else None
         return run_first(store, self.benchmark.name, self.config.source, self.config.limit)

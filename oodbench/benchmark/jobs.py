@@ -36,7 +36,8 @@ from oodbench.benchmark.reads import attach, ensure_statistics
 from oodbench.benchmark.search import (NonFiniteScores, ScoreShapeError, finite_scores, limit_validation,
                                       limited_sizes, search_hyperparameters, split_grid)
 from oodbench.benchmark.conventions import load_conventions
-from oodbench.datasets.base import ImageSpec, load_dataset
+from oodbench.datasets.base import load_dataset
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError, debugging, failure_line
 from oodbench.metrics.detection import accuracy, ood_metrics
 from oodbench.identity import FileState, output_key_text

@@ -20,7 +20,8 @@ from oodbench.benchmark.config import ExperimentConfig
 from oodbench.datasets.benchmarks import CONFIG_DIR, Benchmark, read_yaml
 from oodbench.benchmark.conventions import DEFAULT as CONVENTIONS
 from oodbench.benchmark.conventions import Conventions, load_conventions
-from oodbench.datasets.base import DatasetRef, ImageSpec, load_dataset, split_fingerprint_of
+from oodbench.datasets.base import DatasetRef, load_dataset, split_fingerprint_of
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean
 from oodbench.benchmark.reads import required_statistics
 from oodbench.identity import (LAYERS_VERSION, FileState, benchmark_fingerprint, cell_fingerprint, digest,

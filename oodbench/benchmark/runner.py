@@ -38,7 +38,8 @@ from oodbench.benchmark.plan import (ALWAYS, Plan, check_compatible, model_place
                                    resolve_postprocessors, search_space_for)
 from oodbench.datasets.benchmarks import Benchmark, load_benchmark
 from oodbench.benchmark.conventions import load_conventions
-from oodbench.datasets.base import ImageSpec, load_dataset, source_crop
+from oodbench.datasets.base import load_dataset
+from oodbench.datasets.transform import ImageSpec, source_crop
 from oodbench.errors import DatasetMissing, OodbenchError, failure_line, writable_folder
 from oodbench.registry import MODELS, POSTPROCESSORS, load_plugins
 from oodbench.storage.store import FALLBACK, Cell, ResultStore

@@ -84,7 +84,7 @@ def subsample(outputs: Outputs, count: int, seed: int = 0) -> Outputs:
         return outputs
     from torch.utils.data import Subset
 
-    from oodbench.datasets.base import stratified_parts
+    from oodbench.datasets.parts import stratified_parts
 
     keep = stratified_parts(outputs.labels.numpy(), {"keep": count}, seed)["keep"]
     index = torch.from_numpy(keep)

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oodbench.datasets.base import INTERPOLATIONS, DatasetRef, ImageSpec
+from oodbench.datasets.base import DatasetRef
+from oodbench.datasets.transform import INTERPOLATIONS, ImageSpec
 from oodbench.errors import OodbenchError, did_you_mean, require_file
 from oodbench.registry import BENCHMARKS, DATASETS
 

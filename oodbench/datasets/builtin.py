@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodbench.datasets.base import ImageSpec, TensorImages, register_dataset
+from oodbench.datasets.base import TensorImages, register_dataset
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 
 

@@ -31,10 +31,12 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import ImageSpec, Selection, check_limit, register_dataset, stratified_parts
-from oodbench.datasets.imagelist import (ArrayImages, ImageFiles, benchmark_crop, class_folders, first, folder_images,
-                                        require)
+from oodbench.datasets.base import Selection, check_limit, register_dataset
+from oodbench.datasets.files import (ArrayImages, ImageFiles, benchmark_crop, class_folders, first, folder_images,
+                                     require)
 from oodbench.datasets.imagenet import WNID
+from oodbench.datasets.parts import stratified_parts
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 
 SEVERITIES = 5

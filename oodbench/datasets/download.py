@@ -1,5 +1,5 @@
-"""Downloading, verifying and unpacking a release's assets: the one module of oodbench that
-opens a network connection (``oodbench data fetch``; ``run`` never imports it).
+"""Downloading, verifying and unpacking a release's assets (``oodbench data fetch``; ``run``
+never imports this module, nor `oodbench.datasets.transfer`, which opens the connections).
 
 For each `Asset` (see `oodbench.datasets.release`), `install`:
 
@@ -9,7 +9,7 @@ For each `Asset` (see `oodbench.datasets.release`), `install`:
    ``<data root>/.oodbench/downloads/``: a Google Drive id's address is resolved with gdown
    (the confirmation page Drive shows for large files), then the file is streamed with
    requests and a tqdm bar into ``<file>.part``, which an interrupted download leaves behind
-   and the next run resumes with an HTTP Range request;
+   and the next run resumes with an HTTP Range request (`oodbench.datasets.transfer`);
 3. verifies it: the SHA-256 shipped in the release file, else the one recorded in the data
    root's lock file (``oodbench.lock``, JSON) at the first install.
    A downloaded file that does not match is moved to ``.oodbench/quarantine/`` (never used)
@@ -24,7 +24,7 @@ For each `Asset` (see `oodbench.datasets.release`), `install`:
 
 Failures are one line (`FetchError`, exit 2): no network or a refused host, an HTTP error,
 an interrupted transfer (rerun to resume), a full disk (partial files removed).
-pooch computes the hashes; its own downloaders cannot resume, so streaming is done here.
+pooch computes the hashes; its own downloaders cannot resume, so `transfer` streams.
 """
 
 from __future__ import annotations
@@ -39,17 +39,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from oodbench.datasets.release import Asset, Release
-from oodbench.errors import OodbenchError
+from oodbench.datasets.transfer import CHUNK, MIRROR_ENV, FetchError, download_file, resolve_url
 
 LOCK_FILE = "oodbench.lock"
 WORK_DIR = ".oodbench"
-MIRROR_ENV = "OODBENCH_MIRROR"
-TIMEOUT_S = 60
-CHUNK = 1 << 16  # what a dropped connection can lose; a resumed download asks from the last whole chunk
-
-
-class FetchError(OodbenchError):
-    """A download, verification or unpacking step that failed; one line naming the file."""
 
 
 class BadArchive(FetchError):
@@ -110,7 +103,7 @@ def install(release: Release, asset: Asset, root: Path, source_dir: Path | None 
     else:
         digest = _matches(release, asset, target, root, lock, echo) if target.exists() else None  # else moved aside
         if digest is None:
-            _download(resolve_url(release, asset), target, asset)
+            download_file(resolve_url(release, asset), target, asset)
             digest = _matches(release, asset, target, root, lock, echo)
             if digest is None:
                 raise FetchError(f"the download of {release.name}/{asset.name} does not match its SHA-256; "
@@ -184,105 +177,6 @@ def _quarantine(path: Path, root: Path, release: Release, asset: Asset, lock: Lo
     os.replace(path, moved)
     lock.update(release, asset, installed=False)
     return moved
-
-
-def resolve_url(release: Release, asset: Asset) -> str:
-    """The address to stream `asset` from: OODBENCH_MIRROR/<file>, the asset's URL, or its Google
-    Drive file resolved through gdown's reading of Drive's confirmation page."""
-    mirror = os.environ.get(MIRROR_ENV)
-    if mirror:
-        return f"{mirror.rstrip('/')}/{asset.file}"
-    if asset.url:
-        return asset.url
-    url = release.drive_url.format(id=asset.drive)
-    with _get(url, {}, asset) as response:
-        if not response.headers.get("Content-Type", "").startswith("text/html"):
-            return url  # Drive served the file itself
-        from gdown.download import get_url_from_gdrive_confirmation
-        from gdown.exceptions import FileURLRetrievalError
-
-        try:
-            return get_url_from_gdrive_confirmation(response.text)
-        except FileURLRetrievalError as exc:
-            raise FetchError(f"Google Drive did not give {asset.file} (id {asset.drive}): {exc}") from None
-
-
-def _get(url: str, headers: dict, asset: Asset):
-    import requests
-
-    try:
-        response = _session().get(url, headers=headers, stream=True, timeout=TIMEOUT_S)
-    except requests.exceptions.ConnectionError as exc:
-        host = requests.utils.urlparse(url).netloc
-        raise FetchError(f"cannot reach {host} for {asset.file}: no network, or the host refused the connection "
-                         f"({_reason(exc)})") from None
-    except requests.exceptions.RequestException as exc:
-        raise FetchError(f"cannot download {asset.file} from {url}: {_reason(exc)}") from None
-    if response.status_code >= 400 and response.status_code != 416:
-        response.close()
-        raise FetchError(f"{url} answered HTTP {response.status_code} ({response.reason}) for {asset.file}")
-    return response
-
-
-_SESSION = None
-
-
-def _session():
-    """One requests session per process: Drive's confirmation cookies carry to the download."""
-    global _SESSION
-    if _SESSION is None:
-        import requests
-
-        _SESSION = requests.Session()
-    return _SESSION
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc.args[0] if exc.args else exc)
-    return text.split("(Caused by ")[-1].rstrip(")") if "Caused by" in text else text
-
-
-def _download(url: str, target: Path, asset: Asset) -> None:
-    """Stream `url` into `target`, resuming ``<target>.part`` when the server honours Range."""
-    import requests
-    from tqdm import tqdm
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    with _get(url, {"Range": f"bytes={offset}-"} if offset else {}, asset) as response:
-        if response.status_code == 416:  # the part holds the whole file already
-            os.replace(part, target)
-            return
-        if response.status_code != 206:
-            offset = 0  # the server sent the whole file: start again
-        length = int(response.headers.get("Content-Length", 0))
-        total = offset + length if length else None
-        try:
-            with open(part, "ab" if offset else "wb") as out, \
-                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=asset.file) as bar:
-                for chunk in response.iter_content(CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        except OSError as exc:
-            if isinstance(exc, requests.exceptions.RequestException):
-                raise _interrupted(asset, part, total, exc) from None
-            part.unlink(missing_ok=True)
-            what = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise FetchError(f"cannot write {part}: {what}; the partial file was removed") from None
-        except requests.exceptions.RequestException as exc:
-            raise _interrupted(asset, part, total, exc) from None
-    if total is not None and part.stat().st_size != total:
-        raise _interrupted(asset, part, total, None)
-    os.replace(part, target)
-
-
-def _interrupted(asset: Asset, part: Path, total: int | None, exc: Exception | None) -> FetchError:
-    got = part.stat().st_size if part.exists() else 0
-    of = f" of {total:,}" if total else ""
-    why = f" ({_reason(exc)})" if exc is not None else ""
-    return FetchError(f"the download of {asset.file} was interrupted after {got:,}{of} bytes{why}; "
-                      "rerun the same command to resume it")
 
 
 def _unpack(archive: Path, into: Path, echo: Callable[[str], None]) -> None:

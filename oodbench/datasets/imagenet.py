@@ -21,9 +21,10 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import ImageSpec, register_dataset
-from oodbench.datasets.imagelist import (IMAGE_EXTENSIONS, ImageFiles, benchmark_crop, class_folders, first,
-                                        folder_images, require)
+from oodbench.datasets.base import register_dataset
+from oodbench.datasets.files import (IMAGE_EXTENSIONS, ImageFiles, benchmark_crop, class_folders, first, folder_images,
+                                     require)
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 
 WNID = re.compile(r"^n\d{8}$")

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import ImageSpec, register_dataset
-from oodbench.datasets.imagelist import ArrayImages, first
+from oodbench.datasets.base import register_dataset
+from oodbench.datasets.files import ArrayImages, first
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import DatasetRef, ImageSpec, Selection, dataset_labels, register_dataset
-from oodbench.datasets.imagelist import first
+from oodbench.datasets.base import DatasetRef, Selection, dataset_labels, register_dataset
+from oodbench.datasets.files import first
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import OodbenchError
 from oodbench.identity import array_digest, digest
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from oodbench.datasets.base import ImageSpec, register_dataset
-from oodbench.datasets.imagelist import ArrayImages, ImageFiles, first, folder_images
+from oodbench.datasets.base import register_dataset
+from oodbench.datasets.files import ArrayImages, ImageFiles, first, folder_images
+from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
 
 SPLITS = ("train", "test", "extra")

@@ -12,7 +12,7 @@ normalisation happens inside), and exposes:
 - ``fc``: the classifier's (W, b); ``num_classes``; ``identity`` and ``weights_hash`` for
   the output cache;
 - ``preprocessing``: None (the benchmark's test transform), or the model's own as
-  ``{"size", "resize", "interpolation", "origin"}`` (`oodbench.datasets.base.ImageSpec.for_model`):
+  ``{"size", "resize", "interpolation", "origin"}`` (`oodbench.datasets.transform.ImageSpec.for_model`):
   timm's data config, a torchvision weights entry's transforms, a RobustBench preprocessing.
 
 ``output`` selects the logits when the network returns a tuple, dict or dataclass

@@ -12,7 +12,7 @@ dependency installs as ``pyautoattack``: the module is aliased before the import
 RobustBench models normalise inside and take [0,1] images, so the adapter adds no
 normalisation. ImageNet entries name their test transform (``preprocessing``:
 ``Res256Crop224`` resize 256 bilinear + center crop 224, ``BicubicRes256Crop224``,
-``Res224``...): it is the model's own (`oodbench.datasets.base.ImageSpec`), so the
+``Res224``...): it is the model's own (`oodbench.datasets.transform.ImageSpec`), so the
 corruptions models of the PRO paper's Figure 5 (``Hendrycks2020AugMix``,
 ``Hendrycks2020Many``, ``Erichson2022NoisyMix``, ``Geirhos2018_SIN``, ``_SIN_IN``,
 ``_SIN_IN_IN``) read ImageNet as RobustBench evaluates them (``preprocessing: benchmark``

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from tabulate import tabulate
 
 from oodbench.tasks.attacks.spec import eps_label
-from oodbench.report.plots import DOUBLE_COLUMN, _figure_legend, _title, paper_style, palette
+from oodbench.report.plots.style import DOUBLE_COLUMN, figure_legend, figure_title, palette, paper_style
 from oodbench.report.tidy import COLUMNS, LOWER_IS_BETTER
 
 ATTACK_COLUMNS = ["attack", "eps", "gradient"]
@@ -120,6 +120,6 @@ def attack_figure(frame: pd.DataFrame, benchmark: str) -> Figure:
         ax.set_xlabel("eps x 255 ([0,1] pixel units)")
     axes[0].set_ylabel("average AUROC (x100)")
     handles, labels = axes[0].get_legend_handles_labels()
-    _figure_legend(figure, handles, labels)
-    _title(figure, f"{benchmark}: AUROC under attack vs eps ({NOT_EXACT} dashed: surrogate or partial gradient)")
+    figure_legend(figure, handles, labels)
+    figure_title(figure, f"{benchmark}: AUROC under attack vs eps ({NOT_EXACT} dashed: surrogate or partial gradient)")
     return figure

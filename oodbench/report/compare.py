@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from oodbench.benchmark.leaderboard import AVERAGES, FPR_CAPTION
-from oodbench.report.render import WIDTH
+from oodbench.report.text import WIDTH
 from oodbench.tasks.compare import DELTA, METRICS, delta_table, pro_gain_table
 
 

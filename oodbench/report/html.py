@@ -43,7 +43,8 @@ from oodbench.tasks.compare import DELTA, METRICS, comparison_long, delta_table,
 from oodbench.report.compare import GAIN_NOTE, value_text
 from oodbench.report.plots import DPI, PAPER_STYLE, auroc_bars, tradeoff_figure, tradeoff_points, tradeoff_title
 from oodbench.report.ranking import accuracy_header, marks_legend, rank_marks, ranked
-from oodbench.report.render import HEADER, failure_notes, leaderboard_rows, number
+from oodbench.report.render import leaderboard_rows
+from oodbench.report.text import HEADER, failure_notes, number
 from oodbench.benchmark.leaderboard import AVERAGES, FS, FPR_CAPTION, accuracy_columns, metric_columns
 from oodbench.report.tables import caption
 

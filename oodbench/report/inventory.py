@@ -16,9 +16,10 @@ import time
 import pandas as pd
 
 from oodbench.errors import OodbenchError, did_you_mean
-from oodbench.report.render import WIDTH, aligned
+from oodbench.report.text import WIDTH, aligned
 from oodbench.storage.store import ResultStore
-from oodbench.benchmark.leaderboard import leaderboard_frames, setting_label
+from oodbench.benchmark.cells import setting_label
+from oodbench.benchmark.leaderboard import leaderboard_frames
 
 
 def _when(seconds: float) -> str:

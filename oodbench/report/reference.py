@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from oodbench.report.ledger import METRICS, STANDARD_TRAINING, published_entry
-from oodbench.benchmark.leaderboard import FS, FS_ACC, conventions_of
+from oodbench.benchmark.cells import conventions_of
+from oodbench.benchmark.leaderboard import FS, FS_ACC
 
 AVERAGE = {"near": "near-OOD", "far": "far-OOD"}
 HEADER = {"auroc": "AUROC", "fpr95": "FPR@95", "acc": "ACC"}

@@ -20,7 +20,8 @@ from oodbench.benchmark.plan import resolve_postprocessors, setting_of
 from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.errors import OodbenchError
 from oodbench.storage.store import ResultStore
-from oodbench.benchmark.leaderboard import AVERAGES, aggregate_checkpoints, leaderboard_frame, run_first
+from oodbench.benchmark.cells import run_first
+from oodbench.benchmark.leaderboard import AVERAGES, aggregate_checkpoints, leaderboard_frame
 
 TAGS = ("standard", "robust")
 GROUPS = ("near", "far")
