@@ -196,6 +196,18 @@ class FitStateCache(VerifiedFiles):
         entry = self.read(key)
         return None if entry is None else {**entry[0], **entry[1]}
 
+    @contextmanager
+    def computing(self, key: str) -> Iterator[None]:
+        """Held while the state for `key` is looked up, fitted and saved: jobs that need the
+        same state at once (Ray tasks on one machine or sharing the cache folder: two models
+        with the same weights, a method listed under two settings) fit it once; the others
+        wait, then load it. The lock file beside the entry is empty and stays."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+            lock_exclusive(handle)
+            yield
+
     def save(self, key: str, state: dict) -> bool:
         """Store `state` when it is tensors and JSON scalars only; False (not stored) otherwise."""
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -204,6 +216,15 @@ class FitStateCache(VerifiedFiles):
             return False
         self.write(key, tensors, scalars)
         return True
+
+
+def lock_exclusive(handle) -> None:
+    """Wait for the exclusive lock of an open file (released when it is closed). On a
+    filesystem without locks, go on unlocked: concurrent writers then compute the same values."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        pass
 
 
 def shard_seconds() -> float:
@@ -244,10 +265,7 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
     path = cache.path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.journal"), "a+") as journal:
-        try:
-            fcntl.flock(journal, fcntl.LOCK_EX)  # one writer per entry; a second waits, then reads its result
-        except OSError:  # a filesystem without locks: concurrent writers of one entry write the same rows
-            pass
+        lock_exclusive(journal)  # one writer per entry; a second waits, then reads its result
         entry = cache.load(key)
         if entry is not None:
             return entry
