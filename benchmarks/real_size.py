@@ -13,6 +13,7 @@ import argparse
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -112,10 +113,14 @@ def real_size_setup(work: Path) -> Setup:
     return Setup(path, data_root, model, what)
 
 
-def benchmark_arguments(description: str, prefix: str) -> tuple[argparse.Namespace, Path, Setup]:
-    """The benchmark scripts' common command line (--rounds, --threads, --work-dir), torch's
-    threads set, and the real-size setup under the work folder (a fresh temp dir by default)."""
+def benchmark_arguments(description: str, prefix: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+                        ) -> tuple[argparse.Namespace, Path, Setup]:
+    """The benchmark scripts' common command line (--rounds, --threads, --work-dir, and what
+    `extra` adds to the parser), torch's threads set, and the real-size setup under the work
+    folder (a fresh temp dir by default)."""
     parser = argparse.ArgumentParser(description=description)
+    if extra:
+        extra(parser)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--work-dir", help="where the synthetic data and the fresh caches go (default: a temp dir)")

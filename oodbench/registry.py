@@ -9,6 +9,7 @@ by name and does not break the others.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -207,7 +208,9 @@ def load_plugin_file(path: str | Path) -> None:
         raise PluginError(f"plugin {path} is not a Python file: --plugin takes a .py file that registers "
                           "postprocessors (an installed package registers through its entry points instead)")
     POSTPROCESSORS._ensure_loaded()
-    module_name = f"oodbench_plugin_{path.stem}_{abs(hash(key)) % 10**8}"
+    # named by a stable digest of the path (not hash(), which differs per process): the module
+    # name is part of its methods' fit-state and cell keys, which other processes must find
+    module_name = f"oodbench_plugin_{path.stem}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -65,6 +65,24 @@ def test_auroc_matches_sklearn(score, is_ood):
     assert metrics.auroc(score, is_ood) == pytest.approx(roc_auc_score(is_ood, -score), rel=0, abs=1e-12)
 
 
+def test_auroc_rows_equal_auroc_bit_for_bit_and_sklearn():
+    """A search's batched AUROCs: each row as `auroc` gives it (exact equality, ties included),
+    and as scikit-learn's roc_auc_score to rounding."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        rows, num_id, num_ood = rng.integers(1, 6), rng.integers(1, 60), rng.integers(1, 60)
+        if trial % 2:  # few distinct values: runs of ties within and across ID and OOD
+            id_scores, ood_scores = rng.integers(0, 5, (rows, num_id)) / 4, rng.integers(0, 5, (rows, num_ood)) / 4
+        else:
+            id_scores, ood_scores = rng.normal(1, 1, (rows, num_id)), rng.normal(0, 1, (rows, num_ood))
+        labels = np.r_[np.zeros(num_id, bool), np.ones(num_ood, bool)]
+        got = metrics.auroc_rows(id_scores, ood_scores)
+        for row, value in enumerate(got):
+            score = np.r_[id_scores[row], ood_scores[row]]
+            assert value == metrics.auroc(score, labels)
+            assert value == pytest.approx(roc_auc_score(~labels, score), abs=1e-12)
+
+
 @pytest.mark.parametrize("score,is_ood", CASES)
 def test_classic_fpr95_matches_sklearn_roc(score, is_ood):
     assert metrics.fpr_at_tpr(score, is_ood) == pytest.approx(sklearn_classic_fpr(score, is_ood), rel=0, abs=1e-12)

@@ -299,3 +299,67 @@ def test_ray_faults_retry_lost_workers_and_fail_only_bad_cells(tmp_path, trained
     loaded_here = [key for key in jobs._MODELS if key[3] == str(cache)]
     assert loaded_here == [], "the driver loaded a model: jobs ran in this process, not on Ray"
     assert ray_instance.is_initialized(), "an executor that joined an instance leaves it running"
+
+
+COUNTING_PLUGIN = '''
+"""MDS that records each fit it runs: the process, and the file its fit features are mapped from."""
+import os
+import time
+from pathlib import Path
+
+import oodbench
+from oodbench.postprocessors.distance import Mahalanobis
+
+MARKS = Path({marks!r})
+
+
+def mapped_from(tensor) -> str:
+    """The file whose mapping in this process holds the tensor's first byte ('' when anonymous memory)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+@oodbench.register_postprocessor("counted_mds")
+class CountedMDS(Mahalanobis):
+    def fit(self, train, val):
+        (MARKS / f"fit.{{os.getpid()}}.{{time.monotonic_ns()}}").write_text(mapped_from(train.features))
+        time.sleep(1.0)  # long enough for the other model's task to ask for the same state meanwhile
+        super().fit(train, val)
+'''
+
+
+@requires_ray
+def test_ray_tasks_fit_a_shared_state_once_from_the_mapped_entry(tmp_path, trained_digits, ray_instance):
+    """Two models with the same weights read the same fit split, so their MDS cells need the same
+    fit state; on 2 Ray workers at once, one task fits it (reading the entry mapped, not copied
+    into the worker) and the other waits for it and loads it from the fit-state cache."""
+    from oodbench.benchmark.ray_executor import RayExecutor
+    from oodbench.registry import POSTPROCESSORS
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    plugin = tmp_path / "counting_plugin.py"
+    plugin.write_text(COUNTING_PLUGIN.format(marks=str(marks)))
+    cache = fresh_cache(tmp_path / "cache", trained_digits)
+    config = digits_config(tmp_path, models=two_models(), postprocessors=["counted_mds"], plugins=[str(plugin)],
+                           cache_dir=str(cache))
+    try:
+        frame = run_experiment(config, executor=RayExecutor(), quiet=True).set_index("model")
+    finally:
+        POSTPROCESSORS._entries.pop("counted_mds", None)
+
+    fits = list(marks.glob("fit.*"))
+    assert len(fits) == 1, f"{len(fits)} fits of one state across the two tasks"
+    assert int(fits[0].name.split(".")[1]) != os.getpid(), "the fit ran in the driver, not on a Ray worker"
+    mapped = Path(fits[0].read_text())
+    assert mapped.parent.parent == cache / "outputs" and mapped.suffix == ".pt", \
+        f"the worker's fit features are not mapped from an output-cache entry: {mapped}"
+    assert list(frame.status) == ["done", "done"]
+    metrics = [c for c in frame.columns if c.endswith(("|fpr", "|auroc"))]
+    assert frame.loc["digits-cnn", metrics].equals(frame.loc["digits-cnn-copy", metrics])

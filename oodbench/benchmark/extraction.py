@@ -7,7 +7,6 @@ extraction resumes, and the finished entry is renamed into place (`oodbench.stor
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from oodbench.identity import tensors_checksum
 from oodbench.outputs import Outputs
 from oodbench.storage.caches import EXTRA, OutputCache, outputs_of
 from oodbench.storage.entries import EntryFile, EntryLayout, map_file, read_entry
-from oodbench.storage.files import out_of_space
+from oodbench.storage.files import lock_exclusive, out_of_space
 
 
 def shard_seconds() -> float:
@@ -64,10 +63,7 @@ def extract(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0
     path = cache.path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.journal"), "a+") as journal:
-        try:
-            fcntl.flock(journal, fcntl.LOCK_EX)  # one writer per entry; a second waits, then reads its result
-        except OSError:  # a filesystem without locks: concurrent writers of one entry write the same rows
-            pass
+        lock_exclusive(journal)  # one writer per entry; a second waits, then reads its result
         entry = cache.load(key)
         if entry is not None:
             return entry

@@ -171,12 +171,15 @@ def fit_cached(method: Postprocessor, fit: Outputs | Callable[[], Outputs] | Non
     if not method.needs_fit:
         return
     key = FitStateCache.key(method, output_keys) if fit_cache is not None and method.cache_fit else None
-    state = fit_cache.load(key) if key is not None else None
-    if state is not None:
-        method.load_fit_state(state)
+    if key is None:
+        method.fit(fit() if callable(fit) else fit, val)
         return
-    method.fit(fit() if callable(fit) else fit, val)
-    if key is not None:
+    with fit_cache.computing(key):  # jobs needing this state at once fit it once
+        state = fit_cache.load(key)
+        if state is not None:
+            method.load_fit_state(state)
+            return
+        method.fit(fit() if callable(fit) else fit, val)
         fit_cache.save(key, method.fit_state())
 
 

@@ -10,6 +10,7 @@ runner and the readers of a finished run (`CachedExperiment`) build keys through
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field, replace
@@ -130,10 +131,8 @@ def search_space_for(name: str, cls: type[Postprocessor], conventions: Conventio
         return space
     path = CONFIG_DIR / "postprocessors" / f"{cls.name or name}.yaml"
     if path.is_file():
-        raw = read_yaml(path, "postprocessor config") or {}
-        space = raw.get("search", {}) if isinstance(raw, dict) else {}
-        if not isinstance(space, dict) or not all(isinstance(v, list) and v for v in space.values()):
-            raise OodbenchError(f"{path}: 'search' must map each hyperparameter to a non-empty list")
+        stat = path.stat()
+        space = json.loads(_listed_space(path, stat.st_mtime_ns, stat.st_size))  # a fresh copy per call
         cls.check_search_space(space, source=str(path))
         return space
     parts = getattr(cls, "search_parts", ())  # a composite searches its own lists and its parts'
@@ -144,6 +143,17 @@ def search_space_for(name: str, cls: type[Postprocessor], conventions: Conventio
         return {**cls.search_space, **parts_space}
     cls.check_search_space(cls.search_space, source=f"{cls.__name__}.search_space")
     return dict(cls.search_space)
+
+
+@functools.lru_cache(maxsize=None)
+def _listed_space(path: Path, mtime_ns: int, size: int) -> str:
+    """The search lists of configs/postprocessors/<name>.yaml, as JSON: read once per process
+    while the file is unchanged (a run asks for each method's lists several times)."""
+    raw = read_yaml(path, "postprocessor config") or {}
+    space = raw.get("search", {}) if isinstance(raw, dict) else {}
+    if not isinstance(space, dict) or not all(isinstance(v, list) and v for v in space.values()):
+        raise OodbenchError(f"{path}: 'search' must map each hyperparameter to a non-empty list")
+    return json.dumps(space)
 
 
 @dataclass

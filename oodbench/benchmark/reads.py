@@ -30,6 +30,8 @@ CHECKPOINT_PREFIX = "checkpoint:"
 def required_statistics(cls: type[Postprocessor], params: dict[str, Any], space: dict[str, list[Any]]
                         ) -> tuple[LayerStatistic, ...]:
     """Every layer statistic `cls` reads with `params` fixed, over every combination of `space`."""
+    if cls.layer_statistics is Postprocessor.layer_statistics:  # reads no layer: no instance per combination
+        return ()
     found: dict[LayerStatistic, None] = {}
     for combo in grid(space) if space else [{}]:
         for stat in cls(**{**params, **combo}).layer_statistics():

@@ -15,11 +15,14 @@ by the method, its code, its hyperparameters and the keys of the outputs it was 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from oodbench.identity import fit_key_text
 from oodbench.outputs import Outputs
-from oodbench.storage.files import VerifiedFiles
+from oodbench.storage.files import VerifiedFiles, lock_exclusive
 
 
 EXTRA = "extra:"  # prefix of the model's extras among an entry's tensors
@@ -80,6 +83,18 @@ class FitStateCache(VerifiedFiles):
     def load(self, key: str) -> dict | None:
         entry = self.read(key)
         return None if entry is None else {**entry[0], **entry[1]}
+
+    @contextmanager
+    def computing(self, key: str) -> Iterator[None]:
+        """Held while the state for `key` is looked up, fitted and saved: jobs that need the
+        same state at once (Ray tasks on one machine or sharing the cache folder: two models
+        with the same weights, a method listed under two settings) fit it once; the others
+        wait, then load it. The lock file beside the entry is empty and stays."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+            lock_exclusive(handle)
+            yield
 
     def save(self, key: str, state: dict) -> bool:
         """Store `state` when it is tensors and JSON scalars only; False (not stored) otherwise."""

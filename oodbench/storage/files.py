@@ -10,6 +10,7 @@ it and recomputed by its caller. Writes go to a temporary file beside the target
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import warnings
@@ -121,3 +122,12 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def lock_exclusive(handle) -> None:
+    """Wait for the exclusive lock of an open file (released when it is closed). On a
+    filesystem without locks, go on unlocked: concurrent writers then compute the same values."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        pass
