@@ -116,7 +116,8 @@ def test_a_killed_attack_run_keeps_its_rows_and_a_rerun_resumes(digits_store, ca
 
 
 def test_a_store_without_the_attacks_table_still_opens(digits_store, capsys, tmp_path):
-    from oodbench.storage.store import SCHEMA_VERSION, ResultStore
+    from oodbench.storage.schema import SCHEMA_VERSION
+    from oodbench.storage.store import ResultStore
 
     _, path = digits_store
     old = tmp_path / "old.sqlite"
