@@ -178,7 +178,8 @@ def worker(stage: str, size: int, folder: Path, score_rows: int, methods: list[s
             continue
 
         def round_trip() -> None:  # as `fit_cached` does: views of the fit outputs are not stored
-            if getattr(type(method), "cache_fit", True) and store_fit_state(method, states, key(name, size)):  # KNN, Relation: mapped
+            cached = getattr(type(method), "cache_fit", True)  # Relation's state is the mapped outputs
+            if cached and store_fit_state(method, states, key(name, size)):
                 restore_fit_state(method, states, key(name, size), train)
 
         stage_of(f"state:{name}", round_trip)

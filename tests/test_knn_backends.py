@@ -119,7 +119,8 @@ def test_knn_ivf_without_faiss_fails_in_one_line(monkeypatch):
     real = approximate.importlib.util.find_spec
     monkeypatch.setattr(approximate.importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else
                         real(name, *a))
-    with pytest.raises(OodbenchError, match=r"^knn: index 'ivf' needs faiss \(pip install 'oodbench\[faiss\]'\)") as error:
+    needs = r"^knn: index 'ivf' needs faiss \(pip install 'oodbench\[faiss\]'\)"
+    with pytest.raises(OodbenchError, match=needs) as error:
         POSTPROCESSORS.get("knn")(index="ivf")
     assert "\n" not in str(error.value)
     assert POSTPROCESSORS.get("knn")(index="flat").params["index"] == "flat"  # the exact search needs nothing

@@ -153,7 +153,8 @@ def cfood_in_memory(train: Outputs, tests: list[Outputs], alpha: float, k: float
     return scores
 
 
-@pytest.mark.parametrize("name, params", [("grood", {}), ("cfood", {"alpha": 0.1}), ("cfood", {"alpha": 0.5, "k": 0.05})])
+@pytest.mark.parametrize("name, params", [("grood", {}), ("cfood", {"alpha": 0.1}),
+                                          ("cfood", {"alpha": 0.5, "k": 0.05})])
 def test_bank_methods_rebuilt_from_the_mapped_fit_split_score_as_the_in_memory_bank(name, params, data, monkeypatch):
     """GrOOD and CFOOD keep no N x D float64 copy (their banks are rebuilt from the mapped fit
     features, a block at a time): bit for bit today's in-memory bank, over many blocks."""

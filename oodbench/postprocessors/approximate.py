@@ -11,8 +11,10 @@ stays the default. It keeps no copy of the bank, so memory stays bounded:
   the list of its nearest centroid (largest inner product). The index is the centroids
   (nlist x D float32) and the bank's row numbers grouped by list (8 bytes per row, 0.0075
   GiB per million images): faiss's IndexIVFFlat would hold a copy of every vector (7.6 GiB
-  per million), and product-quantised codes (IndexIVFPQ) reached only 0.5-0.8 recall@50
-  on 2,048-d ResNet-50-like features even re-ranked (`benchmarks/knn_scale.py`).
+  per million), and product-quantised codes (IndexIVFPQ, 64 bytes, re-ranked from 4-10x
+  the candidates) found 0.49-0.56 of the 50 nearest rows of a 20k bank of 2,048-d
+  ResNet-50-width synthetic features visiting 32 lists, where exact similarities within
+  the same lists found 0.87.
 - search: each query visits its ``IVF_PROBES`` nearest lists (more when K is large for the
   bank, so that they hold about twice K rows) and their rows, read from the mapped bank and
   normalised, are ranked by their exact inner products (float32, as the flat search).
