@@ -175,19 +175,20 @@ def test_bank_methods_rebuilt_from_the_mapped_fit_split_score_as_the_in_memory_b
         assert torch.equal(got, want)
 
 
-def test_a_cached_bank_state_views_the_fit_split_again(data, tmp_path, monkeypatch):
-    """The fit-state cache stores GrOOD's state without its bank features; loading it reads the
-    (mapped) fit split again and points the bank at it, with the same scores and no refit."""
+@pytest.mark.parametrize("name", ["grood", "cfood"])
+def test_a_cached_bank_state_views_the_fit_split_again(name, data, tmp_path, monkeypatch):
+    """The fit-state cache stores GrOOD's and CFOOD's states without their bank features; loading
+    one reads the (mapped) fit split again and points the bank at it: the same scores, no refit."""
     from oodbench.benchmark.cache import FitStateCache
     from oodbench.benchmark.jobs import fit_cached
 
     train, test, _ = data
     cache, keys = FitStateCache(tmp_path), ["fit-key", "val-key"]
-    fitted = POSTPROCESSORS.get("grood")()
+    fitted = POSTPROCESSORS.get(name)()
     fit_cached(fitted, train, test, cache, keys)
     assert "bank_features" not in cache.load(FitStateCache.key(fitted, keys))
     reads = []
-    loaded = POSTPROCESSORS.get("grood")()
+    loaded = POSTPROCESSORS.get(name)()
     monkeypatch.setattr(type(loaded), "fit", lambda *args: pytest.fail("refitted"))
     fit_cached(loaded, lambda: reads.append(1) or train, test, cache, keys)
     assert reads == [1] and loaded.bank_features.data_ptr() == train.features.data_ptr()
