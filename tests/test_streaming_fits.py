@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from oodbench.benchmark.cache import OutputCache
-from oodbench.postprocessors import distance, neighbours, prototypes, shapers, shaping, streaming
+from oodbench.postprocessors import distance, neighbours, optfs, prototypes, shapers, shaping, streaming
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
 
@@ -35,6 +35,8 @@ def test_percentile_is_numpys_bit_for_bit(monkeypatch):
     x = torch.from_numpy(rng.standard_normal((300, 7)).astype(np.float32))
     ps = [0, 12.5, 50, 97.3, 100]
     assert streaming.percentiles(x, ps) == [float(np.percentile(x.numpy().ravel(), p)) for p in ps]
+    qs = [0, 1e-3, 0.3, 1 - 1e-3, 1]  # OptFS's fractions
+    assert streaming.quantiles(x, qs) == [float(np.quantile(x.numpy().ravel(), q)) for q in qs]
     with_nan = torch.ones(50, 3)
     with_nan[7, 1] = float("nan")
     assert np.isnan(streaming.percentile(with_nan, 30)) and np.isnan(np.percentile(with_nan.numpy(), 30))
@@ -75,7 +77,7 @@ def data(tmp_path_factory):
                                                                                         weight, bias)
 
 
-STREAMED = {"react": {}, "vra": {}, "gen_react": {}, "mds": {}, "she": {}, "vim": {"dim": 8}, "knn": {"k": 5},
+STREAMED = {"react": {}, "vra": {}, "gen_react": {}, "mds": {}, "she": {}, "vim": {"dim": 8}, "knn": {"k": 5}, "optfs": {},
             "dice": {}, "rmds": {}, "fdbd": {}, "nci": {}, "openmax": {}, "grood": {}, "cfood": {}, "relation": {}}
 # float64 sums taken block by block instead of in one reduction (column_mean's means, Relation's
 # edges over bank blocks): the same terms added in another order, so scores to 1e-6
@@ -104,6 +106,7 @@ def test_streaming_fits_score_as_the_in_memory_fits(name, data, monkeypatch):
     for module in (shaping, shapers):  # gen_react is a composite of shapers' ReAct
         monkeypatch.setattr(module, "percentile", in_memory)
     monkeypatch.setattr(shaping, "percentiles", lambda values, ps: [in_memory(values, p) for p in ps])
+    monkeypatch.setattr(optfs, "quantiles", lambda values, qs: [np.quantile(values.numpy().ravel(), q) for q in qs])
     monkeypatch.setattr(distance, "BANK_ROWS", 1 << 30)
     monkeypatch.setattr(neighbours, "RELATION_BANK_ROWS", 1 << 30)
     train, test, ood = data
