@@ -125,9 +125,23 @@ def l2_normalise(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.float(), dim=1)
 
 
+class UnitRows:
+    """The rows of an N x D tensor scaled to unit L2 norm, each block as it is sliced: what the
+    Mahalanobis fits and scores read (``len``, ``shape``, ``[a:b]``), with no N x D copy."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features, self.shape = features, features.shape
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return l2_normalise(self.features[rows])  # row by row: the same values as normalising all
+
+
 def on_unit_features(outputs: Outputs) -> Outputs:
-    """`outputs` with each feature row scaled to unit L2 norm (Mahalanobis++)."""
-    return replace(outputs, features=l2_normalise(outputs.features))
+    """`outputs` with each feature row scaled to unit L2 norm (Mahalanobis++), block by block."""
+    return replace(outputs, features=UnitRows(outputs.features))
 
 
 class OnUnitFeatures:
