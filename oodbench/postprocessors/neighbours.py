@@ -206,11 +206,13 @@ class CFOOD(Postprocessor):
 
         def block(z: torch.Tensor) -> torch.Tensor:
             unit, counts = cfood_unit(z), torch.zeros(len(z), grid_size + 1, dtype=torch.float64)
+            one = torch.ones(1, dtype=torch.float64)
             for part, references in self.reference_blocks():
-                distances = squared_distances(unit, references)  # B x references
                 # reference j counts v in at every kappa from the first with d_j(kappa) >= s_j on
-                first = torch.searchsorted(self.neighbour_distances[part], distances.T.contiguous())
-                counts.scatter_add_(1, first.T, torch.ones_like(first.T, dtype=torch.float64))
+                # (the B x references distances, transposed: one copy alive at a time)
+                first = torch.searchsorted(self.neighbour_distances[part],
+                                           squared_distances(unit, references).T.contiguous())
+                counts.scatter_add_(1, first.T, one.expand(first.T.shape))
             reached = counts[:, :grid_size].cumsum(dim=1) >= needed
             kappa = torch.where(reached.any(dim=1), self.kappa[reached.int().argmax(dim=1)], 1.0)
             return -kappa
