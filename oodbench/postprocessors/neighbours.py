@@ -213,6 +213,7 @@ class CFOOD(Postprocessor):
                 first = torch.searchsorted(self.neighbour_distances[part],
                                            squared_distances(unit, references).T.contiguous())
                 counts.scatter_add_(1, first.T, one.expand(first.T.shape))
+                del first, references  # before the next block is made: one block alive at a time
             reached = counts[:, :grid_size].cumsum(dim=1) >= needed
             kappa = torch.where(reached.any(dim=1), self.kappa[reached.int().argmax(dim=1)], 1.0)
             return -kappa
