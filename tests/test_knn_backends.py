@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oodbench.identity import code_digest
-from oodbench.postprocessors import distance
+from oodbench.postprocessors import approximate, distance
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
 
@@ -69,3 +69,58 @@ def test_knn_uses_faiss_when_installed_and_its_key_says_which(monkeypatch):
     assert len(set(keys.values())) == len(keys)  # a cell computed one way is not reused for the other
     if len(scores) == 2:
         torch.testing.assert_close(scores["faiss"], scores["torch"], rtol=0, atol=1e-6)
+
+
+def clustered(rows: int, seed: int, clusters: int = 12, dim: int = 24) -> torch.Tensor:
+    """Non-negative features around `clusters` centres (the same for every seed), as ReLU features are."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).gamma(1.0, 1.0, (clusters, dim))
+    x = centres[rng.integers(0, clusters, rows)] + rng.normal(0, 0.35, (rows, dim))
+    return torch.from_numpy(np.maximum(x, 0)).float()
+
+
+def test_knn_ivf_index_finds_the_nearest_rows_and_is_keyed_apart(tmp_path):
+    """``index: ivf`` (approximate): its own fit key and cell settings, its similarities exact
+    (a distance can only grow when a neighbour is missed), recall@20 high on a clustered bank;
+    its fit state (the lists, not the bank) goes through the fit-state cache."""
+    pytest.importorskip("faiss", reason="faiss is an optional extra (pip install 'oodbench[faiss]')")
+    from oodbench.storage.caches import FitStateCache
+    from oodbench.benchmark.jobs import fit_cached
+    from oodbench.identity import fit_key_text
+
+    k, knn = 20, POSTPROCESSORS.get("knn")
+    bank, queries = clustered(4000, 1), clustered(300, 2)
+    train = Outputs(logits=torch.zeros(4000, 3), features=bank, labels=torch.zeros(4000, dtype=torch.long))
+    test = Outputs(logits=torch.zeros(300, 3), features=queries)
+    flat, ivf = knn(k=k), knn(k=k, index="ivf")
+    assert flat.params["index"] == "flat" and fit_key_text(flat, ["f"]) != fit_key_text(ivf, ["f"])
+    cache = FitStateCache(tmp_path)
+    for method in (flat, ivf):
+        fit_cached(method, train, train, cache, ["fit-key"])
+    exact, nearest = -flat.score(test).double(), -ivf.score(test).double()
+    assert (nearest >= exact - 1e-6).all()  # only missed neighbours: never nearer than the exact K-th
+    similarity = (distance.l2_normalise(queries) @ distance.l2_normalise(bank).T).double()
+    kth = similarity.topk(k, dim=1).values[:, -1:]
+    found = approximate.ivf_best_similarities(queries, bank, (ivf.ivf_centroids, ivf.ivf_order, ivf.ivf_offsets), k,
+                                           distance.l2_normalise).double()
+    recall = (found >= kth - 1e-6).float().mean().item()
+    assert recall >= 0.97, recall
+    assert len(ivf.ivf_centroids) == int(4000 ** 0.5) and sorted(ivf.ivf_order.tolist()) == list(range(4000))
+    state = cache.load(FitStateCache.key(ivf, ["fit-key"]))
+    assert "bank" not in state and torch.equal(state["ivf_order"], ivf.ivf_order)
+    again = knn(k=k, index="ivf")
+    fit_cached(again, train, train, cache, ["fit-key"])
+    assert torch.equal(again.score(test), ivf.score(test))
+
+
+def test_knn_ivf_without_faiss_fails_in_one_line(monkeypatch):
+    from oodbench.errors import OodbenchError
+
+    real = approximate.importlib.util.find_spec
+    monkeypatch.setattr(approximate.importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else
+                        real(name, *a))
+    needs = r"^knn: index 'ivf' needs faiss \(pip install 'oodbench\[faiss\]'\)"
+    with pytest.raises(OodbenchError, match=needs) as error:
+        POSTPROCESSORS.get("knn")(index="ivf")
+    assert "\n" not in str(error.value)
+    assert POSTPROCESSORS.get("knn")(index="flat").params["index"] == "flat"  # the exact search needs nothing

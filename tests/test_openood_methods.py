@@ -294,8 +294,8 @@ def test_cfood_subset_is_seeded_and_sized(data):
     first.fit(data["train_out"], data["train_out"])
     second = POSTPROCESSORS.get("cfood")(alpha=0.5)
     second.fit(data["train_out"], data["train_out"])
-    assert len(first.references) == N_TRAIN // 2
-    assert torch.equal(first.references, second.references)
+    assert len(first.reference_rows) == N_TRAIN // 2 == len(first.reference_rows.unique())
+    assert torch.equal(first.reference_rows, second.reference_rows)
     assert torch.equal(first.score(data["test_out"]), second.score(data["test_out"]))
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from oodbench.storage.caches import OutputCache
-from oodbench.postprocessors import distance, neighbours, prototypes, shapers, shaping, streaming
+from oodbench.postprocessors import distance, neighbours, optfs, prototypes, shapers, shaping, streaming
 from oodbench.postprocessors.base import Outputs
 from oodbench.registry import POSTPROCESSORS
 
@@ -35,6 +35,8 @@ def test_percentile_is_numpys_bit_for_bit(monkeypatch):
     x = torch.from_numpy(rng.standard_normal((300, 7)).astype(np.float32))
     ps = [0, 12.5, 50, 97.3, 100]
     assert streaming.percentiles(x, ps) == [float(np.percentile(x.numpy().ravel(), p)) for p in ps]
+    qs = [0, 1e-3, 0.3, 1 - 1e-3, 1]  # OptFS's fractions
+    assert streaming.quantiles(x, qs) == [float(np.quantile(x.numpy().ravel(), q)) for q in qs]
     with_nan = torch.ones(50, 3)
     with_nan[7, 1] = float("nan")
     assert np.isnan(streaming.percentile(with_nan, 30)) and np.isnan(np.percentile(with_nan.numpy(), 30))
@@ -75,11 +77,12 @@ def data(tmp_path_factory):
                                                                                         weight, bias)
 
 
-STREAMED = {"react": {}, "vra": {}, "gen_react": {}, "mds": {}, "she": {}, "vim": {"dim": 8}, "knn": {"k": 5},
+STREAMED = {"react": {}, "vra": {}, "gen_react": {}, "mds": {}, "she": {}, "vim": {"dim": 8}, "knn": {"k": 5}, "optfs": {},
+            "mds_pp": {}, "rmds_pp": {},
             "dice": {}, "rmds": {}, "fdbd": {}, "nci": {}, "openmax": {}, "grood": {}, "cfood": {}, "relation": {}}
 # float64 sums taken block by block instead of in one reduction (column_mean's means, Relation's
 # edges over bank blocks): the same terms added in another order, so scores to 1e-6
-ROUNDED = {"dice", "rmds", "fdbd", "nci", "relation"}
+ROUNDED = {"dice", "rmds", "rmds_pp", "fdbd", "nci", "relation"}
 
 
 def scores(name: str, params: dict, data) -> list[torch.Tensor]:
@@ -104,6 +107,8 @@ def test_streaming_fits_score_as_the_in_memory_fits(name, data, monkeypatch):
     for module in (shaping, shapers):  # gen_react is a composite of shapers' ReAct
         monkeypatch.setattr(module, "percentile", in_memory)
     monkeypatch.setattr(shaping, "percentiles", lambda values, ps: [in_memory(values, p) for p in ps])
+    monkeypatch.setattr(distance, "UnitRows", distance.l2_normalise)  # Mahalanobis++: one normalised copy
+    monkeypatch.setattr(optfs, "quantiles", lambda values, qs: [np.quantile(values.numpy().ravel(), q) for q in qs])
     monkeypatch.setattr(distance, "BANK_ROWS", 1 << 30)
     monkeypatch.setattr(neighbours, "RELATION_BANK_ROWS", 1 << 30)
     train, test, ood = data
@@ -117,3 +122,79 @@ def test_streaming_fits_score_as_the_in_memory_fits(name, data, monkeypatch):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # last bits follow its shape
         else:
             assert torch.equal(got, expected)
+
+
+def grood_in_memory(train: Outputs, tests: list[Outputs]) -> list[torch.Tensor]:
+    """GrOOD before its bank was rebuilt block by block: the whole float64 gradient bank of the
+    correctly classified fit rows in memory, every test row against all of it in one product."""
+    method = POSTPROCESSORS.get("grood")()
+    method.fit(train, train)
+    kept = train.features[train.labels == train.predictions]
+    bank = method.noise_gradients(kept, method.noise_weights(kept))
+    scores = []
+    for test in tests:
+        g = method.noise_gradients(test.features, method.noise_weights(test.features))
+        nearest = ((g * g).sum(1, keepdim=True) - 2 * g @ bank.T + (bank * bank).sum(1)).clamp_min(0).min(dim=1)
+        scores.append(-nearest.values.float())
+    return scores
+
+
+def cfood_in_memory(train: Outputs, tests: list[Outputs], alpha: float, k: float) -> list[torch.Tensor]:
+    """CFOOD before its references were read block by block: n float64 unit references (in
+    randperm's order) and their sorted distances in memory, each test row against all of them."""
+    total = len(train.features)
+    n = int(alpha * total) if alpha < 1 else total
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(neighbours.CFOOD_SEED))[:n]
+    references = neighbours.cfood_unit(train.features[chosen] if n < total else train.features)
+    kappa, positions = neighbours.cfood_grid(n)
+    known = neighbours.squared_distances(references, references).sort(dim=1).values[:, positions]
+    scores = []
+    for test in tests:
+        distances = neighbours.squared_distances(neighbours.cfood_unit(test.features), references)
+        known_np, distances_np = known.numpy(), distances.numpy()
+        counts = np.stack([np.count_nonzero(known_np >= row[:, None], axis=0) for row in distances_np])
+        reached = torch.from_numpy(counts >= k * n)
+        scores.append(-torch.where(reached.any(dim=1), kappa[reached.int().argmax(dim=1)], 1.0).float())
+    return scores
+
+
+@pytest.mark.parametrize("name, params", [("grood", {}), ("cfood", {"alpha": 0.1}),
+                                          ("cfood", {"alpha": 0.5, "k": 0.05})])
+def test_bank_methods_rebuilt_from_the_mapped_fit_split_score_as_the_in_memory_bank(name, params, data, monkeypatch):
+    """GrOOD and CFOOD keep no N x D float64 copy (their banks are rebuilt from the mapped fit
+    features, a block at a time): bit for bit today's in-memory bank, over many blocks."""
+    train, test, ood = data
+    expected = (grood_in_memory(train, [test, ood]) if name == "grood" else
+                cfood_in_memory(train, [test, ood], params["alpha"], params.get("k", 0.01)))
+    monkeypatch.setattr(prototypes, "BLOCK_ROWS", 257)  # GrOOD's fit rows rebuilt at once
+    monkeypatch.setattr(neighbours, "CFOOD_REFERENCE_ROWS", 97)
+    monkeypatch.setattr(neighbours, "BANK_BLOCK_ELEMENTS", 1500 * 40)  # CFOOD: 40 references sorted at once
+    method = POSTPROCESSORS.get(name)(**params)
+    method.fit(train, test)
+    assert method.bank_features.data_ptr() == train.features.data_ptr()  # a view, not a copy
+    state = {key: value for key, value in method.fit_state().items() if key not in method.fit_views}
+    width, classes = train.features.shape[1], train.logits.shape[1]
+    assert not [key for key, v in state.items()  # what is cached holds no feature row per fit sample
+                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width and len(v) > classes]
+    for got, want in zip([method.score(test), method.score(ood)], expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["grood", "cfood"])
+def test_a_cached_bank_state_views_the_fit_split_again(name, data, tmp_path, monkeypatch):
+    """The fit-state cache stores GrOOD's and CFOOD's states without their bank features; loading
+    one reads the (mapped) fit split again and points the bank at it: the same scores, no refit."""
+    from oodbench.storage.caches import FitStateCache
+    from oodbench.benchmark.jobs import fit_cached
+
+    train, test, _ = data
+    cache, keys = FitStateCache(tmp_path), ["fit-key", "val-key"]
+    fitted = POSTPROCESSORS.get(name)()
+    fit_cached(fitted, train, test, cache, keys)
+    assert "bank_features" not in cache.load(FitStateCache.key(fitted, keys))
+    reads = []
+    loaded = POSTPROCESSORS.get(name)()
+    monkeypatch.setattr(type(loaded), "fit", lambda *args: pytest.fail("refitted"))
+    fit_cached(loaded, lambda: reads.append(1) or train, test, cache, keys)
+    assert reads == [1] and loaded.bank_features.data_ptr() == train.features.data_ptr()
+    assert torch.equal(loaded.score(test), fitted.score(test))

@@ -167,7 +167,8 @@ class ExtractJob:
 def fit_cached(method: Postprocessor, fit: Outputs | Callable[[], Outputs] | None, val: Outputs | None,
                fit_cache: FitStateCache | None, output_keys: list[str]) -> None:
     """`method.fit(fit, val)`, or its state from the fit-state cache when it was fitted before.
-    `fit` may be a function reading the fit split: it is called only when the method fits."""
+    `fit` may be a function reading the fit split: it is called only when the method fits, or
+    when its cached state views the fit outputs (``method.fit_views``: mapped, not copied)."""
     if not method.needs_fit:
         return
     key = FitStateCache.key(method, output_keys) if fit_cache is not None and method.cache_fit else None
@@ -175,12 +176,31 @@ def fit_cached(method: Postprocessor, fit: Outputs | Callable[[], Outputs] | Non
         method.fit(fit() if callable(fit) else fit, val)
         return
     with fit_cache.computing(key):  # jobs needing this state at once fit it once
-        state = fit_cache.load(key)
-        if state is not None:
-            method.load_fit_state(state)
+        if restore_fit_state(method, fit_cache, key, fit):
             return
         method.fit(fit() if callable(fit) else fit, val)
-        fit_cache.save(key, method.fit_state())
+        store_fit_state(method, fit_cache, key)
+
+
+def store_fit_state(method: Postprocessor, fit_cache: FitStateCache, key: str) -> bool:
+    """Cache what `method.fit` set, less its views of the fit outputs (``fit_views``); False
+    when the state is not tensors and plain values (not stored)."""
+    return fit_cache.save(key, {name: value for name, value in method.fit_state().items()
+                                if name not in method.fit_views})
+
+
+def restore_fit_state(method: Postprocessor, fit_cache: FitStateCache, key: str,
+                      fit: Outputs | Callable[[], Outputs] | None) -> bool:
+    """Load a cached fit state into `method`, its ``fit_views`` pointed at the fit outputs
+    again (`fit` is read only then); False when none is cached under `key`."""
+    state = fit_cache.load(key)
+    if state is None:
+        return False
+    if method.fit_views:
+        outputs = fit() if callable(fit) else fit
+        state.update({name: getattr(outputs, field) for name, field in method.fit_views.items()})
+    method.load_fit_state(state)
+    return True
 
 
 def load_cached_outputs(context: RunContext, split: SplitRef, key: str, model=None) -> Outputs:

@@ -22,7 +22,12 @@ for it. Methods declare what they need as class attributes, which the runner rea
   them once per (model, split), caches them and puts them in ``outputs.extras`` (without
   them, `oodbench.models.layers.statistic` computes them from ``outputs.model``);
 - ``cache_fit``: False for a method whose fit state is (views of) the fit outputs
-  themselves (KNN's bank): the fit-state cache would only store a second copy of them;
+  themselves (Relation's bank): the fit-state cache would only store a second copy of them;
+- ``fit_views``: attributes of the fit state that are the fit outputs' own tensors
+  (attribute -> `Outputs` field, GrOOD's and CFOOD's ``{"bank_features": "features"}``, KNN's bank):
+  the fit-state cache stores the rest of the state and, on load, points them at the fit
+  split's memory-mapped tensors again, so a bank of fit features is neither copied into
+  memory nor cached twice;
 - ``fit_params``: the hyperparameters that change what ``fit`` computes (None: all),
   so the fit-state cache fits once for the others' whole search range;
 - ``defaults``: hyperparameters and their default values;
@@ -164,6 +169,7 @@ class Postprocessor:
     needs_fit: ClassVar[bool] = False
     needs_weights: ClassVar[bool] = False
     cache_fit: ClassVar[bool] = True
+    fit_views: ClassVar[dict[str, str]] = {}
     needs_extras: ClassVar[tuple[str, ...]] = ()
     needs_checkpoints: ClassVar[bool] = False
     needs_layers: ClassVar[bool] = False

@@ -19,7 +19,11 @@
   bank in torch; the two agree to float32 rounding (~1e-7), and the one used is part of
   the cell's key (`KNN.backend`). OpenOOD's faiss returns the squared distance, a
   monotone transform: same AUROC / FPR. A search sorts the nearest neighbours once, for
-  its largest K, and reads every smaller K from it.
+  its largest K, and reads every smaller K from it. ``index: flat`` (the default) is that
+  exact search; ``index: ivf`` is an approximate one for very large banks
+  (`oodbench.postprocessors.approximate`: k-means lists by faiss, exact distances within the
+  lists nearest each query, no copy of the bank; it needs faiss), a hyperparameter, so its
+  cells are keyed apart.
 
 S^+ is the pseudo-inverse (dead ReLU units make S singular). Means, scatter matrices
 and distances are computed in float64 over blocks of rows, so memory stays bounded by
@@ -34,7 +38,8 @@ from typing import Callable
 
 import torch
 
-from oodbench.postprocessors.base import (BLOCK_ROWS, Integer, InvalidHyperparameter, Outputs, Postprocessor,
+from oodbench.postprocessors.approximate import build_ivf, ivf_best_similarities, require_faiss
+from oodbench.postprocessors.base import (BLOCK_ROWS, Integer, InvalidHyperparameter, OneOf, Outputs, Postprocessor,
                                           in_blocks)
 from oodbench.postprocessors.streaming import column_mean
 from oodbench.registry import register_postprocessor
@@ -120,9 +125,23 @@ def l2_normalise(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.float(), dim=1)
 
 
+class UnitRows:
+    """The rows of an N x D tensor scaled to unit L2 norm, each block as it is sliced: what the
+    Mahalanobis fits and scores read (``len``, ``shape``, ``[a:b]``), with no N x D copy."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features, self.shape = features, features.shape
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return l2_normalise(self.features[rows])  # row by row: the same values as normalising all
+
+
 def on_unit_features(outputs: Outputs) -> Outputs:
-    """`outputs` with each feature row scaled to unit L2 norm (Mahalanobis++)."""
-    return replace(outputs, features=l2_normalise(outputs.features))
+    """`outputs` with each feature row scaled to unit L2 norm (Mahalanobis++), block by block."""
+    return replace(outputs, features=UnitRows(outputs.features))
 
 
 class OnUnitFeatures:
@@ -150,6 +169,11 @@ def knn_backend() -> str:
     return "faiss" if importlib.util.find_spec("faiss") is not None else "torch"
 
 
+def kth_distances(nearest: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """N x len(ks): sqrt(2 - 2 s_(k)) from each row's sorted largest unit inner products."""
+    return torch.stack([(2 - 2 * nearest[:, k - 1]).clamp_min(0).sqrt() for k in ks], dim=1)
+
+
 def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[int], backend: str = "torch",
                           prepare: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows) -> torch.Tensor:
     """N x len(ks): exact Euclidean distance from each unit-norm query to its k-th nearest
@@ -163,13 +187,8 @@ def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[in
     union are among the blocks' k best); a smaller one is one block, as before."""
     largest = max(ks)
 
-    def distances(nearest: torch.Tensor) -> torch.Tensor:
-        return torch.stack([(2 - 2 * nearest[:, k - 1]).clamp_min(0).sqrt() for k in ks], dim=1)
-
     if backend == "faiss":
-        import faiss
-
-        faiss.omp_set_num_threads(torch.get_num_threads())  # the run's --threads
+        faiss = require_faiss("knn's faiss search")
 
         def best(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             base = prepare(rows).float().contiguous().numpy()
@@ -187,7 +206,7 @@ def kth_nearest_distances(queries: torch.Tensor, bank: torch.Tensor, ks: list[in
         found = best(q, bank[:bank_rows])
         for start in range(bank_rows, len(bank), bank_rows):
             found = torch.cat([found, best(q, bank[start : start + bank_rows])], dim=1).topk(largest, dim=1).values
-        return distances(found)
+        return kth_distances(found, ks)
 
     return in_blocks(nearest, queries, rows=rows)
 
@@ -197,11 +216,16 @@ class KNN(Postprocessor):
     family = "feature"
     needs_features = True
     needs_fit = True
-    defaults = {"k": 50}
-    ranges = {"k": Integer(ge=1)}  # and at most the fit samples, checked on the data
-    fit_params = ()
+    defaults = {"k": 50, "index": "flat"}
+    ranges = {"k": Integer(ge=1), "index": OneOf("flat", "ivf")}  # k at most the fit samples, checked on the data
+    fit_params = ("index",)
     grid_params = ("k",)
-    cache_fit = False  # its fit state is the fit split's features, already in the output cache
+    fit_views = {"bank": "features"}  # the bank is the fit split's mapped features; only an ivf index is cached
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if self.params["index"] != "flat":
+            require_faiss(f"knn: index '{self.params['index']}'")
 
     @staticmethod
     def backend() -> str:
@@ -210,6 +234,8 @@ class KNN(Postprocessor):
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         self.bank = train.features  # normalised block by block as it is searched: never copied
+        ivf = build_ivf(self.bank, l2_normalise, BANK_ROWS) if self.params["index"] == "ivf" else (None,) * 3
+        self.ivf_centroids, self.ivf_order, self.ivf_offsets = ivf
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         score = self.score_grid(outputs, [{}])[0]
@@ -220,7 +246,12 @@ class KNN(Postprocessor):
     def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor | InvalidHyperparameter]:
         ks = [int({**self.params, **combo}["k"]) for combo in combos]
         valid = sorted({k for k in ks if k <= len(self.bank)})
-        if valid:
+        if valid and self.ivf_centroids is not None:
+            ivf = (self.ivf_centroids, self.ivf_order, self.ivf_offsets)
+            nearest = in_blocks(lambda q: ivf_best_similarities(q, self.bank, ivf, max(valid), l2_normalise),
+                                outputs.features)
+            distances = kth_distances(nearest, valid)
+        elif valid:
             distances = kth_nearest_distances(outputs.features, self.bank, valid, self.backend(), l2_normalise)
         return [-distances[:, valid.index(k)] if k in valid else
                 InvalidHyperparameter(f"knn: k={k} must be between 1 and the {len(self.bank)} fit samples")

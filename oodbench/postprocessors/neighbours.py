@@ -32,7 +32,9 @@ e = logsumexp(f) (energy). Banks hold fit-split (train) samples, in the split's 
   here the subset is seeded (generator seed 0) and refitted per alpha.
 
 Everything is computed in float64 over blocks of test rows, so memory stays bounded by
-one block against the bank.
+one block against the bank. CFOOD keeps its references as row numbers of the memory-mapped
+fit split (``fit_views``) and normalises them a block at a time as it compares them; what it
+stores is the n x 230 float64 sorted distances (184 bytes per fit image at alpha = 0.1).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from oodbench.registry import register_postprocessor
 RELATION_THRESHOLD = 0.03  # edges at or below it are dropped (the reference code's `thres`)
 RELATION_BANK_ROWS = 1 << 14  # fit rows searched at once (bank blocks summed: scores to float64 rounding)
 CFOOD_SEED = 0
+CFOOD_REFERENCE_ROWS = 1 << 12  # references read, normalised and compared at once (64 MiB of 2048-d float64)
 
 
 def bank_rows(bank_size: int) -> int:
@@ -166,6 +169,7 @@ class CFOOD(Postprocessor):
     defaults = {"alpha": 0.1, "k": 0.01}
     ranges = {"alpha": Number(gt=0, le=1), "k": Number(gt=0, le=1)}
     fit_params = ("alpha",)
+    fit_views = {"bank_features": "features"}
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         total = len(train.features)
@@ -173,29 +177,45 @@ class CFOOD(Postprocessor):
         if n < 2:
             raise InvalidHyperparameter(f"cfood: alpha={self.params['alpha']} keeps {n} of the {total} fit "
                                         "samples; it needs at least 2")
-        chosen = train.features  # the sampled rows are normalised, not all of them (the same rows)
-        if n < total:
-            generator = torch.Generator().manual_seed(CFOOD_SEED)
-            chosen = chosen[torch.randperm(total, generator=generator)[:n]]
-        units = cfood_unit(chosen)
+        self.bank_features = train.features  # the mapped fit split: references are normalised as they are read
+        self.reference_rows = torch.arange(total)
+        if n < total:  # the sampled rows in the split's order: a score counts the references as a set,
+            generator = torch.Generator().manual_seed(CFOOD_SEED)  # and the mapped rows are read in order
+            self.reference_rows = torch.randperm(total, generator=generator)[:n].sort().values
         self.kappa, positions = cfood_grid(n)
-        self.references = units
-        self.neighbour_distances = in_blocks(
-            lambda rows: squared_distances(rows, units).sort(dim=1).values[:, positions], units,
-            rows=bank_rows(n))
+
+        def sorted_distances(rows: torch.Tensor) -> torch.Tensor:
+            distances = torch.empty(len(rows), n, dtype=torch.float64)
+            queries = cfood_unit(self.bank_features[rows])
+            for part, references in self.reference_blocks():
+                distances[:, part] = squared_distances(queries, references)
+            return distances.sort(dim=1).values[:, positions]
+
+        self.neighbour_distances = in_blocks(sorted_distances, self.reference_rows, rows=bank_rows(n))
+
+    def reference_blocks(self):
+        """(their slice of the references, their unit features), CFOOD_REFERENCE_ROWS references
+        at a time, from the mapped fit split: no float64 copy of the references is kept."""
+        for start in range(0, len(self.reference_rows), CFOOD_REFERENCE_ROWS):
+            rows = self.reference_rows[start : start + CFOOD_REFERENCE_ROWS]
+            yield slice(start, start + len(rows)), cfood_unit(self.bank_features[rows])
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         n, grid_size = self.neighbour_distances.shape
         needed = self.params["k"] * n
 
         def block(z: torch.Tensor) -> torch.Tensor:
-            distances = squared_distances(cfood_unit(z), self.references)  # B x n
-            # reference j counts v in at every kappa from the first with d_j(kappa) >= s_j on
-            first = torch.searchsorted(self.neighbour_distances, distances.T.contiguous())  # n x B
-            counts = torch.zeros(len(z), grid_size + 1, dtype=torch.float64)
-            counts.scatter_add_(1, first.T, torch.ones_like(first.T, dtype=torch.float64))
+            unit, counts = cfood_unit(z), torch.zeros(len(z), grid_size + 1, dtype=torch.float64)
+            one = torch.ones(1, dtype=torch.float64)
+            for part, references in self.reference_blocks():
+                # reference j counts v in at every kappa from the first with d_j(kappa) >= s_j on
+                # (the B x references distances, transposed: one copy alive at a time)
+                first = torch.searchsorted(self.neighbour_distances[part],
+                                           squared_distances(unit, references).T.contiguous())
+                counts.scatter_add_(1, first.T, one.expand(first.T.shape))
+                del first, references  # before the next block is made: one block alive at a time
             reached = counts[:, :grid_size].cumsum(dim=1) >= needed
             kappa = torch.where(reached.any(dim=1), self.kappa[reached.int().argmax(dim=1)], 1.0)
             return -kappa
 
-        return in_blocks(block, outputs.features, rows=bank_rows(n)).float()
+        return in_blocks(block, outputs.features, rows=bank_rows(CFOOD_REFERENCE_ROWS)).float()

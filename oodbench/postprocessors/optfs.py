@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from oodbench.postprocessors.base import BLOCK_ROWS, Outputs, Postprocessor, in_blocks
+from oodbench.postprocessors.streaming import quantiles
 from oodbench.registry import register_postprocessor
 
 INTERVALS = 100
@@ -33,8 +34,8 @@ NORM = 1000.0  # ||theta||_2
 
 def fit_shaping(features: torch.Tensor, predictions: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The interval left edges (float64, K), their width and theta (K) from the fit split."""
-    values = features.detach().cpu().numpy()
-    low, high = np.quantile(values, TAIL), np.quantile(values, 1 - TAIL)
+    # np.quantile of every value, without its copy of the N x D values; float32, as NumPy returns them
+    low, high = (np.float32(q) for q in quantiles(features.detach().cpu(), [TAIL, 1 - TAIL]))
     width = (high - low) / INTERVALS
     lefts = torch.from_numpy(np.arange(low, high, width))
     weight = weight.double()

@@ -29,7 +29,11 @@ layer (rows w_c), mu = mean fit (train) feature. Prototypes are fitted on the fi
   fitted on 1,000 CIFAR-10 JPEGs (AUROC, TIN / MNIST): 78.1 / 89.3 here; 82.2 / 95.7
   with a noise prototype from 200 TIN images; 77.3 / 87.9 with OpenOOD's IVF search.
 
-Class means, distances and gradients are computed in float64.
+Class means, distances and gradients are computed in float64. GrOOD keeps no N x D bank:
+its fit state is the prototypes, the correct-row mask and each bank row's softmax factor
+(the one part of g_j that needs the C prototypes); scoring rebuilds g_j a block of fit rows
+at a time from the memory-mapped fit features (``fit_views``: the fit-state cache stores
+the rest and maps the fit split again on load), the same values as a whole bank, bit for bit.
 """
 
 from __future__ import annotations
@@ -127,33 +131,49 @@ class GrOOD(Postprocessor):
     family = "feature"
     needs_features = True
     needs_fit = True
+    fit_views = {"bank_features": "features"}
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         _, self.prototypes = class_means(train.features, train.labels)
         self.noise = self.prototypes.mean(dim=0)
-        correct = train.labels == train.predictions
-        if not correct.any():
+        self.bank_kept = train.labels == train.predictions
+        if not self.bank_kept.any():
             raise OodbenchError("grood: no fit sample is classified correctly; its gradient bank would be empty")
-        self.bank = torch.cat([self.noise_gradients(block[keep]) for block, keep  # no copy of the kept features
-                               in zip(train.features.split(BLOCK_ROWS), correct.split(BLOCK_ROWS))])
+        self.bank_features = train.features  # the mapped fit split: the bank's gradients are rebuilt from it
+        # the softmax factor is the only part of g_j that needs the C prototypes (N x C x D
+        # work): kept, one float64 per bank row, so rebuilding g_j costs O(D) per row
+        self.bank_weights = torch.cat([self.noise_weights(rows) for rows in self.bank_blocks()])
 
-    def noise_gradients(self, features: torch.Tensor) -> torch.Tensor:
-        """N x D: the gradient of the nearest-centroid cross-entropy with respect to the noise prototype."""
+    def bank_blocks(self):
+        """The kept fit features, `BLOCK_ROWS` fit rows at a time (no copy of the kept rows)."""
+        for start in range(0, len(self.bank_features), BLOCK_ROWS):
+            yield self.bank_features[start : start + BLOCK_ROWS][self.bank_kept[start : start + BLOCK_ROWS]]
+
+    def noise_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """N x 1: softmax(s)_noise, the nearest-centroid probability of the noise prototype."""
         def block(z: torch.Tensor) -> torch.Tensor:
             z = z.double()
-            from_noise = z - self.noise
             to_classes = torch.cdist(z, self.prototypes, compute_mode=EXACT_DISTANCES)
-            distances = torch.cat([to_classes, from_noise.norm(dim=1, keepdim=True)], dim=1)
-            noise_probability = torch.softmax(-distances, dim=1)[:, -1:]
-            return noise_probability * torch.nn.functional.normalize(from_noise, dim=1)
+            distances = torch.cat([to_classes, (z - self.noise).norm(dim=1, keepdim=True)], dim=1)
+            return torch.softmax(-distances, dim=1)[:, -1:]
 
         return in_blocks(block, features)
 
+    def noise_gradients(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """N x D: the gradient of the nearest-centroid cross-entropy with respect to the noise prototype."""
+        return weights * torch.nn.functional.normalize(features.double() - self.noise, dim=1)
+
     def score(self, outputs: Outputs) -> torch.Tensor:
-        # the bank's squared norms once, a block at a time (not bank * bank, N x D per test block)
-        norms = in_blocks(lambda rows: (rows * rows).sum(1), self.bank)
+        def nearest(z: torch.Tensor) -> torch.Tensor:
+            g = self.noise_gradients(z, self.noise_weights(z))
+            squared = (g * g).sum(1, keepdim=True)
+            best, done = torch.full((len(g),), torch.inf, dtype=torch.float64), 0
+            for rows in self.bank_blocks():  # the bank's gradients, one block at a time, from the mapped features
+                bank = self.noise_gradients(rows, self.bank_weights[done : done + len(rows)])
+                done += len(rows)
+                if len(bank):  # squared_distances(g, bank), the same terms, in place
+                    distances = (g @ bank.T).mul_(-2).add_(squared).add_((bank * bank).sum(1)).clamp_min_(0)
+                    best = torch.minimum(best, distances.min(dim=1).values)
+            return -best
 
-        def nearest(g: torch.Tensor) -> torch.Tensor:  # squared_distances(g, self.bank), the same terms
-            return ((g * g).sum(1, keepdim=True) - 2 * g @ self.bank.T + norms).clamp_min(0).min(dim=1).values
-
-        return (-in_blocks(nearest, self.noise_gradients(outputs.features), rows=bank_rows(len(self.bank)))).float()
+        return in_blocks(nearest, outputs.features, rows=bank_rows(BLOCK_ROWS)).float()

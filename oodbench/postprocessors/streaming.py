@@ -4,7 +4,8 @@ A fit split's outputs are memory-mapped from the output cache (`oodbench.storage
 so a fit that reads them in blocks holds one block, whatever the split's size:
 
 - `column_mean`: the mean of each column, accumulated in float64;
-- `percentile`: NumPy's ``np.percentile(values, p)`` (its default linear interpolation)
+- `percentile` and `quantiles`: NumPy's ``np.percentile(values, p)`` and ``np.quantile``
+  (their default linear interpolation)
   over every value of a float32 tensor, exactly, without a copy of the values: two passes
   of a radix selection (a histogram of the top 16 bits of each value's order-preserving
   key, then of the low 16 bits within the one or two bins that hold the wanted ranks)
@@ -88,12 +89,18 @@ def percentile(values: torch.Tensor, p: float) -> float:
 
 def percentiles(values: torch.Tensor, ps: list[float]) -> list[float]:
     """`percentile` of each of `ps`, all from the same two passes over the values."""
+    return quantiles(values, [np.true_divide(p, 100) for p in ps])  # as np.percentile calls np.quantile
+
+
+def quantiles(values: torch.Tensor, qs: list[float]) -> list[float]:
+    """``float(np.quantile(values.numpy().ravel(), q))`` for each q of `qs` (fractions), bit
+    for bit, for a float32 tensor of any size, from the same two passes over the values."""
     if values.dtype != torch.float32 or values.numel() == 0:
-        return [float(np.percentile(values.detach().cpu().numpy().ravel(), p)) for p in ps]
+        return [float(np.quantile(values.detach().cpu().numpy().ravel(), q)) for q in qs]
     n = values.numel()
     plans = []
-    for p in ps:
-        virtual = (n - 1) * np.true_divide(p, 100)  # NumPy's float64 virtual index, clamped as it does
+    for q in qs:
+        virtual = (n - 1) * q  # NumPy's float64 virtual index, clamped as it does
         previous = np.floor(virtual)
         following = previous + 1
         if virtual >= n - 1:
@@ -104,7 +111,7 @@ def percentiles(values: torch.Tensor, ps: list[float]) -> list[float]:
     ranks = sorted({rank for _, *pair in plans for rank in pair})
     found, nan = order_statistics(values, ranks)
     if nan:
-        return [math.nan] * len(ps)
+        return [math.nan] * len(qs)
     of = dict(zip(ranks, found))
     results = []
     for gamma, first, second in plans:
