@@ -23,6 +23,7 @@ from oodbench.errors import OodbenchError
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, Outputs, Postprocessor
 from oodbench.postprocessors.subspace import ViM
+from oodbench.registry import POSTPROCESSORS
 from oodbench.storage.store import ResultStore
 
 from tests.conftest import digits_config
@@ -165,7 +166,8 @@ def test_single_element_space_equals_the_plain_run(tmp_path, session_cache, monk
                                             results=str(tmp_path / "searched.sqlite"), **common)
     for row in searched_cells.itertuples():
         assert row.status == "done"
-        assert json.loads(row.params) == plain[row.postprocessor]
+        # the stored params are the method's whole setting: its defaults (e.g. KNN's index: flat) and the value
+        assert json.loads(row.params) == {**POSTPROCESSORS.get(row.postprocessor).defaults, **plain[row.postprocessor]}
     columns = ["postprocessor", "dataset", "metric", "value"]
     left = plain_results[columns].sort_values(columns[:3]).reset_index(drop=True)
     right = searched_results[columns].sort_values(columns[:3]).reset_index(drop=True)
