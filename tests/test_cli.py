@@ -252,6 +252,9 @@ def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_p
         unlimited = run_cli(*command)
         assert unlimited.returncode == 2 and "add --limit 60 to read the --limit 60 run it holds" in unlimited.stderr, \
             (command, unlimited.stderr[-1500:])
+    # the sampled run's figures are named apart from a whole run's (which the HTML page embeds)
+    assert {p.name for p in Path(out).glob("*.png")} == {"hist_digits-limit60_ebo.png", "calibration_digits-limit60.png",
+                                                         "compare_digits-limit60.png"}
     other = run_cli(*commands[0], "--limit", "30")
     assert other.returncode == 2 and "run `oodbench run" in other.stderr and "--limit 30` first" in other.stderr
     # Beside a whole run, compare --limit 60 still reads the sampled run; without --limit, the whole one.
@@ -261,6 +264,8 @@ def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_p
     assert "ID test 60 of 216" in " ".join(sampled.stdout.split())
     assert "ID test 60 of 216" not in " ".join(whole.stdout.split())
     assert sampled.stdout.split("\n\n")[0] != whole.stdout.split("\n\n")[0]
+    missing = run_cli(*commands[3], "--limit", "30")  # no --limit 30 run: not the whole one shown as if sampled
+    assert missing.returncode == 2 and "--limit 30` first" in missing.stderr, missing.stderr[-1500:]
 
 
 HEAVY = ("torch", "numpy", "pandas", "matplotlib", "sklearn", "scipy")

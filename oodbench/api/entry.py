@@ -45,7 +45,7 @@ def evaluate(model: Any, id_test: Any, ood: Any, postprocessors: Sequence[str] |
     ``.oodbench_cache``); `device`: default the model's; `limit`: at most that many images
     per split (a seeded stratified subset, as ``--limit``); `plugins`: postprocessor files.
 
-    Returns the DataFrame of `oodbench.report.tables.leaderboard_frame` (FPR and AUROC as
+    Returns the DataFrame of `oodbench.benchmark.leaderboard.leaderboard_frame` (FPR and AUROC as
     fractions in [0, 1]). Raises `OodbenchError` in one line for bad input.
     """
     models = as_models(model, normalization=normalization, output=output, extras=extras, classifier=classifier,

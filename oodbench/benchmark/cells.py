@@ -47,6 +47,13 @@ def limited_runs(datasets: pd.DataFrame, limit: int) -> set[tuple[str, str]]:
     return {pair for pair, most in runs.items() if int(most) == limit}
 
 
+def run_name(benchmark: str, limit: int | None) -> str:
+    """The name a run's table folder and figure files go under: the benchmark's, with
+    ``-limit<N>`` for a ``--limit N`` run, so a quick sampled run never overwrites (nor is
+    taken for) a whole run's tables and figures."""
+    return benchmark + (f"-limit{limit}" if limit else "")
+
+
 def run_first(store, benchmark: str, source: str, limit: int | None) -> str:
     """What to do when a command finds no result of the run it reads: run it (with the same
     ``--limit``), or read the sampled run the store (None: none yet) holds with its ``--limit``."""

@@ -48,6 +48,7 @@ FLAGS = ("kind", "norm", "eps", "steps", "restarts", "step_size", "schedule", "t
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from oodbench.tasks.attacks.spec import threat_model
+    from oodbench.benchmark.cells import run_name
     from oodbench.benchmark.experiment import CachedExperiment
     from oodbench.report.attack_report import attack_report, write_attack_files
     from oodbench.tasks.attacks.record import attack_and_record
@@ -59,6 +60,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     frame = attack_and_record(experiment, spec, fpr, args.postprocessors, args.models, args.adversarial_id)
     tidy = attack_tidy(frame, benchmark, experiment.plan.fingerprint)
     print(attack_report(frame, tidy, spec, fpr, args.format, bool(args.adversarial_id)))
-    table, *figures = write_attack_files(frame, tidy, spec, benchmark, args.output)
+    table, *figures = write_attack_files(frame, tidy, spec, run_name(benchmark, experiment.config.limit), args.output)
     print(f"tidy CSV and figure: {table}, {', '.join(map(str, figures))}", file=sys.stderr)
     return 0

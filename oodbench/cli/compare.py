@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from oodbench.benchmark.config import load_config
     from oodbench.report.compare import render_comparison
+    from oodbench.benchmark.cells import run_name
     from oodbench.report.plots import auroc_bars, save_figure
     from oodbench.storage.store import ResultStore
     from oodbench.tasks.compare import comparison_results
@@ -39,6 +40,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from oodbench.report.attack_report import attack_comparison
 
         print("\n" + attack_comparison(CachedExperiment.open(args.config, **overrides(args)), args.format))
-    paths = save_figure(auroc_bars(long), args.output, f"compare_{long.attrs['benchmark']}")
+    paths = save_figure(auroc_bars(long), args.output, f"compare_{run_name(long.attrs['benchmark'], config.limit)}")
     print(f"bar chart: {', '.join(map(str, paths))}", file=sys.stderr)
     return 0

@@ -30,6 +30,7 @@ def add_calibration(sub) -> None:
 
 
 def cmd_calibration(args: argparse.Namespace) -> int:
+    from oodbench.benchmark.cells import run_name
     from oodbench.benchmark.experiment import CachedExperiment
     from oodbench.report.calibration import render_calibration
     from oodbench.report.plots import calibration_figure
@@ -47,7 +48,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
                           args.format).rstrip("\n"))
     else:
         print(render_calibration(frame, args.format))
-    save_figure_and_table(calibration_figure(frame), frame, args.output, f"calibration_{experiment.benchmark.name}")
+    save_figure_and_table(calibration_figure(frame), frame, args.output, f"calibration_{run_name(experiment.benchmark.name, experiment.config.limit)}")
     return 0
 
 
@@ -101,6 +102,7 @@ def add_failure(sub) -> None:
 
 
 def cmd_failure(args: argparse.Namespace) -> int:
+    from oodbench.benchmark.cells import run_name
     from oodbench.benchmark.experiment import CachedExperiment
     from oodbench.report.failure import render_failure
     from oodbench.report.plots import risk_coverage_figure
@@ -116,5 +118,5 @@ def cmd_failure(args: argparse.Namespace) -> int:
         print(render_failure(frame, args.format, args.sort))
     title = f"{experiment.benchmark.name}: selective classification on ID test per postprocessor"
     save_figure_and_table(risk_coverage_figure(curves, title), frame, args.output,
-                          f"failure_{experiment.benchmark.name}")
+                          f"failure_{run_name(experiment.benchmark.name, experiment.config.limit)}")
     return 0

@@ -59,7 +59,8 @@ def adversarial_summary(frame: pd.DataFrame, table_format: str) -> str:
 
 def write_attack_files(frame: pd.DataFrame, tidy: pd.DataFrame, spec: AttackSpec, benchmark: str,
                        folder: str | Path) -> list[Path]:
-    """``folder/attack_<benchmark>_<kind>-<norm>-<target>.csv`` (`tidy`) and the figure of
+    """``folder/attack_<benchmark>_<kind>-<norm>-<target>.csv`` (`tidy`; `benchmark`: the run's name,
+    `oodbench.benchmark.cells.run_name`, -limitN for a sampled run) and the figure of
     `frame` beside it (PNG + PDF); returns the CSV's path, then the figure's."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ convention of a benchmark whose cells were run under both), as the other formats
 - the caption (`oodbench.report.tables.caption`: metrics, convention profile, what was
   sampled, intervals, seeds or checkpoints, missing sets, data fingerprints);
 - a sortable column per number: ID accuracy, then FPR@95 and AUROC of each OOD set and of the
-  averages, each value as the text tables print it (`oodbench.report.render.number`: x100,
+  averages, each value as the text tables print it (`oodbench.report.text.number`: x100,
   ``±`` the standard deviation over checkpoints or seeds, ``[low, high]`` with ``--ci``),
   best bold, second italic, ``~`` not significantly worse; a failed cell shows its status in
   every metric column, and its reason under the table and on hover;

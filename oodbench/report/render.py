@@ -126,13 +126,14 @@ def write_tables(frame: pd.DataFrame, folder: str | Path, store=None, resamples:
     tables; a store whose cells were run under two FPR@95 conventions: `folder`/<benchmark>-fpr-<convention>/
     per convention): leaderboard.md (wide Markdown), leaderboard.tex (wide LaTeX) and
     leaderboard.csv (tidy); returns their paths."""
+    from oodbench.benchmark.cells import run_name
     from oodbench.errors import OodbenchError
     from oodbench.report.latex import latex_leaderboard
     from oodbench.report.tidy import leaderboard_tidy, render_tidy
 
     limit = frame.attrs.get("limit")
     split = f"-fpr-{frame.attrs['fpr']}" if frame.attrs.get("fpr_others") else ""  # one table per convention
-    target = Path(folder) / (frame.attrs["benchmark"] + (f"-limit{limit}" if limit else "") + split)
+    target = Path(folder) / (run_name(frame.attrs["benchmark"], limit) + split)
     rows = leaderboard_rows(frame, store, resamples, seed)
     texts = {"leaderboard.md": wide_markdown(rows), "leaderboard.tex": latex_leaderboard(rows, wide=True),
              "leaderboard.csv": render_tidy(leaderboard_tidy(frame, store, resamples, seed), "csv")}

@@ -20,7 +20,7 @@ from oodbench.benchmark.plan import resolve_postprocessors, setting_of
 from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.errors import OodbenchError
 from oodbench.storage.store import ResultStore
-from oodbench.benchmark.cells import run_first
+from oodbench.benchmark.cells import limited_runs, run_first
 from oodbench.benchmark.leaderboard import AVERAGES, aggregate_checkpoints, leaderboard_frame
 
 TAGS = ("standard", "robust")
@@ -52,6 +52,8 @@ def comparison_results(store: ResultStore, config: ExperimentConfig, fpr: str = 
     tag_of = {m: tag for tag, models in tagged.items() for m in models}
     benchmark = load_benchmark(config.benchmark).name
     names = resolve_postprocessors(config.postprocessors, config.plugins)
+    if config.limit is not None:
+        require_limited_run(store, benchmark, list(tag_of), config)
     board = leaderboard_frame(store, benchmark, list(tag_of), names, fpr=fpr, limit=config.limit)
     if not board.empty:
         settings = board.postprocessor.map(
@@ -114,3 +116,15 @@ def pro_gain_table(long: pd.DataFrame, metric: str) -> pd.DataFrame:
     return gains
 
 
+def require_limited_run(store: ResultStore, benchmark: str, models: list[str], config: ExperimentConfig) -> None:
+    """With ``--limit N``, the store must hold the ``--limit N`` run of every model (as the
+    commands that read the output cache require), unless N reaches every split's size (then
+    the whole run is what N reads). Raises OodbenchError naming the command to run first."""
+    datasets = store.frame("datasets", benchmark=benchmark, model=models)
+    if datasets.empty or config.limit >= datasets.available.max():
+        return
+    found = {model for model, _ in limited_runs(datasets, config.limit)}
+    absent = [m for m in models if m not in found]
+    if absent:
+        raise OodbenchError(f"{store.path} has no --limit {config.limit} run of {', '.join(absent)} on {benchmark}; "
+                            f"{run_first(store, benchmark, config.source, config.limit)}")
