@@ -454,7 +454,8 @@ CASES = [
          args=RUN + ("--executor", "ray", "--ray-address", "127.0.0.1:{port}"), during=not_ray,
          env={"OODBENCH_RAY_TIMEOUT": "4"}),
     # ---- these need the built-in model: they fail while reading data or scoring
-    Case("missing-data-root", ("mnist file not found", "/no/such/root/MNIST/raw/t10k-images-idx3-ubyte",
+    Case("missing-data-root", ("data root /no/such/root does not exist", "mnist file not found",
+                               "/no/such/root/MNIST/raw/t10k-images-idx3-ubyte",
                                "oodbench data fetch"),
          data_config(), args=RUN + ("--data-root", "/no/such/root"),
          files=with_benchmark(small_benchmark({"dataset": "mnist", "options": {"split": "test"}})), needs_model=True),

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from oodbench.version import __version__
-from oodbench.benchmark.config import CACHE_OPTIONS, ExperimentConfig, load_config
+from oodbench.benchmark.config import CACHE_OPTIONS, DATA_ROOT_OPTIONS, ExperimentConfig, load_config
 from oodbench.benchmark.executors import Executor, make_executor
 from oodbench.benchmark.jobs import ExtractJob, ProbeJob, RunContext, ScoreJob
 from oodbench.benchmark.reads import (checkpoint_groups, group_weights, member_keys, required_statistics,
@@ -156,7 +156,10 @@ def _run(config: ExperimentConfig, executor: Executor, names: list[str], device:
     store = ResultStore(config.results)
     plan = Plan.resolve(config, benchmark, names)
     if not plan.present("id:test"):
-        raise DatasetMissing(plan.states["id:test"].reason)
+        reason, root = plan.states["id:test"].reason, Path(config.data_root).expanduser()
+        if not root.exists():  # said first: no dataset of the benchmark can be there
+            reason = f"data root {root} does not exist ({DATA_ROOT_OPTIONS}); {reason}"
+        raise DatasetMissing(reason)
     for line in plan.changed_splits(store.last_split_fingerprints(benchmark.name)):
         warnings.warn(line, stacklevel=2)
     contexts = {spec.display: RunContext.of(config, spec, benchmark.image, device, plan.token, progress=not quiet)
