@@ -39,7 +39,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N",
                         help="at most N images per dataset split (a seeded stratified subset, the same on every "
                              "machine; named in the table caption); the commands that read a run (compare, attack, "
-                             "calibration, report, plot) read the run made with the same --limit")
+                             "calibration, failure, report, plot) read the run made with the same --limit")
 
 
 def overrides(args: argparse.Namespace) -> dict:

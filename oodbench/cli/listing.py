@@ -13,7 +13,7 @@ KINDS = ["postprocessors", "models", "datasets", "benchmarks", "references"]  # 
 def add_parser(sub) -> None:
     parser = sub.add_parser("list", help="list registered postprocessors, models, datasets, benchmarks or the "
                                          "published references (ledgers) tables can be compared with")
-    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("kind", choices=KINDS, help="what to list")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load this plugin file")
     parser.add_argument("--model-dir", default="models",
                         help="models: RobustBench's model_dir to look in (default: models)")

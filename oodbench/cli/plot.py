@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--postprocessor", default="msp", help="score for hist and landscape (default msp)")
     parser.add_argument("--eps", type=float, default=1e-3, help="pro-shift step size in [0,1] pixels (default 1e-3)")
     parser.add_argument("--samples", type=at_least(1), default=500, help="images per set for pro-shift and features")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsample and random directions (default 0)")
     parser.add_argument("--index", type=int, default=0, help="landscape: index of the ID and OOD images")
     parser.add_argument("--radius", type=float, default=1.0,
                         help="landscape: a, b in [-radius, radius] (L2 steps in [0,1]-pixel units)")

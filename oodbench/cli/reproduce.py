@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
                         help="only these methods (default: the release's methods its tables report)")
     parser.add_argument("--no-search", dest="search", action="store_false", default=None,
                         help="default hyperparameters instead of the release's search on the validation splits")
-    parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json"], default="text")
+    parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json"], default="text",
+                        help="the table's format, as leaderboard --format (default text)")
     parser.set_defaults(func=cmd_reproduce)
 
 

@@ -8,9 +8,10 @@ import argparse
 def add_parser(sub) -> None:
     parser = sub.add_parser("validate", help="check an experiment config without running it (names, values, "
                                              "model sources, checkpoint files)")
-    parser.add_argument("config")
+    parser.add_argument("config", help="experiment YAML (configs/experiments/*.yaml or your own)")
     parser.add_argument("--data-root", help="data root (overrides the config and OODBENCH_DATA)")
-    parser.add_argument("--plugin", action="append", default=[], metavar="FILE")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                        help="a postprocessor plugin file to load first (repeatable), as run --plugin")
     parser.set_defaults(func=cmd_validate)
 
 
