@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,9 +59,38 @@ def bin_edges(low: float, high: float, bins: int) -> torch.Tensor:
     return low + torch.arange(bins + 1, dtype=torch.float32) / bins * (high + 1e-8 - low)
 
 
+def edge_counts(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """How many of the equally spaced float32 `edges` are <= each float32 value (NaN: all
+    of them): ``torch.bucketize(values, edges, right=True)`` exactly, about 5x faster.
+
+    The count is estimated from the value's position between the extremes, then stepped
+    until edges[c - 1] <= v < edges[c] holds against the edges themselves, so rounding in
+    the estimate never shows. (torch's binary search costs ~7 data-dependent comparisons
+    per value: the dominant cost of WeiPer+KLD's search; numpy's elementwise steps here
+    are cheaper than torch's for bool-to-integer arithmetic.)"""
+    bins = len(edges) - 1
+    width = float(edges[-1] - edges[0])
+    if values.device.type != "cpu" or not (width > 0 and torch.isfinite(edges).all()):
+        return torch.bucketize(values, edges, right=True)
+    v, e = values.numpy(), edges.numpy()
+    guess = (v - e[0]) * np.float32(bins / width)
+    np.fmin(guess, bins, out=guess)  # NaN -> bins: above every edge
+    count = np.maximum(guess, -1, out=guess).astype(np.int64)  # an estimate: truncation is fine
+    count += 1
+    # below.take(c) is edges[c - 1], above.take(c) is edges[c]; the NaN ends compare false,
+    # so c stays in 0..bins + 1
+    below = np.concatenate([[np.nan], e, [np.nan]]).astype(np.float32)
+    above = below[1:]
+    while (up := above.take(count) <= v).any():
+        count += up
+    while (down := below.take(count) > v).any():
+        count -= down
+    return torch.from_numpy(count)
+
+
 def value_histograms(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """N x bins: the share of each row's values in each bin [e_k, e_(k+1)) (outside values: the total only)."""
-    index = torch.bucketize(values.float().contiguous(), edges, right=True)  # 0: below, bins + 1: above
+    index = edge_counts(values.float().contiguous(), edges)  # 0: below, bins + 1: above
     counts = torch.zeros(values.shape[0], len(edges) + 1, dtype=torch.float64)
     counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
     return counts[:, 1:-1] / values.shape[1]
@@ -143,9 +173,20 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
         self.perturbed_range = (float(extremes[:, 0].min()), float(extremes[:, 1].max()))
         densities, perturbed = self.densities(train)
         self.train_density, self.train_density_perturbed = densities.mean(dim=0), perturbed.mean(dim=0)
+        if val is not None and val.features is not None and val.features.shape == train.features.shape \
+                and torch.equal(val.features, train.features):
+            # fit on the validation split (fit_split: val): the search scores these same
+            # histograms next; kept for it, outside the fit state
+            self._val_histograms = (val.features, densities, perturbed)
+
+    def fit_state(self) -> dict[str, Any]:
+        return {key: value for key, value in super().fit_state().items() if key != "_val_histograms"}
 
     def densities(self, outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(N x n_bins histograms of the features, of the perturbed logits)."""
+        kept = getattr(self, "_val_histograms", None)
+        if kept is not None and outputs.features is kept[0]:
+            return kept[1], kept[2]
         bins = self.params["n_bins"]
         feature_edges = bin_edges(*self.feature_range, bins)
         perturbed_edges = bin_edges(*self.perturbed_range, bins)
