@@ -152,30 +152,20 @@ def auroc(score, is_ood) -> float:
 
 def auroc_rows(id_scores, ood_scores) -> list[float]:
     """`auroc` of each row b of ID scores ``id_scores[b]`` (B x N) against OOD scores
-    ``ood_scores[b]`` (B x M), all rows in one vectorised sort: what a search over B
-    hyperparameter settings needs. Bit for bit `auroc`: twice the area is the same integer,
-    sum over ID samples of 2 #(OOD scored lower) + #(OOD scored equal), over the same
-    denominator. The scores must be finite (callers check them first)."""
+    ``ood_scores[b]`` (B x M): what a search over B hyperparameter settings needs. Bit for
+    bit `auroc`: twice the area is the same integer, sum over ID samples of
+    #(OOD scored lower) + #(OOD scored at most the same), over the same denominator; both
+    sides are sorted row-wise in one call each, then each row's counts are two binary
+    searches of its sorted ID scores in its sorted OOD scores (numpy's search walks sorted
+    keys cheaply). The scores must be finite (callers check them first)."""
     id_scores, ood_scores = np.asarray(id_scores, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64)
     num_id, num_ood = id_scores.shape[1], ood_scores.shape[1]
     if not (num_id and num_ood):
         raise ValueError("metrics need both ID and OOD samples")
-    scores = np.concatenate([id_scores, ood_scores], axis=1)
-    order = np.argsort(scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(scores, order, axis=1)
-    is_ood = order >= num_id
-    ood_through = np.cumsum(is_ood, axis=1, dtype=np.int64)
-    position = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    tied = np.zeros(scores.shape, bool)
-    tied[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
-    ends = np.ones(scores.shape, bool)
-    ends[:, :-1] = ~tied[:, 1:]
-    first = np.maximum.accumulate(np.where(tied, 0, position), axis=1)  # where each one's run of ties starts
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, scores.shape[1]), axis=1), axis=1), axis=1)
-    ood_below = np.take_along_axis(ood_through - is_ood, first, axis=1)  # OOD scored lower than the run
-    ood_at_most = np.take_along_axis(ood_through, last, axis=1)  # OOD scored at most the run's value
-    twice_area = np.where(is_ood, 0, ood_below + ood_at_most).sum(axis=1)
-    return [int(area) / (2 * num_id * num_ood) for area in twice_area]
+    ood_sorted, id_sorted = np.sort(ood_scores, axis=1), np.sort(id_scores, axis=1)
+    twice_area = [int(np.searchsorted(ood, ids, "left").sum()) + int(np.searchsorted(ood, ids, "right").sum())
+                  for ids, ood in zip(id_sorted, ood_sorted)]
+    return [area / (2 * num_id * num_ood) for area in twice_area]
 
 
 def fpr_at_tpr(score, is_ood, tpr: float = 0.95) -> float:

@@ -31,6 +31,7 @@ computed once per (delta, n_bins) and every smoothing and lambda scored from the
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,26 @@ class PerturbedProjections:
     def perturbed_logits(self, features: torch.Tensor) -> torch.Tensor:
         return features.float() @ self.perturbed_weight.T + self.perturbed_bias
 
+    def mean_msp(self, outputs: Outputs) -> torch.Tensor:
+        """MSP~ of every sample (N), remembered for the last few (features, W~, b~): a
+        search fits one instance per (delta, n_bins), and those of one delta share W~."""
+        features = outputs.features
+        for ref, version, weight, bias, msp in _MSP_MEMO:
+            if ref() is features and version == features._version and torch.equal(weight, self.perturbed_weight) \
+                    and torch.equal(bias, self.perturbed_bias):
+                return msp
+        classes = outputs.fc[0].shape[0]
+        msp = in_blocks(lambda z: mean_msp(self.perturbed_logits(z), classes), features, rows=self.rows())
+        _MSP_MEMO.insert(0, (weakref.ref(features), features._version, self.perturbed_weight, self.perturbed_bias, msp))
+        del _MSP_MEMO[MSP_MEMO_SIZE:]
+        return msp
+
+
+# (features, their in-place version counter, W~, b~, MSP~): features held weakly, so a
+# split's entry goes with its outputs; exact reuse (same unmodified tensor, equal W~ and b~)
+_MSP_MEMO: list[tuple[weakref.ref, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+MSP_MEMO_SIZE = 8
+
 
 WEIPER_DEFAULTS = {"n_repeats": 100, "perturbation_distance": 1.8, "seed": 0}
 WEIPER_RANGES = {"n_repeats": Integer(ge=1), "perturbation_distance": Number(gt=0), "seed": Integer(ge=0)}
@@ -148,8 +169,7 @@ class WeiPer(PerturbedProjections, Postprocessor):
         self.perturb(train)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        classes = outputs.fc[0].shape[0]
-        return in_blocks(lambda z: mean_msp(self.perturbed_logits(z), classes), outputs.features, rows=self.rows())
+        return self.mean_msp(outputs)
 
 
 @register_postprocessor("weiper_kld")
@@ -205,8 +225,7 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
         """One pass of histograms for every smoothing and lambda; each divergence once per window."""
         settings = [{**self.params, **combo} for combo in combos]
         densities, perturbed = self.densities(outputs)
-        classes = outputs.fc[0].shape[0]
-        msp = in_blocks(lambda z: mean_msp(self.perturbed_logits(z), classes), outputs.features, rows=self.rows())
+        msp = self.mean_msp(outputs)
         feature_kl = {s: symmetric_kl(self.train_density, densities, s, EPS_FEATURES)
                       for s in {setting["smoothing"] for setting in settings}}
         perturbed_kl = {s: symmetric_kl(self.train_density_perturbed, perturbed, s, EPS_PERTURBED)
