@@ -170,6 +170,7 @@ class CFOOD(Postprocessor):
     ranges = {"alpha": Number(gt=0, le=1), "k": Number(gt=0, le=1)}
     fit_params = ("alpha",)
     fit_views = {"bank_features": "features"}
+    grid_params = ("k",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         total = len(train.features)
@@ -201,8 +202,12 @@ class CFOOD(Postprocessor):
             yield slice(start, start + len(rows)), cfood_unit(self.bank_features[rows])
 
     def score(self, outputs: Outputs) -> torch.Tensor:
+        return self.score_grid(outputs, [{}])[0]
+
+    def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor]:
+        """Every k from one pass: the counts of references reached by each kappa do not depend on k."""
         n, grid_size = self.neighbour_distances.shape
-        needed = self.params["k"] * n
+        needs = [{**self.params, **combo}["k"] * n for combo in combos]
 
         def block(z: torch.Tensor) -> torch.Tensor:
             unit, counts = cfood_unit(z), torch.zeros(len(z), grid_size + 1, dtype=torch.float64)
@@ -214,8 +219,12 @@ class CFOOD(Postprocessor):
                                            squared_distances(unit, references).T.contiguous())
                 counts.scatter_add_(1, first.T, one.expand(first.T.shape))
                 del first, references  # before the next block is made: one block alive at a time
-            reached = counts[:, :grid_size].cumsum(dim=1) >= needed
-            kappa = torch.where(reached.any(dim=1), self.kappa[reached.int().argmax(dim=1)], 1.0)
-            return -kappa
+            within = counts[:, :grid_size].cumsum(dim=1)
+            kappas = []
+            for needed in needs:
+                reached = within >= needed
+                kappas.append(-torch.where(reached.any(dim=1), self.kappa[reached.int().argmax(dim=1)], 1.0))
+            return torch.stack(kappas, dim=1)
 
-        return in_blocks(block, outputs.features, rows=bank_rows(CFOOD_REFERENCE_ROWS)).float()
+        scores = in_blocks(block, outputs.features, rows=bank_rows(CFOOD_REFERENCE_ROWS))
+        return [scores[:, i].float() for i in range(len(combos))]
