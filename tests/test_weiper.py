@@ -126,3 +126,42 @@ def test_blocks_equal_one_shot(data, monkeypatch):
     monkeypatch.setattr(weiper, "BLOCK_ELEMENTS", 3 * CLASSES * SETTING["n_repeats"])  # 3 rows a block
     # float32 products may round differently by block shape; histograms count the same values
     np.testing.assert_allclose(fitted("weiper_kld", train, **SETTING).score(test).numpy(), whole.numpy(), rtol=1e-5)
+
+
+def test_edge_counts_is_bucketize_exactly():
+    """The fast bin index against torch.bucketize: values on, just beside and outside every
+    edge, NaN, +-inf, signed zeros, and degenerate or duplicated edges (the fallback)."""
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for trial in range(60):
+        values = torch.randn(40, 25, generator=generator) * float(torch.rand(1, generator=generator) * 100)
+        low, high = float(values.min()), float(values.max())
+        if trial % 3 == 0:  # a narrower range: values outside both ends
+            low, high = low / 2, high / 2
+        cases.append((values, weiper.bin_edges(low, high, int(torch.randint(1, 120, (1,), generator=generator)))))
+    cases += [(torch.linspace(low - 1, high + 1, 501), weiper.bin_edges(low, high, 50))
+              for low, high in ((1.0, 1.0), (1e6, 1e6 + 1e-3), (0.0, 1e-30))]
+    for values, edges in cases:
+        beside = [edges.nextafter(edges.new_tensor(torch.inf)), edges.nextafter(edges.new_tensor(-torch.inf))]
+        values = torch.cat([values.flatten(), edges, *beside, torch.tensor([torch.nan, torch.inf, -torch.inf, 0.0, -0.0])])
+        assert torch.equal(weiper.edge_counts(values, edges), torch.bucketize(values, edges, right=True))
+
+
+def test_reused_histograms_and_msp_equal_fresh_ones(data):
+    """Fit on the validation split: its histograms are reused for its scores, and MSP~ is
+    remembered per (features tensor, W~, b~); both give exactly the scores of a fresh pass,
+    and a tensor changed in place is computed again."""
+    train, _ = data
+    copy = lambda o: Outputs(logits=o.logits.clone(), features=o.features.clone(), labels=o.labels, fc=o.fc)  # noqa: E731
+    val = copy(train)
+    method = POSTPROCESSORS.get("weiper_kld")(**SETTING)
+    method.fit(train, val)
+    assert "_val_histograms" not in method.fit_state()
+    reused = method.score(val)
+    weiper._MSP_MEMO.clear()
+    assert torch.equal(reused, method.score(copy(val)))  # nothing reused for another tensor
+    fresh = copy(val)
+    first = method.score(fresh)
+    fresh.features.mul_(2)  # in place: the remembered MSP~ no longer applies
+    assert torch.equal(method.score(fresh), method.score(copy(fresh)))
+    assert not torch.equal(method.score(fresh), first)
