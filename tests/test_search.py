@@ -20,6 +20,7 @@ import torch
 from oodbench.benchmark import jobs, plan, runner, search
 from oodbench.storage.caches import FitStateCache
 from oodbench.errors import OodbenchError
+from oodbench.metrics.detection import auroc
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, Outputs, Postprocessor
 from oodbench.postprocessors.subspace import ViM
@@ -118,6 +119,37 @@ def test_grid_params_are_scored_together_and_ties_still_go_to_the_first_listed()
     assert chosen == {"column": 4, "sign": 1}  # column 4 ties with 2 and is listed first
     assert ColumnGrid.calls == [[0, 4, 3, 2]] * 6  # one call per sign and split (ID val, 2 OOD val)
     assert search.split_grid(ColumnScore, space) == (space, [{}])  # grid params that change a fit are not shared
+
+
+class BrokenColumns(ColumnGrid):
+    """Column 1 NaN on the second OOD set, column 2 the wrong shape there, as integers elsewhere."""
+
+    name = "broken_columns"
+
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        scores = super().score(outputs)
+        if outputs.meta.get("second") and self.params["column"] == 1:
+            return torch.full_like(scores, torch.nan)
+        if outputs.meta.get("second") and self.params["column"] == 2:
+            return scores[:-1]
+        return scores.round().long() if self.params["column"] == 3 else scores
+
+
+def test_validation_aurocs_checked_together_equal_one_by_one_and_name_the_first_broken():
+    """The batched contract check: each combination's AUROC as `validation_auroc` of it alone
+    (integer scores converted as alone), and the first broken (combination, set) in order named."""
+    _, val, ood_val = constructed_case()
+    ood_val[1].meta["second"] = True
+    method = BrokenColumns()
+    together = search.validation_aurocs(method, [{"column": c} for c in (0, 3, 4)], val, ood_val)
+    assert together == [search.validation_aurocs(method, [{"column": c}], val, ood_val)[0] for c in (0, 3, 4)]
+    alone = [search.finite_scores(BrokenColumns(column=3).score(o), "", len(o)) for o in (val, *ood_val)]
+    labels = np.r_[np.zeros(len(val), bool), np.ones(sum(len(o) for o in ood_val), bool)]
+    assert together[1] == auroc(np.concatenate(alone), labels)  # integer scores, converted one by one
+    with pytest.raises(search.NonFiniteScores, match="on OOD val"):
+        search.validation_aurocs(method, [{"column": c} for c in (0, 1, 2)], val, ood_val)
+    with pytest.raises(search.ScoreShapeError, match=r"shape \[\d+\] on OOD val"):
+        search.validation_aurocs(method, [{"column": c} for c in (0, 2, 1)], val, ood_val)
 
 
 def test_fit_state_cache_round_trip_and_corruption(tmp_path):

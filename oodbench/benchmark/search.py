@@ -50,22 +50,38 @@ def validation_aurocs(method: Postprocessor, combos: list[dict[str, Any]], val: 
     id_scores = method.score_grid(val, combos)
     ood_scores = [method.score_grid(o, combos) for o in ood_val]
     values: list[float | InvalidHyperparameter | None] = [None] * len(combos)
-    valid: list[tuple[int, list[np.ndarray]]] = []
+    valid: list[tuple[int, list[torch.Tensor]]] = []
     for index, scores in enumerate(id_scores):
         per_set = [scores, *(ood[index] for ood in ood_scores)]
         invalid = next((s for s in per_set if isinstance(s, InvalidHyperparameter)), None)
         if invalid is not None:
             values[index] = invalid
             continue
-        checked = [finite_scores(scores, "ID val", len(val)),
-                   *(finite_scores(s, "OOD val", len(o)) for s, o in zip(per_set[1:], ood_val))]
-        valid.append((index, checked))
+        valid.append((index, per_set))
     if valid:
-        aurocs = auroc_rows(np.stack([sets[0] for _, sets in valid]),
-                            np.stack([np.concatenate(sets[1:]) for _, sets in valid]))
+        sizes = [len(val), *(len(o) for o in ood_val)]
+        rows = [finite_rows([sets[i] for _, sets in valid], sizes[i]) for i in range(len(sizes))]
+        if any(r is None for r in rows):  # say which combination and set broke the contract, in order
+            for _, sets in valid:
+                for i, (scores, samples) in enumerate(zip(sets, sizes)):
+                    finite_scores(scores, "OOD val" if i else "ID val", samples)
+        aurocs = auroc_rows(rows[0], np.concatenate(rows[1:], axis=1))
         for (index, _), value in zip(valid, aurocs):
             values[index] = value
     return values
+
+
+def finite_rows(scores: list, samples: int) -> np.ndarray | None:
+    """`finite_scores` of each combination's scores of one set as one B x `samples` float64
+    array, checked at once; None when any breaks the contract (the caller then finds which)."""
+    tensors = [torch.as_tensor(s).detach().cpu() for s in scores]
+    if any(tuple(t.shape) != (samples,) for t in tensors):
+        return None
+    as_float64 = lambda t: t.double() if t.is_floating_point() else t.float().double()  # noqa: E731
+    if len({t.dtype for t in tensors}) > 1:  # converted one by one, exactly as `finite_scores` does
+        tensors = [as_float64(t) for t in tensors]
+    stacked = as_float64(torch.stack(tensors))
+    return stacked.numpy() if bool(torch.isfinite(stacked).all()) else None
 
 
 def validation_auroc(method: Postprocessor, val: Outputs, ood_val: list[Outputs]) -> float:
