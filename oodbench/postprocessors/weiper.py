@@ -26,7 +26,9 @@ the reference's order (one C x D draw per repeat), so a seed gives the reference
 under ``torch.manual_seed(seed)``. The reference averages train densities batch by batch;
 oodbench takes the exact mean. Defaults are the authors' CIFAR-10 ResNet-18 setting and
 the search lists their ``weiper_kldiv.yml`` sweep (3,600 combinations: histograms are
-computed once per (delta, n_bins) and every smoothing and lambda scored from them).
+computed once per (delta, n_bins) and every smoothing and lambda scored from them; the
+fit split's histograms serve the validation scores when they are the same split, and
+MSP~ is computed once per delta; bins are counted by `edge_counts`, not a binary search).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class PerturbedProjections:
     def perturbed_logits(self, features: torch.Tensor) -> torch.Tensor:
         return features.float() @ self.perturbed_weight.T + self.perturbed_bias
 
-    def mean_msp(self, outputs: Outputs) -> torch.Tensor:
+    def perturbed_msp(self, outputs: Outputs) -> torch.Tensor:
         """MSP~ of every sample (N), remembered for the last few (features, W~, b~): a
         search fits one instance per (delta, n_bins), and those of one delta share W~."""
         features = outputs.features
@@ -169,7 +171,7 @@ class WeiPer(PerturbedProjections, Postprocessor):
         self.perturb(train)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        return self.mean_msp(outputs)
+        return self.perturbed_msp(outputs)
 
 
 @register_postprocessor("weiper_kld")
@@ -225,7 +227,7 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
         """One pass of histograms for every smoothing and lambda; each divergence once per window."""
         settings = [{**self.params, **combo} for combo in combos]
         densities, perturbed = self.densities(outputs)
-        msp = self.mean_msp(outputs)
+        msp = self.perturbed_msp(outputs)
         feature_kl = {s: symmetric_kl(self.train_density, densities, s, EPS_FEATURES)
                       for s in {setting["smoothing"] for setting in settings}}
         perturbed_kl = {s: symmetric_kl(self.train_density_perturbed, perturbed, s, EPS_PERTURBED)
