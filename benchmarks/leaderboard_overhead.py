@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from oodbench.benchmark.extraction import extract
-from oodbench.benchmark.jobs import fit_cached
+from oodbench.benchmark.fitting import fit_cached
 from oodbench.benchmark.plan import benchmark_splits, search_space_for
 from oodbench.benchmark.runner import run_experiment
 from oodbench.benchmark.search import search_hyperparameters

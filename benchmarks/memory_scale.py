@@ -130,7 +130,7 @@ def worker(stage: str, size: int, folder: Path, score_rows: int, methods: list[s
     from oodbench.benchmark.extraction import extract
     from oodbench.benchmark.jobs import nonfinite_count
     try:
-        from oodbench.benchmark.jobs import restore_fit_state, store_fit_state
+        from oodbench.benchmark.fitting import restore_fit_state, store_fit_state
     except ImportError:  # --against a checkout from before fit views: the whole state, saved and loaded
         def store_fit_state(method, states, key):
             return states.save(key, method.fit_state())

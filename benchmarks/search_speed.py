@@ -36,7 +36,8 @@ import torch
 from oodbench.storage.caches import FitStateCache
 from oodbench.benchmark.extraction import extract
 from oodbench.benchmark.config import ExperimentConfig, load_config
-from oodbench.benchmark.jobs import ExtractJob, RunContext, fit_cached, get_model, load_cached_outputs
+from oodbench.benchmark.fitting import fit_cached
+from oodbench.benchmark.jobs import ExtractJob, RunContext, get_model, load_cached_outputs
 from oodbench.benchmark.plan import benchmark_splits, search_space_for, split_state
 from oodbench.benchmark.search import search_hyperparameters, validation_auroc
 from oodbench.datasets.benchmarks import load_benchmark

@@ -85,7 +85,7 @@ def test_knn_ivf_index_finds_the_nearest_rows_and_is_keyed_apart(tmp_path):
     its fit state (the lists, not the bank) goes through the fit-state cache."""
     pytest.importorskip("faiss", reason="faiss is an optional extra (pip install 'oodbench[faiss]')")
     from oodbench.storage.caches import FitStateCache
-    from oodbench.benchmark.jobs import fit_cached
+    from oodbench.benchmark.fitting import fit_cached
     from oodbench.identity import fit_key_text
 
     k, knn = 20, POSTPROCESSORS.get("knn")

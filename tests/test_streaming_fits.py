@@ -185,7 +185,7 @@ def test_a_cached_bank_state_views_the_fit_split_again(name, data, tmp_path, mon
     """The fit-state cache stores GrOOD's and CFOOD's states without their bank features; loading
     one reads the (mapped) fit split again and points the bank at it: the same scores, no refit."""
     from oodbench.storage.caches import FitStateCache
-    from oodbench.benchmark.jobs import fit_cached
+    from oodbench.benchmark.fitting import fit_cached
 
     train, test, _ = data
     cache, keys = FitStateCache(tmp_path), ["fit-key", "val-key"]

@@ -31,7 +31,8 @@ from oodbench.api.reading import image_spec, ood_sets, read_split
 from oodbench.storage.caches import FitStateCache
 from oodbench.storage.files import atomic_save
 from oodbench.benchmark.extraction import extract
-from oodbench.benchmark.jobs import RunContext, fit_cached, load_cached_outputs, split_outputs
+from oodbench.benchmark.fitting import fit_cached
+from oodbench.benchmark.jobs import RunContext, load_cached_outputs, split_outputs
 from oodbench.benchmark.plan import SplitRef, search_space_for
 from oodbench.benchmark.search import finite_scores, search_hyperparameters
 from oodbench.datasets.base import TensorImages

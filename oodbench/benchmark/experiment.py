@@ -15,7 +15,8 @@ import numpy as np
 
 from oodbench.storage.caches import FitStateCache, OutputCache
 from oodbench.benchmark.config import ExperimentConfig, load_config
-from oodbench.benchmark.jobs import RunContext, fit_cached, get_model, load_cached_outputs
+from oodbench.benchmark.fitting import fit_cached
+from oodbench.benchmark.jobs import RunContext, get_model, load_cached_outputs
 from oodbench.benchmark.plan import Plan, resolve_postprocessors
 from oodbench.benchmark.reads import attach
 from oodbench.benchmark.runner import resolve_device

@@ -22,7 +22,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from oodbench.storage.caches import FitStateCache, OutputCache
 from oodbench.benchmark.extraction import extract
+from oodbench.benchmark.fitting import fit_cached
 from oodbench.benchmark.config import ExperimentConfig
 from oodbench.benchmark.plan import SplitRef, split_state
 from oodbench.benchmark.reads import attach, ensure_statistics
@@ -162,45 +163,6 @@ class ExtractJob:
             result["accuracy"] = accuracy(outputs.logits.numpy(), outputs.labels.numpy())
         result["seconds"] = time.time() - start
         return result
-
-
-def fit_cached(method: Postprocessor, fit: Outputs | Callable[[], Outputs] | None, val: Outputs | None,
-               fit_cache: FitStateCache | None, output_keys: list[str]) -> None:
-    """`method.fit(fit, val)`, or its state from the fit-state cache when it was fitted before.
-    `fit` may be a function reading the fit split: it is called only when the method fits, or
-    when its cached state views the fit outputs (``method.fit_views``: mapped, not copied)."""
-    if not method.needs_fit:
-        return
-    key = FitStateCache.key(method, output_keys) if fit_cache is not None and method.cache_fit else None
-    if key is None:
-        method.fit(fit() if callable(fit) else fit, val)
-        return
-    with fit_cache.computing(key):  # jobs needing this state at once fit it once
-        if restore_fit_state(method, fit_cache, key, fit):
-            return
-        method.fit(fit() if callable(fit) else fit, val)
-        store_fit_state(method, fit_cache, key)
-
-
-def store_fit_state(method: Postprocessor, fit_cache: FitStateCache, key: str) -> bool:
-    """Cache what `method.fit` set, less its views of the fit outputs (``fit_views``); False
-    when the state is not tensors and plain values (not stored)."""
-    return fit_cache.save(key, {name: value for name, value in method.fit_state().items()
-                                if name not in method.fit_views})
-
-
-def restore_fit_state(method: Postprocessor, fit_cache: FitStateCache, key: str,
-                      fit: Outputs | Callable[[], Outputs] | None) -> bool:
-    """Load a cached fit state into `method`, its ``fit_views`` pointed at the fit outputs
-    again (`fit` is read only then); False when none is cached under `key`."""
-    state = fit_cache.load(key)
-    if state is None:
-        return False
-    if method.fit_views:
-        outputs = fit() if callable(fit) else fit
-        state.update({name: getattr(outputs, field) for name, field in method.fit_views.items()})
-    method.load_fit_state(state)
-    return True
 
 
 def load_cached_outputs(context: RunContext, split: SplitRef, key: str, model=None) -> Outputs:
