@@ -139,20 +139,27 @@ class PerturbedProjections:
         search fits one instance per (delta, n_bins), and those of one delta share W~."""
         features = outputs.features
         for ref, version, weight, bias, msp in _MSP_MEMO:
-            if ref() is features and version == features._version and torch.equal(weight, self.perturbed_weight) \
-                    and torch.equal(bias, self.perturbed_bias):
+            if ref() is features and version == features._version and same(weight(), self.perturbed_weight) \
+                    and same(bias(), self.perturbed_bias):
                 return msp
         classes = outputs.fc[0].shape[0]
         msp = in_blocks(lambda z: mean_msp(self.perturbed_logits(z), classes), features, rows=self.rows())
-        _MSP_MEMO.insert(0, (weakref.ref(features), features._version, self.perturbed_weight, self.perturbed_bias, msp))
+        # weak references only: W~ is 0.8 GB at ImageNet widths, and a finished cell's must not stay alive here
+        _MSP_MEMO[:] = [entry for entry in _MSP_MEMO if entry[0]() is not None and entry[2]() is not None]
+        _MSP_MEMO.insert(0, (weakref.ref(features), features._version, weakref.ref(self.perturbed_weight),
+                             weakref.ref(self.perturbed_bias), msp))
         del _MSP_MEMO[MSP_MEMO_SIZE:]
         return msp
 
 
-# (features, their in-place version counter, W~, b~, MSP~): features held weakly, so a
-# split's entry goes with its outputs; exact reuse (same unmodified tensor, equal W~ and b~)
-_MSP_MEMO: list[tuple[weakref.ref, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+# (features, their in-place version counter, W~, b~, MSP~): all but MSP~ held weakly, so an
+# entry goes with its outputs and its method; exact reuse (same unmodified tensor, equal W~ and b~)
+_MSP_MEMO: list[tuple[weakref.ref, int, weakref.ref, weakref.ref, torch.Tensor]] = []
 MSP_MEMO_SIZE = 8
+
+def same(remembered: torch.Tensor | None, current: torch.Tensor) -> bool:
+    """Whether a remembered tensor (None once freed) is `current`, or equal to it."""
+    return remembered is not None and (remembered is current or torch.equal(remembered, current))
 
 
 WEIPER_DEFAULTS = {"n_repeats": 100, "perturbation_distance": 1.8, "seed": 0}
