@@ -31,6 +31,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 @register_dataset("sklearn_digits")
 def sklearn_digits(data_root: Path, image: ImageSpec, classes: list[int] | None = None) -> TensorImages:
+    """scikit-learn's 8x8 handwritten digits (1,797 images; `classes` keeps those digits), bundled: no files."""
     images, labels = _digits()
     keep = np.isin(labels, classes) if classes is not None else np.ones(labels.size, bool)
     return TensorImages(torch.from_numpy(images[keep]).unsqueeze(1), labels[keep])
@@ -48,6 +49,8 @@ def skimage_textures(
     patch_size: int = 64,
     seed: int = 0,
 ) -> TensorImages:
+    """Seeded random patches of scikit-image's bundled texture photos (one class per texture),
+    greyscale, resized to the benchmark's size; no files."""
     import skimage.data
     from skimage.transform import resize
 
@@ -73,6 +76,7 @@ def skimage_textures(
 @register_dataset("gaussian_noise")
 def gaussian_noise(data_root: Path, image: ImageSpec, count: int = 1000, mean: float = 0.5,
                    std: float = 0.25, seed: int = 0) -> TensorImages:
+    """`count` images of seeded Gaussian noise N(mean, std^2) per pixel, clipped to [0, 1]; no files."""
     generator = torch.Generator().manual_seed(seed)
     shape = (count, image.channels, image.size, image.size)
     images = (torch.randn(shape, generator=generator) * std + mean).clamp(0, 1)
@@ -82,6 +86,7 @@ def gaussian_noise(data_root: Path, image: ImageSpec, count: int = 1000, mean: f
 
 @register_dataset("uniform_noise")
 def uniform_noise(data_root: Path, image: ImageSpec, count: int = 1000, seed: int = 0) -> TensorImages:
+    """`count` images of seeded uniform noise in [0, 1] per pixel; no files."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand((count, image.channels, image.size, image.size), generator=generator)
     recipe = {"source": "uniform_noise", "seed": seed, "generator": "torch.rand"}
