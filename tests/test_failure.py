@@ -6,6 +6,7 @@ cached digits run, from the scores the run stored."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -206,3 +207,16 @@ def test_failure_command_exports(experiment, tmp_path, capsys, fmt):
     read = pd.read_csv(io.StringIO(out)) if fmt == "csv" else pd.read_json(io.StringIO(out))
     assert list(read.columns) == ["model", "postprocessor", *failure.FAILURE_FRAME_METRICS]
     np.testing.assert_allclose(read.aurc, frame.aurc, rtol=1e-12)
+
+
+def test_a_model_without_wrong_predictions_is_said_to_have_nothing_to_detect():
+    """A model right on every ID test image has no failure AUROC / FPR (NaN): the table says why."""
+    from oodbench.report.failure import render_failure
+
+    rows = [{"model": "perfect", "postprocessor": "msp", "acc": 1.0, "aurc": 0.0, "eaurc": 0.0, "augrc": 0.0,
+             "auroc": np.nan, "fpr95": np.nan},
+            {"model": "other", "postprocessor": "msp", "acc": 0.9, "aurc": 0.02, "eaurc": 0.01, "augrc": 0.01,
+             "auroc": 0.8, "fpr95": 0.5}]
+    text = render_failure(pd.DataFrame(rows))
+    assert "No wrong prediction by perfect on ID test" in text and "by other" not in text
+    assert "No wrong prediction" not in render_failure(pd.DataFrame(rows[1:]))

@@ -24,6 +24,10 @@ def render_failure(frame: pd.DataFrame, fmt: str = "markdown", sort: str = "aurc
     headers = [HEADERS[c] for c in shown.columns]
     title = ("Failure detection on ID test (right vs wrong predictions): ACC, AUROC_f and FPR@95_f (right = "
              "positive) x100; AURC, E-AURC, AUGRC x1000, lower is better.")
+    perfect = sorted(set(frame.model[frame.auroc.isna() & (frame.acc == 1)]))
+    if perfect:  # AUROC_f and FPR@95_f need both right and wrong predictions
+        title += (f" No wrong prediction by {', '.join(perfect)} on ID test: nothing to detect, so no AUROC_f or "
+                  "FPR@95_f (nan) and zero risk areas.")
     if fmt == "latex":
         from oodbench.report.latex import escape, table, tabular
 
