@@ -167,18 +167,31 @@ def test_reused_histograms_and_msp_equal_fresh_ones(data):
     assert not torch.equal(method.score(fresh), first)
 
 
-def test_remembered_msp_does_not_keep_a_finished_methods_classifier_alive(data):
-    """The memory of MSP~ holds W~ and b~ weakly: once a method is gone, so is its perturbed
-    classifier (0.8 GB at ImageNet widths), whatever the memory still lists."""
+def test_remembered_msp_holds_no_classifier_and_serves_the_next_fit_of_a_delta(data, monkeypatch):
+    """The memory of MSP~ knows W~ and b~ by their checksum: once a method is gone, so is its
+    perturbed classifier (0.8 GB at ImageNet widths), and the next instance that draws the
+    same W~ (a search's next n_bins at the same delta) reuses MSP~ without computing it;
+    another delta or seed computes its own."""
     import gc
     import weakref as weakrefs
 
     train, val = data
+    weiper._MSP_MEMO.clear()
     method = POSTPROCESSORS.get("weiper")(n_repeats=SETTING["n_repeats"])
     method.fit(train, val)
-    method.score(val)
+    first = method.score(val)
+    assert "_perturbed_digest" not in method.fit_state()
     held = weakrefs.ref(method.perturbed_weight)
-    assert any(entry[2]() is method.perturbed_weight for entry in weiper._MSP_MEMO)
     del method
     gc.collect()
     assert held() is None
+    computed = []
+    monkeypatch.setattr(weiper, "mean_msp", lambda *a: computed.append(1) or torch.zeros(len(a[0])))
+    again = POSTPROCESSORS.get("weiper")(n_repeats=SETTING["n_repeats"])
+    again.fit(train, val)
+    assert again.score(val) is first and not computed
+    for other in ({"perturbation_distance": 2.0}, {"seed": 1}):
+        method = POSTPROCESSORS.get("weiper")(n_repeats=SETTING["n_repeats"], **other)
+        method.fit(train, val)
+        method.score(val)
+    assert len(computed) == 2

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oodbench.identity import tensors_checksum
 from oodbench.postprocessors.base import Integer, InvalidHyperparameter, Number, Outputs, Postprocessor, in_blocks
 from oodbench.registry import register_postprocessor
 
@@ -123,10 +124,17 @@ def mean_msp(logits: torch.Tensor, classes: int) -> torch.Tensor:
 class PerturbedProjections:
     """W~ and the perturbed logits of a set of outputs, in row blocks."""
 
+    # remembered beside the fit, never part of the fit state
+    transient = ("_val_histograms", "_perturbed_digest")
+
     def perturb(self, train: Outputs) -> None:
         p = self.params
         self.perturbed_weight = perturbed_classifier(train.fc[0], p["n_repeats"], p["perturbation_distance"], p["seed"])
         self.perturbed_bias = train.fc[1].float().repeat(p["n_repeats"])
+        self._perturbed_digest = None
+
+    def fit_state(self) -> dict[str, Any]:
+        return {key: value for key, value in super().fit_state().items() if key not in self.transient}
 
     def rows(self) -> int:
         return max(1, BLOCK_ELEMENTS // self.perturbed_weight.shape[0])
@@ -135,31 +143,28 @@ class PerturbedProjections:
         return features.float() @ self.perturbed_weight.T + self.perturbed_bias
 
     def perturbed_msp(self, outputs: Outputs) -> torch.Tensor:
-        """MSP~ of every sample (N), remembered for the last few (features, W~, b~): a
-        search fits one instance per (delta, n_bins), and those of one delta share W~."""
+        """MSP~ of every sample (N), remembered for the last few (features, W~ and b~): a
+        search fits one instance per (delta, n_bins), and those of one delta draw the same W~.
+        W~ and b~ are known by the checksum of their bytes (hashing them costs ~1/1000 of the
+        product it saves), so the memory holds no classifier; the features weakly."""
         features = outputs.features
-        for ref, version, weight, bias, msp in _MSP_MEMO:
-            if ref() is features and version == features._version and same(weight(), self.perturbed_weight) \
-                    and same(bias(), self.perturbed_bias):
+        if getattr(self, "_perturbed_digest", None) is None:
+            self._perturbed_digest = tensors_checksum({"weight": self.perturbed_weight, "bias": self.perturbed_bias})
+        for ref, version, digest, msp in _MSP_MEMO:
+            if ref() is features and version == features._version and digest == self._perturbed_digest:
                 return msp
         classes = outputs.fc[0].shape[0]
         msp = in_blocks(lambda z: mean_msp(self.perturbed_logits(z), classes), features, rows=self.rows())
-        # weak references only: W~ is 0.8 GB at ImageNet widths, and a finished cell's must not stay alive here
-        _MSP_MEMO[:] = [entry for entry in _MSP_MEMO if entry[0]() is not None and entry[2]() is not None]
-        _MSP_MEMO.insert(0, (weakref.ref(features), features._version, weakref.ref(self.perturbed_weight),
-                             weakref.ref(self.perturbed_bias), msp))
+        _MSP_MEMO[:] = [entry for entry in _MSP_MEMO if entry[0]() is not None]
+        _MSP_MEMO.insert(0, (weakref.ref(features), features._version, self._perturbed_digest, msp))
         del _MSP_MEMO[MSP_MEMO_SIZE:]
         return msp
 
 
-# (features, their in-place version counter, W~, b~, MSP~): all but MSP~ held weakly, so an
-# entry goes with its outputs and its method; exact reuse (same unmodified tensor, equal W~ and b~)
-_MSP_MEMO: list[tuple[weakref.ref, int, weakref.ref, weakref.ref, torch.Tensor]] = []
+# (features held weakly, their in-place version counter, checksum of W~ and b~, MSP~): exact
+# reuse (the same unmodified tensor, the same W~ and b~); an entry goes with its features
+_MSP_MEMO: list[tuple[weakref.ref, int, str, torch.Tensor]] = []
 MSP_MEMO_SIZE = 8
-
-def same(remembered: torch.Tensor | None, current: torch.Tensor) -> bool:
-    """Whether a remembered tensor (None once freed) is `current`, or equal to it."""
-    return remembered is not None and (remembered is current or torch.equal(remembered, current))
 
 
 WEIPER_DEFAULTS = {"n_repeats": 100, "perturbation_distance": 1.8, "seed": 0}
@@ -207,9 +212,6 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
             # fit on the validation split (fit_split: val): the search scores these same
             # histograms next; kept for it, outside the fit state
             self._val_histograms = (val.features, densities, perturbed)
-
-    def fit_state(self) -> dict[str, Any]:
-        return {key: value for key, value in super().fit_state().items() if key != "_val_histograms"}
 
     def densities(self, outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(N x n_bins histograms of the features, of the perturbed logits)."""
