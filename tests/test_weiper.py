@@ -168,10 +168,11 @@ def test_reused_histograms_and_msp_equal_fresh_ones(data):
 
 
 def test_remembered_msp_holds_no_classifier_and_serves_the_next_fit_of_a_delta(data, monkeypatch):
-    """The memory of MSP~ knows W~ and b~ by their checksum: once a method is gone, so is its
-    perturbed classifier (0.8 GB at ImageNet widths), and the next instance that draws the
-    same W~ (a search's next n_bins at the same delta) reuses MSP~ without computing it;
-    another delta or seed computes its own."""
+    """The memory of MSP~ knows features, W~ and b~ by their checksums: once a method is gone,
+    so is its perturbed classifier (0.8 GB at ImageNet widths), and the next instance that
+    draws the same W~ (a search's next n_bins at the same delta, WeiPer+KLD after WeiPer)
+    reuses MSP~ without computing it, on the same features in any tensor; another delta or
+    seed computes its own."""
     import gc
     import weakref as weakrefs
 
@@ -190,6 +191,11 @@ def test_remembered_msp_holds_no_classifier_and_serves_the_next_fit_of_a_delta(d
     again = POSTPROCESSORS.get("weiper")(n_repeats=SETTING["n_repeats"])
     again.fit(train, val)
     assert again.score(val) is first and not computed
+    same_content = Outputs(logits=val.logits, features=val.features.clone(), labels=val.labels, fc=val.fc)
+    kld = POSTPROCESSORS.get("weiper_kld")(**SETTING)
+    kld.fit(train, val)
+    kld.score(same_content)  # WeiPer+KLD's MSP~ of the same draw, on equal features in another tensor
+    assert not computed
     for other in ({"perturbation_distance": 2.0}, {"seed": 1}):
         method = POSTPROCESSORS.get("weiper")(n_repeats=SETTING["n_repeats"], **other)
         method.fit(train, val)
