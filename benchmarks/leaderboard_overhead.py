@@ -55,6 +55,7 @@ from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.datasets.base import load_dataset
 from oodbench.metrics.detection import ood_metrics
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
+from oodbench.postprocessors import weiper
 from oodbench.registry import POSTPROCESSORS
 
 from real_size import BATCH_SIZE, benchmark_arguments  # beside this script
@@ -167,6 +168,8 @@ def main() -> None:
     groups = [name for name in datasets if name.split(":")[0] in ("near", "far")]
 
     def oodbench_run(round_: int) -> None:
+        weiper._MEMO.clear()  # a fresh run: WeiPer's values remembered in this process are not reused
+        weiper._DIGESTS.clear()
         where = work / f"run{round_}"
         config = {"benchmark": str(setup.benchmark), "data_root": str(setup.data_root), "models": [setup.model],
                   "postprocessors": methods, "search": True, "fit_split": "val", "batch_size": BATCH_SIZE,

@@ -158,7 +158,7 @@ def test_reused_histograms_and_msp_equal_fresh_ones(data):
     method.fit(train, val)
     assert "_val_histograms" not in method.fit_state()
     reused = method.score(val)
-    weiper._MSP_MEMO.clear()
+    weiper._MEMO.clear()
     assert torch.equal(reused, method.score(copy(val)))  # nothing reused for another tensor
     fresh = copy(val)
     first = method.score(fresh)
@@ -177,7 +177,7 @@ def test_remembered_msp_holds_no_classifier_and_serves_the_next_fit_of_a_delta(d
     import weakref as weakrefs
 
     train, val = data
-    weiper._MSP_MEMO.clear()
+    weiper._MEMO.clear()
     method = POSTPROCESSORS.get("weiper")(n_repeats=SETTING["n_repeats"])
     method.fit(train, val)
     first = method.score(val)
@@ -201,3 +201,25 @@ def test_remembered_msp_holds_no_classifier_and_serves_the_next_fit_of_a_delta(d
         method.fit(train, val)
         method.score(val)
     assert len(computed) == 2
+
+
+def test_train_densities_stream_in_blocks(data, monkeypatch):
+    """A fit on another split than the scored one sums the train histograms block by block:
+    in one block bit for bit their mean, in several the same to float64 rounding (the sums
+    are added in another order); the validation split's histograms are kept only when the
+    fit split is the validation split."""
+    train, test = data
+
+    def fitted_on_train():
+        method = POSTPROCESSORS.get("weiper_kld")(**SETTING)
+        method.fit(train, test)
+        return method
+
+    method = fitted_on_train()
+    whole = (method.feature_densities(train).mean(dim=0), method.perturbed_densities(train).mean(dim=0))
+    assert torch.equal(method.train_density, whole[0]) and torch.equal(method.train_density_perturbed, whole[1])
+    assert method._val_histograms is None and fitted("weiper_kld", train, **SETTING)._val_histograms is not None
+    monkeypatch.setattr(weiper, "BLOCK_ELEMENTS", 3 * CLASSES * SETTING["n_repeats"])  # 3 rows a block
+    blocks = fitted_on_train()
+    torch.testing.assert_close(blocks.train_density, whole[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(blocks.train_density_perturbed, whole[1], rtol=1e-12, atol=0)

@@ -33,8 +33,9 @@ MSP~ is computed once per delta; bins are counted by `edge_counts`, not a binary
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -147,22 +148,29 @@ class PerturbedProjections:
         return features.float() @ self.perturbed_weight.T + self.perturbed_bias
 
     def perturbed_msp(self, outputs: Outputs) -> torch.Tensor:
-        """MSP~ of every sample (N), remembered for the last few (features, W~ and b~), all
-        known by the checksum of their bytes: a search fits one instance per (delta,
+        """MSP~ of every sample (N), remembered (`remembered`) for the latest (features, W~ and
+        b~), all known by the checksum of their bytes: a search fits one instance per (delta,
         n_bins), those of one delta draw the same W~, and WeiPer and WeiPer+KLD draw the same
         W~ for a delta, so each (split, delta) is computed once in a process. Hashing costs
         about 1/1000 of the product it saves; the memory holds neither features nor W~."""
         if getattr(self, "_perturbed_digest", None) is None:
             self._perturbed_digest = tensors_checksum({"weight": self.perturbed_weight, "bias": self.perturbed_bias})
         classes = outputs.fc[0].shape[0]
-        key = (content_digest(outputs.features), self._perturbed_digest, classes)
-        for known, msp in _MSP_MEMO:
-            if known == key:
-                return msp
-        msp = in_blocks(lambda z: mean_msp(self.perturbed_logits(z), classes), outputs.features, rows=self.rows())
-        _MSP_MEMO.insert(0, (key, msp))
-        del _MSP_MEMO[MSP_MEMO_SIZE:]
-        return msp
+        return remembered(("msp", content_digest(outputs.features), self._perturbed_digest, classes),
+                          lambda: in_blocks(lambda z: mean_msp(self.perturbed_logits(z), classes), outputs.features,
+                                            rows=self.rows()))
+
+
+def remembered(key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The per-sample values (N) remembered for `key`, a tuple of checksums and settings that
+    determines them, else `compute()`'s, remembered; the latest `MEMO_SIZE` are kept."""
+    for known, values in _MEMO:
+        if known == key:
+            return values
+    values = compute()
+    _MEMO.insert(0, (key, values))
+    del _MEMO[MEMO_SIZE:]
+    return values
 
 
 def content_digest(tensor: torch.Tensor) -> str:
@@ -173,15 +181,16 @@ def content_digest(tensor: torch.Tensor) -> str:
             return digest
     digest = tensors_checksum({"tensor": tensor})
     _DIGESTS[:] = [(weakref.ref(tensor), tensor._version, digest),
-                   *[entry for entry in _DIGESTS if entry[0]() is not None]][:MSP_MEMO_SIZE]
+                   *[entry for entry in _DIGESTS if entry[0]() is not None]][:16]
     return digest
 
 
-# ((checksum of the features, of W~ and b~, classes), MSP~) of the latest computations, newest first,
-# and the latest features' checksums (held weakly): exact reuse, nothing else kept alive
-_MSP_MEMO: list[tuple[tuple[str, str, int], torch.Tensor]] = []
+# (key, per-sample values) of the latest MSP~ and feature divergences, newest first (a
+# search over WeiPer+KLD's sweep makes 8 MSP~ and 30 divergences of its validation sets), and
+# the latest features' checksums (held weakly): exact reuse, nothing else kept alive
+_MEMO: list[tuple[tuple, torch.Tensor]] = []
 _DIGESTS: list[tuple[weakref.ref, int, str]] = []
-MSP_MEMO_SIZE = 16
+MEMO_SIZE = 64
 
 
 WEIPER_DEFAULTS = {"n_repeats": 100, "perturbation_distance": 1.8, "seed": 0}
@@ -217,31 +226,48 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         self.perturb(train)
+        self._val_histograms = None
         features = train.features.float()
         self.feature_range = (float(features.min()), float(features.max()))
         extremes = in_blocks(lambda z: torch.stack(self.perturbed_logits(z).aminmax(dim=1), dim=1), features,
                              rows=self.rows())
         self.perturbed_range = (float(extremes[:, 0].min()), float(extremes[:, 1].max()))
-        densities, perturbed = self.densities(train)
-        self.train_density, self.train_density_perturbed = densities.mean(dim=0), perturbed.mean(dim=0)
         if val is not None and val.features is not None and val.features.shape == train.features.shape \
                 and torch.equal(val.features, train.features):
             # fit on the validation split (fit_split: val): the search scores these same
             # histograms next; kept for it, outside the fit state
+            densities, perturbed = self.feature_densities(train), self.perturbed_densities(train)
+            self.train_density, self.train_density_perturbed = densities.mean(dim=0), perturbed.mean(dim=0)
             self._val_histograms = (val.features, densities, perturbed)
+            return
+        # the train densities from per-block sums: memory holds a block of histograms, not the
+        # split's (1.6 GB at ImageNet-1K); of one block, bit for bit the mean of the whole
+        sums = in_blocks(lambda z: torch.cat([self.feature_histograms(z).sum(dim=0, keepdim=True),
+                                              self.perturbed_histograms(z).sum(dim=0, keepdim=True)], dim=1),
+                         features, rows=self.rows())
+        density = sums.sum(dim=0) / len(features)
+        bins = self.params["n_bins"]
+        self.train_density, self.train_density_perturbed = density[:bins], density[bins:]
 
-    def densities(self, outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N x n_bins histograms of the features, of the perturbed logits)."""
+    def feature_histograms(self, features: torch.Tensor) -> torch.Tensor:
+        return value_histograms(features, bin_edges(*self.feature_range, self.params["n_bins"]))
+
+    def perturbed_histograms(self, features: torch.Tensor) -> torch.Tensor:
+        return value_histograms(self.perturbed_logits(features), bin_edges(*self.perturbed_range, self.params["n_bins"]))
+
+    def feature_densities(self, outputs: Outputs) -> torch.Tensor:
+        """N x n_bins histograms of the features."""
         kept = getattr(self, "_val_histograms", None)
         if kept is not None and outputs.features is kept[0]:
-            return kept[1], kept[2]
-        bins = self.params["n_bins"]
-        feature_edges = bin_edges(*self.feature_range, bins)
-        perturbed_edges = bin_edges(*self.perturbed_range, bins)
-        both = in_blocks(lambda z: torch.cat([value_histograms(z, feature_edges),
-                                              value_histograms(self.perturbed_logits(z), perturbed_edges)], dim=1),
-                         outputs.features, rows=self.rows())
-        return both[:, :bins], both[:, bins:]
+            return kept[1]
+        return in_blocks(self.feature_histograms, outputs.features, rows=self.rows())
+
+    def perturbed_densities(self, outputs: Outputs) -> torch.Tensor:
+        """N x n_bins histograms of the perturbed logits."""
+        kept = getattr(self, "_val_histograms", None)
+        if kept is not None and outputs.features is kept[0]:
+            return kept[2]
+        return in_blocks(self.perturbed_histograms, outputs.features, rows=self.rows())
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         score = self.score_grid(outputs, [{}])[0]
@@ -250,13 +276,19 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
         return score
 
     def score_grid(self, outputs: Outputs, combos: list[dict[str, Any]]) -> list[torch.Tensor]:
-        """One pass of histograms for every smoothing and lambda; each divergence once per window."""
+        """One pass of histograms for every smoothing and lambda; each divergence once per
+        window. The features' divergences do not depend on delta: remembered by the checksums
+        of the features and of their train density, a search's later deltas reuse them."""
         settings = [{**self.params, **combo} for combo in combos]
-        densities, perturbed = self.densities(outputs)
-        msp = self.perturbed_msp(outputs)
-        feature_kl = {s: symmetric_kl(self.train_density, densities, s, EPS_FEATURES)
+        densities = functools.cache(lambda: self.feature_densities(outputs))
+        known = (content_digest(outputs.features), self.feature_range, self.params["n_bins"],
+                 tensors_checksum({"density": self.train_density}))
+        feature_kl = {s: remembered(("feature_kl", *known, s),
+                                    lambda s=s: symmetric_kl(self.train_density, densities(), s, EPS_FEATURES))
                       for s in {setting["smoothing"] for setting in settings}}
+        perturbed = self.perturbed_densities(outputs)
         perturbed_kl = {s: symmetric_kl(self.train_density_perturbed, perturbed, s, EPS_PERTURBED)
                         for s in {setting["smoothing_perturbed"] for setting in settings}}
+        msp = self.perturbed_msp(outputs)
         return [-(feature_kl[s["smoothing"]] + s["lambda_1"] * perturbed_kl[s["smoothing_perturbed"]]
                   - s["lambda_2"] * msp) for s in settings]
