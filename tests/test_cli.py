@@ -231,6 +231,26 @@ def test_misspelled_config_key_suggests_the_right_one(run_cli, tmp_path):
     assert "unknown key 'postprocesors'" in result.stderr and "did you mean: postprocessors" in result.stderr
 
 
+def test_validate_notes_a_data_root_that_does_not_exist(run_cli, tmp_path):
+    """A valid config whose data root is not there: validate passes and says so in one line,
+    naming the datasets that read files from it; the built-in offline sets read none."""
+    import yaml
+
+    missing = tmp_path / "no-such-root"
+    benchmark = {"name": "folders", "version": 1, "image": {"size": 8, "channels": 1}, "num_classes": 10,
+                 "id": {"val": {"dataset": "sklearn_digits"}, "test": {"dataset": "sklearn_digits"}},
+                 "near": {"noise": {"dataset": "gaussian_noise"}},
+                 "far": {"pictures": {"dataset": "image_folder", "options": {"path": "pictures"}}}}
+    (tmp_path / "folders.yaml").write_text(yaml.safe_dump(benchmark))
+    result = run_cli("validate", digits_config(tmp_path, benchmark=str(tmp_path / "folders.yaml"), fit_split="val",
+                                               data_root=str(missing)))
+    assert result.returncode == 0 and result.stdout.startswith("ok: folders v1")
+    assert result.stderr.strip() == (f"note: data root {missing} does not exist (set by --data-root, OODBENCH_DATA "
+                                     "or the config's data_root); image_folder read their files from it")
+    digits = run_cli("validate", digits_config(tmp_path, data_root=str(missing)))
+    assert digits.returncode == 0 and digits.stderr.strip() == ""
+
+
 def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_path, digits_models):
     """After `run --limit`, plot, report, calibration and compare read that run with the same
     --limit; without it they say which --limit the store holds."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from oodbench.benchmark.config import ExperimentConfig
+from oodbench.benchmark.config import DATA_ROOT_OPTIONS, ExperimentConfig
+from oodbench.benchmark.plan import benchmark_splits
 from oodbench.benchmark.runner import check_config
-from oodbench.datasets.benchmarks import load_benchmark
+from oodbench.datasets.benchmarks import Benchmark, load_benchmark
 from oodbench.errors import OodbenchError
 from oodbench.models.adapter import check_model, missing_checkpoint
+from oodbench.registry import DATASETS
 
 
 def validate_config(config: ExperimentConfig) -> str:
@@ -30,3 +32,18 @@ def validate_config(config: ExperimentConfig) -> str:
                                            if len(missing) > 1 else ""))
     return (f"ok: {benchmark.name} v{benchmark.version}, {len(config.models)} model(s), "
             f"{len(names)} postprocessor(s), {len(benchmark.near)} near + {len(benchmark.far)} far OOD sets")
+
+
+def data_root_note(config: ExperimentConfig, benchmark: Benchmark) -> str | None:
+    """One line when the data root does not exist and some dataset of the benchmark reads
+    files from it (the built-in offline sets of `oodbench.datasets.builtin` read none): the
+    run would find those splits missing. None otherwise."""
+    root = Path(config.data_root).expanduser()
+    if root.exists():
+        return None
+    reading = sorted({split.ref.dataset for split in benchmark_splits(benchmark, config.fit_split).values()
+                      if DATASETS.get(split.ref.dataset).__module__ != "oodbench.datasets.builtin"})
+    if not reading:
+        return None
+    return (f"note: data root {root} does not exist ({DATA_ROOT_OPTIONS}); {', '.join(reading)} "
+            "read their files from it")
