@@ -3,6 +3,7 @@ store alone, plugins from a file and from an installed package, and clear errors
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,12 @@ def test_leaderboard_rebuilds_from_the_store_alone(run_cli, tmp_path):
     assert "\\begin{tabular}" in latex.stdout and "OpenOOD v1.5" in latex.stdout
     params = run_cli("leaderboard", "--results", store, "--show-params", env=env)
     assert "temperature=1.0" in params.stdout
+    # one filter spelling on every command: a comma list, or the option repeated, singular or plural
+    filtered = [run_cli("leaderboard", "--results", store, *flags, "--format", "csv", env=env).stdout
+                for flags in (["--postprocessors", "ebo,msp"], ["--postprocessor", "ebo", "--postprocessors", "msp"],
+                              ["--postprocessor", "ebo"])]
+    assert filtered[0] == filtered[1] == csv.stdout and filtered[2] != csv.stdout
+    assert set(pd.read_csv(io.StringIO(filtered[2])).postprocessor) == {"ebo"}
 
 
 def test_averages_are_unweighted_means(tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from oodbench.cli.common import add_run_options, names, overrides
+from oodbench.cli.common import add_run_options, name_filter, names, overrides
 
 
 def add_parser(sub) -> None:
@@ -33,8 +33,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--target", choices=["out", "in", "both"], help="which images move (default both)")
     parser.add_argument("--adversarial-id", type=names, metavar="fgsm,pgd,apgd",
                         help="also score ID test images attacked against the classifier as OOD sets")
-    parser.add_argument("--postprocessors", type=names, metavar="A,B", help="only these methods of the run")
-    parser.add_argument("--models", type=names, metavar="X,Y", help="only these models of the config")
+    name_filter(parser, "postprocessors", "only these methods of the run")
+    name_filter(parser, "models", "only these models of the config")
     parser.add_argument("--fpr", choices=["classic", "openood"], help="FPR@95 convention (default: the config's)")
     parser.add_argument("--format", choices=["markdown", "latex", "csv", "json"], default="markdown",
                         help="markdown (default), latex, or csv / json (one tidy row per number)")

@@ -91,6 +91,14 @@ def names(text: str) -> list[str]:
     return found
 
 
+def name_filter(parser: argparse.ArgumentParser, plural: str, help: str) -> None:
+    """A filter by name with one spelling on every command: ``--postprocessors a,b``, or the
+    option repeated, singular or plural (``--postprocessor a --postprocessor b``); the names
+    land in ``args.<plural>`` (None when not given)."""
+    parser.add_argument(f"--{plural}", f"--{plural[:-1]}", dest=plural, type=names, action="extend",
+                        metavar="A,B", help=f"{help} (comma-separated, or the option repeated)")
+
+
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `minimum` (argparse reports a bad one as a usage error)."""
 

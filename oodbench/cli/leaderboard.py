@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from oodbench.cli.common import DEFAULT_STORE, add_table_options, write_output
+from oodbench.cli.common import DEFAULT_STORE, add_table_options, name_filter, write_output
 from oodbench.errors import OodbenchError
 
 
@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
                                             "family's name (osr_mnist6) averages its <name>_seed<N> benchmarks")
     parser.add_argument("--average-seeds", action="store_true",
                         help="one table per seed family (<name>_seed<N> benchmarks): mean ± std over the seeds")
-    parser.add_argument("--model", action="append", help="only these models (repeatable)")
-    parser.add_argument("--postprocessor", action="append", help="only these postprocessors (repeatable)")
+    name_filter(parser, "models", "only these models")
+    name_filter(parser, "postprocessors", "only these postprocessors")
     parser.add_argument("--fpr", choices=["classic", "openood"],
                         help="show every row's FPR@95 in this convention: classic (ID positive) or openood (OOD "
                              "positive); default: each cell's in the convention it was run under, as `run` printed "
@@ -61,11 +61,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         if args.ci or args.reference or args.tables or args.average_seeds or args.wide:
             raise OodbenchError("--attack shows the stored attack runs alone; leave out --ci, --reference, "
                                 "--tables, --average-seeds and --wide")
-        text, frames = stored_attack_report(store, benchmarks, args.model, args.postprocessor, args.format,
+        text, frames = stored_attack_report(store, benchmarks, args.models, args.postprocessors, args.format,
                                             args.fpr), []
     else:
-        text, frames = leaderboard_text(store, benchmarks, average, models=args.model,
-                                        postprocessors=args.postprocessor, fpr=args.fpr, conventions=args.conventions,
+        text, frames = leaderboard_text(store, benchmarks, average, models=args.models,
+                                        postprocessors=args.postprocessors, fpr=args.fpr, conventions=args.conventions,
                                         fingerprint=args.fingerprint, every=args.every, fmt=args.format,
                                         wide=args.wide, show_params=args.show_params, resamples=resamples,
                                         ci_seed=args.ci_seed, reference=args.reference, page=args.output)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from oodbench.cli.common import names
+from oodbench.cli.common import name_filter
 from oodbench.errors import OodbenchError
 
 
@@ -31,8 +31,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads for the forward and backward passes")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="at most N images per split (a seeded stratified subset, named in the caption)")
-    parser.add_argument("--postprocessors", type=names, metavar="A,B",
-                        help="only these methods (default: the release's methods its tables report)")
+    name_filter(parser, "postprocessors", "only these methods (default: the release's methods its tables report)")
     parser.add_argument("--no-search", dest="search", action="store_false", default=None,
                         help="default hyperparameters instead of the release's search on the validation splits")
     parser.add_argument("--format", choices=["text", "markdown", "latex", "csv", "json"], default="text",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from oodbench.cli.common import add_run_options, add_table_options, names, overrides
+from oodbench.cli.common import add_run_options, add_table_options, name_filter, overrides
 from oodbench.errors import OodbenchError
 
 
@@ -21,9 +21,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --executor ray: join this Ray cluster (host:port, or auto for the one this node "
                              "belongs to) instead of starting a local Ray instance")
-    parser.add_argument("--postprocessors", type=names, metavar="A,B",
-                        help="run these postprocessors instead of the config's list")
-    parser.add_argument("--models", type=names, metavar="X,Y", help="run only these models of the config")
+    name_filter(parser, "postprocessors", "run these postprocessors instead of the config's list")
+    name_filter(parser, "models", "run only these models of the config")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads for this run's forward and backward passes (default: the config's, "
                              "else one per physical core; see the README)")

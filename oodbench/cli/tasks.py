@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from oodbench.cli.common import add_figure_folder, add_run_options, overrides, save_figure_and_table
+from oodbench.cli.common import add_figure_folder, add_run_options, name_filter, overrides, save_figure_and_table
 from oodbench.errors import OodbenchError
 
 
@@ -62,7 +62,7 @@ def add_report(sub) -> None:
     parser.add_argument("--operating-point", action="store_true", required=True, help="the operating-point report")
     parser.add_argument("--postprocessor", required=True, help="a postprocessor of the config's run")
     parser.add_argument("--tau", type=float, help="use this score threshold instead of the 95%% ID-val one")
-    parser.add_argument("--model", action="append", help="only these models (repeatable; default all)")
+    name_filter(parser, "models", "only these models (default all)")
     parser.set_defaults(func=cmd_report)
 
 
@@ -73,9 +73,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                                                 summary_frame)
 
     experiment = CachedExperiment.open(args.config, **overrides(args))
-    specs = [m for m in experiment.config.models if not args.model or m.display in args.model]
+    specs = [m for m in experiment.config.models if not args.models or m.display in args.models]
     if not specs:
-        raise OodbenchError(f"no model named {', '.join(args.model)} in {args.config}")
+        raise OodbenchError(f"no model named {', '.join(args.models)} in {args.config}")
     if POSTPROCESSORS.get(args.postprocessor).needs_model:
         print(f"note: {args.postprocessor} needs input gradients: the model runs again over every split",
               file=sys.stderr)
@@ -91,8 +91,8 @@ def add_failure(sub) -> None:
                                             "postprocessor of a finished run: AURC, E-AURC, AUGRC, AUROC_f, "
                                             "FPR@95_f, and a risk-coverage plot; from the store's scores")
     add_run_options(parser)
-    parser.add_argument("--postprocessor", action="append", help="only these postprocessors (repeatable; default all)")
-    parser.add_argument("--model", action="append", help="only these models (repeatable; default all)")
+    name_filter(parser, "postprocessors", "only these postprocessors (default all)")
+    name_filter(parser, "models", "only these models (default all)")
     parser.add_argument("--sort", choices=["aurc", "eaurc", "augrc", "auroc", "fpr95"], default="aurc",
                         help="rank each model's rows by this metric, best first (default aurc)")
     parser.add_argument("--format", choices=["markdown", "latex", "csv", "json"], default="markdown",
@@ -109,7 +109,7 @@ def cmd_failure(args: argparse.Namespace) -> int:
     from oodbench.tasks.failure import experiment_failure
 
     experiment = CachedExperiment.open(args.config, **overrides(args))
-    frame, curves = experiment_failure(experiment, args.postprocessor, args.model)
+    frame, curves = experiment_failure(experiment, args.postprocessors, args.models)
     if args.format == "csv":
         print(frame.to_csv(index=False).rstrip("\n"))
     elif args.format == "json":
