@@ -75,6 +75,10 @@ def test_auroc_rows_equal_auroc_bit_for_bit_and_sklearn():
             id_scores, ood_scores = rng.integers(0, 5, (rows, num_id)) / 4, rng.integers(0, 5, (rows, num_ood)) / 4
         else:
             id_scores, ood_scores = rng.normal(1, 1, (rows, num_id)), rng.normal(0, 1, (rows, num_ood))
+            if trial % 4 == 2:  # one tie across ID and OOD in some rows: at the top, the bottom, or inside
+                for row in range(0, rows, 2):
+                    ood_scores[row, rng.integers(num_ood)] = id_scores[row, rng.integers(num_id)]
+                id_scores[-1, 0] = ood_scores[-1].max() if trial % 8 == 2 else ood_scores[-1].min()
         labels = np.r_[np.zeros(num_id, bool), np.ones(num_ood, bool)]
         got = metrics.auroc_rows(id_scores, ood_scores)
         for row, value in enumerate(got):

@@ -157,14 +157,19 @@ def auroc_rows(id_scores, ood_scores) -> list[float]:
     #(OOD scored lower) + #(OOD scored at most the same), over the same denominator; both
     sides are sorted row-wise in one call each, then each row's counts are two binary
     searches of its sorted ID scores in its sorted OOD scores (numpy's search walks sorted
-    keys cheaply). The scores must be finite (callers check them first)."""
+    keys cheaply); the second search only for a row where an OOD score equals an ID score
+    (else both counts are the same). The scores must be finite (callers check them first)."""
     id_scores, ood_scores = np.asarray(id_scores, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64)
     num_id, num_ood = id_scores.shape[1], ood_scores.shape[1]
     if not (num_id and num_ood):
         raise ValueError("metrics need both ID and OOD samples")
     ood_sorted, id_sorted = np.sort(ood_scores, axis=1), np.sort(id_scores, axis=1)
-    twice_area = [int(np.searchsorted(ood, ids, "left").sum()) + int(np.searchsorted(ood, ids, "right").sum())
-                  for ids, ood in zip(id_sorted, ood_sorted)]
+    twice_area = []
+    for ids, ood in zip(id_sorted, ood_sorted):
+        lower = np.searchsorted(ood, ids, "left")  # OOD scored lower than each ID score
+        tied = (ood.take(np.minimum(lower, num_ood - 1)) == ids).any()  # the first OOD at or above it equals it
+        at_most = np.searchsorted(ood, ids, "right") if tied else lower
+        twice_area.append(int(lower.sum()) + int(at_most.sum()))
     return [area / (2 * num_id * num_ood) for area in twice_area]
 
 
