@@ -289,6 +289,26 @@ def test_blocks_and_parts_equal_one_shot(data, name, monkeypatch):
     np.testing.assert_array_equal(torch.cat([method.score(p) for p in parts]).double().numpy(), whole)
 
 
+def test_relation_scores_its_earlier_formula_bit_for_bit(data):
+    """Relation's in-place edges (the clamp at 0 left to the threshold, NaN edges dropped) give
+    the scores of its earlier formula (clamp, then torch.where, then pow) bit for bit, every
+    power of a search at once, with a test row of NaN features among them."""
+    test = data["test_out"]
+    test = Outputs(logits=test.logits, features=test.features.clone(), fc=test.fc)
+    test.features[3] = float("nan")
+    method = POSTPROCESSORS.get("relation")()
+    method.fit(data["train_out"], data["train_out"])
+    unit = neighbours.relation_unit
+    similarity = (unit(test.features) @ unit(method.bank_features).T).clamp_min(0)
+    edges = similarity * (torch.softmax(test.logits.double(), dim=1)
+                          @ torch.softmax(method.bank_logits.double(), dim=1).T)
+    edges = torch.where(edges > neighbours.RELATION_THRESHOLD, edges, 0)
+    powers = [1, 2, 4, 0.5, 6]
+    for power, scores in zip(powers, method.score_grid(test, [{"pow": p} for p in powers])):
+        assert torch.equal(scores, edges.pow(power).sum(dim=1).float()), power
+    assert method.score(test)[3] == 0
+
+
 def test_cfood_subset_is_seeded_and_sized(data):
     first = POSTPROCESSORS.get("cfood")(alpha=0.5)
     first.fit(data["train_out"], data["train_out"])

@@ -133,10 +133,15 @@ class Relation(Postprocessor):
         def block(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             units, probs, total = relation_unit(z), torch.softmax(logits.double(), dim=1), 0
             for start in range(0, size, step):  # one block when the bank is small: the sums as before
-                similarity = (units @ relation_unit(self.bank_features[start : start + step]).T).clamp_min(0)
-                edges = similarity * (probs @ torch.softmax(self.bank_logits[start : start + step].double(), dim=1).T)
-                edges = torch.where(edges > RELATION_THRESHOLD, edges, 0)
-                total = total + torch.stack([edges.pow(power).sum(dim=1) for power in powers], dim=1)
+                # in place, one B x bank matrix: max(0, u . u_j) (p . p_j) kept where above the
+                # threshold is u . u_j (p . p_j) kept there (p . p_j >= 0 and the threshold > 0:
+                # a negative similarity is dropped either way); NaN edges are dropped as well
+                edges = units @ relation_unit(self.bank_features[start : start + step]).T
+                edges.mul_(probs @ torch.softmax(self.bank_logits[start : start + step].double(), dim=1).T)
+                edges.masked_fill_(~(edges > RELATION_THRESHOLD), 0)
+                power_of = torch.empty_like(edges) if any(power != 1 for power in powers) else None
+                total = total + torch.stack([(edges if power == 1 else torch.pow(edges, power, out=power_of)).sum(dim=1)
+                                             for power in powers], dim=1)
             return total
 
         scores = in_blocks(block, outputs.features, outputs.logits, rows=bank_rows(step))
