@@ -309,6 +309,39 @@ def test_relation_scores_its_earlier_formula_bit_for_bit(data):
     assert method.score(test)[3] == 0
 
 
+@pytest.mark.parametrize("alpha", [0.1, 1])
+def test_cfood_bisection_finds_the_counts_kappa_bit_for_bit(data, alpha, monkeypatch):
+    """CFOOD's two ways to kappa* (the cumulative counts of searchsorted positions, for many k
+    or several blocks of references; a bisection over the grid, for few k) agree bit for bit,
+    for k from below one reference to above all (kappa* = 1), in blocks of a few test rows,
+    with fit rows among the test rows (test distances equal to some d_j: ties), and a test
+    row of NaN features (the counts' rule) is scored as the counts score it."""
+    test, train = data["test_out"], data["train_out"]  # fit rows among the test rows: distances tied to d_j
+    test = Outputs(logits=torch.cat([test.logits, train.logits[:30]]), fc=test.fc,
+                   features=torch.cat([test.features, train.features[:30]]))
+    with_nan = Outputs(logits=test.logits, features=test.features.clone(), fc=test.fc)
+    with_nan.features[5] = float("nan")
+    combos = [{"k": k} for k in (0.001, 0.004, 0.01, 0.05, 0.2, 0.6, 0.99, 1.0)]
+    method = POSTPROCESSORS.get("cfood")(alpha=alpha)
+    method.fit(data["train_out"], data["train_out"])
+    bisections = []
+    monkeypatch.setattr(neighbours, "first_reaching", lambda *a, was=neighbours.first_reaching: bisections.append(1)
+                        or was(*a))
+    for outputs in (test, with_nan):
+        bisections.clear()
+        monkeypatch.setattr(neighbours, "CFOOD_BISECT_PASSES", 0)
+        counted = method.score_grid(outputs, combos)
+        assert not bisections
+        monkeypatch.setattr(neighbours, "CFOOD_BISECT_PASSES", 1000)
+        monkeypatch.setattr(neighbours, "CFOOD_BISECT_ROWS", 7)
+        bisected = method.score_grid(outputs, combos)
+        assert len(bisections) == (10 if outputs is test else 0)  # 70 rows, 7 at a time; NaN: counted
+        for combo, one, other in zip(combos, counted, bisected):
+            assert torch.equal(one, other), combo
+        assert len({float(s) for scores in counted for s in scores}) > 10  # many kappa* values, 1 among them
+        assert float(counted[-1].min()) == -1.0
+
+
 def test_cfood_subset_is_seeded_and_sized(data):
     first = POSTPROCESSORS.get("cfood")(alpha=0.5)
     first.fit(data["train_out"], data["train_out"])
