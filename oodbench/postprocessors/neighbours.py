@@ -158,9 +158,13 @@ def cfood_grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(kappa[keep]), torch.from_numpy(position[keep] + 1)
 
 
-def squared_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    return ((queries * queries).sum(1, keepdim=True) - 2 * queries @ bank.T
-            + (bank * bank).sum(1)).clamp_min(0)
+def squared_distances(queries: torch.Tensor, bank: torch.Tensor, squared: torch.Tensor | None = None) -> torch.Tensor:
+    """||q||^2 - 2 q . b + ||b||^2, at least 0, computed in place in the one queries x bank
+    matrix (no temporaries of its size); `squared`: the queries' ||q||^2 (N x 1) when known."""
+    distances = 2 * queries @ bank.T
+    squared = (queries * queries).sum(1, keepdim=True) if squared is None else squared
+    torch.sub(squared, distances, out=distances)
+    return distances.add_((bank * bank).sum(1)).clamp_min_(0)
 
 
 def first_reaching(distances: torch.Tensor, columns: torch.Tensor, needs: list[float]) -> torch.Tensor:
