@@ -309,11 +309,12 @@ def test_relation_scores_its_earlier_formula_bit_for_bit(data):
     assert method.score(test)[3] == 0
 
 
-@pytest.mark.parametrize("alpha", [0.1, 1])
+@pytest.mark.parametrize("alpha", [0.1, 0.42, 1])
 def test_cfood_bisection_finds_the_counts_kappa_bit_for_bit(data, alpha, monkeypatch):
     """CFOOD's two ways to kappa* (the cumulative counts of searchsorted positions, for many k
     or several blocks of references; a bisection over the grid, for few k) agree bit for bit,
-    for k from below one reference to above all (kappa* = 1), in blocks of a few test rows,
+    for k from below one reference to above all (kappa* = 1; k n just above a whole number
+    among them), in blocks of a few test rows,
     with fit rows among the test rows (test distances equal to some d_j: ties), and a test
     row of NaN features (the counts' rule) is scored as the counts score it."""
     test, train = data["test_out"], data["train_out"]  # fit rows among the test rows: distances tied to d_j
@@ -321,7 +322,8 @@ def test_cfood_bisection_finds_the_counts_kappa_bit_for_bit(data, alpha, monkeyp
                    features=torch.cat([test.features, train.features[:30]]))
     with_nan = Outputs(logits=test.logits, features=test.features.clone(), fc=test.fc)
     with_nan.features[5] = float("nan")
-    combos = [{"k": k} for k in (0.001, 0.004, 0.01, 0.05, 0.2, 0.6, 0.99, 1.0)]
+    # at alpha = 0.42 (100 references), k = 0.07 and 0.14 need 7.000000000000001 and 14.000000000000002
+    combos = [{"k": k} for k in (0.001, 0.004, 0.01, 0.05, 0.07, 0.14, 0.2, 0.6, 0.99, 1.0)]
     method = POSTPROCESSORS.get("cfood")(alpha=alpha)
     method.fit(data["train_out"], data["train_out"])
     bisections = []

@@ -53,7 +53,8 @@ RELATION_THRESHOLD = 0.03  # edges at or below it are dropped (the reference cod
 RELATION_BANK_ROWS = 1 << 14  # fit rows searched at once (bank blocks summed: scores to float64 rounding)
 CFOOD_SEED = 0
 CFOOD_REFERENCE_ROWS = 1 << 12  # references read, normalised and compared at once (64 MiB of 2048-d float64)
-CFOOD_BISECT_PASSES = 24  # bisect for kappa* (`first_reaching`) when the needs x log2(grid) passes are at most this
+CFOOD_BISECT_PASSES = 40  # bisect for kappa* (`first_reaching`) when the k x log2(grid) passes are at most this
+# (a search's 4 k at CFOOD's 230-column grid: 32 passes, ~2/3 of the cost of the counts path)
 CFOOD_BISECT_ROWS = 256  # test rows bisected at once (their distances stay in cache)
 
 
@@ -175,15 +176,21 @@ def first_reaching(distances: torch.Tensor, columns: torch.Tensor, needs: list[f
     That count is the number of references whose searchsorted position of s_j is at most g
     (d_j is sorted), the cumulative count CFOOD's scores read, and it does not decrease
     with g: a bisection over g finds the same column, in log2(grid) passes of B x n
-    comparisons per need, instead of one binary search per (row, reference) pair (~5x the
-    cost of a pass each); for NaN distances searchsorted's order is the rule, not this."""
+    comparisons per need (~1 ns a pair each, in cache), instead of one binary search per
+    (row, reference) pair (~50 ns, branchy); for NaN distances searchsorted's order is the
+    rule, not this."""
     grid_size, found = len(columns), []
+    bounds = torch.empty_like(distances)  # each row's probed column of d, and whether s_j <= it:
+    within = torch.empty(distances.shape, dtype=torch.bool)  # written in place each pass
     for needed in needs:
+        least = math.ceil(needed)  # a whole count reaches `needed` iff it reaches this (no float rounding)
         low = torch.zeros(len(distances), dtype=torch.long)  # the column sought is in [low, high]
         high = torch.full((len(distances),), grid_size, dtype=torch.long)
         for _ in range(grid_size.bit_length()):
             middle = (low + high) // 2
-            reached = (distances <= columns[middle.clamp(max=grid_size - 1)]).sum(dim=1) >= needed
+            torch.index_select(columns, 0, middle.clamp(max=grid_size - 1), out=bounds)
+            torch.le(distances, bounds, out=within)
+            reached = within.view(torch.uint8).sum(dim=1, dtype=torch.int32) >= least
             high = torch.where(reached, middle, high)
             low = torch.where(reached, low, torch.minimum(middle + 1, high))
         found.append(low)
@@ -240,7 +247,8 @@ class CFOOD(Postprocessor):
 
     def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor]:
         """Every k from one pass: the counts of references reached by each kappa do not depend on k.
-        For few k and one block of references, each k's kappa* by bisection instead (`first_reaching`)."""
+        For a few k (a search's) and one block of references, each k's kappa* by bisection
+        instead (`first_reaching`), the same columns."""
         n, grid_size = self.neighbour_distances.shape
         needs = [{**self.params, **combo}["k"] * n for combo in combos]
         bisect = (n <= CFOOD_REFERENCE_ROWS and len(needs) * grid_size.bit_length() <= CFOOD_BISECT_PASSES
