@@ -48,6 +48,23 @@ def test_faiss_search_gives_the_same_distances_as_torch(monkeypatch):
     torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("queries, rows, count", [(5, 300, 300), (19, 300, 40), (20, 300, 300), (600, 1030, 200),
+                                                    (50, 1, 1), (30, 400, 10)])
+def test_faiss_largest_is_faiss_knn_bit_for_bit(queries, rows, count):
+    """Every pair sorted (a large count: faiss's range search) or faiss.knn (a small one, or a
+    NaN): the same float32 values as faiss.knn, under 20 queries (faiss's loop), over several
+    of its BLAS blocks of 1,024 bank rows, and for one bank row."""
+    faiss = pytest.importorskip("faiss", reason="faiss is an optional extra (pip install 'oodbench[faiss]')")
+    rng = np.random.default_rng(queries + rows)
+    q = rng.standard_normal((queries, 24)).astype(np.float32)
+    bank = rng.standard_normal((rows, 24)).astype(np.float32)
+    expected = faiss.knn(q, bank, count, metric=faiss.METRIC_INNER_PRODUCT)[0]
+    assert torch.equal(distance.faiss_largest(faiss, q, bank, count), torch.from_numpy(expected))
+    q[0, 3] = np.nan
+    expected = faiss.knn(q, bank, count, metric=faiss.METRIC_INNER_PRODUCT)[0]
+    np.testing.assert_array_equal(distance.faiss_largest(faiss, q, bank, count).numpy(), expected)
+
+
 def test_knn_uses_faiss_when_installed_and_its_key_says_which(monkeypatch):
     installed = distance.knn_backend()
     try:

@@ -289,6 +289,61 @@ def test_blocks_and_parts_equal_one_shot(data, name, monkeypatch):
     np.testing.assert_array_equal(torch.cat([method.score(p) for p in parts]).double().numpy(), whole)
 
 
+def test_relation_scores_its_earlier_formula_bit_for_bit(data):
+    """Relation's in-place edges (the clamp at 0 left to the threshold, NaN edges dropped) give
+    the scores of its earlier formula (clamp, then torch.where, then pow) bit for bit, every
+    power of a search at once, with a test row of NaN features among them."""
+    test = data["test_out"]
+    test = Outputs(logits=test.logits, features=test.features.clone(), fc=test.fc)
+    test.features[3] = float("nan")
+    method = POSTPROCESSORS.get("relation")()
+    method.fit(data["train_out"], data["train_out"])
+    unit = neighbours.relation_unit
+    similarity = (unit(test.features) @ unit(method.bank_features).T).clamp_min(0)
+    edges = similarity * (torch.softmax(test.logits.double(), dim=1)
+                          @ torch.softmax(method.bank_logits.double(), dim=1).T)
+    edges = torch.where(edges > neighbours.RELATION_THRESHOLD, edges, 0)
+    powers = [1, 2, 4, 0.5, 6]
+    for power, scores in zip(powers, method.score_grid(test, [{"pow": p} for p in powers])):
+        assert torch.equal(scores, edges.pow(power).sum(dim=1).float()), power
+    assert method.score(test)[3] == 0
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.42, 1])
+def test_cfood_bisection_finds_the_counts_kappa_bit_for_bit(data, alpha, monkeypatch):
+    """CFOOD's two ways to kappa* (the cumulative counts of searchsorted positions, for many k
+    or several blocks of references; a bisection over the grid, for few k) agree bit for bit,
+    for k from below one reference to above all (kappa* = 1; k n just above a whole number
+    among them), in blocks of a few test rows,
+    with fit rows among the test rows (test distances equal to some d_j: ties), and a test
+    row of NaN features (the counts' rule) is scored as the counts score it."""
+    test, train = data["test_out"], data["train_out"]  # fit rows among the test rows: distances tied to d_j
+    test = Outputs(logits=torch.cat([test.logits, train.logits[:30]]), fc=test.fc,
+                   features=torch.cat([test.features, train.features[:30]]))
+    with_nan = Outputs(logits=test.logits, features=test.features.clone(), fc=test.fc)
+    with_nan.features[5] = float("nan")
+    # at alpha = 0.42 (100 references), k = 0.07 and 0.14 need 7.000000000000001 and 14.000000000000002
+    combos = [{"k": k} for k in (0.001, 0.004, 0.01, 0.05, 0.07, 0.14, 0.2, 0.6, 0.99, 1.0)]
+    method = POSTPROCESSORS.get("cfood")(alpha=alpha)
+    method.fit(data["train_out"], data["train_out"])
+    bisections = []
+    monkeypatch.setattr(neighbours, "first_reaching", lambda *a, was=neighbours.first_reaching: bisections.append(1)
+                        or was(*a))
+    for outputs in (test, with_nan):
+        bisections.clear()
+        monkeypatch.setattr(neighbours, "CFOOD_BISECT_PASSES", 0)
+        counted = method.score_grid(outputs, combos)
+        assert not bisections
+        monkeypatch.setattr(neighbours, "CFOOD_BISECT_PASSES", 1000)
+        monkeypatch.setattr(neighbours, "CFOOD_BISECT_ROWS", 7)
+        bisected = method.score_grid(outputs, combos)
+        assert len(bisections) == (10 if outputs is test else 0)  # 70 rows, 7 at a time; NaN: counted
+        for combo, one, other in zip(combos, counted, bisected):
+            assert torch.equal(one, other), combo
+        assert len({float(s) for scores in counted for s in scores}) > 10  # many kappa* values, 1 among them
+        assert float(counted[-1].min()) == -1.0
+
+
 def test_cfood_subset_is_seeded_and_sized(data):
     first = POSTPROCESSORS.get("cfood")(alpha=0.5)
     first.fit(data["train_out"], data["train_out"])

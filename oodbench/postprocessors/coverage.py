@@ -91,17 +91,31 @@ def intervals(states: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.where(index >= len(grid) - 1, -1, index)
 
 
-def coverage_table(states: torch.Tensor, points: int, minimum: float) -> torch.Tensor:
-    """(M - 1) x D: min(count of each neuron's states in each interval / O, 1)."""
+def interval_counts(states: torch.Tensor, points: int) -> torch.Tensor:
+    """(M - 1) x D float64: the count of each neuron's states in each interval."""
     index = intervals(states, threshold_grid(points))
     counts = torch.zeros(points, states.shape[1], dtype=torch.float64)  # row M - 1 gathers "outside"
     counts.scatter_add_(0, torch.where(index < 0, points - 1, index), torch.ones_like(index, dtype=torch.float64))
-    return (counts[:-1] / minimum).clamp(max=1.0)
+    return counts[:-1]
+
+
+def coverage_of(counts: torch.Tensor, minimum: float) -> torch.Tensor:
+    """(M - 1) x D: min(`counts` / O, 1)."""
+    return (counts / minimum).clamp(max=1.0)
+
+
+def coverage_table(states: torch.Tensor, points: int, minimum: float) -> torch.Tensor:
+    """(M - 1) x D: min(count of each neuron's states in each interval / O, 1)."""
+    return coverage_of(interval_counts(states, points), minimum)
 
 
 def covered(states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Per sample, the mean over neurons of the coverage of the interval its state falls in."""
-    index = intervals(states, threshold_grid(len(table) + 1))
+    return covered_in(intervals(states, threshold_grid(len(table) + 1)), table)
+
+
+def covered_in(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`covered` from the states' `intervals`."""
     return torch.where(index >= 0, table.gather(0, index.clamp(min=0)), 0.0).mean(dim=1)
 
 
@@ -112,17 +126,30 @@ class NACUE(Postprocessor):
     needs_fit = True
     defaults = {"O": 50, "M": 50, "sig_alpha": 100.0, "valid_num": 1000}
     ranges = {"O": Number(gt=0), "M": Integer(ge=4), "sig_alpha": Number(gt=0), "valid_num": Integer(ge=1)}
+    # the fit counts the states; O only scales the counts, so a search scores every O from one
+    # pass of states and intervals (the same tables, hence the same scores, as one O at a time)
+    fit_params = ("M", "sig_alpha", "valid_num")
+    grid_params = ("O",)
 
     def fit(self, train: Outputs, val: Outputs) -> None:
         even_points(self.name, [self.params["M"]])
         keep = torch.from_numpy(balanced_subset(train.labels.numpy(), self.params["valid_num"]))
         states = neuron_states(train.features[keep], train.logits[keep], train.fc[0], self.params["sig_alpha"])
-        self.coverage = coverage_table(states, self.params["M"], self.params["O"])
+        self.counts = interval_counts(states, self.params["M"])
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        alpha = self.params["sig_alpha"]
-        return in_blocks(lambda z, f: covered(neuron_states(z, f, outputs.fc[0], alpha), self.coverage),
-                         outputs.features, outputs.logits)
+        return self.score_grid(outputs, [{}])[0]
+
+    def score_grid(self, outputs: Outputs, combos: list[dict]) -> list[torch.Tensor]:
+        tables = [coverage_of(self.counts, {**self.params, **combo}["O"]) for combo in combos]
+        alpha, grid = self.params["sig_alpha"], threshold_grid(self.params["M"])
+
+        def block(z: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+            index = intervals(neuron_states(z, f, outputs.fc[0], alpha), grid)
+            return torch.stack([covered_in(index, table) for table in tables], dim=1)
+
+        scores = in_blocks(block, outputs.features, outputs.logits)
+        return [scores[:, i] for i in range(len(combos))]
 
 
 def even_points(name: str, points: list[int]) -> None:

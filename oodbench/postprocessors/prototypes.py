@@ -171,9 +171,8 @@ class GrOOD(Postprocessor):
             for rows in self.bank_blocks():  # the bank's gradients, one block at a time, from the mapped features
                 bank = self.noise_gradients(rows, self.bank_weights[done : done + len(rows)])
                 done += len(rows)
-                if len(bank):  # squared_distances(g, bank), the same terms, in place
-                    distances = (g @ bank.T).mul_(-2).add_(squared).add_((bank * bank).sum(1)).clamp_min_(0)
-                    best = torch.minimum(best, distances.min(dim=1).values)
+                if len(bank):
+                    best = torch.minimum(best, squared_distances(g, bank, squared).min(dim=1).values)
             return -best
 
         return in_blocks(nearest, outputs.features, rows=bank_rows(BLOCK_ROWS)).float()
