@@ -303,6 +303,32 @@ def test_every_cache_file_verifies_itself(tmp_path, cache, damage):
     pd.testing.assert_frame_equal(again[columns], expected[columns])
 
 
+def test_an_entry_is_hashed_once_per_file_state_in_a_process(tmp_path, monkeypatch):
+    """Reading an unchanged entry again does not hash it again; bytes changed in place (same
+    size, mtime set back by hand) change its ctime, so the next read hashes it and refuses it."""
+    from oodbench.storage import files
+    from oodbench.storage.caches import OutputCache
+
+    cache = OutputCache(tmp_path)
+    cache.write("k", {"logits": torch.arange(4000.0).reshape(400, 10)}, {"meta": {}})
+    hashed = []
+    checksum = files.entry_checksum
+    monkeypatch.setattr(files, "entry_checksum", lambda *a: hashed.append(1) or checksum(*a))
+    first = cache.read("k")
+    assert torch.equal(cache.read("k")[0]["logits"], first[0]["logits"]) and len(hashed) == 1
+    path = cache.path("k")
+    stat = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    with open(path, "r+b") as handle:
+        handle.seek(64 + 4 * 1234)
+        handle.write(b"\x01\x02\x03\x04")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.warns(UserWarning, match="invalid .checksum mismatch"):
+        assert cache.read("k") is None
+    assert len(hashed) == 2 and not path.exists()
+
+
 def test_a_swapped_output_entry_is_not_used(tmp_path, cache):
     """The issue's case: the far:uniform entry copied over the id:test path."""
     config = experiment(tmp_path / "d.yaml", "digits", None)
