@@ -108,13 +108,25 @@ def test_weiper_is_the_mean_perturbed_msp(data):
     np.testing.assert_allclose(got, msp, rtol=1e-6)
 
 
-def test_grid_equals_one_by_one(data):
+def test_grid_equals_one_by_one(data, monkeypatch):
+    """Every combination of a grid, scored together (in blocks of combinations), bit for bit
+    as on its own, and as the reference computes it."""
     train, test = data
     method = fitted("weiper_kld", train, **SETTING)
     combos = [{"smoothing": s1, "smoothing_perturbed": s2, "lambda_1": l1, "lambda_2": l2}
               for s1 in (1, 4, 30) for s2 in (5, 15) for l1 in (0.1, 4) for l2 in (0.25, 5)]
-    for combo, scores in zip(combos, method.score_grid(test, combos)):
-        np.testing.assert_allclose(scores.numpy(), method.with_params(combo).score(test).numpy(), rtol=1e-12)
+    together = method.score_grid(test, combos)
+    monkeypatch.setattr(weiper, "BLOCK_ELEMENTS", 5 * len(test))  # 5 combinations a block
+    assert all(torch.equal(a, b) for a, b in zip(together, method.score_grid(test, combos)))
+    densities, perturbed = method.feature_densities(test), method.perturbed_densities(test)
+    msp = method.perturbed_msp(test)
+    for combo, scores in zip(combos, together):
+        assert torch.equal(scores, method.with_params(combo).score(test))
+        alone = -(weiper.symmetric_kl(method.train_density, densities, combo["smoothing"], weiper.EPS_FEATURES)
+                  + combo["lambda_1"] * weiper.symmetric_kl(method.train_density_perturbed, perturbed,
+                                                            combo["smoothing_perturbed"], weiper.EPS_PERTURBED)
+                  - combo["lambda_2"] * msp)  # one combination with Python numbers, as before the blocks
+        assert torch.equal(scores, alone)
         expected, _ = reference_scores(train, test, s1=combo["smoothing"], s2=combo["smoothing_perturbed"],
                                        lambda_1=combo["lambda_1"], lambda_2=combo["lambda_2"])
         np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5, atol=1e-6)

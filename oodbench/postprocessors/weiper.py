@@ -97,7 +97,7 @@ def value_histograms(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """N x bins: the share of each row's values in each bin [e_k, e_(k+1)) (outside values: the total only)."""
     index = edge_counts(values.float().contiguous(), edges)  # 0: below, bins + 1: above
     counts = torch.zeros(values.shape[0], len(edges) + 1, dtype=torch.float64)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
+    counts.scatter_add_(1, index, torch.ones(1, 1, dtype=torch.float64).expand(index.shape))  # no N x D ones
     return counts[:, 1:-1] / values.shape[1]
 
 
@@ -290,5 +290,13 @@ class WeiPerKLD(PerturbedProjections, Postprocessor):
         perturbed_kl = {s: symmetric_kl(self.train_density_perturbed, perturbed, s, EPS_PERTURBED)
                         for s in {setting["smoothing_perturbed"] for setting in settings}}
         msp = self.perturbed_msp(outputs)
-        return [-(feature_kl[s["smoothing"]] + s["lambda_1"] * perturbed_kl[s["smoothing_perturbed"]]
-                  - s["lambda_2"] * msp) for s in settings]
+        scores: list[torch.Tensor] = []
+        rows = max(1, BLOCK_ELEMENTS // max(len(msp), 1))  # combinations scored at once, as B x N
+        for first in range(0, len(settings), rows):
+            block = settings[first:first + rows]
+            # the same elementwise operations as one combination at a time, on B rows at once
+            lambdas = torch.tensor([[s["lambda_1"], s["lambda_2"]] for s in block], dtype=torch.float64)
+            features = torch.stack([feature_kl[s["smoothing"]] for s in block])
+            perturbed = torch.stack([perturbed_kl[s["smoothing_perturbed"]] for s in block])
+            scores += (-(features + lambdas[:, :1] * perturbed - lambdas[:, 1:] * msp)).unbind(0)
+        return scores
