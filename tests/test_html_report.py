@@ -278,6 +278,13 @@ def test_in_chromium_the_sorted_dom_holds_the_stores_numbers_and_a_screenshot_sh
     assert near == sorted(near) and len(set(near)) > 1 and rows[-1]["postprocessor"][0] == "odin"
     sorted_by = [h for h in dom.headers["leaderboard-0"] if "aria-sort" in h]
     assert [(h["data-key"], h["aria-sort"]) for h in sorted_by] == [("near-OOD|auroc", "ascending")]
+    # the row labels stick to the left edge when the table scrolls: model at 0, the method beside it
+    labels = [h["data-key"] for h in dom.headers["leaderboard-0"] if "label" in h.get("class", "")]
+    assert labels == ["model", "postprocessor"]
+    offsets = {(r["model"][1]["style"], r["postprocessor"][1]["style"]) for r in rows}
+    assert len(offsets) == 1
+    model_left, method_left = (float(style.removeprefix("left: ").removesuffix("px;")) for style in offsets.pop())
+    assert model_left == 0 < method_left and all("label" not in r["status"][1].get("class", "") for r in rows)
 
     shot = tmp_path / "page.png"
     result = browse(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,900",

@@ -125,8 +125,10 @@ def section(frame: pd.DataFrame, store, index: int, resamples: int | None, seed:
             "figures": figures}
 
 
-def column(header: str, key: str, better: str = "") -> dict:
-    return {"header": header, "key": key, "better": better}
+def column(header: str, key: str, better: str = "", label: bool = False) -> dict:
+    """A table column: its header, its cells' key, which way is better (sorting starts
+    there) and whether it labels the rows (kept in view when the table scrolls sideways)."""
+    return {"header": header, "key": key, "better": better, "label": label}
 
 
 def cell(text: str, value: float | None = None, mark: str = "", reason: str = "") -> dict:
@@ -151,7 +153,7 @@ def leaderboard_table(rows: pd.DataFrame, identifier: str) -> dict:
     accuracies, groups = accuracy_columns(rows), metric_columns(rows)
     missing = set(rows.attrs["missing"])
     several = "checkpoints" in rows and bool((rows.checkpoints > 1).any())
-    columns = [column("model", "model"), column("postprocessor", "postprocessor")]
+    columns = [column("model", "model", label=True), column("postprocessor", "postprocessor", label=True)]
     columns += [column("seeds" if rows.attrs.get("seeds") else "checkpoints", "n", "higher")] if several else []
     columns += [column(accuracy_header(a), a, "higher") for a in accuracies]
     columns += [column(f"{group} {HEADER[metric]}", f"{group}|{metric}", BETTER[metric])
@@ -211,7 +213,7 @@ def frame_table(table: pd.DataFrame, identifier: str, better: str) -> dict:
     """A comparison frame (row index levels, then value columns) x100, as `compare.render_table`
     prints it; `better`: which way the per-model values are better ('' for a table of gains, signed)."""
     signed = not better
-    columns = [column(name, name) for name in table.index.names]
+    columns = [column(name, name, label=True) for name in table.index.names]
     columns += [column(name, name, "higher" if signed or name == DELTA else better) for name in table.columns]
     body = []
     for keys, values in table.iterrows():
