@@ -176,6 +176,20 @@ def test_odd_paths_are_named_as_abspath_names_them(tmp_path, monkeypatch):
     assert FileState("root").describe(existing) == reference_describe(Path("root"), existing)
 
 
+def test_file_hash_reads_every_block_and_fails_as_open_does(tmp_path):
+    big = tmp_path / "big.bin"  # more than one read of 1 MiB
+    big.write_bytes(np.random.default_rng(0).integers(0, 256, (5 << 19) + 7, dtype=np.uint8).tobytes())
+    assert identity._sha256_of(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    (tmp_path / "folder.png").mkdir()
+    for path in (tmp_path / "missing.png", tmp_path / "folder.png", str(tmp_path / "folder.png")):
+        with pytest.raises(OSError) as expected:
+            open(path, "rb")
+        with pytest.raises(OSError) as got:
+            identity._sha256_of(path)
+        assert (type(got.value), str(got.value), got.value.filename) == (
+            type(expected.value), str(expected.value), expected.value.filename)
+
+
 def test_child_path_is_the_pathlib_join():
     for folder in ("/data/images", "data/images", "/", "//", "//data", ".", "..", "../x", "a b/é"):  # str of Paths
         for relative in ("a.png", "a/b.png", "a//b.png", "./a.png", "a/./b.png", "a/", "/abs.png", "..", "a/../b",
