@@ -29,7 +29,7 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class FileState:
         self._db: sqlite3.Connection | None = None
         self._known: dict[str, dict[str, tuple]] = {}  # table -> path -> (size, mtime, inode, sha256)
         self._pending: dict[str, list[tuple]] = {"hashes": [], "sampled": []}
-        self._fingerprints: dict[int, tuple[Any, str]] = {}  # id(dataset) -> (dataset, fingerprint)
+        self._once: dict[tuple[int, str], tuple[Any, str]] = {}  # (id(owner), what) -> (owner, value)
 
     def _relative(self, absolute: str) -> str:
         """An absolute path relative to the data root, '/'-separated (string operations, not
@@ -137,7 +137,27 @@ class FileState:
         relative = absolute[len(root):] if absolute.startswith(root) else absolute
         return relative.replace(os.sep, "/")
 
-    def describe(self, paths: Sequence[Path]) -> str:
+    def _locate(self, paths: Iterable[str | Path]) -> Iterator[tuple[str, str]]:
+        """(``os.path.abspath(path)``, `_relative` of it) for each path, with the work done once
+        per folder rather than once per file. The same strings: a path is its folder ``head``
+        (up to its last separator) and a name ``tail``, and when the name is not '', '.' or '..'
+        normalising leaves it as it is, so ``abspath(path) == join(abspath(head), "") + tail``;
+        the name holds no separator while the data root's prefix ends with one, so the path
+        starts with that prefix exactly when its folder's part does."""
+        folders: dict[str, tuple[str, str]] = {}
+        for path in paths:
+            head, tail = folder_and_name(path)
+            if tail in ("", ".", ".."):
+                absolute = os.path.abspath(path)
+                yield absolute, self._relative(absolute)
+                continue
+            folder = folders.get(head)
+            if folder is None:
+                prefix = os.path.join(os.path.abspath(head), "")
+                folder = folders[head] = (prefix, self._relative(prefix))
+            yield folder[0] + tail, folder[1] + tail
+
+    def describe(self, paths: Sequence[str | Path]) -> str:
         """A digest naming each file by relative path and content hash (or size and mtime), and
         the contents of a sample of the files: all of them when they number at most
         `SAMPLE_FILES` or total at most `WHOLE_SET_BYTES`, else a seeded `SAMPLE_FILES` of them.
@@ -146,8 +166,8 @@ class FileState:
         hasher = hashlib.sha256()
         states: list[tuple] | None = []  # kept while the set may still be hashed whole (memory: a sample only)
         total = 0
-        for path in paths:
-            absolute = os.path.abspath(path)
+        lines = []  # hashed as one string: the same bytes as one update per file
+        for path, (absolute, relative) in zip(paths, self._locate(paths)):
             stat = os.stat(absolute)
             state = (absolute, stat.st_size, stat.st_mtime_ns, stat.st_ino)
             total += stat.st_size
@@ -155,9 +175,10 @@ class FileState:
                 states.append(state)
                 if len(states) > SAMPLE_FILES and total > WHOLE_SET_BYTES:
                     states = None
-            content = self.file_hash(Path(path), state) if self.verify else self._lookup(state)
+            content = self.file_hash(path, state) if self.verify else self._lookup(state)
             what = content or f"{stat.st_size}\0{stat.st_mtime_ns}"
-            hasher.update(f"{self._relative(absolute)}\0{what}\n".encode())
+            lines.append(f"{relative}\0{what}\n")
+        hasher.update("".join(lines).encode())
         if states is None:
             chosen = np.sort(np.random.default_rng(0).choice(len(paths), SAMPLE_FILES, replace=False))
             states = [self._state(paths[index]) for index in chosen]
@@ -183,21 +204,29 @@ class FileState:
             self._remember(state, known, "sampled")
         return known
 
-    def names(self, paths: Sequence[Path]) -> str:
+    def names(self, paths: Iterable[str | Path]) -> str:
         """A digest of the files' relative paths alone (no file is read or stat'ed)."""
-        hasher = hashlib.sha256()
-        for path in paths:
-            hasher.update(f"{self._relative(os.path.abspath(path))}\n".encode())
-        return "names:" + hasher.hexdigest()[:32]
+        text = "".join([f"{relative}\n" for _, relative in self._locate(paths)])
+        return "names:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def content(self, paths: Sequence[Path]) -> str:
+    def content(self, paths: Sequence[str | Path]) -> str:
         """A digest of the files' relative paths and contents (always hashed)."""
         hasher = hashlib.sha256()
-        for path in paths:
-            hasher.update(f"{self._relative(os.path.abspath(path))}\0{self.file_hash(Path(path))}\n".encode())
+        for path, (_, relative) in zip(paths, self._locate(paths)):
+            hasher.update(f"{relative}\0{self.file_hash(path)}\n".encode())
         return "content:" + hasher.hexdigest()[:32]
 
-    def file_hash(self, path: Path, state: tuple | None = None) -> str:
+    def once(self, owner: Any, what: str, make: Callable[[], str]) -> str:
+        """`make()`, computed once per `owner` object and `what` for these files (a source
+        listed once per run is named once, however many of its parts the run reads)."""
+        known = self._once.get((id(owner), what))
+        if known is not None and known[0] is owner:
+            return known[1]
+        value = make()
+        self._once[(id(owner), what)] = (owner, value)
+        return value
+
+    def file_hash(self, path: str | Path, state: tuple | None = None) -> str:
         """sha256 of a file; remembered, and read again only when its stat changed or with ``verify``."""
         state = self._state(path) if state is None else state
         known = None if self.verify else self._lookup(state)
@@ -256,11 +285,28 @@ class FileState:
             self._db = None
 
 
+def folder_and_name(path: str | Path) -> tuple[str, str]:
+    """``os.path.split(path)``, but the folder keeps its trailing separators (the same folder;
+    on POSIX a string search instead of a function call per file: it runs once per image)."""
+    path = os.fspath(path)
+    if os.altsep is not None:  # Windows: two separators and drives
+        return os.path.split(path)
+    cut = path.rfind(os.sep) + 1
+    return path[:cut], path[cut:]
+
+
 def _sha256_of(path: str | Path) -> str:
+    """sha256 of a file's bytes, read through its descriptor: a file object per image file
+    cost a quarter of the hashing. Errors are those of ``open(path, "rb")``, naming the file."""
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        while block := os.read(handle, 1 << 20):
             hasher.update(block)
+    except OSError as exc:  # a folder opens, then fails to read without a name
+        raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from None
+    finally:
+        os.close(handle)
     return hasher.hexdigest()
 
 
@@ -268,12 +314,7 @@ def dataset_fingerprint(dataset: Any, files: FileState) -> str:
     """The fingerprint of what `dataset` reads: its ``fingerprint(files)`` when it has one,
     else (a source of a plugin that does not say) a hash of every decoded item. Computed once
     per dataset object and `files` (the parts of one listed source share it)."""
-    known = files._fingerprints.get(id(dataset))
-    if known is not None and known[0] is dataset:
-        return known[1]
-    value = _dataset_fingerprint(dataset, files)
-    files._fingerprints[id(dataset)] = (dataset, value)
-    return value
+    return files.once(dataset, "fingerprint", lambda: _dataset_fingerprint(dataset, files))
 
 
 def _dataset_fingerprint(dataset: Any, files: FileState) -> str:

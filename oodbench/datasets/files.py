@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from operator import attrgetter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,12 +19,12 @@ from torch.utils.data import Dataset
 from oodbench.datasets.base import LabeledSamples, Selection
 from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
-from oodbench.identity import FileState, array_digest
+from oodbench.identity import FileState, array_digest, folder_and_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
-def open_image(path: Path):
+def open_image(path: str | Path):
     """The decoded PIL image at `path`, or one readable error naming the file."""
     from PIL import Image, UnidentifiedImageError
 
@@ -58,28 +59,40 @@ class ArrayImages(LabeledSamples):
 
 class ImageFiles(LabeledSamples):
     """Image files decoded on access; fingerprinted by their paths, contents (or size and
-    mtime, see `oodbench.identity.FileState`) and labels."""
+    mtime, see `oodbench.identity.FileState`) and labels. The paths are kept as the text
+    ``os.fspath`` gives (``locations``): a listing of tens of thousands of files builds no
+    `Path` objects unless ``paths`` is asked for."""
 
-    def __init__(self, paths: Sequence[Path], targets: Sequence[int] | np.ndarray, origin: str,
+    def __init__(self, paths: Sequence[str | Path], targets: Sequence[int] | np.ndarray, origin: str,
                  resize_crop: Sequence[int] | None = None, as_is: bool = False):
         super().__init__(targets)
-        self.paths = list(paths)
+        self.locations = [os.fspath(path) for path in paths]
+        self._paths: list[Path] | None = None
         self.origin = origin
         self.resize_crop = check_resize_crop(resize_crop)
         self.as_is = as_is  # read at the stored size under every transform (`oodbench.datasets.transform.Transformed`)
 
+    @property
+    def paths(self) -> list[Path]:
+        """The image files, as `Path` objects (built on first use)."""
+        if self._paths is None:
+            self._paths = [Path(location) for location in self.locations]
+        return self._paths
+
     def load(self, index: int):
-        image = open_image(self.paths[index])
+        image = open_image(self.locations[index])
         return image if self.resize_crop is None else resize_then_crop(image, *self.resize_crop)
 
     def fingerprint(self, files: FileState) -> str:
-        return f"{files.describe(self.paths)}:{array_digest(self.targets)}{self._crop_key()}"
+        return f"{files.describe(self.locations)}:{array_digest(self.targets)}{self._crop_key()}"
 
     def selection_fingerprint(self, indices: np.ndarray, files: FileState) -> str:
         """Some of the files (a part, a limit): every path by name and every label (the
-        indices refer to their order), and the selected files by content or size and mtime."""
-        selected = files.describe([self.paths[i] for i in indices])
-        return f"{files.names(self.paths)}:{array_digest(self.targets)}{self._crop_key()}:{selected}"
+        indices refer to their order), and the selected files by content or size and mtime.
+        The names are computed once per listing and `files` (the parts of a source share them)."""
+        selected = files.describe([self.locations[i] for i in indices.tolist()])
+        names = files.once(self, "names", lambda: files.names(self.locations))
+        return f"{names}:{array_digest(self.targets)}{self._crop_key()}:{selected}"
 
     def _crop_key(self) -> str:
         # ":rgb": the mode conversion happens before the resize (before it, after: other pixels)
@@ -157,11 +170,22 @@ def read_text_lines(path: Path) -> list[str]:
         raise OodbenchError(f"cannot read {path} ({exc}); expected a text file") from None
 
 
-def check_files_exist(paths: Sequence[Path], listed_in: str) -> None:
+def child_path(folder: str, relative: str) -> str:
+    """``str(Path(folder) / relative)`` for `folder` the text of a `Path`, by joining text when
+    that gives the same string (a relative '/'-separated path without empty or '.' parts,
+    which pathlib would drop, under a folder other than '.'): a list of tens of thousands of
+    files builds no `Path` per line."""
+    framed = f"/{relative}/"  # an empty part (a leading, trailing or doubled '/') or a '.' part shows here
+    if os.sep != "/" or folder == "." or "//" in framed or "/./" in framed:
+        return str(Path(folder) / relative)
+    return (folder if folder.endswith("/") else folder + "/") + relative
+
+
+def check_files_exist(paths: Sequence[str | Path], listed_in: str) -> None:
     """Every path is a file; each folder is listed once (no stat per file)."""
     files: dict[str, set[str]] = {}
     for line, path in enumerate(paths, start=1):
-        folder, name = os.path.split(path)
+        folder, name = folder_and_name(path)
         if folder not in files:
             try:
                 with os.scandir(folder or ".") as entries:
@@ -186,43 +210,57 @@ def class_folders(folder: Path) -> list[str]:
         return sorted(entry.name for entry in listing if not hidden(entry.name) and entry.is_dir(follow_symlinks=False))
 
 
-def image_entries(folder: str, parts: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
-    """(path parts relative to the top folder, path) of every image file under `folder`, as
-    ``Path.rglob`` finds them (symlinked files yes, symlinked folders not entered) but without
-    hidden files and folders, from one directory listing per folder rather than a stat per file."""
+def visible_entries(folder: str) -> list[os.DirEntry] | None:
+    """The entries of `folder` that are not hidden, sorted by name; None when it may not be read."""
     try:
         with os.scandir(folder) as listing:
-            entries = [entry for entry in listing if not hidden(entry.name)]
+            return sorted((entry for entry in listing if not hidden(entry.name)), key=attrgetter("name"))
     except PermissionError:
-        return
+        return None
+
+
+def image_entries(entries: Sequence[os.DirEntry], top: str | None = None) -> Iterator[tuple[str | None, str]]:
+    """(first-level subfolder, None for a file directly in the folder; path) of every image
+    file in or under the folder whose `visible_entries` are `entries`, as ``Path.rglob``
+    finds them (symlinked files yes, symlinked folders not entered) but without hidden files
+    and folders, from one directory listing per folder rather than a stat per file. Sorted
+    as paths by their parts: each folder's entries by name, a subfolder's files where its
+    name sorts (two entries of one folder differ in name, so comparing two paths' parts is
+    deciding at the folder where they part)."""
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            yield from image_entries(entry.path, (*parts, entry.name))
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-            yield (*parts, entry.name), entry.path
+            yield from image_entries(visible_entries(entry.path) or (), entry.name if top is None else top)
+        elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():  # the name has no leading dot
+            yield top, entry.path
 
 
-def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int]]:
-    """Image paths under `folder` (sorted as paths: by their parts) and their first-level
-    subfolder's class index: the position in `classes`, or by default among all the sorted
-    class folders (`class_folders`), as torchvision's ImageFolder numbers them. An empty class
-    folder keeps its index (its images are missing, not its class) and is named in one
-    warning line, since a class folder without images usually means an incomplete copy."""
-    found = sorted(image_entries(str(folder)))
-    paths = [Path(path) for _, path in found]
-    top = [parts for parts, _ in found]
-    names = list(classes) if classes is not None else class_folders(folder)
+def folder_images(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
+    """Image paths under `folder` (sorted as paths: by their parts; as text, ``str`` of their
+    `Path`) and their first-level subfolder's class index: the position in `classes`, or by
+    default among all the sorted class folders (`class_folders`), as torchvision's
+    ImageFolder numbers them. An empty class folder keeps its index (its images are missing,
+    not its class) and is named in one warning line, since a class folder without images
+    usually means an incomplete copy."""
+    entries = visible_entries(str(folder))
+    found = list(image_entries(entries or ()))
+    if classes is not None:
+        names = list(classes)
+    elif entries is None:  # unreadable: `class_folders` says so in its error
+        names = class_folders(folder)
+    else:  # the class folders from the same listing (`class_folders` would list the folder again)
+        names = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
     index = {name: i for i, name in enumerate(names)}
     targets = []
-    for path, parts in zip(paths, top):
-        if len(parts) == 1:
+    for top, _ in found:
+        if top is None:
             targets.append(0)
-        elif parts[0] in index:
-            targets.append(index[parts[0]])
+        elif top in index:
+            targets.append(index[top])
         else:
-            raise OodbenchError(f"{folder}: subfolder '{parts[0]}' is not one of the {len(names)} expected "
+            raise OodbenchError(f"{folder}: subfolder '{top}' is not one of the {len(names)} expected "
                                 f"classes ({', '.join(names[:5])}...)")
-    empty = [] if classes is not None else sorted(set(names) - {parts[0] for parts in top if len(parts) > 1})
+    paths = [path for _, path in found]
+    empty = [] if classes is not None else sorted(set(names) - {top for top, _ in found if top is not None})
     if empty and len(empty) < len(names):
         shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
         warnings.warn(f"{folder}: {len(empty)} of the {len(names)} class folders hold no images ({shown}); they "

@@ -40,8 +40,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from oodbench.datasets.base import DatasetRef, Selection, dataset_labels, register_dataset
-from oodbench.datasets.files import (IMAGE_EXTENSIONS, ImageFiles, benchmark_crop, check_files_exist, first,
-                                     folder_images, hidden, read_text_lines, require)
+from oodbench.datasets.files import (IMAGE_EXTENSIONS, ImageFiles, benchmark_crop, check_files_exist, child_path,
+                                     first, folder_images, hidden, read_text_lines, require)
 from oodbench.datasets.parts import describe_parts, stratified_parts
 from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
@@ -57,6 +57,7 @@ def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_
     """OpenOOD image list: benchmark_imglist/<id>/<split>.txt + images_classic/."""
     list_path = require(data_root / list, "OpenOOD image list", OPENOOD_HINT)
     image_root = require(data_root / images, "OpenOOD image folder", OPENOOD_HINT)
+    folder = str(image_root)
     paths, targets = [], []
     for number, line in enumerate(read_text_lines(list_path), start=1):
         if not line.strip():
@@ -68,7 +69,7 @@ def imglist(data_root: Path, image: ImageSpec, list: str, images: str = "images_
             label = None
         if len(fields) < 2 or label is None:
             raise OodbenchError(f"{list_path} line {number}: expected 'relative/path label', got {line.strip()!r}")
-        paths.append(image_root / " ".join(fields[:-1]))
+        paths.append(child_path(folder, " ".join(fields[:-1])))
         targets.append(label)
     check_files_exist(paths, str(list_path))
     crop = benchmark_crop(image, resize_crop, as_is)
@@ -106,7 +107,7 @@ def tiny_imagenet(data_root: Path, image: ImageSpec, split: str = "val", root: s
         paths, targets = folder_images(require(base / "train", "Tiny ImageNet train images", TIN_HINT), wnids)
         return first(ImageFiles(paths, targets, f"{root}/train ({len(paths)} images)"), limit)
     annotations = require(base / "val" / "val_annotations.txt", "Tiny ImageNet val annotations", TIN_HINT)
-    images = base / "val" / "images"
+    images = str(base / "val" / "images")
     paths, targets = [], []
     for number, line in enumerate(read_text_lines(annotations), start=1):
         fields = line.split("\t")
@@ -115,7 +116,7 @@ def tiny_imagenet(data_root: Path, image: ImageSpec, split: str = "val", root: s
         if len(fields) < 2 or fields[1] not in label_of:
             raise OodbenchError(f"{annotations} line {number}: expected '<file>\\t<wnid from wnids.txt>\\t...', "
                                 f"got {line.strip()[:60]!r}")
-        paths.append(images / fields[0])
+        paths.append(child_path(images, fields[0]))
         targets.append(label_of[fields[1]])
     check_files_exist(paths, str(annotations))
     return first(ImageFiles(paths, targets, f"{root}/val ({len(paths)} images)"), limit)

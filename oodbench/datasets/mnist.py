@@ -61,7 +61,7 @@ def read_idx(path: Path, dims: int, dtype_code: int = 0x08) -> np.ndarray:
     shape = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     dtype = np.dtype(IDX_TYPES[dtype_code])
     size = int(np.prod(shape)) * dtype.itemsize
-    body = content[4 + 4 * dims:]
+    body = memoryview(content)[4 + 4 * dims:]  # one copy of the data (bytearray: a writable array), not two
     if len(body) != size:
         raise OodbenchError(f"{path} holds {len(body)} data bytes, its header says {shape} ({size} bytes); "
                             "the file is truncated or corrupt")
