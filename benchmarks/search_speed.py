@@ -42,7 +42,8 @@ from oodbench.benchmark.plan import benchmark_splits, search_space_for, split_st
 from oodbench.benchmark.search import search_hyperparameters, validation_auroc
 from oodbench.datasets.benchmarks import load_benchmark
 from oodbench.datasets.base import load_dataset
-from oodbench.identity import FileState, output_key_text
+from oodbench.identity import output_key_text
+from oodbench.file_state import FileState
 from oodbench.models.adapter import ModelContext, ModelSpec
 from oodbench.postprocessors.base import InvalidHyperparameter, grid
 from oodbench.registry import POSTPROCESSORS

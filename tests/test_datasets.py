@@ -373,7 +373,7 @@ def test_a_selection_of_image_files_is_named_by_the_listing_and_its_own_files(tm
     import os
 
     from oodbench.datasets.base import split_fingerprint_of
-    from oodbench.identity import FileState
+    from oodbench.file_state import FileState
 
     folder = tmp_path / "photos"
     paths = write_png_folder(folder, random_images(8, 3), [0, 1] * 4, ["cat", "dog"])
@@ -434,7 +434,7 @@ def test_a_large_set_is_named_by_a_seeded_sample_of_contents_hashed_once(tmp_pat
     files as before (stat) (issue 23, item 4)."""
     import shutil
 
-    from oodbench import identity
+    from oodbench import file_state as identity
 
     monkeypatch.setattr(identity, "SAMPLE_FILES", 5)
     monkeypatch.setattr(identity, "WHOLE_SET_BYTES", 0)

@@ -1,5 +1,5 @@
 """How image folders are listed and named for fingerprints (`oodbench.datasets.files`,
-`oodbench.identity.FileState`), pinned against slow references written here as the code did
+`oodbench.file_state.FileState`), pinned against slow references written here as the code did
 before it was made cheap (pathlib per file, ``os.path.abspath`` per path, one hash update per
 file), and against the digests that code gave on the same tree: a cache key must not move.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oodbench import identity
+from oodbench import file_state, identity
 from oodbench.datasets.files import IMAGE_EXTENSIONS, ImageFiles, child_path, folder_images
-from oodbench.identity import FileState
+from oodbench.file_state import FileState
 
 MTIME_NS = 1_600_000_000_123_456_789  # every file's, so that the size-and-mtime names are stable
 
@@ -109,8 +109,8 @@ def reference_describe(root: Path, paths, hashed: bool = False) -> str:
         what = sha256_file(path) if hashed else f"{stat.st_size}\0{stat.st_mtime_ns}"
         hasher.update(f"{reference_relative(root, path)}\0{what}\n".encode())
     chosen = range(len(paths))
-    if len(paths) > identity.SAMPLE_FILES and sum(sizes) > identity.WHOLE_SET_BYTES:
-        chosen = np.sort(np.random.default_rng(0).choice(len(paths), identity.SAMPLE_FILES, replace=False)).tolist()
+    if len(paths) > file_state.SAMPLE_FILES and sum(sizes) > file_state.WHOLE_SET_BYTES:
+        chosen = np.sort(np.random.default_rng(0).choice(len(paths), file_state.SAMPLE_FILES, replace=False)).tolist()
     sample = hashlib.sha256(b"sample")
     for index in chosen:
         sample.update(f"{index}\0{sha256_file(paths[index])}\n".encode())
@@ -152,8 +152,8 @@ def test_names_and_describe_equal_the_references(tmp_path, monkeypatch):
         assert files.describe(chosen) == reference_describe(root, chosen)
         assert files.describe([Path(p) for p in chosen]) == files.describe(chosen)  # Path or text: one name
     assert FileState(root, verify=True).describe(paths) == reference_describe(root, paths, hashed=True)
-    monkeypatch.setattr(identity, "SAMPLE_FILES", 3)  # a big set: only a seeded sample is read
-    monkeypatch.setattr(identity, "WHOLE_SET_BYTES", 10)
+    monkeypatch.setattr(file_state, "SAMPLE_FILES", 3)  # a big set: only a seeded sample is read
+    monkeypatch.setattr(file_state, "WHOLE_SET_BYTES", 10)
     assert FileState(root).describe(paths) == reference_describe(root, paths)
 
 
@@ -179,13 +179,13 @@ def test_odd_paths_are_named_as_abspath_names_them(tmp_path, monkeypatch):
 def test_file_hash_reads_every_block_and_fails_as_open_does(tmp_path):
     big = tmp_path / "big.bin"  # more than one read of 1 MiB
     big.write_bytes(np.random.default_rng(0).integers(0, 256, (5 << 19) + 7, dtype=np.uint8).tobytes())
-    assert identity._sha256_of(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert file_state._sha256_of(big) == hashlib.sha256(big.read_bytes()).hexdigest()
     (tmp_path / "folder.png").mkdir()
     for path in (tmp_path / "missing.png", tmp_path / "folder.png", str(tmp_path / "folder.png")):
         with pytest.raises(OSError) as expected:
             open(path, "rb")
         with pytest.raises(OSError) as got:
-            identity._sha256_of(path)
+            file_state._sha256_of(path)
         assert (type(got.value), str(got.value), got.value.filename) == (
             type(expected.value), str(expected.value), expected.value.filename)
 

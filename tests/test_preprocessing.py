@@ -10,7 +10,7 @@ from PIL import Image
 from oodbench.datasets.base import DatasetRef, load_dataset, split_fingerprint_of
 from oodbench.datasets.transform import ImageSpec, to_image_tensor
 from oodbench.errors import OodbenchError
-from oodbench.identity import FileState
+from oodbench.file_state import FileState
 
 
 def picture(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Image:

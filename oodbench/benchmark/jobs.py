@@ -41,7 +41,8 @@ from oodbench.datasets.base import load_dataset
 from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, NoSpaceLeft, OodbenchError, debugging, failure_line
 from oodbench.metrics.detection import accuracy, ood_metrics
-from oodbench.identity import FileState, output_key_text
+from oodbench.identity import output_key_text
+from oodbench.file_state import FileState
 from oodbench.models.adapter import ModelContext, ModelSpec, load_model
 from oodbench.postprocessors.base import Outputs, Postprocessor, grid
 from oodbench.registry import POSTPROCESSORS, load_plugins

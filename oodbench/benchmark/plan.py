@@ -25,8 +25,8 @@ from oodbench.datasets.base import DatasetRef, load_dataset, split_fingerprint_o
 from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError, did_you_mean
 from oodbench.benchmark.reads import required_statistics
-from oodbench.identity import (LAYERS_VERSION, FileState, benchmark_fingerprint, cell_fingerprint, digest,
-                               output_key_text)
+from oodbench.identity import LAYERS_VERSION, benchmark_fingerprint, cell_fingerprint, digest, output_key_text
+from oodbench.file_state import FileState
 from oodbench.postprocessors.base import Postprocessor
 from oodbench.registry import POSTPROCESSORS
 

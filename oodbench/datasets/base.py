@@ -7,7 +7,7 @@ image, a NumPy array or a tensor; `load_dataset` converts it to float [0,1] tens
 benchmark's `ImageSpec` (`oodbench.datasets.transform`).
 
 Every dataset class says what it read through ``fingerprint(files)`` (files: an
-`oodbench.identity.FileState`): image files by path, size and mtime, decoded single-file
+`oodbench.file_state.FileState`): image files by path, size and mtime, decoded single-file
 formats by content, in-memory images by their pixels or generating recipe, selections by
 their indices. `split_fingerprint_of` turns that into the split's key (DESIGN.md).
 """
@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 from oodbench.datasets.parts import describe_parts, stratified_parts
 from oodbench.datasets.transform import ImageSpec, Transformed
 from oodbench.errors import OodbenchError
-from oodbench.identity import FileState, array_digest, dataset_fingerprint, digest, split_fingerprint
+from oodbench.identity import array_digest, digest, split_fingerprint
+from oodbench.file_state import FileState, dataset_fingerprint
 from oodbench.registry import DATASETS
 
 SOURCE_VERSION = 2  # bump when a source's decoding changes; part of every split's fingerprint

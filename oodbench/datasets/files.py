@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from oodbench.datasets.base import LabeledSamples, Selection
 from oodbench.datasets.transform import ImageSpec
 from oodbench.errors import DatasetMissing, OodbenchError
-from oodbench.identity import FileState, array_digest, folder_and_name
+from oodbench.identity import array_digest
+from oodbench.file_state import FileState, folder_and_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -59,7 +60,7 @@ class ArrayImages(LabeledSamples):
 
 class ImageFiles(LabeledSamples):
     """Image files decoded on access; fingerprinted by their paths, contents (or size and
-    mtime, see `oodbench.identity.FileState`) and labels. The paths are kept as the text
+    mtime, see `oodbench.file_state.FileState`) and labels. The paths are kept as the text
     ``os.fspath`` gives (``locations``): a listing of tens of thousands of files builds no
     `Path` objects unless ``paths`` is asked for."""
 

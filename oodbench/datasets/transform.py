@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from oodbench.errors import OodbenchError
-from oodbench.identity import dataset_fingerprint
+from oodbench.file_state import dataset_fingerprint
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # torchvision's InterpolationMode names that PIL and torch share
 PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values (PIL imported lazily)

@@ -100,7 +100,7 @@ def _training_data(context: ModelContext) -> tuple[torch.Tensor, torch.Tensor, s
     """The digits ID train split as tensors, and its fingerprint (part of the weights' key)."""
     from oodbench.datasets.benchmarks import load_benchmark
     from oodbench.datasets.base import load_dataset, split_fingerprint_of
-    from oodbench.identity import FileState
+    from oodbench.file_state import FileState
 
     benchmark = load_benchmark("digits")
     ref = benchmark.id_splits["train"]
