@@ -48,6 +48,13 @@ def test_leaderboard_attack_rows_are_the_attack_commands_and_clean_stays(digits_
     refused = cli(capsys, "leaderboard", "--results", store, "--attack")  # nothing attacked yet
     assert refused[0] == 2 and "no attack results" in refused[2] and refused[2].strip().count("\n") == 0
     clean_cells = store_rows(store)
+    # a name that is not part of the run: one line, exit 2, nothing written (no empty CSV over an old one)
+    for wrong in (["--models", "nope"], ["--postprocessors", "msp,nope"]):
+        code, _, err = cli(capsys, "attack", config, *ATTACK, *wrong, "--output", tmp_path / "wrong")
+        assert code == 2 and "'nope' is not a" in err and err.strip().count("\n") == 0, err
+        assert not (tmp_path / "wrong").exists() and store_rows(store) == clean_cells
+    refused = cli(capsys, "leaderboard", "--results", store, "--postprocessors", "msp,nope")
+    assert refused[0] == 2 and "no results for postprocessor 'nope'" in refused[2]
 
     code, printed, err = cli(capsys, "attack", config, *ATTACK, "--format", "csv", "--output", tmp_path / "out")
     assert code == 0, err

@@ -238,9 +238,10 @@ def test_misspelled_config_key_suggests_the_right_one(run_cli, tmp_path):
     assert "unknown key 'postprocesors'" in result.stderr and "did you mean: postprocessors" in result.stderr
 
 
-def test_validate_notes_a_data_root_that_does_not_exist(run_cli, tmp_path):
-    """A valid config whose data root is not there: validate passes and says so in one line,
-    naming the datasets that read files from it; the built-in offline sets read none."""
+def test_validate_and_a_data_root_that_does_not_exist(run_cli, tmp_path):
+    """A data root that is not there: an error (exit 2, before any checkpoint) when the ID test
+    split reads files from it, as `run` would stop; a note naming the splits when only OOD
+    sets do (run marks them missing); nothing when the built-in offline sets read none."""
     import yaml
 
     missing = tmp_path / "no-such-root"
@@ -249,13 +250,16 @@ def test_validate_notes_a_data_root_that_does_not_exist(run_cli, tmp_path):
                  "near": {"noise": {"dataset": "gaussian_noise"}},
                  "far": {"pictures": {"dataset": "image_folder", "options": {"path": "pictures"}}}}
     (tmp_path / "folders.yaml").write_text(yaml.safe_dump(benchmark))
+    where = f"data root {missing} does not exist (set by --data-root, OODBENCH_DATA or the config's data_root)"
     result = run_cli("validate", digits_config(tmp_path, benchmark=str(tmp_path / "folders.yaml"), fit_split="val",
                                                data_root=str(missing)))
     assert result.returncode == 0 and result.stdout.startswith("ok: folders v1")
-    assert result.stderr.strip() == (f"note: data root {missing} does not exist (set by --data-root, OODBENCH_DATA "
-                                     "or the config's data_root); image_folder read their files from it")
+    assert result.stderr.strip() == f"note: {where}; the splits far:pictures read their files from it"
     digits = run_cli("validate", digits_config(tmp_path, data_root=str(missing)))
     assert digits.returncode == 0 and digits.stderr.strip() == ""
+    cifar = run_cli("validate", REPO / "configs" / "experiments" / "cifar10.yaml", "--data-root", str(missing))
+    assert cifar.returncode == 2 and cifar.stderr.startswith(f"oodbench: error: {where}; the splits id:")
+    assert "id:test, " in cifar.stderr and "far:textures" in cifar.stderr and "checkpoint" not in cifar.stderr
 
 
 def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_path, digits_models):

@@ -180,6 +180,8 @@ def test_failure_command_writes_table_and_plot(experiment, tmp_path, capsys, mon
         assert -np.trapezoid(y / 100, x) == pytest.approx(row.augrc, abs=1e-12)
     assert main([*args, "--postprocessor", "gen"]) == 2  # not a method of this run
     assert "not a postprocessor of" in capsys.readouterr().err
+    assert main([*args, "--models", f"{experiment.config.models[0].display},resnet99"]) == 2  # one of two unknown
+    assert "'resnet99' is not a model of" in capsys.readouterr().err
 
 
 def test_failure_before_a_run_says_to_run_first(tmp_path, capsys, session_cache):

@@ -102,6 +102,24 @@ class CachedExperiment:
             raise OodbenchError(f"no cached OOD outputs of {spec.display}; {self.run_first}")
         return present
 
+    def selected(self, postprocessors: list[str] | None = None, models: list[str] | None = None
+                 ) -> tuple[list[str], list[ModelSpec]]:
+        """The run's postprocessors and model entries named by a command's filters (None:
+        all of them), in the config's order. Raises OodbenchError naming every name that is
+        not part of the run, so a typo is never a silently shorter table."""
+        unknown = [n for n in postprocessors or [] if n not in self.plan.methods]
+        if unknown:
+            raise OodbenchError(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                                f"a postprocessor of {self.config.source} (it has: {', '.join(self.plan.methods)}); "
+                                f"add it there and {self.run_first}")
+        displays = [spec.display for spec in self.config.models]
+        unknown = [m for m in models or [] if m not in displays]
+        if unknown:
+            raise OodbenchError(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                                f"a model of {self.config.source} (it has: {', '.join(displays)})")
+        names = list(self.plan.methods) if not postprocessors else [n for n in self.plan.methods if n in postprocessors]
+        return names, [spec for spec in self.config.models if not models or spec.display in models]
+
     def cell(self, spec: ModelSpec, name: str):
         """The stored done cell (a one-row frame of ``cells``) of postprocessor `name` on `spec`
         under this config's setting and data."""

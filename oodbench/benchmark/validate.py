@@ -19,11 +19,19 @@ from oodbench.registry import DATASETS
 def validate_config(config: ExperimentConfig) -> str:
     """A one-line summary of a valid `config` (benchmark, models, postprocessors, OOD sets).
     Raises OodbenchError with the first problem; every missing checkpoint but the last is
-    printed on stderr first, so one run of `validate` names them all."""
+    printed on stderr first, so one run of `validate` names them all. A data root that does
+    not exist is an error when the ID test split reads files from it (`run` would stop
+    there), else a note on stderr naming the splits `run` would find missing."""
     names = check_config(config)
     for spec in config.models:  # what `run` would refuse when it loads the model
         check_model(spec)
     benchmark = load_benchmark(config.benchmark)
+    problem = missing_data_root(config, benchmark)
+    if problem is not None:
+        line, fatal = problem
+        if fatal:
+            raise OodbenchError(line)
+        print(f"note: {line}", file=sys.stderr)
     missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
     if missing:
         for line in missing[:-1]:
@@ -34,16 +42,16 @@ def validate_config(config: ExperimentConfig) -> str:
             f"{len(names)} postprocessor(s), {len(benchmark.near)} near + {len(benchmark.far)} far OOD sets")
 
 
-def data_root_note(config: ExperimentConfig, benchmark: Benchmark) -> str | None:
-    """One line when the data root does not exist and some dataset of the benchmark reads
-    files from it (the built-in offline sets of `oodbench.datasets.builtin` read none): the
-    run would find those splits missing. None otherwise."""
+def missing_data_root(config: ExperimentConfig, benchmark: Benchmark) -> tuple[str, bool] | None:
+    """When the data root does not exist and splits of the benchmark read files from it (the
+    built-in offline sets of `oodbench.datasets.builtin` read none): the line naming them,
+    and whether the ID test split is one of them. None otherwise."""
     root = Path(config.data_root).expanduser()
     if root.exists():
         return None
-    reading = sorted({split.ref.dataset for split in benchmark_splits(benchmark, config.fit_split).values()
-                      if DATASETS.get(split.ref.dataset).__module__ != "oodbench.datasets.builtin"})
+    reading = [name for name, split in benchmark_splits(benchmark, config.fit_split).items()
+               if DATASETS.get(split.ref.dataset).__module__ != "oodbench.datasets.builtin"]
     if not reading:
         return None
-    return (f"note: data root {root} does not exist ({DATA_ROOT_OPTIONS}); {', '.join(reading)} "
-            "read their files from it")
+    return (f"data root {root} does not exist ({DATA_ROOT_OPTIONS}); the splits {', '.join(reading)} read their "
+            "files from it", "id:test" in reading)

@@ -99,6 +99,18 @@ def name_filter(parser: argparse.ArgumentParser, plural: str, help: str) -> None
                         metavar="A,B", help=f"{help} (comma-separated, or the option repeated)")
 
 
+class Once(argparse.Action):
+    """An option that names one thing (``--postprocessor`` of report and plot): given twice it
+    is an error, not the last one silently kept."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, f"_{self.dest}_given", False):
+            parser.error(f"{option_string} names one {self.dest}; given twice (a filter of several is "
+                         f"--{self.dest}s a,b on leaderboard, failure, run, attack and reproduce)")
+        setattr(namespace, f"_{self.dest}_given", True)
+        setattr(namespace, self.dest, values)
+
+
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `minimum` (argparse reports a bad one as a usage error)."""
 

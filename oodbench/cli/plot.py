@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from oodbench.cli.common import add_figure_folder, add_run_options, at_least, overrides
+from oodbench.cli.common import Once, add_figure_folder, add_run_options, at_least, overrides
 
 # the kinds `oodbench.report.plots.build_plot` draws (named here: importing it imports matplotlib)
 PLOT_KINDS = ("hist", "pro-shift", "landscape", "features", "tradeoff")
@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                         "marker by method family (from the store)")
     add_run_options(parser)
     add_figure_folder(parser)
-    parser.add_argument("--postprocessor", default="msp", help="score for hist and landscape (default msp)")
+    parser.add_argument("--postprocessor", default="msp", action=Once,
+                        help="the method whose scores hist and landscape draw (default msp)")
     parser.add_argument("--eps", type=float, default=1e-3, help="pro-shift step size in [0,1] pixels (default 1e-3)")
     parser.add_argument("--samples", type=at_least(1), default=500, help="images per set for pro-shift and features")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsample and random directions (default 0)")

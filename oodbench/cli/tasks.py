@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from oodbench.cli.common import add_figure_folder, add_run_options, name_filter, overrides, save_figure_and_table
+from oodbench.cli.common import Once, add_figure_folder, add_run_options, name_filter, overrides, save_figure_and_table
 from oodbench.errors import OodbenchError
 
 
@@ -60,7 +60,7 @@ def add_report(sub) -> None:
                                            "with seen/unseen accuracy")
     add_run_options(parser)
     parser.add_argument("--operating-point", action="store_true", required=True, help="the operating-point report")
-    parser.add_argument("--postprocessor", required=True, help="a postprocessor of the config's run")
+    parser.add_argument("--postprocessor", required=True, action=Once, help="a postprocessor of the config's run")
     parser.add_argument("--tau", type=float, help="use this score threshold instead of the 95%% ID-val one")
     name_filter(parser, "models", "only these models (default all)")
     parser.set_defaults(func=cmd_report)
@@ -73,9 +73,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                                                 summary_frame)
 
     experiment = CachedExperiment.open(args.config, **overrides(args))
-    specs = [m for m in experiment.config.models if not args.models or m.display in args.models]
-    if not specs:
-        raise OodbenchError(f"no model named {', '.join(args.models)} in {args.config}")
+    _, specs = experiment.selected([args.postprocessor], args.models)
     if POSTPROCESSORS.get(args.postprocessor).needs_model:
         print(f"note: {args.postprocessor} needs input gradients: the model runs again over every split",
               file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(sub) -> None:
@@ -19,15 +18,11 @@ def add_parser(sub) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from oodbench.tasks.attacks.spec import threat_model
     from oodbench.benchmark.config import load_config
-    from oodbench.benchmark.validate import data_root_note, validate_config
-    from oodbench.datasets.benchmarks import load_benchmark
+    from oodbench.benchmark.validate import validate_config
 
     config = load_config(args.config, plugins=args.plugin, data_root=args.data_root)
     summary = validate_config(config)
     if config.attack is not None:  # the threat model `oodbench attack` would read
         threat_model(config)
-    note = data_root_note(config, load_benchmark(config.benchmark))
-    if note:  # the config is valid; its data may not be where it says
-        print(note, file=sys.stderr)
     print(summary)
     return 0

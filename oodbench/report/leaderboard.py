@@ -53,6 +53,9 @@ def leaderboard_text(store: ResultStore, benchmarks: list[str], average: bool = 
     filter that matches nothing (naming what the store has) and seeds of one family run under
     different FPR@95 conventions with `fpr` unset."""
     ledger = load_ledger(reference) if reference else None  # a broken ledger fails before any table is built
+    unknown = _unknown_names(store, benchmarks, models, postprocessors)
+    if unknown:  # a typo among several names is never a silently shorter table
+        raise OodbenchError(unknown)
     frames = []
     for benchmark in benchmarks:
         found = leaderboard_frames(store, benchmark, models, postprocessors, fpr=fpr, fingerprint=fingerprint,
@@ -83,18 +86,29 @@ def leaderboard_text(store: ResultStore, benchmarks: list[str], average: bool = 
                        for f in frames), frames
 
 
-def _no_results(store: ResultStore, benchmark: str, models: list[str] | None, postprocessors: list[str] | None,
-                fingerprint: str | None, conventions: str | None) -> str:
-    """Why a leaderboard is empty: the model or postprocessor asked for has no results (and which
-    have), else the fingerprint or convention filter matched nothing."""
+def _unknown_names(store: ResultStore, benchmarks: list[str], models: list[str] | None,
+                   postprocessors: list[str] | None) -> str | None:
+    """The first model or postprocessor asked for that has no results in any of `benchmarks`
+    (with what the store has), or None."""
     cells = store.frame("cells")
-    cells = cells[cells.benchmark == benchmark]
+    cells = cells[cells.benchmark.isin(benchmarks)]
+    where = f"benchmark '{benchmarks[0]}'" if len(benchmarks) == 1 else f"benchmarks {', '.join(benchmarks)}"
     for option, asked_for in (("model", models), ("postprocessor", postprocessors)):
         asked = [name for name in asked_for or [] if name not in set(cells[option])]
         if asked:
             have = sorted(set(cells[option]))
-            return (f"no results for {option} '{asked[0]}'{did_you_mean(asked[0], have)} in benchmark '{benchmark}' "
+            return (f"no results for {option} '{asked[0]}'{did_you_mean(asked[0], have)} in {where} "
                     f"of {store.path}; it has results for: {', '.join(have)}")
+    return None
+
+
+def _no_results(store: ResultStore, benchmark: str, models: list[str] | None, postprocessors: list[str] | None,
+                fingerprint: str | None, conventions: str | None) -> str:
+    """Why a leaderboard is empty: the model or postprocessor asked for has no results (and which
+    have), else the fingerprint or convention filter matched nothing."""
+    unknown = _unknown_names(store, [benchmark], models, postprocessors)
+    if unknown:
+        return unknown
     which = f" with fingerprint {fingerprint}" if fingerprint else ""
     which += f" under conventions '{conventions}'" if conventions else ""
     return f"no results for benchmark '{benchmark}'{which} in {store.path}"

@@ -161,14 +161,7 @@ def experiment_failure(experiment, names: list[str] | None = None, models: list[
     against the label. Cells the store lacks are left out with one warning naming them."""
     from oodbench.errors import OodbenchError
 
-    names = list(experiment.plan.methods) if names is None else names
-    unknown = [n for n in names if n not in experiment.plan.methods]
-    if unknown:
-        raise OodbenchError(f"{', '.join(unknown)} is not a postprocessor of {experiment.config.source}; add it there "
-                            f"and {experiment.run_first}")
-    specs = [s for s in experiment.config.models if models is None or s.display in models]
-    if models and not specs:
-        raise OodbenchError(f"no model named {', '.join(models)} in {experiment.config.source}")
+    names, specs = experiment.selected(names, models)
     rows, curves, absent = [], {}, []
     for spec in specs:
         test = experiment.outputs(spec, "id:test")

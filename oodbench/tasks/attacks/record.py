@@ -30,9 +30,7 @@ def attack_and_record(experiment, spec: AttackSpec, fpr: str, postprocessors: li
     for kind in adversarial_id or []:
         if kind not in KINDS:
             raise OodbenchError(f"--adversarial-id: '{kind}' is not one of {', '.join(KINDS)}")
-    for name in postprocessors or []:
-        if name not in experiment.plan.methods:
-            raise OodbenchError(f"--postprocessors: '{name}' is not a postprocessor of {experiment.config.source}")
+    experiment.selected(postprocessors, models)  # every name part of the run, before anything is written
     benchmark, fingerprint = experiment.benchmark.name, experiment.plan.fingerprint
     store = ResultStore(experiment.config.results)
     try:
