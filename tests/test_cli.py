@@ -268,6 +268,12 @@ def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_p
     config = digits_config(tmp_path, models=[{"name": "digits-cnn", "tags": ["standard"]},
                                              {"name": "digits-cnn-robust", "tags": ["robust"]}])
     assert run_cli("run", config, "--limit", "60").returncode == 0
+    tables = tmp_path / "tables" / "digits-limit60" / "leaderboard.csv"
+    whole = pd.read_csv(tables)
+    # a run of part of the config keeps the tables whole: every stored cell of the config, as before
+    part = run_cli("run", config, "--limit", "60", "--postprocessors", "msp", "--models", "digits-cnn")
+    assert part.returncode == 0 and "ebo" not in part.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(tables), whole)
     out = str(tmp_path / "figures")
     commands = [("plot", "hist", config, "--postprocessor", "ebo", "--output", out),
                 ("report", config, "--operating-point", "--postprocessor", "ebo"),

@@ -56,5 +56,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                              args.reference))
     if not frame.empty:
         folder = args.tables or store.path.parent / "tables"
+        if args.postprocessors or args.models:  # the tables stay the config's whole grid, as stored
+            frame = whole_grid(args, frame)
         say_where(write_tables(frame, folder, store, resamples, args.ci_seed))
     return 0
+
+
+def whole_grid(args: argparse.Namespace, frame):
+    """After a run of part of a config (--postprocessors / --models): the leaderboard of every
+    model and postprocessor of the config that the store holds, as `leaderboard` would show
+    them, so the tables the run writes are never cut down to the part it ran."""
+    from oodbench.benchmark.config import load_config
+    from oodbench.benchmark.leaderboard import leaderboard_frame
+    from oodbench.benchmark.plan import resolve_postprocessors
+    from oodbench.storage.store import ResultStore
+
+    config = load_config(args.config, conventions=args.conventions, **overrides(args))
+    store = ResultStore(frame.attrs["store"], readonly=True)
+    try:
+        whole = leaderboard_frame(store, frame.attrs["benchmark"], models=[m.model_label for m in config.models],
+                                  postprocessors=resolve_postprocessors(config.postprocessors, config.plugins),
+                                  fpr=config.fpr, conventions=config.conventions, limit=config.limit)
+    finally:
+        store.close()
+    whole.attrs = {**frame.attrs, **whole.attrs}
+    return whole
