@@ -5,6 +5,8 @@ cached digits run, from the scores the run stored."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -171,6 +173,11 @@ def test_failure_command_writes_table_and_plot(experiment, tmp_path, capsys, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failure_digits.csv", "failure_digits.pdf",
                                                          "failure_digits.png"]
     (figure,) = saved
+    default = ["failure", experiment.config.source, "--cache-dir", experiment.config.cache_dir]
+    assert main(default) == 0  # no --output: plots/ beside the results store, where the HTML page looks
+    beside = Path(experiment.config.results).parent / "plots"
+    assert {"failure_digits.png", "failure_digits.csv"} <= {p.name for p in beside.iterdir()}
+    capsys.readouterr()
     axes = figure.axes
     assert len(axes) == 2 and all(ax.get_xlabel().startswith("coverage") for ax in axes)
     frame, curves = failure.experiment_failure(experiment)

@@ -80,7 +80,14 @@ def add_wide_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_figure_folder(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default=DEFAULT_PLOTS, help=f"folder for the figures (default {DEFAULT_PLOTS})")
+    parser.add_argument("--output", help="folder for the figures (default: plots/ beside the results store, "
+                                         f"{DEFAULT_PLOTS} for the default store; the HTML page shows them from there)")
+
+
+def figure_folder(args: argparse.Namespace, results: str | Path) -> Path:
+    """Where a command's figures go: --output, else ``plots/`` beside the results store, where
+    `leaderboard --format html` looks for them."""
+    return Path(args.output) if args.output else Path(results).expanduser().parent / "plots"
 
 
 def names(text: str) -> list[str]:

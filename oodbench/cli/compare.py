@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from oodbench.cli.common import add_figure_folder, add_run_options, overrides
+from oodbench.cli.common import add_figure_folder, add_run_options, figure_folder, overrides
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from oodbench.report.attack_report import attack_comparison
 
         print("\n" + attack_comparison(CachedExperiment.open(args.config, **overrides(args)), args.format))
-    paths = save_figure(auroc_bars(long), args.output, f"compare_{run_name(long.attrs['benchmark'], config.limit)}")
+    paths = save_figure(auroc_bars(long), figure_folder(args, config.results), f"compare_{run_name(long.attrs['benchmark'], config.limit)}")
     print(f"bar chart: {', '.join(map(str, paths))}", file=sys.stderr)
     return 0

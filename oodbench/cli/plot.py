@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from oodbench.cli.common import Once, add_figure_folder, add_run_options, at_least, overrides
+from oodbench.cli.common import Once, add_figure_folder, add_run_options, at_least, figure_folder, overrides
 
 # the kinds `oodbench.report.plots.build_plot` draws (named here: importing it imports matplotlib)
 PLOT_KINDS = ("hist", "pro-shift", "landscape", "features", "tradeoff")
@@ -42,5 +42,5 @@ def cmd_plot(args: argparse.Namespace) -> int:
     figure, stem = build_plot(args.kind, experiment, postprocessor=args.postprocessor, eps=args.eps,
                               samples=args.samples, seed=args.seed, index=args.index, radius=args.radius,
                               steps=args.steps, projection=args.projection, fpr=args.fpr)
-    print("\n".join(map(str, save_figure(figure, args.output, stem))))
+    print("\n".join(map(str, save_figure(figure, figure_folder(args, experiment.config.results), stem))))
     return 0

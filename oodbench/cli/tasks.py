@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from oodbench.cli.common import Once, add_figure_folder, add_run_options, name_filter, overrides, save_figure_and_table
+from oodbench.cli.common import (Once, add_figure_folder, add_run_options, figure_folder, name_filter, overrides,
+                                 save_figure_and_table)
 from oodbench.errors import OodbenchError
 
 
@@ -48,7 +49,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
                           args.format).rstrip("\n"))
     else:
         print(render_calibration(frame, args.format))
-    save_figure_and_table(calibration_figure(frame), frame, args.output, f"calibration_{run_name(experiment.benchmark.name, experiment.config.limit)}")
+    save_figure_and_table(calibration_figure(frame), frame, figure_folder(args, experiment.config.results), f"calibration_{run_name(experiment.benchmark.name, experiment.config.limit)}")
     return 0
 
 
@@ -115,6 +116,6 @@ def cmd_failure(args: argparse.Namespace) -> int:
     else:
         print(render_failure(frame, args.format, args.sort))
     title = f"{experiment.benchmark.name}: selective classification on ID test per postprocessor"
-    save_figure_and_table(risk_coverage_figure(curves, title), frame, args.output,
+    save_figure_and_table(risk_coverage_figure(curves, title), frame, figure_folder(args, experiment.config.results),
                           f"failure_{run_name(experiment.benchmark.name, experiment.config.limit)}")
     return 0
