@@ -303,6 +303,10 @@ def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_p
     assert sampled.stdout.split("\n\n")[0] != whole.stdout.split("\n\n")[0]
     missing = run_cli(*commands[3], "--limit", "30")  # no --limit 30 run: not the whole one shown as if sampled
     assert missing.returncode == 2 and "--limit 30` first" in missing.stderr, missing.stderr[-1500:]
+    # a run of another sample says so, rather than that the data changed
+    smaller = run_cli("run", config, "--limit", "40", "--postprocessors", "msp", "--models", "digits-cnn")
+    assert smaller.returncode == 0 and "changed since the last run" not in smaller.stderr  # another sample, said so
+    assert "id:test: this run reads 40 of its " in smaller.stderr and "the stored ones stay" in smaller.stderr
 
 
 HEAVY = ("torch", "numpy", "pandas", "matplotlib", "sklearn", "scipy")

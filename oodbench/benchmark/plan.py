@@ -271,16 +271,28 @@ class Plan:
     def output_key(self, split: str, model_identity: str, weights_hash: str, image: ImageSpec | None = None) -> str:
         return output_key_text(model_identity, weights_hash, self.states_for(image)[split].fingerprint)
 
-    def changed_splits(self, previous: dict[str, tuple[str, int | None]]) -> list[str]:
-        """One line per split whose data differs from the last run of this benchmark in the store."""
+    def changed_splits(self, previous: dict[str, tuple[str, int | None, int | None]]) -> list[str]:
+        """One line per split whose data differs from the last run of this benchmark in the store
+        (split -> its fingerprint, samples and images available before a --limit then). When
+        either run read a --limit sample of the split, the line says so: another sample, not
+        a change the stored cells missed."""
         lines = []
         for split, state in self.states.items():
             if split not in previous or previous[split][0] == state.fingerprint:
                 continue
-            before, _ = previous[split]
-            counts = f"{_count(previous[split][1])} -> {_count(state.samples)} images"
+            before, samples, available = previous[split]
+            change = f"fingerprint {before[:8]} -> {state.fingerprint[:8]}"
+            sampled = [n for n, of in ((samples, available), (state.samples, state.available))
+                       if n is not None and of is not None and n < of]
+            if sampled and samples != state.samples:
+                then = _count(samples) + (f" of {available:,}" if available else "")
+                lines.append(f"{split}: this run reads {_count(state.samples)} of its {_count(state.available)} "
+                             f"images, the last run of {self.benchmark.name} in this store read {then} ({change}): "
+                             "its cells are computed for these, the stored ones stay")
+                continue
+            counts = f"{_count(samples)} -> {_count(state.samples)} images"
             lines.append(f"{split} changed since the last run of {self.benchmark.name} in this store ({counts}, "
-                         f"fingerprint {before[:8]} -> {state.fingerprint[:8]}): the cells that read it are recomputed")
+                         f"{change}): the cells that read it are recomputed")
         return lines
 
 

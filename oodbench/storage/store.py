@@ -193,13 +193,14 @@ class ResultStore:
                                        (benchmark,))
         return {row[0] for row in rows}
 
-    def last_split_fingerprints(self, benchmark: str) -> dict[str, tuple[str, int | None]]:
-        """Split name -> (fingerprint, samples) as the last run of `benchmark` found it."""
+    def last_split_fingerprints(self, benchmark: str) -> dict[str, tuple[str, int | None, int | None]]:
+        """Split name -> (fingerprint, samples, images available before a --limit) as the last
+        run of `benchmark` found it."""
         rows = self.connection.execute(
-            "SELECT ood_group, dataset, fingerprint, samples FROM datasets WHERE benchmark = ? AND fingerprint IS NOT "
-            "NULL ORDER BY created", (benchmark,))
-        return {(dataset if group in ("id", "ood_val") else f"{group}:{dataset}"): (fingerprint, samples)
-                for group, dataset, fingerprint, samples in rows}
+            "SELECT ood_group, dataset, fingerprint, samples, available FROM datasets WHERE benchmark = ? AND "
+            "fingerprint IS NOT NULL ORDER BY created", (benchmark,))
+        return {(dataset if group in ("id", "ood_val") else f"{group}:{dataset}"): (fingerprint, samples, available)
+                for group, dataset, fingerprint, samples, available in rows}
 
     def write_cell(self, cell: Cell) -> None:
         """The cell and all its metric rows, atomically, replacing an earlier try of the same fingerprint."""
