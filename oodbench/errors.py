@@ -17,8 +17,14 @@ class OodbenchError(Exception):
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """' (did you mean: a, b?)' for the close matches of `name`, or '' when none is close."""
-    close = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=0.6)
+    """' (did you mean: a, b?)' for the close matches of `name`, or '' when none is close; case
+    does not count (``kNN`` finds ``knn``)."""
+    choices = sorted(choices)
+    by_lower = {}
+    for choice in choices:
+        by_lower.setdefault(choice.lower(), choice)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    close = [by_lower[match] for match in close]
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 

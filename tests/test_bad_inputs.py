@@ -298,6 +298,8 @@ CASES = [
     # unknown names, with suggestions
     Case("unknown-postprocessor", ("unknown postprocessor 'mps'", "did you mean", "msp"),
          merged(postprocessors=["mps"])),
+    Case("unknown-postprocessor-case", ("unknown postprocessor 'kNN'", "did you mean: knn"),
+         merged(postprocessors=["kNN"])),
     Case("unknown-model-source", ("unknown model 'cifar_resnett'", "did you mean", "cifar_resnet"),
          merged(models=["cifar_resnett:resnet20"])),
     Case("unknown-builtin-model", ("unknown built-in model 'digits-cnm'", "did you mean", "digits-cnn"),
