@@ -207,6 +207,9 @@ def test_entry_point_plugin_is_listed_and_ranked(run_cli, tmp_path, installed_pl
     assert listing.returncode == 0, listing.stderr
     line = next(l for l in listing.stdout.splitlines() if l.startswith("topk_mass"))
     assert "entry point oodbench-topk" in line
+    table = listing.stdout.split("\n\n")[0].splitlines()[2:]  # below the header and its rule
+    shown = [row.split()[0] for row in table if row.strip()]
+    assert shown == sorted(shown) and {"ensemble", "mc_dropout", "topk_mass"} <= set(shown)  # by the name shown
     run = run_cli("run", digits_config(tmp_path, postprocessors=["topk_mass", "msp"]), env=env)
     assert run.returncode == 0, run.stderr
     assert [r["postprocessor"] for r in compact_rows(run.stdout)].count("topk_mass") == 1

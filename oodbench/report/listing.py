@@ -68,7 +68,7 @@ def _postprocessors(wide: bool) -> Iterator[str]:
         needs += ["every checkpoint"] if cls.needs_checkpoints else []
         needs += ["model weights"] if cls.needs_weights else []
         rows.append([cls.name or entry.name, ", ".join(aliases), entry.origin, ", ".join(needs) or "logits"])
-    yield fit_table(rows, ["name", "aliases", "origin", "needs"], wide)
+    yield fit_table(sorted(rows), ["name", "aliases", "origin", "needs"], wide)  # by the name shown
     yield (f"\ncomposites: <shaper>+<scorer> (e.g. react+ebo, ash_s+gen), shapers {', '.join(SHAPERS)}; "
            f"{PERTURBATION}+<scorer> (ODIN's input perturbation first, e.g. odin+knn)")
 
