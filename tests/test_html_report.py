@@ -21,7 +21,7 @@ from matplotlib.image import imread
 from oodbench.benchmark.runner import run_experiment
 from oodbench.cli import main
 from oodbench.metrics.detection import ood_metrics
-from oodbench.report.html import leaderboard_page, saved_figures
+from oodbench.report.html import leaderboard_page, saved_figures, shown_runs
 from oodbench.report.ledger import COLUMNS as LEDGER_COLUMNS
 from oodbench.storage.store import Cell, ResultStore
 from oodbench.benchmark.leaderboard import leaderboard_frames
@@ -224,11 +224,29 @@ def test_the_cli_writes_beside_the_store_and_says_why_not(digits_store, tmp_path
 
 
 def test_saved_figures_of_the_benchmark_come_in_and_no_others(tmp_path):
-    for stem in ("hist_digits_msp", "calibration_digits", "hist_digits_seed1_msp", "tradeoff_digits", "notes_x"):
+    for stem in ("hist_digits_msp", "calibration_digits", "hist_digits_seed1_msp", "tradeoff_digits", "notes_x",
+                 "failure_digits-limit300", "hist_digits-limit300_ebo", "failure_digits-limit30"):
         (tmp_path / f"{stem}.png").write_bytes(PNG_SIGNATURE + stem.encode())
     found = saved_figures(tmp_path, "digits", ["digits", "digits_seed1"], skip={"tradeoff"})
     assert [f["title"].split(" ")[0] for f in found] == ["calibration_digits.png", "hist_digits_msp.png"]
     assert base64.b64decode(found[1]["png"]) == PNG_SIGNATURE + b"hist_digits_msp"
+    # the rows of a --limit 300 run: that run's figures, not the whole run's nor another limit's
+    sampled = saved_figures(tmp_path, "digits", ["digits", "digits_seed1"], skip={"tradeoff"}, runs=["digits-limit300"])
+    assert [f["title"].split(" ")[0] for f in sampled] == ["failure_digits-limit300.png", "hist_digits-limit300_ebo.png"]
+
+
+def test_the_page_of_a_sampled_run_shows_that_runs_figures(digits_store, tmp_path):
+    """The digits store holds a --limit run only: its page names that run and shows the
+    figures saved under its name beside the store."""
+    store = ResultStore(digits_store, readonly=True)
+    (frame,) = leaderboard_frames(store, "digits")
+    assert shown_runs(frame, store) == ["digits-limit200"]
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    for stem in ("failure_digits-limit200", "failure_digits"):
+        (plots / f"{stem}.png").write_bytes(PNG_SIGNATURE + stem.encode())
+    found = saved_figures(plots, "digits", ["digits"], skip=set(), runs=shown_runs(frame, store))
+    assert [base64.b64decode(f["png"]) for f in found] == [PNG_SIGNATURE + b"failure_digits-limit200"]
 
 
 # --------------------------------------------------------------------------- in a real browser

@@ -45,6 +45,7 @@ from oodbench.report.plots import DPI, PAPER_STYLE, auroc_bars, tradeoff_figure,
 from oodbench.report.ranking import accuracy_header, marks_legend, rank_marks, ranked
 from oodbench.report.render import leaderboard_rows
 from oodbench.report.text import HEADER, failure_notes, number
+from oodbench.benchmark.cells import run_name, sampled_splits
 from oodbench.benchmark.leaderboard import AVERAGES, FS, FPR_CAPTION, accuracy_columns, metric_columns
 from oodbench.report.tables import caption
 
@@ -118,7 +119,7 @@ def section(frame: pd.DataFrame, store, index: int, resamples: int | None, seed:
     long = comparison(frame)
     figures = drawn_figures(rows, long)
     kinds = {figure["kind"] for figure in figures}
-    figures += saved_figures(plots, frame.attrs["benchmark"], stored, skip=kinds)
+    figures += saved_figures(plots, frame.attrs["benchmark"], stored, skip=kinds, runs=shown_runs(frame, store))
     title = frame.attrs["benchmark"] + (f" (FPR@95 {frame.attrs['fpr']})" if frame.attrs.get("fpr_others") else "")
     return {"title": title, "caption": caption(rows, legend), "table": table, "notes": notes,
             "published": published, "compare": compare_tables(long, index) if long is not None else None,
@@ -246,15 +247,34 @@ def drawn_figures(rows: pd.DataFrame, long: pd.DataFrame | None) -> list[dict]:
     return figures
 
 
-def saved_figures(folder: Path, benchmark: str, stored: list[str], skip: set[str]) -> list[dict]:
-    """The PNG figures in `folder` whose stem (``<kind>_<benchmark>[_<detail>]``) names `benchmark`
-    (of the `stored` benchmark names, the longest the stem names: digits_seed1's are not digits'),
-    except the kinds in `skip`; in name order."""
+def shown_runs(frame: pd.DataFrame, store) -> list[str]:
+    """The run names (`run_name`) of the rows a leaderboard frame shows: the benchmark's for rows
+    of whole splits, ``<benchmark>-limitN`` for rows of a ``--limit N`` run."""
+    benchmark = frame.attrs["benchmark"]
+    if "data_fingerprint" not in frame or frame.empty:  # seeds averaged over benchmarks: their whole runs
+        return [benchmark]
+    shown = set(zip(frame.model, frame.data_fingerprint))
+    limited = sampled_splits(store.frame("datasets", benchmark=benchmark))
+    limited = limited[[pair in shown for pair in zip(limited.model, limited.data_fingerprint)]]
+    if limited.empty:
+        return [benchmark]
+    sampled = limited.groupby(["model", "data_fingerprint"]).samples.max()
+    whole = any(pair not in sampled.index for pair in shown)
+    return [*([benchmark] if whole else []), *(run_name(benchmark, int(n)) for n in sorted(set(sampled)))]
+
+
+def saved_figures(folder: Path, benchmark: str, stored: list[str], skip: set[str],
+                  runs: list[str] | None = None) -> list[dict]:
+    """The PNG figures in `folder` whose stem (``<kind>_<run>[_<detail>]``) names one of `runs`
+    (default: the benchmark's whole run; ``<benchmark>-limitN`` for a sampled run's rows) and
+    not another stored benchmark (of the `stored` names, the longest the stem names:
+    digits_seed1's are not digits'), except the kinds in `skip`; in name order."""
+    runs = runs if runs is not None else [benchmark]
     figures = []
     for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
         kind, _, rest = path.stem.partition("_")
-        owners = [name for name in [*stored, benchmark] if rest == name or rest.startswith(name + "_")]
-        if kind not in skip and owners and max(owners, key=len) == benchmark:
+        owners = [name for name in [*stored, *runs] if rest == name or rest.startswith(name + "_")]
+        if kind not in skip and owners and max(owners, key=len) in runs:
             figures.append({"kind": kind, "title": f"{path.name} (saved {modified(path)})",
                             "png": base64.b64encode(path.read_bytes()).decode("ascii")})
     return figures
