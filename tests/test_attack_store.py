@@ -58,6 +58,8 @@ def test_leaderboard_attack_rows_are_the_attack_commands_and_clean_stays(digits_
 
     code, printed, err = cli(capsys, "attack", config, *ATTACK, "--format", "csv", "--output", tmp_path / "out")
     assert code == 0, err
+    code, markdown, err = cli(capsys, "attack", config, *ATTACK, "--output", tmp_path / "out")  # the cached images
+    assert code == 0 and "on the --limit 64 run (at most 64 images per split)" in markdown, err
     attacked = pd.read_csv(io.StringIO(printed), keep_default_na=False)
     code, shown, err = cli(capsys, "leaderboard", "--results", store, "--attack", "--format", "csv")
     assert code == 0, err

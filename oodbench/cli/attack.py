@@ -59,7 +59,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     benchmark, fpr = experiment.benchmark.name, args.fpr or experiment.config.fpr or "classic"
     frame = attack_and_record(experiment, spec, fpr, args.postprocessors, args.models, args.adversarial_id)
     tidy = attack_tidy(frame, benchmark, experiment.plan.fingerprint)
-    print(attack_report(frame, tidy, spec, fpr, args.format, bool(args.adversarial_id)))
+    print(attack_report(frame, tidy, spec, fpr, args.format, bool(args.adversarial_id), experiment.config.limit))
     table, *figures = write_attack_files(frame, tidy, spec, run_name(benchmark, experiment.config.limit), args.output)
     print(f"tidy CSV and figure: {table}, {', '.join(map(str, figures))}", file=sys.stderr)
     return 0

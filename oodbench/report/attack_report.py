@@ -32,15 +32,17 @@ def _table_format(fmt: str) -> str:
 
 
 def attack_report(frame: pd.DataFrame, tidy: pd.DataFrame, spec: AttackSpec, fpr: str, fmt: str,
-                  adversarial_id: bool = False) -> str:
+                  adversarial_id: bool = False, limit: int | None = None) -> str:
     """`tidy` (`attack_tidy` of `frame`) as CSV / JSON, or the tables of `frame` as Markdown / LaTeX:
     clean vs attacked, robust vs standard where the config tags a pair, and with `adversarial_id`
-    the adversarial ID sets."""
+    the adversarial ID sets; `limit`: the ``--limit`` of the run attacked, named in the caption."""
     if fmt in ("csv", "json"):
         return render_tidy(tidy, fmt).rstrip("\n")
     table_format = _table_format(fmt)
     detector = frame[~frame.attack.str.startswith(ADVERSARIAL_ID)]
-    blocks = [attack_table(detector, spec.describe(), fpr, table_format), robust_vs_standard(detector, table_format)]
+    description = spec.describe() + (f"; on the --limit {limit} run (at most {limit:,} images per split)"
+                                     if limit else "")
+    blocks = [attack_table(detector, description, fpr, table_format), robust_vs_standard(detector, table_format)]
     if adversarial_id:
         blocks.append(adversarial_summary(frame, table_format))
     return "\n\n".join(block for block in blocks if block)
