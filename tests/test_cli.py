@@ -260,9 +260,14 @@ def test_validate_and_a_data_root_that_does_not_exist(run_cli, tmp_path):
     assert result.stderr.strip() == f"note: {where}; the splits far:pictures read their files from it"
     digits = run_cli("validate", digits_config(tmp_path, data_root=str(missing)))
     assert digits.returncode == 0 and digits.stderr.strip() == ""
-    cifar = run_cli("validate", REPO / "configs" / "experiments" / "cifar10.yaml", "--data-root", str(missing))
-    assert cifar.returncode == 2 and cifar.stderr.startswith(f"oodbench: error: {where}; the splits id:")
-    assert "id:test, " in cifar.stderr and "far:textures" in cifar.stderr and "checkpoint" not in cifar.stderr
+    cifar = digits_config(tmp_path, benchmark="cifar10", data_root=str(missing))
+    fatal = run_cli("validate", cifar)
+    assert fatal.returncode == 2 and fatal.stderr.startswith(f"oodbench: error: {where}; the splits id:")
+    assert "id:test, " in fatal.stderr and "far:textures" in fatal.stderr
+    # with checkpoints missing too: the data root on its own line first, the checkpoints' error last
+    both = run_cli("validate", REPO / "configs" / "experiments" / "cifar10.yaml", "--data-root", str(missing))
+    lines = both.stderr.strip().splitlines()
+    assert both.returncode == 2 and lines[0].startswith(f"{where}; the splits id:") and "checkpoint" in lines[-1]
 
 
 def test_a_limit_run_is_read_by_every_command_with_the_same_limit(run_cli, tmp_path, digits_models):

@@ -21,18 +21,19 @@ def validate_config(config: ExperimentConfig) -> str:
     Raises OodbenchError with the first problem; every missing checkpoint but the last is
     printed on stderr first, so one run of `validate` names them all. A data root that does
     not exist is an error when the ID test split reads files from it (`run` would stop
-    there), else a note on stderr naming the splits `run` would find missing."""
+    there; said on its own line before missing checkpoints, which it may explain), else a
+    note on stderr naming the splits `run` would find missing."""
     names = check_config(config)
     for spec in config.models:  # what `run` would refuse when it loads the model
         check_model(spec)
     benchmark = load_benchmark(config.benchmark)
     problem = missing_data_root(config, benchmark)
+    missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
     if problem is not None:
         line, fatal = problem
-        if fatal:
+        if fatal and not missing:
             raise OodbenchError(line)
-        print(f"note: {line}", file=sys.stderr)
-    missing = [line for spec in config.models if (line := missing_checkpoint(spec, Path(config.data_root)))]
+        print(line if fatal else f"note: {line}", file=sys.stderr)  # before the checkpoints it explains
     if missing:
         for line in missing[:-1]:
             print(line, file=sys.stderr)
