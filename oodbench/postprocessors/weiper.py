@@ -209,7 +209,7 @@ class WeiPer(PerturbedProjections, Postprocessor):
         self.perturb(train)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        return self.perturbed_msp(outputs)
+        return self.perturbed_msp(outputs).clone()  # the remembered MSP~ stays as computed, whatever a caller does
 
 
 @register_postprocessor("weiper_kld")
